@@ -1,0 +1,1 @@
+"""Narrow experts from small open models: prep, train, eval, push."""

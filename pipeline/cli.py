@@ -1,0 +1,224 @@
+"""The `expert` command line: thin commands that load the recipe and call a stage.
+
+Exit codes: 0 success; 2 bad usage, recipe or data (the message says what to
+fix); 1 anything unexpected.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from pipeline.errors import UserError
+from pipeline.ui import console
+from pipeline.recipe import Recipe, dump_recipe, load_recipe
+from pipeline.rundir import RECIPE_FILE, STAGES, RunDir, atomic_write_text, create_run, init_run, latest_run, open_run
+
+app = typer.Typer(
+    help="Fine-tune small open models into narrow experts and prove them against the frontier.",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals may hold API keys
+    add_completion=False,
+)
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+RunDirOpt = Annotated[
+    Path | None,
+    typer.Option("--run-dir", help="Run directory to use. Default: the latest run of this recipe (prep/run: a new one)."),
+]
+RunsRootOpt = Annotated[
+    Path,
+    typer.Option("--runs-root", envvar="EXPERT_RUNS_ROOT", help="Where runs live: <runs-root>/<recipe name>/<run id>/."),
+]
+
+
+def _guarded(body: Callable[[], Any]) -> Any:
+    """Run a command body, turning a UserError into exit code 2 with its message."""
+    try:
+        return body()
+    except UserError as err:
+        console.print(f"[red]error:[/] {escape(str(err))}")
+        raise typer.Exit(code=2) from None
+
+
+def _sync_recipe(run: RunDir, recipe: Recipe) -> None:
+    """The run directory always holds the recipe its latest stage ran with."""
+    atomic_write_text(run.path / RECIPE_FILE, dump_recipe(recipe))
+    manifest = run.read_manifest()
+    manifest["recipe_hash"] = recipe.recipe_hash()
+    run.write_manifest(manifest)
+
+
+def _new_run(recipe: Recipe, runs_root: Path) -> RunDir:
+    run = create_run(runs_root, recipe.name, dump_recipe(recipe), recipe.recipe_hash())
+    console.print(f"new run: [bold]{run.path}[/]")
+    return run
+
+
+def _existing_run(recipe: Recipe, run_dir: Path | None, runs_root: Path) -> RunDir:
+    if run_dir is not None:
+        run = open_run(run_dir)
+    else:
+        run = latest_run(runs_root, recipe.name)
+        if run is None:
+            raise UserError(f"no run of `{recipe.name}` under {runs_root}; start one with `expert prep` or `expert run`")
+        console.print(f"using run: [bold]{run.path}[/]")
+    _sync_recipe(run, recipe)
+    return run
+
+
+def _open_or_create(recipe: Recipe, run_dir: Path) -> RunDir:
+    if (run_dir / "manifest.json").is_file():
+        run = open_run(run_dir)
+        _sync_recipe(run, recipe)
+        return run
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"--run-dir {run_dir}: exists, is not empty and is not a run directory; pick another path")
+    return init_run(run_dir, recipe.name, dump_recipe(recipe), recipe.recipe_hash())
+
+
+def _stage_module(stage: str):
+    import importlib
+
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    from pipeline import tracking
+
+    hf_logging.disable_progress_bar()  # our own progress bars say what is happening
+    datasets.disable_progress_bars()
+    tracking.configure()
+    return importlib.import_module({"eval": "pipeline.evaluate"}.get(stage, f"pipeline.{stage}"))
+
+
+@app.command()
+def validate(recipe_path: RecipeArg) -> None:
+    """Check a recipe: every problem is listed with its YAML path."""
+
+    def body() -> None:
+        recipe = load_recipe(recipe_path)
+        console.print(f"[green]ok[/]: {recipe_path} is a valid {recipe.task.type} recipe `{recipe.name}`")
+
+    _guarded(body)
+
+
+@app.command()
+def prep(recipe_path: RecipeArg, run_dir: RunDirOpt = None, runs_root: RunsRootOpt = Path("runs")) -> None:
+    """Stage 1: load, check, split and render the data (starts a new run unless --run-dir)."""
+
+    def body() -> None:
+        recipe = load_recipe(recipe_path)
+        run = _open_or_create(recipe, run_dir) if run_dir else _new_run(recipe, runs_root)
+        _stage_module("prep").run(recipe, run)
+
+    _guarded(body)
+
+
+def _later_stage(stage: str, recipe_path: Path, run_dir: Path | None, runs_root: Path) -> None:
+    def body() -> None:
+        recipe = load_recipe(recipe_path)
+        run = _existing_run(recipe, run_dir, runs_root)
+        _stage_module(stage).run(recipe, run)
+
+    _guarded(body)
+
+
+@app.command()
+def train(recipe_path: RecipeArg, run_dir: RunDirOpt = None, runs_root: RunsRootOpt = Path("runs")) -> None:
+    """Stage 2: fit the LoRA adapter on the prepared training split."""
+    _later_stage("train", recipe_path, run_dir, runs_root)
+
+
+@app.command("eval")
+def eval_(recipe_path: RecipeArg, run_dir: RunDirOpt = None, runs_root: RunsRootOpt = Path("runs")) -> None:
+    """Stage 3: the expert vs the baselines on the test split; writes the verdict."""
+    _later_stage("eval", recipe_path, run_dir, runs_root)
+
+
+@app.command()
+def push(recipe_path: RecipeArg, run_dir: RunDirOpt = None, runs_root: RunsRootOpt = Path("runs")) -> None:
+    """Stage 4: register the expert in the MLflow Model Registry; promote it when the gate passed."""
+    _later_stage("push", recipe_path, run_dir, runs_root)
+
+
+@app.command("run")
+def run_all(
+    recipe_path: RecipeArg,
+    run_dir: RunDirOpt = None,
+    runs_root: RunsRootOpt = Path("runs"),
+    new: Annotated[bool, typer.Option("--new", help="Start a new run even if the latest one matches the recipe.")] = False,
+    force: Annotated[
+        list[str] | None, typer.Option("--force", help="Redo this stage (and what depends on it). Repeatable.")
+    ] = None,
+) -> None:
+    """All stages in order. Resumes the latest run of an unchanged recipe; finished stages are skipped."""
+
+    def body() -> None:
+        recipe = load_recipe(recipe_path)
+        for stage in force or []:
+            if stage not in STAGES:
+                raise UserError(f"--force {stage}: unknown stage; use one of {', '.join(STAGES)}")
+        if run_dir is not None:
+            run = _open_or_create(recipe, run_dir)
+        else:
+            run = None if new else latest_run(runs_root, recipe.name)
+            if run is not None and run.read_manifest().get("recipe_hash") == recipe.recipe_hash():
+                console.print(f"resuming run: [bold]{run.path}[/]")
+            else:
+                run = _new_run(recipe, runs_root)
+        _mark_forced(run, force or [])
+        before = {s: run.stage_record(s).get("ended") for s in STAGES}
+        for stage in STAGES:
+            _stage_module(stage).run(recipe, run)
+        redone = [s for s in STAGES if run.stage_record(s).get("ended") != before[s]]
+        if not redone:
+            console.print("[green]nothing to do[/]: every stage is complete and its inputs are unchanged.")
+        _print_final_summary(recipe, run)
+
+    _guarded(body)
+
+
+def _mark_forced(run: RunDir, stages: list[str]) -> None:
+    if not stages:
+        return
+    manifest = run.read_manifest()
+    for stage in stages:
+        if stage in manifest["stages"]:
+            manifest["stages"][stage]["status"] = "forced"
+    run.write_manifest(manifest)
+
+
+def _print_final_summary(recipe: Recipe, run: RunDir) -> None:
+    from pipeline.evaluate import summary_table
+    from pipeline.tracking import configure
+
+    metrics = json.loads((run.path / "eval/metrics.json").read_text(encoding="utf-8"))
+    verdict = json.loads((run.path / "eval/verdict.json").read_text(encoding="utf-8"))
+    registered = json.loads((run.path / "push/registered.json").read_text(encoding="utf-8"))
+    out = Console()
+    out.print(summary_table(metrics["systems"], metrics["skipped"], recipe.eval.gate.metric))
+    out.print(
+        f"verdict: {'PASS' if verdict['passed'] else 'FAIL'}; registered {registered['model_name']} "
+        f"v{registered['version']} as {', '.join('@' + a for a in registered['aliases'])}"
+    )
+    out.print(f"run directory: {run.path}  (report: {run.path / 'eval/report.md'})")
+    uri = configure()
+    if uri.startswith("sqlite:"):
+        out.print(f"open the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    else:
+        out.print(f"MLflow UI: {uri}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

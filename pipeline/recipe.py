@@ -1,0 +1,260 @@
+"""The typed recipe: one pydantic model, validated once at load.
+
+Every stage receives a `Recipe`, never a dict. Unknown keys are errors and all
+problems are reported together, each with its YAML path, so a user fixes a
+recipe in one pass instead of one error per run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import UserError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskSection(Strict):
+    type: Literal["classification", "extraction"]
+    instruction: str = Field(min_length=1)
+    # classification: an explicit label list, or None to take labels from the data
+    labels: list[str] | None = None
+    # extraction: the JSON Schema every target (and every prediction) must satisfy
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+
+    @model_validator(mode="after")
+    def _check_type_fields(self) -> TaskSection:
+        if self.type == "extraction":
+            if self.json_schema is None:
+                raise ValueError("extraction tasks need `schema`: the JSON Schema of the target object")
+            if self.labels is not None:
+                raise ValueError("`labels` applies to classification tasks only; remove it")
+            from jsonschema import Draft202012Validator
+            from jsonschema.exceptions import SchemaError
+
+            try:
+                Draft202012Validator.check_schema(self.json_schema)
+            except SchemaError as err:
+                raise ValueError(f"`schema` is not a valid JSON Schema: {err.message}") from None
+        if self.type == "classification":
+            if self.json_schema is not None:
+                raise ValueError("`schema` applies to extraction tasks only; remove it")
+            if self.labels is not None:
+                if len(self.labels) < 2:
+                    raise ValueError("`labels` needs at least two labels")
+                if len(set(self.labels)) != len(self.labels):
+                    raise ValueError("`labels` has duplicates")
+        return self
+
+
+class FieldsSection(Strict):
+    text: str = Field(min_length=1)
+    # classification: the column holding the label; extraction: the column holding the target object
+    target: str = Field(min_length=1)
+    id: str | None = None
+
+
+class SplitSection(Strict):
+    validation: Fraction = 0.1
+    test: Fraction = 0.2
+    seed: int = 13
+    stratify: bool = True
+
+    @model_validator(mode="after")
+    def _leave_training_data(self) -> SplitSection:
+        if self.validation + self.test >= 0.9:
+            raise ValueError("validation + test must leave at least 10% of rows for training")
+        return self
+
+
+class DataSection(Strict):
+    source: Path
+    fields: FieldsSection
+    split: SplitSection = SplitSection()
+    max_tokens: PositiveInt = 256
+    max_rejected_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+
+
+class AdapterSection(Strict):
+    method: Literal["lora"] = "lora"
+    r: PositiveInt = 16
+    alpha: Annotated[float, Field(gt=0)] = 32
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    target_modules: str | list[str] = "all-linear"
+
+
+class ModelSection(Strict):
+    base: str = Field(min_length=1)
+    adapter: AdapterSection = AdapterSection()
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    trust_remote_code: bool = False
+
+
+class TrainSection(Strict):
+    epochs: Annotated[float, Field(gt=0)] = 2
+    max_steps: PositiveInt | None = None
+    batch_size: PositiveInt = 8
+    gradient_accumulation: PositiveInt = 1
+    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 2.0e-4
+    warmup_ratio: Fraction = 0.05
+    seed: int = 13
+    logging_steps: PositiveInt = 5
+
+
+class Price(Strict):
+    input: Annotated[float, Field(ge=0)]
+    output: Annotated[float, Field(ge=0)]
+
+
+class BaselineSection(Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: Literal["openai", "base_model"]
+    # openai only
+    model: str | None = None
+    base_url: str | None = None
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    price_per_mtok: Price | None = None
+    required: bool = False
+    max_concurrency: PositiveInt = 4
+    timeout_s: Annotated[float, Field(gt=0)] = 60
+    max_retries: Annotated[int, Field(ge=0)] = 4
+
+    @model_validator(mode="after")
+    def _check_kind_fields(self) -> BaselineSection:
+        if self.kind == "openai":
+            if not self.model:
+                raise ValueError("openai baselines need `model` (the model name the endpoint serves)")
+            if not self.api_key_env:
+                raise ValueError(
+                    "openai baselines need `api_key_env`: the NAME of the environment variable holding the key "
+                    "(never the key itself)"
+                )
+        else:
+            extra = [k for k in ("model", "base_url", "api_key_env", "price_per_mtok") if getattr(self, k) is not None]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} only apply to openai baselines; remove them")
+        return self
+
+
+class GateSection(Strict):
+    metric: Literal["accuracy", "macro_f1", "field_exact_match", "exact_match", "valid_json_rate"] = "macro_f1"
+    max_drop_vs_best_baseline: Annotated[float, Field(ge=0)] = 0.02
+    min_value: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+
+class EvalSection(Strict):
+    baselines: list[BaselineSection] = []
+    gate: GateSection = GateSection()
+    batch_size: PositiveInt = 8
+    max_new_tokens: PositiveInt = 128
+    # what an hour of the machine serving the expert costs, for cost per 1,000 requests
+    expert_cost_per_hour: Annotated[float, Field(ge=0)] = 0.10
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> EvalSection:
+        names = [b.name for b in self.baselines]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"baseline names must be unique; repeated: {', '.join(dupes)}")
+        if "expert" in names:
+            raise ValueError("`expert` is reserved for the fine-tuned model; rename that baseline")
+        return self
+
+
+class RegistrySection(Strict):
+    model_name: str = Field(min_length=1)
+
+
+class Recipe(Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    task: TaskSection
+    data: DataSection
+    model: ModelSection
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+    registry: RegistrySection
+
+    @model_validator(mode="after")
+    def _gate_fits_task(self) -> Recipe:
+        by_task = {
+            "classification": {"accuracy", "macro_f1"},
+            "extraction": {"field_exact_match", "exact_match", "valid_json_rate"},
+        }
+        allowed = by_task[self.task.type]
+        if self.eval.gate.metric not in allowed:
+            raise ValueError(
+                f"eval.gate.metric `{self.eval.gate.metric}` does not apply to {self.task.type}; "
+                f"use one of {', '.join(sorted(allowed))}"
+            )
+        return self
+
+    def section_hash(self, *sections: str) -> str:
+        """Content hash of some top-level sections: what a stage's output depends on."""
+        payload = {s: self.model_dump(mode="json", by_alias=True)[s] for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def recipe_hash(self) -> str:
+        return self.section_hash(*type(self).model_fields)
+
+
+def _yaml_path(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("function-after",) and not str(p).startswith("function-")]
+    return " -> ".join(parts) if parts else "(top level)"
+
+
+def format_validation_error(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: {err.error_count()} problem(s) in the recipe:"]
+    for e in err.errors():
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling (see README, 'Recipe keys')"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  - {_yaml_path(e['loc'])}: {msg}")
+    return "\n".join(lines)
+
+
+def load_recipe(path: Path | str) -> Recipe:
+    """Read, validate and resolve a recipe file.
+
+    Relative `data.source` paths resolve against the recipe file's directory,
+    so a recipe means the same thing whatever directory it is run from.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: recipe file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read recipe: {err}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe is a YAML mapping with keys name, task, data, model, registry")
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(format_validation_error(path, err)) from None
+    source = recipe.data.source
+    if not source.is_absolute():
+        source = (path.parent / source).resolve()
+    data = recipe.data.model_copy(update={"source": source})
+    return recipe.model_copy(update={"data": data})
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, as stored in the run directory and the registry."""
+    return yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True), sort_keys=False)

@@ -1,0 +1,190 @@
+"""The run directory: where a run's files live, and the manifest that says which are done.
+
+`runs/<recipe name>/<run id>/` holds everything one run made. `manifest.json`
+records, per stage, its status, times, input and output content hashes and the
+MLflow run id. A stage is skipped when it finished and neither its inputs nor
+its outputs changed since, which is what makes `expert run` resumable.
+Every write goes through a temp file and a rename, so a reader (or a run killed
+mid-write) never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+
+STAGES = ("prep", "train", "eval", "push")
+MANIFEST = "manifest.json"
+RECIPE_FILE = "recipe.yaml"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def atomic_write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows))
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree_hash(path: Path) -> str:
+    """Hash of a file, or of a directory's relative names and file contents."""
+    if path.is_file():
+        return file_hash(path)
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(p.relative_to(path).as_posix().encode() + b"\0" + file_hash(p).encode())
+    return h.hexdigest()
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.path / stage
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    def read_manifest(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"{self.path}: not a run directory (no {MANIFEST}); start one with `expert prep`") from None
+        except json.JSONDecodeError as err:
+            raise UserError(f"{self.manifest_path}: damaged manifest ({err}); start a new run") from None
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        atomic_write_json(self.manifest_path, manifest)
+
+    def stage_record(self, stage: str) -> dict[str, Any]:
+        return self.read_manifest()["stages"].get(stage, {})
+
+    def is_current(self, stage: str, inputs: dict[str, str]) -> bool:
+        """True when the stage completed with these inputs and its outputs are untouched."""
+        rec = self.stage_record(stage)
+        if rec.get("status") != "complete" or rec.get("inputs") != inputs:
+            return False
+        for rel, digest in rec.get("outputs", {}).items():
+            p = self.path / rel
+            if not p.exists() or tree_hash(p) != digest:
+                return False
+        return True
+
+    def start_stage(self, stage: str, inputs: dict[str, str]) -> None:
+        manifest = self.read_manifest()
+        manifest["stages"][stage] = {"status": "running", "started": now_iso(), "inputs": inputs}
+        # a redone stage makes everything after it stale
+        for later in STAGES[STAGES.index(stage) + 1 :]:
+            if later in manifest["stages"]:
+                manifest["stages"][later]["status"] = "stale"
+        self.write_manifest(manifest)
+
+    def finish_stage(self, stage: str, outputs: list[str], **extra: Any) -> None:
+        manifest = self.read_manifest()
+        rec = manifest["stages"][stage]
+        rec.update(extra)
+        rec["outputs"] = {rel: tree_hash(self.path / rel) for rel in outputs}
+        rec["status"] = "complete"
+        rec["ended"] = now_iso()
+        self.write_manifest(manifest)
+
+    def fail_stage(self, stage: str, error: str) -> None:
+        manifest = self.read_manifest()
+        rec = manifest["stages"].setdefault(stage, {})
+        rec.update(status="failed", ended=now_iso(), error=error)
+        self.write_manifest(manifest)
+
+    @contextmanager
+    def attempt(self, stage: str, inputs: dict[str, str]) -> Iterator[None]:
+        """Mark the stage running; if the body raises, mark it failed (with the error) and re-raise."""
+        self.start_stage(stage, inputs)
+        try:
+            yield
+        except BaseException as err:
+            self.fail_stage(stage, f"{type(err).__name__}: {err}"[:2000])
+            raise
+
+    def output_hash(self, stage: str, rel: str) -> str:
+        """The recorded hash of an upstream output; the upstream stage must be complete."""
+        rec = self.stage_record(stage)
+        if rec.get("status") != "complete":
+            raise UserError(f"{self.path}: stage `{stage}` has not completed; run `expert {stage}` first")
+        return rec["outputs"][rel]
+
+
+def create_run(runs_root: Path, recipe_name: str, recipe_yaml: str, recipe_hash: str) -> RunDir:
+    path = runs_root / recipe_name / new_run_id()
+    path.mkdir(parents=True)
+    return init_run(path, recipe_name, recipe_yaml, recipe_hash)
+
+
+def init_run(path: Path, recipe_name: str, recipe_yaml: str, recipe_hash: str) -> RunDir:
+    """Make `path` a run directory: the resolved recipe plus an empty manifest."""
+    path.mkdir(parents=True, exist_ok=True)
+    run = RunDir(path)
+    atomic_write_text(path / RECIPE_FILE, recipe_yaml)
+    run.write_manifest(
+        {"recipe_name": recipe_name, "run_id": path.name, "created": now_iso(), "recipe_hash": recipe_hash, "stages": {}}
+    )
+    return run
+
+
+def latest_run(runs_root: Path, recipe_name: str) -> RunDir | None:
+    root = runs_root / recipe_name
+    if not root.is_dir():
+        return None
+    runs = sorted(p for p in root.iterdir() if (p / MANIFEST).is_file())
+    return RunDir(runs[-1]) if runs else None
+
+
+def open_run(path: Path) -> RunDir:
+    run = RunDir(path)
+    run.read_manifest()
+    return run

@@ -1,0 +1,13 @@
+"""What each task type means: prompt, target text, answer parsing, metrics.
+
+Stages ask `for_type(recipe.task.type)` for the module and call the same
+functions on either, so prep, train and eval stay task-agnostic.
+"""
+
+from types import ModuleType
+
+from pipeline.tasks import classification, extraction
+
+
+def for_type(task_type: str) -> ModuleType:
+    return {"classification": classification, "extraction": extraction}[task_type]

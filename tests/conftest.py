@@ -1,0 +1,71 @@
+"""Shared fixtures: a real MLflow server, a tiny local model, and recipe helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support.mlflow_server import mlflow_server
+from tests.support.tiny_model import build_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory):
+    """A real `mlflow server` on a free 127.0.0.1 port for the whole session."""
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
+
+
+@pytest.fixture
+def tracking_env(mlflow_uri, monkeypatch, tmp_path):
+    """Point the pipeline at the session's MLflow server and keep caches inside tmp."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    monkeypatch.setenv("EXPERT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    return mlflow_uri
+
+
+def shipped_rows(relative: str) -> list[dict]:
+    return [json.loads(line) for line in (DATA / relative).read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama (hidden 64) with a BPE tokenizer trained on the shipped data."""
+    texts = [r["text"] for r in shipped_rows("tickets/tickets.jsonl") + shipped_rows("orders/orders.jsonl")]
+    texts += [json.dumps(r["fields"]) for r in shipped_rows("orders/orders.jsonl")]
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", texts)
+
+
+def shipped_recipe(name: str, **overrides) -> dict:
+    """A shipped recipe as a dict, with `data.source` made absolute and sections overridden."""
+    recipe = yaml.safe_load((ROOT / "recipes" / f"{name}.yaml").read_text())
+    recipe["data"]["source"] = str((ROOT / "recipes" / recipe["data"]["source"]).resolve())
+    for dotted, value in overrides.items():
+        node = recipe
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    return recipe
+
+
+def write_recipe(directory: Path, recipe: dict) -> Path:
+    path = directory / f"{recipe['name']}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def clean_secret_env(monkeypatch):
+    """No real provider key leaks into tests from the developer's shell."""
+    for key in list(os.environ):
+        if key.endswith("_API_KEY"):
+            monkeypatch.delenv(key)

@@ -1,0 +1,235 @@
+"""A real local HTTP server speaking the OpenAI chat-completions protocol.
+
+Used by tests to exercise code that talks to an OpenAI-compatible endpoint
+(teacher labelling, LLM-as-judge, baseline evaluation) without any network.
+
+    with FakeOpenAIServer(lambda body: "billing", api_key="sk-test") as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="sk-test")
+        ...
+        srv.faults.append(("status", 429, {"Retry-After": "0"}))
+
+Faults queued in ``faults`` are consumed in order, one per incoming
+chat-completions request:
+
+* ``("status", code, headers)``  -> answer with that HTTP status, an
+  OpenAI-style error body and the given extra headers;
+* ``("malformed",)``             -> 200 with a body that is not valid JSON;
+* ``("delay", seconds)``         -> sleep, then answer normally.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+__all__ = ["FakeOpenAIServer", "count_tokens"]
+
+_ERROR_TYPES = {
+    400: ("invalid_request_error", "Bad request"),
+    401: ("invalid_request_error", "Incorrect API key provided"),
+    404: ("invalid_request_error", "Not found"),
+    429: ("rate_limit_error", "Rate limit reached"),
+    500: ("server_error", "The server had an error while processing your request"),
+    503: ("server_error", "The engine is currently overloaded"),
+}
+
+
+def count_tokens(text: str) -> int:
+    """Whitespace-split word count: the fake server's notion of a token."""
+    return len(text.split())
+
+
+def _content_text(content: Any) -> str:
+    """Flatten a message ``content`` (string or list of content parts) to text."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            elif isinstance(part, str):
+                parts.append(part)
+        return " ".join(parts)
+    return str(content)
+
+
+def _error_body(status: int, message: str | None = None) -> dict:
+    err_type, default_msg = _ERROR_TYPES.get(status, ("api_error", f"HTTP {status}"))
+    code = {401: "invalid_api_key", 429: "rate_limit_exceeded", 404: "not_found"}.get(status)
+    return {
+        "error": {
+            "message": message or default_msg,
+            "type": err_type,
+            "param": None,
+            "code": code,
+        }
+    }
+
+
+class FakeOpenAIServer:
+    """OpenAI-compatible ``/v1/chat/completions`` on 127.0.0.1:<free port>."""
+
+    def __init__(self, responder: Callable[[dict], str], *, api_key: str | None = None):
+        self.responder = responder
+        self.api_key = api_key
+        self.requests: list[dict] = []
+        self.faults: list = []
+        self.base_url: str = ""
+        self._lock = threading.Lock()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+    def start(self) -> "FakeOpenAIServer":
+        if self._httpd is not None:
+            return self
+        handler = _make_handler(self)
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        httpd.daemon_threads = True
+        self._httpd = httpd
+        host, port = httpd.server_address[:2]
+        self.base_url = f"http://{host}:{port}/v1"
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
+            name="FakeOpenAIServer", daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
+            return
+        httpd.shutdown()
+        httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> "FakeOpenAIServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- helpers used by the handler ----------------------------------------
+    def _record(self, body: dict) -> None:
+        with self._lock:
+            self.requests.append(body)
+
+    def _next_fault(self):
+        with self._lock:
+            return self.faults.pop(0) if self.faults else None
+
+    def completion_body(self, request: dict, content: str) -> dict:
+        prompt_tokens = sum(
+            count_tokens(_content_text(m.get("content")))
+            for m in request.get("messages", [])
+            if isinstance(m, dict)
+        )
+        prompt_tokens = max(prompt_tokens, 1)
+        completion_tokens = max(count_tokens(content), 1)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": request.get("model", "fake-model"),
+            "system_fingerprint": "fp_fake",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+
+
+def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "FakeOpenAI/1.0"
+
+        def log_message(self, format, *args):  # noqa: A002 - quiet
+            pass
+
+        def _send(self, status: int, payload: bytes, headers: dict | None = None,
+                  content_type: str = "application/json") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(payload)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, str(v))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def _send_json(self, status: int, obj: dict, headers: dict | None = None) -> None:
+            self._send(status, json.dumps(obj).encode(), headers)
+
+        def _read_body(self) -> bytes:
+            length = int(self.headers.get("Content-Length") or 0)
+            return self.rfile.read(length) if length > 0 else b""
+
+        def _authorized(self) -> bool:
+            if server.api_key is None:
+                return True
+            return self.headers.get("Authorization", "") == f"Bearer {server.api_key}"
+
+        def do_GET(self):  # noqa: N802
+            path = self.path.split("?", 1)[0].rstrip("/")
+            if path == "/v1/models":
+                if not self._authorized():
+                    return self._send_json(401, _error_body(401))
+                return self._send_json(200, {"object": "list", "data": [
+                    {"id": "fake-model", "object": "model", "created": 0, "owned_by": "test"}]})
+            self._send_json(404, _error_body(404, f"Unknown path {self.path}"))
+
+        def do_POST(self):  # noqa: N802
+            raw = self._read_body()
+            path = self.path.split("?", 1)[0].rstrip("/")
+            if path != "/v1/chat/completions":
+                return self._send_json(404, _error_body(404, f"Unknown path {self.path}"))
+            if not self._authorized():
+                return self._send_json(401, _error_body(401))
+            try:
+                body = json.loads(raw or b"{}")
+                if not isinstance(body, dict):
+                    raise ValueError("body must be a JSON object")
+            except ValueError as exc:
+                return self._send_json(400, _error_body(400, f"Invalid JSON body: {exc}"))
+            server._record(body)
+
+            fault = server._next_fault()
+            if fault is not None:
+                kind = fault[0]
+                if kind == "status":
+                    status = int(fault[1])
+                    headers = fault[2] if len(fault) > 2 else {}
+                    return self._send_json(status, _error_body(status), headers)
+                if kind == "malformed":
+                    return self._send(200, b'{"id": "chatcmpl-broken", "choices": [')
+                if kind == "delay":
+                    time.sleep(float(fault[1]))
+                else:
+                    raise ValueError(f"unknown fault {fault!r}")
+
+            try:
+                content = server.responder(body)
+            except Exception as exc:  # surface responder bugs as a 500
+                return self._send_json(500, _error_body(500, f"responder failed: {exc!r}"))
+            self._send_json(200, server.completion_body(body, str(content)))
+
+    return Handler

@@ -1,0 +1,108 @@
+"""Recipe validation: every problem at once, each with its YAML path."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.errors import UserError
+from pipeline.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+
+GOOD = {
+    "name": "demo",
+    "task": {"type": "classification", "instruction": "Route it.", "labels": ["a", "b"]},
+    "data": {"source": "data.jsonl", "fields": {"text": "text", "target": "label"}},
+    "model": {"base": "smollm2-135m-instruct"},
+    "registry": {"model_name": "demo-model"},
+}
+
+
+def write(tmp_path: Path, recipe: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def deep_update(base: dict, path: str, value) -> dict:
+    out = yaml.safe_load(yaml.safe_dump(base))
+    node = out
+    *parents, last = path.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+    return out
+
+
+def test_good_recipe_loads_with_defaults_and_resolves_source(tmp_path):
+    recipe = load_recipe(write(tmp_path, GOOD))
+    assert recipe.model.adapter.r == 16
+    assert recipe.data.source == (tmp_path / "data.jsonl").resolve()
+    assert recipe.eval.gate.metric == "macro_f1"
+
+
+def test_shipped_recipes_are_valid():
+    for path in (ROOT / "recipes").glob("*.yaml"):
+        recipe = load_recipe(path)
+        assert recipe.data.source.is_file(), f"{path}: data.source missing"
+
+
+def test_unknown_key_and_bad_rank_reported_together(tmp_path):
+    bad = deep_update(GOOD, "model.adapter", {"r": -1})
+    bad["task"]["colour"] = "red"
+    with pytest.raises(UserError) as err:
+        load_recipe(write(tmp_path, bad))
+    message = str(err.value)
+    assert "task -> colour: unknown key" in message
+    assert "model -> adapter -> r:" in message and "greater than 0" in message
+    assert "2 problem(s)" in message
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("task.type", "summarise", "task -> type"),
+        ("task.labels", ["only-one"], "at least two labels"),
+        ("data.split", {"validation": 0.5, "test": 0.45}, "at least 10%"),
+        ("eval.gate", {"metric": "field_exact_match"}, "does not apply to classification"),
+        ("eval.baselines", [{"name": "f", "kind": "openai", "model": "m"}], "api_key_env"),
+        ("eval.baselines", [{"name": "b", "kind": "base_model"}, {"name": "b", "kind": "base_model"}], "repeated: b"),
+        ("train.learning_rate", 0, "train -> learning_rate"),
+    ],
+)
+def test_invalid_values_name_their_key(tmp_path, path, value, expected):
+    with pytest.raises(UserError, match=expected):
+        load_recipe(write(tmp_path, deep_update(GOOD, path, value)))
+
+
+def test_extraction_needs_a_valid_schema(tmp_path):
+    recipe = deep_update(GOOD, "task", {"type": "extraction", "instruction": "x"})
+    with pytest.raises(UserError, match="need `schema`"):
+        load_recipe(write(tmp_path, recipe))
+    recipe["task"]["schema"] = {"type": "objekt"}
+    recipe["eval"] = {"gate": {"metric": "field_exact_match"}}
+    with pytest.raises(UserError, match="not a valid JSON Schema"):
+        load_recipe(write(tmp_path, recipe))
+
+
+def test_yaml_errors_and_missing_file_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_recipe(bad)
+
+
+def test_cli_validate_exit_codes(tmp_path):
+    runner = CliRunner()
+    ok = runner.invoke(app, ["validate", str(write(tmp_path, GOOD))])
+    assert ok.exit_code == 0, ok.output
+    bad = deep_update(GOOD, "model.adapter", {"r": -1})
+    bad["nonsense"] = 1
+    result = runner.invoke(app, ["validate", str(write(tmp_path, bad))])
+    assert result.exit_code == 2
+    assert "nonsense" in result.output and "model -> adapter -> r" in result.output
