@@ -202,7 +202,7 @@ def _print_final_summary(recipe: Recipe, run: RunDir) -> None:
     metrics = json.loads((run.path / "eval/metrics.json").read_text(encoding="utf-8"))
     verdict = json.loads((run.path / "eval/verdict.json").read_text(encoding="utf-8"))
     registered = json.loads((run.path / "push/registered.json").read_text(encoding="utf-8"))
-    out = Console()
+    out = Console(soft_wrap=True)
     out.print(summary_table(metrics["systems"], metrics["skipped"], recipe.eval.gate.metric))
     out.print(
         f"verdict: {'PASS' if verdict['passed'] else 'FAIL'}; registered {registered['model_name']} "

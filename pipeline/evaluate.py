@@ -226,7 +226,7 @@ def summary_table(metrics: dict[str, Any], skipped: dict[str, str], gate_metric:
     table = Table(title=f"expert vs baselines (gate metric: {gate_metric})")
     for c in ["system", *cols, "cost / 1k req ($)", "latency p50 (ms)"]:
         table.add_column(c, justify="left" if c == "system" else "right")
-    for name, m in metrics.items():
+    for name, m in sorted(metrics.items(), key=lambda kv: kv[0] != "expert"):
         table.add_row(name, *(f"{m[c]:.3f}" for c in cols), _fmt(m["cost_per_1k"], ".4f"), f"{m['latency_ms_p50']:.1f}")
     for name in skipped:
         table.add_row(name, *("skipped" for _ in cols), "", "")
