@@ -143,9 +143,28 @@ def eval_(recipe_path: RecipeArg, run_dir: RunDirOpt = None, runs_root: RunsRoot
 
 
 @app.command()
-def push(recipe_path: RecipeArg, run_dir: RunDirOpt = None, runs_root: RunsRootOpt = Path("runs")) -> None:
-    """Stage 4: register the expert in the MLflow Model Registry; promote it when the gate passed."""
-    _later_stage("push", recipe_path, run_dir, runs_root)
+def push(
+    recipe_path: RecipeArg,
+    run_dir: RunDirOpt = None,
+    runs_root: RunsRootOpt = Path("runs"),
+    force: Annotated[bool, typer.Option("--force", help="Promote to @champion even if the evidence says no.")] = False,
+    reason: Annotated[str | None, typer.Option("--reason", help="Why --force was needed (recorded as a tag).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would happen; register nothing.")] = False,
+    include_base: Annotated[
+        bool, typer.Option("--include-base", help="Copy the base model's weights into the version (default: record it).")
+    ] = False,
+) -> None:
+    """Stage 4: register the expert as @challenger; move @champion only on evidence (or --force)."""
+
+    def body() -> None:
+        from pipeline.push import PushOptions
+
+        recipe = load_recipe(recipe_path)
+        run = _existing_run(recipe, run_dir, runs_root)
+        options = PushOptions(force=force, reason=reason, dry_run=dry_run, include_base=include_base)
+        _stage_module("push").run(recipe, run, options)
+
+    _guarded(body)
 
 
 @app.command("run")
@@ -214,6 +233,68 @@ def _print_final_summary(recipe: Recipe, run: RunDir) -> None:
         out.print(f"open the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     else:
         out.print(f"MLflow UI: {uri}")
+
+
+@app.command("predict")
+def predict_cmd(
+    model_uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION or any MLflow model URI.")],
+    input_path: Annotated[str, typer.Option("--input", help="JSONL file with a `text` field per line, or - for stdin.")],
+    escalate: Annotated[
+        bool, typer.Option("--escalate/--no-escalate", help="Send rows under the cascade threshold to the frontier.")
+    ] = True,
+) -> None:
+    """Answer texts with a registered expert (JSONL to stdout), escalating unsure rows to the frontier."""
+
+    def body() -> None:
+        import sys
+
+        from pipeline import registry
+
+        if input_path == "-":
+            rows = list(registry.read_inputs(sys.stdin, "<stdin>"))
+        else:
+            path = Path(input_path)
+            if not path.is_file():
+                raise UserError(f"--input {path}: file not found")
+            with path.open(encoding="utf-8") as f:
+                rows = list(registry.read_inputs(f, str(path)))
+        registry.write_jsonl(registry.predict_with_cascade(model_uri, rows, escalate))
+
+    _guarded(body)
+
+
+@app.command()
+def compare(
+    refs: Annotated[list[str], typer.Argument(help="Run directories and/or models:/NAME/VERSION, models:/NAME@ALIAS.")],
+) -> None:
+    """Runs or registered versions side by side: metrics, cost, latency, verdict."""
+
+    def body() -> None:
+        from pipeline import registry
+
+        Console(soft_wrap=True).print(registry.compare_table(refs))
+
+    _guarded(body)
+
+
+@app.command()
+def ui(
+    host: Annotated[str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless you mean to expose it.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 5000,
+) -> None:
+    """Open the MLflow UI on the project's store (the local SQLite file unless MLFLOW_TRACKING_URI is set)."""
+    import subprocess
+    import sys
+
+    from pipeline.tracking import configure
+
+    uri = configure()
+    if not uri.startswith("sqlite:"):
+        console.print(f"MLFLOW_TRACKING_URI points at a server; open {uri} in a browser")
+        return
+    console.print(f"MLflow UI on http://{host}:{port} (Ctrl-C stops it)")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    raise typer.Exit(subprocess.call(cmd))
 
 
 def main() -> None:

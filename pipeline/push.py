@@ -1,29 +1,78 @@
 """Stage 4, push: register the expert in the MLflow Model Registry, promote it on evidence.
 
-A new version of `registry.model_name` holds the adapter and tokenizer, the
-resolved recipe, the prep spec (labels or schema) and the eval report,
-verdict and metrics. It is tagged with its metrics, data fingerprint, recipe
-hash and base model. Every push sets alias `challenger`; `champion` moves only
-when the eval gate passed. Output: `push/registered.json`.
+A new version of `registry.model_name` is an MLflow pyfunc model (see
+`pipeline/expert_model.py`) whose bundle holds the adapter and tokenizer, the
+resolved recipe, the prompt and label set or schema, the cascade threshold and
+the eval report, verdict and metrics. The base model is recorded, not copied,
+unless `--include-base`. Every push sets alias `challenger`; `champion` moves
+only when the gate passed and the candidate is not worse than the current
+champion on the same test set (same data fingerprint), or with `--force` and
+a recorded reason. Output: `push/registered.json`.
 """
 
 from __future__ import annotations
 
 import json
+import platform
 import shutil
+import subprocess
 import tempfile
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-
-from pipeline import tracking
+from pipeline import models, tracking
+from pipeline.errors import UserError
 from pipeline.recipe import Recipe
-from pipeline.ui import console
 from pipeline.rundir import RECIPE_FILE, RunDir, atomic_write_json
+from pipeline.ui import console
 
 STAGE = "push"
 OUTPUTS = [f"{STAGE}/registered.json"]
 ARTIFACT_PATH = "expert"
+LIBRARIES = ("torch", "transformers", "peft", "trl", "mlflow", "accelerate")
+
+
+@dataclass(frozen=True)
+class PushOptions:
+    force: bool = False
+    reason: str | None = None
+    dry_run: bool = False
+    include_base: bool = False
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What promotion compares: the gate metric's value and the test set it was measured on."""
+
+    version: str | None
+    metric: str
+    value: float
+    fingerprint: str
+
+
+def decide_promotion(passed: bool, candidate: Candidate, champion: Candidate | None, options: PushOptions) -> tuple[bool, str]:
+    """Whether `champion` moves to the candidate, and why, in words a reviewer can audit."""
+    if options.force:
+        return True, f"forced: {options.reason}"
+    if not passed:
+        return False, "the eval gate failed"
+    if champion is None:
+        return True, "gate passed and there is no champion yet"
+    if champion.fingerprint != candidate.fingerprint:
+        return False, (
+            f"champion v{champion.version} was evaluated on another test set (fingerprint "
+            f"{champion.fingerprint[:12]} vs {candidate.fingerprint[:12]}), so the two cannot be compared; "
+            "review both and promote with --force --reason"
+        )
+    if champion.metric != candidate.metric:
+        return False, f"champion v{champion.version} was gated on {champion.metric}, the candidate on {candidate.metric}"
+    if candidate.value < champion.value:
+        return False, (
+            f"{candidate.metric} {candidate.value:.4f} is worse than champion v{champion.version} ({champion.value:.4f})"
+        )
+    return True, f"gate passed and {candidate.metric} {candidate.value:.4f} >= champion v{champion.version} ({champion.value:.4f})"
 
 
 def inputs_of(recipe: Recipe, run: RunDir) -> dict[str, str]:
@@ -35,80 +84,147 @@ def inputs_of(recipe: Recipe, run: RunDir) -> dict[str, str]:
     }
 
 
-def run(recipe: Recipe, run: RunDir) -> dict[str, Any]:
+def run(recipe: Recipe, run: RunDir, options: PushOptions = PushOptions()) -> dict[str, Any]:
+    if options.force and not (options.reason and options.reason.strip()):
+        raise UserError("--force needs --reason TEXT: the reason is recorded on the version for reviewers")
     inputs = inputs_of(recipe, run)
-    if run.is_current(STAGE, inputs):
+    if not (options.force or options.dry_run) and run.is_current(STAGE, inputs):
         console.print(f"[green]push[/]: up to date in {run.path / STAGE}, skipped")
         return run.stage_record(STAGE)
+    verdict = json.loads((run.path / "eval/verdict.json").read_text(encoding="utf-8"))
+    metrics = json.loads((run.path / "eval/metrics.json").read_text(encoding="utf-8"))
+    manifest = run.read_manifest()
+    fingerprint = manifest["stages"]["prep"]["fingerprint"]
+    name = recipe.registry.model_name
+    mlflow_client = tracking.client()
+    candidate = Candidate(None, verdict["metric"], verdict["expert"], fingerprint)
+    promote, why = decide_promotion(verdict["passed"], candidate, current_champion(mlflow_client, name), options)
+    if options.dry_run:
+        console.print(
+            f"[bold]push --dry-run[/]: would register a new version of {name} as @challenger; "
+            f"@champion {'would move' if promote else 'would stay'}: {why}"
+        )
+        return {"dry_run": True, "promote": promote, "why": why}
+
     with run.attempt(STAGE, inputs):
-        verdict = json.loads((run.path / "eval/verdict.json").read_text(encoding="utf-8"))
-        metrics = json.loads((run.path / "eval/metrics.json").read_text(encoding="utf-8"))
-        manifest = run.read_manifest()
-        fingerprint = manifest["stages"]["prep"]["fingerprint"]
-        name = recipe.registry.model_name
         tags = version_tags(recipe, metrics, verdict, fingerprint, manifest)
+        tags["promotion"] = why
+        if options.force:
+            tags["forced_reason"] = options.reason
         with tracking.stage_run(recipe.name, STAGE, run.path.name, {"expert.recipe": recipe.name}) as (
             mlflow_client,
             mlflow_run_id,
         ):
             with tempfile.TemporaryDirectory() as tmp:
-                bundle = assemble_bundle(run, Path(tmp) / ARTIFACT_PATH)
-                mlflow_client.log_artifacts(mlflow_run_id, str(bundle), ARTIFACT_PATH)
+                model_dir = save_pyfunc(run, Path(tmp), recipe, options.include_base)
+                mlflow_client.log_artifacts(mlflow_run_id, str(model_dir), ARTIFACT_PATH)
+            mlflow_client.log_artifacts(mlflow_run_id, str(run.path / "eval"), "eval")  # report renders in the UI
             source = f"{mlflow_client.get_run(mlflow_run_id).info.artifact_uri}/{ARTIFACT_PATH}"
             if not mlflow_client.search_registered_models(filter_string=f"name = '{name}'"):
                 mlflow_client.create_registered_model(name, description=f"Expert for recipe `{recipe.name}`")
             version = mlflow_client.create_model_version(
-                name, source=source, run_id=mlflow_run_id, tags=tags, description=describe(recipe, metrics, verdict)
+                name, source=source, run_id=mlflow_run_id, tags=tags, description=describe(recipe, metrics, verdict, why)
             )
-            aliases = ["challenger"] + (["champion"] if verdict["passed"] else [])
+            aliases = ["challenger"] + (["champion"] if promote else [])
             for alias in aliases:
                 mlflow_client.set_registered_model_alias(name, alias, version.version)
-        registered = {"model_name": name, "version": version.version, "aliases": aliases, "source": source}
+            tracking.log_metrics(mlflow_client, mlflow_run_id, {"model_version": float(version.version)})
+        registered = {"model_name": name, "version": version.version, "aliases": aliases, "source": source, "promotion": why}
         atomic_write_json(run.stage_dir(STAGE) / "registered.json", registered)
         console.print(
-            f"[green]push[/]: registered {name} version {version.version} with alias(es) {', '.join(aliases)}"
-            + ("" if verdict["passed"] else " (gate failed: `champion` not moved)")
+            f"[green]push[/]: registered {name} version {version.version} as "
+            f"{', '.join('@' + a for a in aliases)}; champion {'moved' if promote else 'stayed'}: {why}"
         )
         run.finish_stage(STAGE, OUTPUTS, mlflow_run_id=mlflow_run_id, model_version=version.version)
     return run.stage_record(STAGE)
 
 
-def assemble_bundle(run: RunDir, dest: Path) -> Path:
-    """Everything needed to serve and judge the expert, in one directory (no base weights)."""
-    shutil.copytree(run.path / "train/adapter", dest / "adapter")
-    shutil.copy2(run.path / RECIPE_FILE, dest / RECIPE_FILE)
-    shutil.copy2(run.path / "prep/spec.json", dest / "spec.json")
-    for name in ("report.md", "verdict.json", "metrics.json"):
-        shutil.copy2(run.path / "eval" / name, dest / name)
-    shutil.copy2(run.path / "train/metrics.json", dest / "train_metrics.json")
-    return dest
+def current_champion(mlflow_client, name: str) -> Candidate | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = mlflow_client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        return None
+    tags = version.tags
+    metric = tags.get("gate_metric", "")
+    value = tags.get(f"metric.expert.{metric}")
+    if value is None:
+        return Candidate(version.version, metric, float("-inf"), tags.get("data_fingerprint", ""))
+    return Candidate(version.version, metric, float(value), tags.get("data_fingerprint", ""))
+
+
+def save_pyfunc(run: RunDir, tmp: Path, recipe: Recipe, include_base: bool) -> Path:
+    """Assemble the bundle and save it as a pyfunc model directory (MLmodel + code + artifacts)."""
+    import mlflow.pyfunc
+
+    bundle = tmp / "bundle"
+    shutil.copytree(run.path / "train/adapter", bundle / "adapter")
+    shutil.copy2(run.path / RECIPE_FILE, bundle / "recipe.yaml")
+    shutil.copy2(run.path / "prep/spec.json", bundle / "spec.json")
+    for name in ("report.md", "verdict.json", "metrics.json", "cascade.json"):
+        if (run.path / "eval" / name).is_file():
+            shutil.copy2(run.path / "eval" / name, bundle / name)
+    shutil.copy2(run.path / "train/metrics.json", bundle / "train_metrics.json")
+    if include_base:
+        source, _ = models.resolve_base(recipe.model.base)
+        if not Path(source).is_dir():
+            raise UserError(f"--include-base: model.base `{recipe.model.base}` is a hub id; only local or built-in bases can be bundled")
+        shutil.copytree(source, bundle / "base")
+    model_dir = tmp / ARTIFACT_PATH
+    mlflow.pyfunc.save_model(
+        path=str(model_dir),
+        python_model=str(Path(__file__).with_name("expert_model_entry.py")),
+        artifacts={"bundle": str(bundle)},
+        pip_requirements=[f"{lib}=={metadata.version(lib)}" for lib in LIBRARIES]
+        + [f"expert-pipeline=={metadata.version('expert-pipeline')}"],
+    )
+    return model_dir
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def version_tags(recipe: Recipe, metrics, verdict, fingerprint: str, manifest) -> dict[str, str]:
     tags = {
         "verdict": "pass" if verdict["passed"] else "fail",
+        "gate_metric": verdict["metric"],
         "data_fingerprint": fingerprint,
         "recipe_hash": recipe.recipe_hash(),
         "recipe": recipe.name,
+        "task": recipe.task.type,
         "base_model": recipe.model.base,
         "base_model.lineage": json.dumps(manifest["stages"]["train"].get("base_model", {}), sort_keys=True),
         "run_dir_id": manifest["run_id"],
         "train_mlflow_run_id": manifest["stages"]["train"].get("mlflow_run_id", ""),
         "eval_mlflow_run_id": manifest["stages"]["eval"].get("mlflow_run_id", ""),
+        "git_commit": git_commit(),
+        "python": platform.python_version(),
     }
+    tags.update({f"lib.{lib}": metadata.version(lib) for lib in LIBRARIES})
     for system, m in metrics["systems"].items():
-        for key in ("accuracy", "macro_f1", "valid_json_rate", "field_exact_match", "exact_match", "cost_per_1k", "latency_ms_p50"):
-            if m.get(key) is not None:
-                tags[f"metric.{system}.{key}"] = f"{m[key]:.4f}"
+        for key, value in m.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                tags[f"metric.{system}.{key}"] = f"{value:.4f}"
+    for key, value in (metrics.get("differences") or {}).items():
+        tags[f"difference.{key}"] = json.dumps(value, sort_keys=True)
     return tags
 
 
-def describe(recipe: Recipe, metrics, verdict) -> str:
+def describe(recipe: Recipe, metrics, verdict, promotion: str) -> str:
     expert = metrics["systems"]["expert"]
     gate = verdict["metric"]
     best = verdict["best_baseline"]
     vs = f" vs `{best}` {verdict['best_baseline_value']:.3f}" if best else ""
     return (
-        f"{recipe.task.type} expert on `{recipe.model.base}` (LoRA r={recipe.model.adapter.r}). "
-        f"{gate} {expert[gate]:.3f}{vs}; gate {'passed' if verdict['passed'] else 'failed'}."
+        f"{recipe.task.type} expert for `{recipe.name}` on `{recipe.model.base}` "
+        f"(LoRA r={recipe.model.adapter.r}). {gate} {expert[gate]:.3f}{vs}; "
+        f"gate {'passed' if verdict['passed'] else 'failed'}. Promotion: {promotion}."
     )

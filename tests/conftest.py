@@ -44,9 +44,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", texts)
 
 
-def shipped_recipe(name: str, **overrides) -> dict:
+def shipped_recipe(recipe_file: str, **overrides) -> dict:
     """A shipped recipe as a dict, with `data.source` made absolute and sections overridden."""
-    recipe = yaml.safe_load((ROOT / "recipes" / f"{name}.yaml").read_text())
+    recipe = yaml.safe_load((ROOT / "recipes" / f"{recipe_file}.yaml").read_text())
     recipe["data"]["source"] = str((ROOT / "recipes" / recipe["data"]["source"]).resolve())
     for dotted, value in overrides.items():
         node = recipe

@@ -50,7 +50,7 @@ def test_base_model_answers_in_english(smollm2):
 
 def test_base_model_scores_labels(smollm2):
     _, _, tokenizer, model = smollm2
-    prompt = [{"role": "system", "content": "Is this message positive or negative? Answer with one word."},
-              {"role": "user", "content": "I love this, it is wonderful and works perfectly!"}]
-    rows = predict.classify(model, tokenizer, [prompt], ["positive", "negative"], batch_size=1)
-    assert rows[0]["prediction"] == "positive"
+    prompt = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    rows = predict.classify(model, tokenizer, [prompt], ["London", "Paris", "Berlin"], batch_size=1)
+    assert rows[0]["prediction"] == "Paris"
+    assert rows[0]["confidence"] > 0.5

@@ -1,0 +1,80 @@
+"""The registered expert as an MLflow pyfunc model: texts in, answers and confidences out.
+
+Why pyfunc with "models from code" and a bundle artifact rather than the
+`transformers` flavour: the flavour would copy the base weights into every
+version and knows nothing of label scoring, schemas or the cascade threshold;
+a pyfunc keeps a version small (adapter + tokenizer + spec), answers exactly
+as the eval stage did, and loads without unpickling anything (the model class
+comes from code, weights from safetensors). Loading needs this package
+installed; the base model is resolved from the recorded `model.base` (or from
+the bundled copy when pushed with `--include-base`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+
+BUNDLE = "bundle"
+
+
+def _texts(model_input: Any) -> list[str]:
+    """Accept a list of strings, a pandas Series, or a DataFrame with a `text` column."""
+    if hasattr(model_input, "columns"):
+        if "text" not in model_input.columns:
+            raise ValueError(f"input DataFrame needs a `text` column; it has {list(model_input.columns)}")
+        model_input = model_input["text"]
+    if hasattr(model_input, "tolist"):
+        model_input = model_input.tolist()
+    if isinstance(model_input, str):
+        model_input = [model_input]
+    bad = [i for i, t in enumerate(model_input) if not isinstance(t, str) or not t.strip()]
+    if bad:
+        raise ValueError(f"inputs at positions {bad[:10]} are not non-empty strings")
+    return list(model_input)
+
+
+class ExpertModel(mlflow.pyfunc.PythonModel):
+    """Base model + LoRA adapter + the task's spec; predicts like the eval stage."""
+
+    def load_context(self, context) -> None:
+        from peft import PeftModel
+
+        from pipeline import models
+        from pipeline.recipe import load_recipe
+
+        bundle = Path(context.artifacts[BUNDLE])
+        self.recipe = load_recipe(bundle / "recipe.yaml")
+        spec_doc = json.loads((bundle / "spec.json").read_text(encoding="utf-8"))
+        self.spec, self.system_prompt = spec_doc["spec"], spec_doc["system_prompt"]
+        cascade = bundle / "cascade.json"
+        self.threshold = json.loads(cascade.read_text())["threshold"] if cascade.is_file() else None
+        base_dir = bundle / "base"
+        source = base_dir if base_dir.is_dir() else models.resolve_base(self.recipe.model.base)[0]
+        self.tokenizer = models.load_tokenizer(bundle / "adapter", self.recipe.model.trust_remote_code)
+        base = models.load_base_model(self.recipe.model, source)
+        self.model = PeftModel.from_pretrained(base, bundle / "adapter").eval()
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        from pipeline import predict, tasks
+
+        texts = _texts(model_input)
+        prompts = [[{"role": "system", "content": self.system_prompt}, {"role": "user", "content": t}] for t in texts]
+        batch_size = self.recipe.eval.batch_size
+        if self.recipe.task.type == "classification":
+            rows = predict.classify(self.model, self.tokenizer, prompts, self.spec, batch_size)
+        else:
+            task = tasks.for_type(self.recipe.task.type)
+            raw = predict.generate(self.model, self.tokenizer, prompts, self.recipe.eval.max_new_tokens, batch_size)
+            rows = predict.parse_generated(raw, lambda text: task.parse_answer(text, self.spec))
+        return [
+            {
+                "answer": r["prediction"],
+                "confidence": r["confidence"],
+                "escalate": self.threshold is not None and r["confidence"] < self.threshold,
+            }
+            for r in rows
+        ]

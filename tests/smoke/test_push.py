@@ -1,0 +1,124 @@
+"""Push: aliases move only on evidence, --force records its reason, and the version loads and predicts.
+
+Against a real `mlflow server`; runs the tiny-model pipeline several times.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlflow.pyfunc
+import pytest
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from tests.conftest import shipped_recipe, write_recipe
+
+pytestmark = pytest.mark.smoke
+MODEL = "smoke-push"
+
+
+def push_recipe(tiny_model_dir, **gate) -> dict:
+    return shipped_recipe(
+        "ticket-classification",
+        **{
+            "name": "smoke-push",
+            "model.base": str(tiny_model_dir),
+            "train": {"max_steps": 3, "batch_size": 8, "learning_rate": 1e-3, "seed": 5},
+            "eval.baselines": [{"name": "base-zero-shot", "kind": "base_model"}],
+            "eval.gate": {"metric": "accuracy", **gate},
+            "registry.model_name": MODEL,
+        },
+    )
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def latest_run_dir(tmp_path):
+    return max((tmp_path / "runs" / "smoke-push").iterdir())
+
+
+def test_promotion_force_dry_run_and_pyfunc(tiny_model_dir, tracking_env, tmp_path, clean_secret_env):
+    client = MlflowClient(tracking_env)
+    lenient = write_recipe(tmp_path, push_recipe(tiny_model_dir, max_drop_vs_best_baseline=1.0))
+
+    invoke("run", str(lenient))
+    first = latest_run_dir(tmp_path)
+    assert client.get_registered_model(MODEL).aliases == {"challenger": "1", "champion": "1"}
+
+    # the same recipe again, in a new run: identical evidence on the same test set, so not worse -> promoted
+    invoke("run", "--new", str(lenient))
+    second = latest_run_dir(tmp_path)
+    assert second != first
+    v1, v2 = client.get_model_version(MODEL, "1"), client.get_model_version(MODEL, "2")
+    assert v1.tags["data_fingerprint"] == v2.tags["data_fingerprint"]
+    assert v1.tags["metric.expert.accuracy"] == v2.tags["metric.expert.accuracy"]
+    assert client.get_registered_model(MODEL).aliases == {"challenger": "2", "champion": "2"}
+
+    # a failing gate: challenger moves, champion stays
+    strict = push_recipe(tiny_model_dir, min_value=1.0)
+    strict_path = tmp_path / "strict.yaml"
+    strict_path.write_text(json.dumps(strict))
+    invoke("run", str(strict_path))
+    failing = latest_run_dir(tmp_path)
+    assert json.loads((failing / "eval/verdict.json").read_text())["passed"] is False
+    assert client.get_registered_model(MODEL).aliases == {"challenger": "3", "champion": "2"}
+    assert client.get_model_version(MODEL, "3").tags["promotion"] == "the eval gate failed"
+
+    # dry run: says what would happen, registers nothing
+    dry = invoke("push", str(strict_path), "--run-dir", str(failing), "--dry-run")
+    assert "would stay" in dry.output and "the eval gate failed" in dry.output
+    assert len(client.search_model_versions(f"name = '{MODEL}'")) == 3
+
+    # --force without a reason is refused; with one it promotes and records it
+    refused = CliRunner().invoke(app, ["push", str(strict_path), "--run-dir", str(failing), "--force"])
+    assert refused.exit_code == 2 and "--reason" in refused.output
+    invoke("push", str(strict_path), "--run-dir", str(failing), "--force", "--reason", "approved by on-call, ticket 42")
+    assert client.get_registered_model(MODEL).aliases == {"challenger": "4", "champion": "4"}
+    forced = client.get_model_version(MODEL, "4")
+    assert forced.tags["forced_reason"] == "approved by on-call, ticket 42"
+    assert forced.tags["lib.transformers"] and forced.tags["git_commit"]
+    assert "Promotion: forced" in forced.description
+
+    # the champion loads as a pyfunc and answers exactly as the eval stage did
+    eval_rows = [json.loads(line) for line in (failing / "eval/predictions/expert.jsonl").read_text().splitlines()]
+    test_rows = [json.loads(line) for line in (failing / "prep/test.jsonl").read_text().splitlines()]
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    answers = model.predict([r["text"] for r in test_rows])
+    assert [a["answer"] for a in answers] == [r["prediction"] for r in eval_rows]
+    assert [a["confidence"] for a in answers] == pytest.approx([r["confidence"] for r in eval_rows], abs=1e-4)
+
+    # the version holds what serving and review need, and not the base weights
+    local = mlflow.artifacts.download_artifacts(f"models:/{MODEL}/4")
+    bundle = next(p for p in (tmp_path / local).rglob("spec.json")).parent
+    assert {"recipe.yaml", "spec.json", "report.md", "verdict.json", "metrics.json"} <= {p.name for p in bundle.iterdir()}
+    assert (bundle / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (bundle / "base").exists()
+    assert not list((tmp_path / local).rglob("*.pkl")), "nothing in a version should need unpickling"
+
+
+def test_predict_and_compare_commands(tiny_model_dir, tracking_env, tmp_path, clean_secret_env):
+    recipe = push_recipe(tiny_model_dir, max_drop_vs_best_baseline=1.0)
+    recipe["registry"]["model_name"] = "smoke-predict"
+    invoke("run", str(write_recipe(tmp_path, recipe)))
+    run_dir = latest_run_dir(tmp_path)
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"id": 1, "text": "I was charged twice this month"}\n{"id": 2, "text": "my parcel never came"}\n')
+    result = invoke("predict", "models:/smoke-predict@challenger", "--input", str(inputs))
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["id"] for r in rows] == [1, 2]
+    labels = json.loads((run_dir / "prep/spec.json").read_text())["spec"]
+    assert all(r["answer"] in labels and 0 < r["confidence"] <= 1 and r["escalated"] is False for r in rows)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": "typo"}\n')
+    failed = CliRunner().invoke(app, ["predict", "models:/smoke-predict@challenger", "--input", str(bad)])
+    assert failed.exit_code == 2 and f"{bad}:2" in failed.output
+
+    table = invoke("compare", str(run_dir), "models:/smoke-predict/1")
+    assert "expert.accuracy" in table.output and "smoke-predict v1" in table.output
