@@ -292,17 +292,17 @@ def load_examples(recipe: Recipe, task, key: str, source: Path | str, rejected: 
     examples: list[Example] = []
     missing: Counter[str] = Counter()
     seen_keys: set[str] = set()
-    rows = 0
+    rows = 0  # readable rows, to tell a wrong mapping from a few incomplete rows
     labels: dict[str, str] = {}  # one string object per label keeps a million rows small
 
     def reject(line: int, reason: str, detail: str) -> None:
         rejected.append({"source": name, "line": line, "reason": reason, "detail": detail})
 
     for line, row, problem in read_rows(source, fixed_split or "train"):
-        rows += 1
         if row is None:
             reject(line, problem.split(":")[0], problem)
             continue
+        rows += 1
         if len(seen_keys) < 200:
             seen_keys.update(row)
         try:
