@@ -294,3 +294,30 @@ def test_prep_is_logged_to_mlflow_with_fingerprint_and_dataset_inputs(tiny_model
     assert len(fewshot) == 4 and {e["id"] for e in fewshot} <= train_ids
     assert {e["target"] for e in fewshot[:3]} == set(LABELS), "few-shot examples cover the classes round-robin"
     assert all(e["completion"] == e["target"] for e in fewshot)
+
+
+def test_hf_sources_and_generation_targets(tiny_model_dir, tracking_env, tmp_path, monkeypatch):
+    """`hf:<id>` goes through `datasets.load_dataset` (a local dataset folder here: no hub on this machine)."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    folder = tmp_path / "replies"
+    folder.mkdir()
+    rows = [{"id": f"r{i}", "text": f"customer message {i}", "reply": f"Thanks, we fixed case {i}."} for i in range(40)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:34]))
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[34:]))
+    recipe = recipe_for(tiny_model_dir, Path("unused.jsonl"), fields={"id": "id", "text": "text", "target": "reply"})
+    recipe["data"] |= {"source": f"hf:{folder}", "test_source": f"hf:{folder}", "split": {"validation": 0.1}}
+    recipe["task"] = {"type": "generation", "instruction": "Reply to the customer."}
+    recipe["eval"] = {"gate": {"metric": "exact_match"}}
+    result = prep(tmp_path, recipe, tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    test = read_jsonl(tmp_path / "run/prep/test.jsonl")
+    assert [r["id"] for r in test] == [f"r{i}" for i in range(34, 40)]
+    assert test[0]["completion"] == [{"role": "assistant", "content": "Thanks, we fixed case 34."}]
+    spec = json.loads((tmp_path / "run/prep/spec.json").read_text())
+    assert spec["task"] == "generation" and spec["system_prompt"] == "Reply to the customer."
+
+    recipe["data"]["validation_source"] = f"hf:{folder}"
+    result = prep(tmp_path, recipe, tmp_path / "missing-split")
+    assert result.exit_code == 2
+    assert "cannot load split `validation`" in " ".join(result.output.split())
