@@ -46,6 +46,8 @@ ROLES = {"source": None, "validation_source": "validation", "test_source": "test
 PROTECTED_ORDER = ("train", "validation", "test")
 TEXT_SEPARATOR = "\n\n"
 TOKEN_BATCH = 2048
+# rows within this many tokens of data.max_tokens are re-measured by rendering them in full
+NEAR_LIMIT = 16
 REPORT_EXAMPLES = 5
 
 
@@ -463,10 +465,46 @@ def truncate_text(tokenizer, text: str, drop_tokens: int) -> str:
     return text[: offsets[keep - 1][1]].rstrip() if keep > 0 else ""
 
 
+def template_segments(tokenizer, system: str) -> tuple[list[int], list[int]] | None:
+    """Token counts of the constant parts of the rendered prompt and of the rendered conversation.
+
+    The chat template is rendered once with marker strings in place of the
+    user text and the answer; what lies around the markers is the same for
+    every row. None when the template does not place the content verbatim.
+    """
+    text_mark, answer_mark = "\x00expert-text\x00", "\x00expert-answer\x00"
+    prompt = tokenizer.apply_chat_template(_messages(system, text_mark), tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(_messages(system, text_mark, answer_mark), tokenize=False)
+    if prompt.count(text_mark) != 1 or full.count(text_mark) != 1 or full.count(answer_mark) != 1:
+        return None
+    head, tail = full.split(text_mark)
+    if answer_mark not in tail:
+        return None
+    parts = [*prompt.split(text_mark), head, *tail.split(answer_mark)]
+    counts = [len(ids) for ids in tokenizer(parts, add_special_tokens=False, return_attention_mask=False)["input_ids"]]
+    return counts[:2], counts[2:]
+
+
+def count_by_segments(tokenizer, segments, texts: list[str], answers: list[str]) -> tuple[list[int], list[int]]:
+    """Prompt and answer token counts from the constant segments plus the tokens of each text and answer."""
+    (p0, p1), (f0, f1, f2) = segments
+    encoded = tokenizer(texts + answers, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    n = len(texts)
+    prompt_lens = [p0 + len(ids) + p1 for ids in encoded[:n]]
+    full_lens = [f0 + len(t) + f1 + len(a) + f2 for t, a in zip(encoded[:n], encoded[n:])]
+    return prompt_lens, [f - p for f, p in zip(full_lens, prompt_lens)]
+
+
 def enforce_max_tokens(examples, rejected, tokenizer, system, task, spec, recipe: Recipe):
     """Measure every row; rows over data.max_tokens are rejected or, with `truncate`, have their input cut.
 
-    Returns the kept examples (lengths filled in) and one record per truncated row.
+    Rendering and tokenising the whole conversation for every row repeats the
+    instruction's tokens each time, so counts come from `template_segments`
+    plus each row's own text and answer tokens. That shortcut is used only
+    when it gives exactly the full rendering's counts on the first batch, and
+    every row near or over the limit is re-measured by full rendering, so
+    reject/truncate decisions are always exact. Returns the kept examples
+    (lengths filled in) and one record per truncated row.
     """
     limit = recipe.data.max_tokens
     (overhead,), (answer_overhead,) = measure_tokens(tokenizer, system, [""], [""])
@@ -476,12 +514,24 @@ def enforce_max_tokens(examples, rejected, tokenizer, system, task, spec, recipe
             f"{'label list' if isinstance(spec, list) else 'schema' if spec else 'prompt'} alone take "
             f"{overhead + answer_overhead} tokens, so no row fits; raise data.max_tokens"
         )
+    segments = template_segments(tokenizer, system)
     kept: list[Example] = []
     truncated: list[dict[str, Any]] = []
+    report_every = max(TOKEN_BATCH, len(examples) // 10)
     for start in range(0, len(examples), TOKEN_BATCH):
         batch = examples[start : start + TOKEN_BATCH]
-        answers = [task.target_text(e.target, spec) for e in batch]
-        prompt_lens, answer_lens = measure_tokens(tokenizer, system, [e.text for e in batch], answers)
+        texts, answers = [e.text for e in batch], [task.target_text(e.target, spec) for e in batch]
+        if start == 0 or segments is None:
+            prompt_lens, answer_lens = measure_tokens(tokenizer, system, texts, answers)
+            if segments is not None and count_by_segments(tokenizer, segments, texts, answers) != (prompt_lens, answer_lens):
+                segments = None  # the template's tokens interact with the content: measure every row in full
+        else:
+            prompt_lens, answer_lens = count_by_segments(tokenizer, segments, texts, answers)
+            near = [i for i, (p, a) in enumerate(zip(prompt_lens, answer_lens)) if p + a > limit - NEAR_LIMIT]
+            if near:
+                exact = measure_tokens(tokenizer, system, [texts[i] for i in near], [answers[i] for i in near])
+                for i, p, a in zip(near, *exact):
+                    prompt_lens[i], answer_lens[i] = p, a
         for e, answer, p, a in zip(batch, answers, prompt_lens, answer_lens):
             e.prompt_tokens, e.answer_tokens = p, a
             if p + a <= limit:
@@ -493,7 +543,9 @@ def enforce_max_tokens(examples, rejected, tokenizer, system, task, spec, recipe
             else:
                 cause = "" if recipe.data.max_tokens_policy == "reject" else " (the answer and instruction alone do not fit)"
                 rejected.append(_rejection(e, "too_long", f"{p + a} tokens > data.max_tokens={limit}{cause}"))
-        console.print(f"  measured {min(start + TOKEN_BATCH, len(examples)):,}/{len(examples):,} rows", highlight=False)
+        done = min(start + TOKEN_BATCH, len(examples))
+        if done == len(examples) or done // report_every != start // report_every:
+            console.print(f"  measured {done:,}/{len(examples):,} rows", highlight=False)
     return kept, truncated
 
 
