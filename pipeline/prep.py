@@ -105,6 +105,8 @@ def run(recipe: Recipe, run: RunDir) -> dict[str, Any]:
         for key, source in sources_of(recipe).items():
             console.print(f"[bold]prep[/]: reading data.{key} {source}")
             examples += load_examples(recipe, task, key, source, rejected)
+        if not examples and not rejected:
+            raise UserError(f"data: {', '.join(map(str, sources_of(recipe).values()))} holds no rows; check data.source")
         spec = spec_of(recipe, examples)
         examples = check_targets(examples, rejected, task, spec)
         examples = check_duplicates(examples, rejected, task, spec)
@@ -177,7 +179,7 @@ def read_rows(source: Path | str, split: str = "train") -> Iterator[tuple[int, d
     elif suffix == ".parquet":
         yield from _read_parquet(source)
     else:  # the recipe validator already limits file types
-        raise UserError(f"data.source: {source}: unsupported file type `{suffix}`")
+        raise UserError(f"{source}: unsupported file type `{suffix}`")
 
 
 def _read_jsonl(source: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
@@ -208,9 +210,9 @@ def _read_delimited(source: Path, delimiter: str) -> Iterator[tuple[int, dict[st
         except StopIteration:
             return
         except csv.Error as err:
-            raise UserError(f"data.source: {source}: cannot read the header line: {err}") from None
+            raise UserError(f"{source}: cannot read the header line: {err}") from None
         if any(_SURROGATE.search(h) for h in header):
-            raise UserError(f"data.source: {source}: the header line is not UTF-8; re-encode the file as UTF-8")
+            raise UserError(f"{source}: the header line is not UTF-8; re-encode the file as UTF-8")
         start = reader.line_num + 1
         while True:
             try:
@@ -236,11 +238,11 @@ def _read_json(source: Path) -> Iterator[tuple[int, dict[str, Any] | None, str |
     try:
         data = json.loads(source.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as err:
-        raise UserError(f"data.source: {source} is not UTF-8 (byte {err.start}); re-encode it as UTF-8") from None
+        raise UserError(f"{source} is not UTF-8 (byte {err.start}); re-encode it as UTF-8") from None
     except json.JSONDecodeError as err:
-        raise UserError(f"data.source: {source}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+        raise UserError(f"{source}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
     if not isinstance(data, list):
-        raise UserError(f"data.source: {source}: a .json source is one array of row objects; use .jsonl for one object a line")
+        raise UserError(f"{source}: a .json source is one array of row objects; use .jsonl for one object a line")
     for i, row in enumerate(data, start=1):
         if isinstance(row, dict):
             yield i, row, None
@@ -254,7 +256,7 @@ def _read_parquet(source: Path) -> Iterator[tuple[int, dict[str, Any] | None, st
     try:
         parquet = pq.ParquetFile(source)
     except Exception as err:  # pyarrow raises several types for a damaged file
-        raise UserError(f"data.source: {source}: not a readable Parquet file ({err})") from None
+        raise UserError(f"{source}: not a readable Parquet file ({err})") from None
     n = 0
     for batch in parquet.iter_batches(batch_size=4096):
         for row in batch.to_pylist():
@@ -300,40 +302,44 @@ def load_examples(recipe: Recipe, task, key: str, source: Path | str, rejected: 
     def reject(line: int, reason: str, detail: str) -> None:
         rejected.append({"source": name, "line": line, "reason": reason, "detail": detail})
 
-    for line, row, problem in read_rows(source, fixed_split or "train"):
-        if row is None:
-            reject(line, problem.split(":")[0], problem)
-            continue
-        rows += 1
-        if len(seen_keys) < 200:
-            seen_keys.update(row)
-        try:
-            parts = [get_field(row, f) for f in text_fields]
-            if isinstance(fields.target, dict):
-                target = {k: get_field(row, path) for k, path in fields.target.items()}
-            else:
-                target = get_field(row, fields.target)
-            row_id = str(get_field(row, fields.id)) if fields.id else f"{id_prefix}{Path(name).stem}:{line}"
-        except KeyError as err:
-            missing[err.args[0]] += 1
-            reject(line, "missing_field", f"field `{err.args[0]}` is missing")
-            continue
-        bad = [f for f, v in zip(text_fields, parts) if not isinstance(v, str)]
-        if bad:
-            reject(line, "non_text", ", ".join(f"`{f}` is {type(get_field(row, f)).__name__}, not text" for f in bad))
-            continue
-        text = TEXT_SEPARATOR.join(p.strip() for p in parts if p.strip())
-        if not text:
-            reject(line, "empty_text", f"`{'`, `'.join(text_fields)}` {'is' if len(parts) == 1 else 'are'} empty or whitespace")
-            continue
-        try:
-            target = task.normalize_target(target)
-        except ValueError as err:
-            reject(line, "bad_target", str(err))
-            continue
-        if isinstance(target, str):
-            target = labels.setdefault(target, target)
-        examples.append(Example(row_id, line, text, target, name, fixed_split))
+    rows_read = read_rows(source, fixed_split or "train")
+    try:
+        for line, row, problem in rows_read:
+            if row is None:
+                reject(line, problem.split(":")[0], problem)
+                continue
+            rows += 1
+            if len(seen_keys) < 200:
+                seen_keys.update(row)
+            try:
+                parts = [get_field(row, f) for f in text_fields]
+                if isinstance(fields.target, dict):
+                    target = {k: get_field(row, path) for k, path in fields.target.items()}
+                else:
+                    target = get_field(row, fields.target)
+                row_id = str(get_field(row, fields.id)) if fields.id else f"{id_prefix}{Path(name).stem}:{line}"
+            except KeyError as err:
+                missing[err.args[0]] += 1
+                reject(line, "missing_field", f"field `{err.args[0]}` is missing")
+                continue
+            bad = [f for f, v in zip(text_fields, parts) if not isinstance(v, str)]
+            if bad:
+                reject(line, "non_text", ", ".join(f"`{f}` is {type(get_field(row, f)).__name__}, not text" for f in bad))
+                continue
+            text = TEXT_SEPARATOR.join(p.strip() for p in parts if p.strip())
+            if not text:
+                reject(line, "empty_text", f"`{'`, `'.join(text_fields)}` {'is' if len(parts) == 1 else 'are'} empty or whitespace")
+                continue
+            try:
+                target = task.normalize_target(target)
+            except ValueError as err:
+                reject(line, "bad_target", str(err))
+                continue
+            if isinstance(target, str):
+                target = labels.setdefault(target, target)
+            examples.append(Example(row_id, line, text, target, name, fixed_split))
+    except UserError as err:  # a source that cannot be read at all: say which recipe key names it
+        raise UserError(f"data.{key}: {err}") from None
     for field, n in missing.items():
         if rows and n == rows:
             raise UserError(
