@@ -104,7 +104,10 @@ def run(recipe: Recipe, run: RunDir) -> dict[str, Any]:
         examples: list[Example] = []
         for key, source in sources_of(recipe).items():
             console.print(f"[bold]prep[/]: reading data.{key} {source}")
-            examples += load_examples(recipe, task, key, source, rejected)
+            before = len(rejected)
+            loaded = load_examples(recipe, task, key, source, rejected)
+            console.print(f"  {len(loaded):,} rows read, {len(rejected) - before:,} unreadable or incomplete", highlight=False)
+            examples += loaded
         if not examples and not rejected:
             raise UserError(f"data: {', '.join(map(str, sources_of(recipe).values()))} holds no rows; check data.source")
         spec = spec_of(recipe, examples)
@@ -114,6 +117,7 @@ def run(recipe: Recipe, run: RunDir) -> dict[str, Any]:
         system = task.system_prompt(recipe.task.instruction, spec)
         console.print(f"[bold]prep[/]: measuring {len(examples):,} rows with the base model's tokenizer")
         examples, truncated = enforce_max_tokens(examples, rejected, tokenizer, system, task, spec, recipe)
+        rejected.sort(key=lambda r: (r["source"], r["line"]))
         write_jsonl(out / "rejected.jsonl", rejected)
         write_jsonl(out / "truncated.jsonl", truncated)
         total = len(examples) + len(rejected)
@@ -122,7 +126,8 @@ def run(recipe: Recipe, run: RunDir) -> dict[str, Any]:
         splits = split_examples(examples, recipe)
         for name, rows in splits.items():
             if not rows:
-                raise UserError(f"data.split: the {name} split is empty ({total} usable rows); add data or change the split fractions")
+                raise UserError(f"data.split: the {name} split is empty ({len(examples)} usable rows); add data or change the split fractions")
+        for name, rows in splits.items():
             write_jsonl(out / f"{name}.jsonl", (render(e, system, task, spec) for e in rows))
         atomic_write_json(out / "spec.json", {"task": recipe.task.type, "spec": spec, "system_prompt": system})
         atomic_write_json(out / "fewshot.json", fewshot_examples(splits["train"], recipe, task, spec))

@@ -239,16 +239,20 @@ class Recipe(Strict):
             "extraction": {"field_exact_match", "exact_match", "valid_json_rate"},
             "generation": {"exact_match"},
         }
-        if isinstance(self.data.fields.target, dict) and self.task.type != "extraction":
-            raise ValueError(
-                "data -> fields -> target: a mapping builds a JSON object and applies to extraction only; "
-                "name one field"
-            )
         allowed = by_task[self.task.type]
         if self.eval.gate.metric not in allowed:
             raise ValueError(
                 f"eval.gate.metric `{self.eval.gate.metric}` does not apply to {self.task.type}; "
                 f"use one of {', '.join(sorted(allowed))}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fields_fit_task(self) -> Recipe:
+        if isinstance(self.data.fields.target, dict) and self.task.type != "extraction":
+            raise ValueError(
+                "data -> fields -> target: a mapping builds a JSON object and applies to extraction only; "
+                "name one field"
             )
         return self
 
@@ -281,8 +285,9 @@ def format_validation_error(path: Path, err: ValidationError) -> str:
 def load_recipe(path: Path | str) -> Recipe:
     """Read, validate and resolve a recipe file.
 
-    Relative `data.source` (and `validation_source`, `test_source`) paths resolve against the recipe file's directory,
-    so a recipe means the same thing whatever directory it is run from.
+    Relative `data.source`, `data.validation_source` and `data.test_source`
+    paths resolve against the recipe file's directory, so a recipe means the
+    same thing whatever directory it is run from.
     """
     path = Path(path)
     try:
