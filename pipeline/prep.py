@@ -36,6 +36,7 @@ from pipeline import models, tasks, tracking
 from pipeline.errors import UserError
 from pipeline.recipe import HF_PREFIX, Recipe
 from pipeline.rundir import RunDir, atomic_write_json, atomic_write_text, file_hash
+from pipeline.tasks.classification import normalize_label
 from pipeline.ui import console
 
 STAGE = "prep"
@@ -358,8 +359,6 @@ def spec_of(recipe: Recipe, examples: list[Example]) -> Any:
     """The label set (recipe's, normalised, or the data's sorted labels), the JSON Schema, or None."""
     if recipe.task.type == "classification":
         if recipe.task.labels:
-            from pipeline.tasks.classification import normalize_label
-
             return [normalize_label(label) for label in recipe.task.labels]
         return sorted({e.target for e in examples})
     return recipe.task.json_schema

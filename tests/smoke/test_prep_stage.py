@@ -194,13 +194,13 @@ def test_csv_defects_have_line_numbers_and_wrong_mapping_is_named(tiny_model_dir
 
 
 def test_extraction_schema_errors_name_the_json_path(tiny_model_dir, tracking_env, tmp_path):
-    rows = [{"text": f"send {i + 1} units of item {i}", "product": f"item {i}", "qty": i + 1} for i in range(30)]
-    rows[4]["qty"] = 0
-    rows[7]["qty"] = "three"
+    rows = [{"text": f"send {i + 1} units of item {i}", "meta": {"product": f"item {i}", "qty": i + 1}} for i in range(30)]
+    rows[4]["meta"]["qty"] = 0
+    rows[7]["meta"]["qty"] = "three"
     source = tmp_path / "orders.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = recipe_for(tiny_model_dir, source, max_rejected_fraction=0.2, max_tokens=256,
-                        fields={"text": "text", "target": {"product": "product", "quantity": "qty"}})
+                        fields={"text": "text", "target": {"product": "meta.product", "quantity": "meta.qty"}})
     recipe["task"] = {"type": "extraction", "instruction": "Extract.", "schema": SCHEMA}
     recipe["eval"] = {"gate": {"metric": "exact_match"}}
     result = prep(tmp_path, recipe)
