@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import UserError
 
@@ -26,15 +26,21 @@ class Strict(BaseModel):
 
 
 class TaskSection(Strict):
-    type: Literal["classification", "extraction"]
+    type: Literal["classification", "extraction", "generation"]
     instruction: str = Field(min_length=1)
     # classification: an explicit label list, or None to take labels from the data
     labels: list[str] | None = None
     # extraction: the JSON Schema every target (and every prediction) must satisfy
     json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    # classification: a class with fewer usable rows than this is an error (3 = one per split)
+    min_examples_per_class: PositiveInt = 3
 
     @model_validator(mode="after")
     def _check_type_fields(self) -> TaskSection:
+        if self.type != "classification" and "min_examples_per_class" in self.model_fields_set:
+            raise ValueError("`min_examples_per_class` applies to classification tasks only; remove it")
+        if self.type == "generation" and (self.labels is not None or self.json_schema is not None):
+            raise ValueError("generation tasks take a free-text target: remove `labels` and `schema`")
         if self.type == "extraction":
             if self.json_schema is None:
                 raise ValueError("extraction tasks need `schema`: the JSON Schema of the target object")
@@ -53,16 +59,29 @@ class TaskSection(Strict):
             if self.labels is not None:
                 if len(self.labels) < 2:
                     raise ValueError("`labels` needs at least two labels")
-                if len(set(self.labels)) != len(self.labels):
-                    raise ValueError("`labels` has duplicates")
+                from pipeline.tasks.classification import normalize_label
+
+                normalized = [normalize_label(label) for label in self.labels]
+                if any(not label for label in normalized):
+                    raise ValueError("`labels` has an empty label")
+                if len(set(normalized)) != len(normalized):
+                    raise ValueError("`labels` has duplicates (after normalisation: stripped, Unicode NFC)")
         return self
 
 
+FieldPath = Annotated[str, Field(min_length=1)]
+
+
 class FieldsSection(Strict):
-    text: str = Field(min_length=1)
-    # classification: the column holding the label; extraction: the column holding the target object
-    target: str = Field(min_length=1)
+    # one field, or several joined by a blank line into the input (e.g. [subject, body])
+    text: FieldPath | Annotated[list[FieldPath], Field(min_length=1)]
+    # classification: the field holding the label; extraction: the field holding the target object,
+    # or a mapping {key: field} that builds it; generation: the field holding the answer text
+    target: FieldPath | Annotated[dict[str, FieldPath], Field(min_length=1)]
     id: str | None = None
+
+    def text_fields(self) -> list[str]:
+        return [self.text] if isinstance(self.text, str) else list(self.text)
 
 
 class SplitSection(Strict):
@@ -78,12 +97,40 @@ class SplitSection(Strict):
         return self
 
 
+HF_PREFIX = "hf:"
+FILE_TYPES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+
+
+def _check_source(value: Path | str) -> Path | str:
+    """A file path (as Path) or `hf:<dataset id>[:<config>]` (kept as str)."""
+    text = str(value)
+    if text.startswith(HF_PREFIX):
+        dataset_id, _, config = text[len(HF_PREFIX) :].partition(":")
+        if not dataset_id or (":" in text[len(HF_PREFIX) :] and not config):
+            raise ValueError(f"`{text}`: write hf:<dataset id> or hf:<dataset id>:<config>")
+        return text
+    path = Path(text)
+    if path.suffix.lower() not in FILE_TYPES:
+        raise ValueError(f"`{text}`: unsupported file type; use one of {', '.join(FILE_TYPES)} or hf:<dataset id>")
+    return path
+
+
+DataSource = Annotated[Path | str, AfterValidator(_check_source)]
+
+
 class DataSection(Strict):
-    source: Path
+    source: DataSource
+    # fixed splits the user already has; the rest is split from `source`
+    validation_source: DataSource | None = None
+    test_source: DataSource | None = None
     fields: FieldsSection
     split: SplitSection = SplitSection()
     max_tokens: PositiveInt = 256
+    # what happens to a row longer than max_tokens: reject it, or cut its input text to fit
+    max_tokens_policy: Literal["reject", "truncate"] = "reject"
     max_rejected_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+    # examples drawn from train into prep/fewshot.json for prompted baselines
+    fewshot: Annotated[int, Field(ge=0)] = 5
 
 
 class AdapterSection(Strict):
@@ -190,12 +237,22 @@ class Recipe(Strict):
         by_task = {
             "classification": {"accuracy", "macro_f1"},
             "extraction": {"field_exact_match", "exact_match", "valid_json_rate"},
+            "generation": {"exact_match"},
         }
         allowed = by_task[self.task.type]
         if self.eval.gate.metric not in allowed:
             raise ValueError(
                 f"eval.gate.metric `{self.eval.gate.metric}` does not apply to {self.task.type}; "
                 f"use one of {', '.join(sorted(allowed))}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fields_fit_task(self) -> Recipe:
+        if isinstance(self.data.fields.target, dict) and self.task.type != "extraction":
+            raise ValueError(
+                "data -> fields -> target: a mapping builds a JSON object and applies to extraction only; "
+                "name one field"
             )
         return self
 
@@ -228,8 +285,9 @@ def format_validation_error(path: Path, err: ValidationError) -> str:
 def load_recipe(path: Path | str) -> Recipe:
     """Read, validate and resolve a recipe file.
 
-    Relative `data.source` paths resolve against the recipe file's directory,
-    so a recipe means the same thing whatever directory it is run from.
+    Relative `data.source`, `data.validation_source` and `data.test_source`
+    paths resolve against the recipe file's directory, so a recipe means the
+    same thing whatever directory it is run from.
     """
     path = Path(path)
     try:
@@ -248,10 +306,12 @@ def load_recipe(path: Path | str) -> Recipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
         raise UserError(format_validation_error(path, err)) from None
-    source = recipe.data.source
-    if not source.is_absolute():
-        source = (path.parent / source).resolve()
-    data = recipe.data.model_copy(update={"source": source})
+    resolved = {}
+    for key in ("source", "validation_source", "test_source"):
+        source = getattr(recipe.data, key)
+        if isinstance(source, Path) and not source.is_absolute():
+            resolved[key] = (path.parent / source).resolve()
+    data = recipe.data.model_copy(update=resolved)
     return recipe.model_copy(update={"data": data})
 
 

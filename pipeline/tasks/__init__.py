@@ -6,8 +6,8 @@ functions on either, so prep, train and eval stay task-agnostic.
 
 from types import ModuleType
 
-from pipeline.tasks import classification, extraction
+from pipeline.tasks import classification, extraction, generation
 
 
 def for_type(task_type: str) -> ModuleType:
-    return {"classification": classification, "extraction": extraction}[task_type]
+    return {"classification": classification, "extraction": extraction, "generation": generation}[task_type]

@@ -1,20 +1,26 @@
 """Classification: the answer is exactly one label from a fixed set.
 
-Labels are normalised by one rule, applied everywhere: surrounding whitespace
-is stripped and the value is compared exactly (case and inner spaces count).
+Labels are normalised by one rule, applied everywhere (recipe labels and data
+alike): Unicode NFC, surrounding whitespace stripped, integers written as
+text; then compared exactly (case and inner spaces count).
 """
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 from pipeline.tasks.metrics import accuracy, f1_report
 
 
+def normalize_label(label: str) -> str:
+    return unicodedata.normalize("NFC", label).strip()
+
+
 def normalize_target(raw: Any) -> str:
     if isinstance(raw, bool) or not isinstance(raw, (str, int)):
         raise ValueError(f"label must be a string, got {type(raw).__name__}")
-    label = str(raw).strip()
+    label = normalize_label(str(raw))
     if not label:
         raise ValueError("label is empty")
     return label

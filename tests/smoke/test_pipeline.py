@@ -107,7 +107,8 @@ def test_full_loop(recipe_name, tiny_model_dir, tracking_env, tmp_path, monkeypa
     client = MlflowClient(tracking_env)
     experiment = client.get_experiment_by_name(recipe_name)
     runs = {r.data.tags["expert.stage"]: r for r in client.search_runs([experiment.experiment_id])}
-    assert set(runs) == {"train", "eval", "push"}, "re-running must not create new MLflow runs"
+    assert set(runs) == {"prep", "train", "eval", "push"}, "re-running must not create new MLflow runs"
+    assert runs["prep"].data.tags["expert.data_fingerprint"] == manifest["stages"]["prep"]["fingerprint"]
     train_run = runs["train"]
     assert train_run.data.params["model.adapter.r"] == "16"
     assert "final_train_loss" in train_run.data.metrics

@@ -1,4 +1,4 @@
-"""Prep's pure parts: field lookup, rejection rules, deterministic stratified splits."""
+"""Prep's pure parts: field lookup, rejection rules, deterministic stratified splits, percentiles."""
 
 from collections import Counter
 from pathlib import Path
@@ -6,7 +6,15 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.prep import Example, check_examples, check_rejected_fraction, get_field, split_examples
+from pipeline.prep import (
+    Example,
+    check_duplicates,
+    check_rejected_fraction,
+    check_targets,
+    get_field,
+    percentiles,
+    split_examples,
+)
 from pipeline.recipe import Recipe
 from pipeline.tasks import classification
 
@@ -51,20 +59,61 @@ def test_split_is_deterministic_stratified_and_disjoint():
     assert [e.id for e in other_seed["test"]] != [e.id for e in first["test"]]
 
 
-def test_duplicates_and_conflicts_rejected_with_line():
+def test_duplicates_conflicts_and_labels_rejected_with_line():
     data = [
         Example("1", 1, "Where is my parcel?", "shipping"),
-        Example("2", 2, "where is  my parcel?", "shipping"),
-        Example("3", 3, "WHERE IS MY PARCEL?", "billing"),
-        Example("4", 4, "fine", "astrology"),
+        Example("2", 2, "Where is my parcel?", "shipping"),
+        Example("3", 3, "where is  my PARCEL?", "shipping"),
+        Example("4", 4, "Refund please", "billing"),
+        Example("5", 5, "refund please", "shipping"),
+        Example("6", 6, "fine", "astrology"),
+        Example("1", 7, "another text, reused id", "billing"),
     ]
-    kept, rejected = check_examples(data, [], classification, ["billing", "shipping"])
+    rejected: list[dict] = []
+    kept = check_targets(data, rejected, classification, ["billing", "shipping"])
+    kept = check_duplicates(kept, rejected, classification, ["billing", "shipping"])
     assert [e.id for e in kept] == ["1"]
     assert [(r["line"], r["reason"]) for r in rejected] == [
-        (2, "duplicate"),
-        (3, "conflicting_target"),
-        (4, "label_outside_set"),
+        (6, "label_outside_set"),
+        (2, "duplicate_exact"),
+        (3, "duplicate_normalized"),
+        (4, "conflicting_target"),
+        (5, "conflicting_target"),
+        (7, "duplicate_id"),
     ]
+
+
+def test_leaked_text_is_removed_from_the_less_protected_split():
+    data = [
+        Example("a", 1, "Lost card", "card", "train.jsonl"),
+        Example("b", 2, "Other text", "card", "train.jsonl"),
+        Example("t", 1, "lost card", "card", "test.jsonl", "test"),
+        Example("v", 1, "Other text", "card", "val.jsonl", "validation"),
+    ]
+    rejected: list[dict] = []
+    kept = check_duplicates(data, rejected, classification, ["card"])
+    assert [e.id for e in kept] == ["t", "v"]
+    assert [(r["source"], r["line"], r["reason"]) for r in rejected] == [
+        ("train.jsonl", 1, "leakage"),
+        ("train.jsonl", 2, "leakage"),
+    ]
+    assert "test.jsonl:1 in the test split; removed from train" in rejected[0]["detail"]
+
+
+def test_fixed_splits_are_kept_and_not_carved_from_source():
+    data = examples({"a": 20, "b": 20})
+    fixed = [Example(f"t{i}", i, f"test {i}", "a" if i % 2 else "b", "test.jsonl", "test") for i in range(6)]
+    r = Recipe.model_validate({**recipe().model_dump(by_alias=True), "data": {
+        "source": "d.jsonl", "test_source": "t.jsonl", "fields": {"text": "t", "target": "l"}, "split": {"validation": 0.25}}})
+    out = split_examples(data + fixed, r)
+    assert [e.id for e in out["test"]] == [e.id for e in fixed]
+    assert len(out["validation"]) == 10 and len(out["train"]) == 30
+
+
+def test_percentiles_nearest_rank():
+    assert percentiles(list(range(1, 101))) == {"p50": 50, "p95": 95, "max": 100}
+    assert percentiles([7]) == {"p50": 7, "p95": 7, "max": 7}
+    assert percentiles([]) == {"p50": 0, "p95": 0, "max": 0}
 
 
 def test_rejected_fraction_limit_summarises_by_reason():

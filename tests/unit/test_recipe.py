@@ -106,3 +106,40 @@ def test_cli_validate_exit_codes(tmp_path):
     result = runner.invoke(app, ["validate", str(write(tmp_path, bad))])
     assert result.exit_code == 2
     assert "nonsense" in result.output and "model -> adapter -> r" in result.output
+
+
+@pytest.mark.parametrize(
+    "path, value, where, expected",
+    [
+        ("data.source", "data.xlsx", "data -> source", "unsupported file type"),
+        ("data.test_source", "hf:", "data -> test_source", "hf:<dataset id>"),
+        ("data.validation_source", "hf:org/name:", "data -> validation_source", "hf:<dataset id>"),
+        ("data.max_tokens_policy", "drop", "data -> max_tokens_policy", "'reject' or 'truncate'"),
+        ("data.fields.target", {"intent": "intent"}, "data -> fields -> target", "applies to extraction only"),
+        ("data.fields.text", [], "data -> fields -> text", "at least 1 item"),
+        ("task.labels", ["a", " a "], "`labels`", "duplicates (after normalisation"),
+    ],
+)
+def test_data_section_errors_name_the_key(tmp_path, path, value, where, expected):
+    with pytest.raises(UserError) as err:
+        load_recipe(write(tmp_path, deep_update(GOOD, path, value)))
+    assert where in str(err.value) and expected in str(err.value)
+
+
+def test_extra_sources_resolve_and_hf_sources_stay_text(tmp_path):
+    recipe = deep_update(deep_update(GOOD, "data.validation_source", "val.csv"), "data.test_source", "hf:org/set:cfg")
+    loaded = load_recipe(write(tmp_path, recipe))
+    assert loaded.data.validation_source == (tmp_path / "val.csv").resolve()
+    assert loaded.data.test_source == "hf:org/set:cfg"
+
+
+def test_generation_and_class_minimum_belong_to_their_task_types(tmp_path):
+    generation = deep_update(GOOD, "task", {"type": "generation", "instruction": "Reply."})
+    with pytest.raises(UserError, match="eval -> gate|does not apply to generation"):
+        load_recipe(write(tmp_path, generation))
+    ok = load_recipe(write(tmp_path, deep_update(generation, "eval", {"gate": {"metric": "exact_match"}})))
+    assert ok.task.type == "generation"
+    extraction = deep_update(GOOD, "task", {"type": "extraction", "instruction": "x", "schema": {"type": "object"},
+                                            "min_examples_per_class": 5})
+    with pytest.raises(UserError, match="min_examples_per_class` applies to classification"):
+        load_recipe(write(tmp_path, extraction))

