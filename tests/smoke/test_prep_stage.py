@@ -248,7 +248,7 @@ def test_truncate_policy_cuts_the_input_and_reports_it(tiny_model_dir, tracking_
     kept = {r["id"]: r for s in ("train", "validation", "test") for r in read_jsonl(tmp_path / f"t/prep/{s}.jsonl")}
     assert rows[10]["text"].startswith(kept["g10"]["text"]) and len(kept["g10"]["text"]) < len(rows[10]["text"])
     stats = json.loads((tmp_path / "t/prep/stats.json").read_text())
-    assert stats["truncated"] == 1 and stats["tokens"]["all"]["prompt"]["max"] + 0 <= 96
+    assert stats["truncated"] == 1 and stats["max_tokens_policy"] == "truncate"
 
     result = prep(tmp_path, recipe_for(tiny_model_dir, source), tmp_path / "r")
     assert result.exit_code == 0
