@@ -2,19 +2,23 @@
 
 Classification scores every label as a continuation of the prompt and takes
 the best one; confidence is its probability normalised over the label set, so
-the answer is always a valid label. Extraction decodes greedily and parses the
-first JSON object; confidence is the geometric mean of the answer's token
-probabilities.
+the answer is always a valid label. Extraction decodes greedily under the
+recipe's JSON Schema (llguidance masks every token the schema forbids), so
+every answer parses and validates; confidence is the geometric mean of the
+answer's token probabilities under that mask. Plain generation is batched
+greedy decoding.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 
 def prompt_texts(tokenizer, prompts: list[list[dict[str, str]]]) -> list[str]:
@@ -89,8 +93,14 @@ def classify(model, tokenizer, prompts, labels: list[str], batch_size: int, on_b
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompts, max_new_tokens: int, batch_size: int, on_batch: Callable[[int], None] | None = None):
-    """Greedy answers with a confidence from their token probabilities, and seconds per example."""
+def generate(
+    model, tokenizer, prompts, max_new_tokens: int, batch_size: int,
+    on_batch: Callable[[int], None] | None = None, schema: dict[str, Any] | None = None,
+):
+    """Greedy answers with a confidence from their token probabilities, and seconds per example.
+
+    With a `schema`, decoding is constrained to JSON objects that satisfy it.
+    """
     out = []
     texts = prompt_texts(tokenizer, prompts)
     side = tokenizer.padding_side
@@ -100,9 +110,14 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, batch_size: int, on
             chunk = texts[i : i + batch_size]
             started = time.perf_counter()
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            processors = None
+            if schema is not None:
+                vocab = model.get_output_embeddings().weight.shape[0]
+                processors = LogitsProcessorList([SchemaConstraint(tokenizer, schema, len(chunk), vocab, max_new_tokens)])
             gen = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True,
                 output_scores=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=_end_ids(tokenizer) or None,
+                logits_processor=processors,
             )
             new_tokens = gen.sequences[:, enc["input_ids"].shape[1] :]
             steps = torch.stack(gen.scores, dim=1).float().log_softmax(-1)
@@ -123,3 +138,95 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, batch_size: int, on
 
 def parse_generated(rows: list[dict[str, Any]], parse: Callable[[str], Any]) -> list[dict[str, Any]]:
     return [{**r, "prediction": parse(r["raw"])} for r in rows]
+
+
+# JSON punctuation that ends what is open: preferred once the token budget runs low, so answers finish
+_CLOSERS = set('"}],')
+
+
+class SchemaConstraint(LogitsProcessor):
+    """Masks, per row of a batch, every token that would leave the JSON Schema's language.
+
+    One llguidance matcher per row consumes the row's last token and fills its
+    row of a token bitmask. Keys, separators and whitespace follow
+    `extraction.target_text` (", " and ": "), the spelling the expert was
+    trained on. In the last `reserve` steps the mask narrows further to
+    closing punctuation where the schema allows it, so even a model that
+    would ramble (a random one) ends with a complete object within
+    `max_new_tokens`.
+    """
+
+    def __init__(self, tokenizer, schema: dict[str, Any], batch: int, vocab: int, max_new_tokens: int):
+        import llguidance
+        import llguidance.hf
+
+        lltok = _lltokenizer(tokenizer, vocab)
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(
+            schema, overrides={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+        )
+        self.matchers = [llguidance.LLMatcher(lltok, grammar, log_level=0) for _ in range(batch)]
+        if self.matchers[0].is_error():
+            raise ValueError(f"the JSON Schema cannot be used for constrained decoding: {self.matchers[0].get_error()}")
+        self.words = (vocab + 31) // 32
+        self.vocab = vocab
+        self.closers = _closer_tokens(tokenizer, vocab)
+        self.eos = tokenizer.eos_token_id
+        self.step = 0
+        self.max_new_tokens = max_new_tokens
+        self.reserve = max_new_tokens // 2
+        self.prompt_width: int | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.prompt_width is None:
+            self.prompt_width = input_ids.shape[1]
+        bitmask = torch.zeros((len(self.matchers), self.words), dtype=torch.int32)
+        for row, matcher in enumerate(self.matchers):
+            if input_ids.shape[1] > self.prompt_width and not matcher.is_stopped():
+                matcher.consume_token(int(input_ids[row, -1]))
+            if matcher.is_stopped() or matcher.is_error():
+                continue  # finished rows only receive padding; mask everything but end-of-sequence below
+            v = bitmask[row]
+            matcher.unsafe_compute_mask_ptr(v.data_ptr(), v.numel() * v.element_size())
+        allowed = _unpack(bitmask, self.vocab)
+        for row, matcher in enumerate(self.matchers):
+            if matcher.is_stopped() or matcher.is_error():
+                allowed[row, self.eos] = True
+        if self.max_new_tokens - self.step <= self.reserve:
+            closing = allowed & self.closers
+            eos_ok = allowed[:, self.eos].clone()
+            closing[:, self.eos] = eos_ok
+            narrow = closing.any(dim=-1, keepdim=True)
+            allowed = torch.where(narrow, closing, allowed)
+        self.step += 1
+        return scores.masked_fill(~allowed, float("-inf"))
+
+
+def _unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab].bool()
+
+
+# per tokenizer object (weakly held) and vocabulary size: building these takes ~1 s each
+_PER_TOKENIZER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _lltokenizer(tokenizer, vocab: int):
+    """llguidance's view of the tokenizer."""
+    import llguidance.hf
+
+    cached = _PER_TOKENIZER.setdefault(tokenizer, {})
+    if ("ll", vocab) not in cached:
+        cached[("ll", vocab)] = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab)
+    return cached[("ll", vocab)]
+
+
+def _closer_tokens(tokenizer, vocab: int) -> torch.Tensor:
+    """Tokens made only of closing JSON punctuation (and spaces)."""
+    cached = _PER_TOKENIZER.setdefault(tokenizer, {})
+    if ("closers", vocab) not in cached:
+        mask = torch.zeros(vocab, dtype=torch.bool)
+        for token_id in range(min(vocab, len(tokenizer))):
+            text = tokenizer.decode([token_id]).strip()
+            mask[token_id] = bool(text) and set(text) <= _CLOSERS
+        cached[("closers", vocab)] = mask
+    return cached[("closers", vocab)]
