@@ -214,7 +214,8 @@ def _call_with_retries(client, baseline: BaselineSection, messages, params, rng:
 
 def cost_per_1k(price, rows: list[dict[str, Any]]) -> float | None:
     """Dollars per 1,000 requests from a price table (per million tokens) and the measured token usage."""
-    answered = [r for r in rows if r.get("raw") is not None and r.get("input_tokens") is not None]
+    answered = [r for r in rows if r.get("raw") is not None and r.get("input_tokens") is not None
+                and r.get("output_tokens") is not None]
     if price is None or not answered:
         return None
     tokens_in = sum(r["input_tokens"] for r in answered) / len(answered)
