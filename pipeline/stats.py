@@ -106,11 +106,12 @@ def calibration(confidences: list[float], correct: list[bool], bins: int = 10) -
 
 
 def candidate_thresholds(confidences: list[float], most: int = 101) -> list[float]:
-    """0 (never escalate) and the observed confidences, thinned to at most `most` quantiles."""
+    """0 (never escalate), the observed confidences thinned to quantiles, and just above the largest (escalate all)."""
     values = np.unique(np.asarray(confidences, dtype=float))
-    if len(values) > most - 1:
-        values = np.unique(np.quantile(values, np.linspace(0, 1, most - 1)))
-    return [0.0] + [float(v) for v in values if v > 0]
+    if len(values) > most - 2:
+        values = np.unique(np.quantile(values, np.linspace(0, 1, most - 2)))
+    top = float(np.nextafter(values[-1], np.inf)) if len(values) else 1.0
+    return [0.0] + [float(v) for v in values if v > 0] + [top]
 
 
 def cascade_curve(

@@ -93,9 +93,10 @@ def test_cascade_picks_the_cheapest_threshold_meeting_the_target():
     assert chosen["escalation_rate"] == 0.5 and chosen["cost_per_1k"] == pytest.approx(0.51)
     assert stats.choose_threshold(curve, target=0.6)["threshold"] == 0.0, "the expert alone already meets 60%"
     assert stats.choose_threshold(curve, target=1.01) is None
+    assert curve[-1]["escalation_rate"] == 1.0 and curve[-1]["metric"] == 1.0
 
 
 def test_candidate_thresholds_are_thinned_but_keep_the_extremes():
     conf = [i / 1000 for i in range(1, 1001)]
     t = stats.candidate_thresholds(conf, most=51)
-    assert len(t) <= 51 and t[0] == 0.0 and t[1] == 0.001 and t[-1] == 1.0
+    assert len(t) <= 51 and t[0] == 0.0 and t[1] == 0.001 and t[-2] == 1.0 and t[-1] > 1.0, "last escalates all"
