@@ -33,14 +33,16 @@ def _end_ids(tokenizer) -> list[int]:
 def score_labels(model, tokenizer, prompt_text: list[str], labels: list[str]) -> list[list[float]]:
     """Log-probability of each label (plus the end-of-turn token) after each prompt.
 
-    The prompts run once (left-padded, KV cache kept); the cache is then
-    repeated per label and only the label tokens run, so the cost grows with
-    label length, not prompt length x number of labels.
+    The prompts run once (left-padded, KV cache kept). Then every label's
+    tokens run in ONE packed continuation per prompt: a block-diagonal causal
+    4D mask lets each label see the prompt and its own earlier tokens only,
+    and positions restart after the prompt for each label. The cache is never
+    copied per label, so 77 labels cost one extra pass of their summed length.
     """
     label_ids = [tokenizer(label, add_special_tokens=False)["input_ids"] + _end_ids(tokenizer) for label in labels]
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt_text]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    n_prompts, n_labels = len(prompt_ids), len(labels)
+    n_prompts = len(prompt_ids)
 
     width = max(len(p) for p in prompt_ids)
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids])
@@ -48,29 +50,40 @@ def score_labels(model, tokenizer, prompt_text: list[str], labels: list[str]) ->
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
     first_lp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (n_prompts, vocab)
-    cache = out.cache
-    cache.batch_repeat_interleave(n_labels)
+    scores = [[float(first_lp[i, ids[0]]) for ids in label_ids] for i in range(n_prompts)]
+    fed = [ids[:-1] for ids in label_ids]  # a label's last token is only ever predicted, never fed
+    if not any(fed):
+        return scores
 
-    label_width = max(len(ids) for ids in label_ids)
-    cont = torch.tensor([ids + [pad] * (label_width - len(ids)) for ids in label_ids] * n_prompts)
-    cont_mask = torch.tensor([[1] * len(ids) + [0] * (label_width - len(ids)) for ids in label_ids] * n_prompts)
-    lengths = prompt_mask.sum(-1).repeat_interleave(n_labels)
-    cont_positions = lengths.unsqueeze(-1) + torch.arange(label_width)
-    mask = torch.cat([prompt_mask.repeat_interleave(n_labels, dim=0), cont_mask], dim=-1)
-    cont_lp = torch.log_softmax(
-        model(input_ids=cont, attention_mask=mask, position_ids=cont_positions, cache=cache).logits.float(),
+    # packed continuation: label j occupies [starts[j], starts[j] + len(fed[j]))
+    starts, packed, offsets, owner = [], [], [], []
+    for j, ids in enumerate(fed):
+        starts.append(len(packed))
+        packed += ids
+        offsets += range(len(ids))
+        owner += [j] * len(ids)
+    total = len(packed)
+    owner_t, offsets_t = torch.tensor(owner), torch.tensor(offsets)
+    same_label = owner_t.unsqueeze(0) == owner_t.unsqueeze(1)
+    causal = offsets_t.unsqueeze(0) <= offsets_t.unsqueeze(1)
+    allowed = torch.cat(
+        [prompt_mask.bool().unsqueeze(1).expand(n_prompts, total, width),
+         (same_label & causal).unsqueeze(0).expand(n_prompts, total, total)],
         dim=-1,
     )
-    scores = []
+    dtype = out.logits.dtype if out.logits.is_floating_point() else torch.float32
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+    cont_positions = prompt_mask.sum(-1, keepdim=True) + offsets_t.unsqueeze(0)
+    logits = model(
+        input_ids=torch.tensor([packed] * n_prompts), attention_mask=mask, position_ids=cont_positions, cache=out.cache
+    ).logits.float()
+    # log-prob of each next label token: logit - logsumexp, without materialising a second vocab-sized tensor
+    targets = torch.tensor([ids[k + 1] for ids in label_ids for k in range(len(ids) - 1)])
+    token_lp = logits.gather(-1, targets.expand(n_prompts, total).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
     for i in range(n_prompts):
-        row = []
-        for j, ids in enumerate(label_ids):
-            k = i * n_labels + j
-            total = first_lp[i, ids[0]]
-            if len(ids) > 1:
-                total = total + cont_lp[k, : len(ids) - 1].gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).sum()
-            row.append(float(total))
-        scores.append(row)
+        for j, ids in enumerate(fed):
+            if ids:
+                scores[i][j] += float(token_lp[i, starts[j] : starts[j] + len(ids)].sum())
     return scores
 
 
