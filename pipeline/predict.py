@@ -11,9 +11,11 @@ greedy decoding.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import weakref
+from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
 
@@ -29,72 +31,140 @@ def _end_ids(tokenizer) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
+@dataclass
+class SharedPrefix:
+    """The token ids every prompt starts with (system prompt, label list) and their KV cache, computed once."""
+
+    ids: list[int]
+    cache: Any
+
+
+@torch.inference_mode()
+def shared_prefix(model, tokenizer, prompt_text: list[str], minimum: int = 16) -> SharedPrefix | None:
+    """Run the prompts' common token prefix once; None when it is too short to be worth it."""
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt_text]
+    common = ids[0][: min(len(i) for i in ids) - 1]  # leave every prompt at least one token of its own
+    for other in ids[1:]:
+        n = 0
+        while n < len(common) and other[n] == common[n]:
+            n += 1
+        common = common[:n]
+    if len(common) < minimum:
+        return None
+    return SharedPrefix(common, model(input_ids=torch.tensor([common]), use_cache=True).cache)
+
+
 @torch.inference_mode()
 def score_labels(model, tokenizer, prompt_text: list[str], labels: list[str]) -> list[list[float]]:
-    """Log-probability of each label (plus the end-of-turn token) after each prompt.
+    """Log-probability of each label (plus the end-of-turn token) after each prompt, every label in full."""
+    return _score(model, tokenizer, prompt_text, labels)[0]
 
-    The prompts run once (left-padded, KV cache kept). Then every label's
-    tokens run in ONE packed continuation per prompt: a block-diagonal causal
-    4D mask lets each label see the prompt and its own earlier tokens only,
-    and positions restart after the prompt for each label. The cache is never
-    copied per label, so 77 labels cost one extra pass of their summed length.
+
+@torch.inference_mode()
+def _score(model, tokenizer, prompt_text, labels, prefix: SharedPrefix | None = None, top_k: int | None = None):
+    """(scores, exact): label log-probabilities per prompt, and whether the best label is certainly the argmax.
+
+    The prompts run once, after the cached shared `prefix` when given (each
+    prompt's own tokens left-padded). Then the candidate labels' tokens run in
+    ONE packed continuation per prompt: a block-diagonal causal 4D mask lets
+    each label see the prompt and its own earlier tokens only, and positions
+    restart after the prompt for each label, so the KV cache is never copied
+    per label. With `top_k`, only the k labels whose first token is likeliest
+    are scored in full; the others keep their first-token log-probability,
+    an upper bound of their full score, and `exact` says whether the best
+    full score beats every such bound (then the argmax is the exhaustive one).
     """
     label_ids = [tokenizer(label, add_special_tokens=False)["input_ids"] + _end_ids(tokenizer) for label in labels]
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt_text]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    n_prompts = len(prompt_ids)
+    n_prompts, n_labels = len(prompt_ids), len(labels)
+    shared = len(prefix.ids) if prefix is not None else 0
+    own = [p[shared:] for p in prompt_ids]
 
-    width = max(len(p) for p in prompt_ids)
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids])
-    prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
-    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
+    width = max(len(p) for p in own)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in own])
+    own_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in own])
+    prompt_mask = torch.cat([torch.ones(n_prompts, shared, dtype=torch.long), own_mask], dim=-1)
+    positions = shared + (own_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = None
+    if prefix is not None:
+        cache = copy.deepcopy(prefix.cache)
+        cache.batch_repeat_interleave(n_prompts)
+    out = model(input_ids=input_ids, attention_mask=prompt_mask, position_ids=positions, cache=cache, use_cache=True)
     first_lp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (n_prompts, vocab)
     scores = [[float(first_lp[i, ids[0]]) for ids in label_ids] for i in range(n_prompts)]
+    if top_k is None or top_k >= n_labels:
+        candidates = [list(range(n_labels))] * n_prompts
+    else:
+        candidates = [sorted(range(n_labels), key=lambda j, row=row: -row[j])[:top_k] for row in scores]
     fed = [ids[:-1] for ids in label_ids]  # a label's last token is only ever predicted, never fed
-    if not any(fed):
-        return scores
 
-    # packed continuation: label j occupies [starts[j], starts[j] + len(fed[j]))
-    starts, packed, offsets, owner = [], [], [], []
-    for j, ids in enumerate(fed):
-        starts.append(len(packed))
-        packed += ids
-        offsets += range(len(ids))
-        owner += [j] * len(ids)
-    total = len(packed)
-    owner_t, offsets_t = torch.tensor(owner), torch.tensor(offsets)
-    same_label = owner_t.unsqueeze(0) == owner_t.unsqueeze(1)
-    causal = offsets_t.unsqueeze(0) <= offsets_t.unsqueeze(1)
-    allowed = torch.cat(
-        [prompt_mask.bool().unsqueeze(1).expand(n_prompts, total, width),
-         (same_label & causal).unsqueeze(0).expand(n_prompts, total, total)],
-        dim=-1,
-    )
-    dtype = out.logits.dtype if out.logits.is_floating_point() else torch.float32
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
-    cont_positions = prompt_mask.sum(-1, keepdim=True) + offsets_t.unsqueeze(0)
-    logits = model(
-        input_ids=torch.tensor([packed] * n_prompts), attention_mask=mask, position_ids=cont_positions, cache=out.cache
-    ).logits.float()
-    # log-prob of each next label token: logit - logsumexp, without materialising a second vocab-sized tensor
-    targets = torch.tensor([ids[k + 1] for ids in label_ids for k in range(len(ids) - 1)])
-    token_lp = logits.gather(-1, targets.expand(n_prompts, total).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    for i in range(n_prompts):
-        for j, ids in enumerate(fed):
-            if ids:
-                scores[i][j] += float(token_lp[i, starts[j] : starts[j] + len(ids)].sum())
-    return scores
+    # packed continuation per prompt: slot -> (label, offset); padding slots only see themselves
+    rows = []
+    for cand in candidates:
+        owner, offset = [], []
+        for j in cand:
+            owner += [j] * len(fed[j])
+            offset += range(len(fed[j]))
+        rows.append((owner, offset))
+    total = max(len(owner) for owner, _ in rows)
+    if total > 0:
+        tokens = torch.full((n_prompts, total), pad)
+        owners = torch.full((n_prompts, total), -1)
+        offsets = torch.zeros((n_prompts, total), dtype=torch.long)
+        targets = torch.zeros((n_prompts, total), dtype=torch.long)
+        for i, (owner, offset) in enumerate(rows):
+            n = len(owner)
+            tokens[i, :n] = torch.tensor([fed[j][k] for j, k in zip(owner, offset)], dtype=torch.long)
+            targets[i, :n] = torch.tensor([label_ids[j][k + 1] for j, k in zip(owner, offset)], dtype=torch.long)
+            owners[i, :n] = torch.tensor(owner, dtype=torch.long)
+            offsets[i, :n] = torch.tensor(offset, dtype=torch.long)
+        same = (owners.unsqueeze(1) == owners.unsqueeze(2)) & (owners.unsqueeze(1) >= 0)
+        causal = offsets.unsqueeze(1) <= offsets.unsqueeze(2)
+        block = (same & causal) | torch.eye(total, dtype=torch.bool).unsqueeze(0)
+        allowed = torch.cat([prompt_mask.bool().unsqueeze(1).expand(n_prompts, total, -1), block], dim=-1)
+        dtype = out.logits.dtype if out.logits.is_floating_point() else torch.float32
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+        cont_positions = prompt_mask.sum(-1, keepdim=True) + offsets
+        logits = model(input_ids=tokens, attention_mask=mask, position_ids=cont_positions, cache=out.cache).logits.float()
+        # each slot predicts its label's next token: logit - logsumexp, with no second vocab-sized tensor
+        token_lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+        for i, (owner, _) in enumerate(rows):
+            for slot, j in enumerate(owner):
+                scores[i][j] += float(token_lp[i, slot])
+    exact = []
+    for i, cand in enumerate(candidates):
+        rest = set(range(n_labels)) - set(cand)
+        exact.append(not rest or max(scores[i][j] for j in cand) >= max(scores[i][j] for j in rest))
+    return scores, exact
 
 
-def classify(model, tokenizer, prompts, labels: list[str], batch_size: int, on_batch: Callable[[int], None] | None = None):
-    """(label, confidence, seconds per example) for every prompt."""
+def classify(
+    model, tokenizer, prompts, labels: list[str], batch_size: int, on_batch: Callable[[int], None] | None = None,
+    top_k: int | None = 16,
+):
+    """(label, confidence, seconds per example) for every prompt.
+
+    The prompts' shared start (system prompt and label list) runs once for the
+    whole call. Only the `top_k` labels likeliest by their first token are
+    scored in full; a prompt whose best full score does not beat every other
+    label's bound is re-scored with all labels, so the answer is always the
+    exhaustive argmax. Confidence is the best label's probability normalised
+    over the label set, with pruned labels at their upper bound (so it can
+    only be lower than the exhaustive one, never higher).
+    """
     out = []
     texts = prompt_texts(tokenizer, prompts)
+    prefix = shared_prefix(model, tokenizer, texts)
     for i in range(0, len(texts), batch_size):
         chunk = texts[i : i + batch_size]
         started = time.perf_counter()
-        scores = score_labels(model, tokenizer, chunk, labels)
+        scores, exact = _score(model, tokenizer, chunk, labels, prefix, top_k)
+        redo = [k for k, ok in enumerate(exact) if not ok]
+        if redo:
+            full, _ = _score(model, tokenizer, [chunk[k] for k in redo], labels, prefix)
+            for k, row in zip(redo, full):
+                scores[k] = row
         per_example = (time.perf_counter() - started) / len(chunk)
         for row in scores:
             probs = torch.softmax(torch.tensor(row), dim=0)

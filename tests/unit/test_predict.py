@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.predict import classify, generate, score_labels
+from pipeline.predict import _score, classify, generate, score_labels, shared_prefix
 from pipeline.tasks.extraction import check_target, parse_answer
 
 LABELS = ["billing", "shipping", "technical support", "account"]
@@ -43,6 +43,33 @@ def test_cached_scores_match_full_sequences(tiny):
     got = score_labels(model, tokenizer, prompts, LABELS)
     for got_row, expected_row in zip(got, expected, strict=True):
         assert got_row == pytest.approx(expected_row, abs=1e-4)
+
+
+def test_shared_prefix_cache_gives_the_same_scores(tiny):
+    model, tokenizer = tiny
+    system = "<|im_start|>system\nRoute the customer message to one support queue: billing, shipping or account.<|im_end|>\n"
+    prompts = [system + f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+               for text in ("my card was charged twice", "parcel late", "I cannot log in to my account at all")]
+    prefix = shared_prefix(model, tokenizer, prompts)
+    assert prefix is not None and len(prefix.ids) >= 16
+    with torch.inference_mode():
+        expected = full_sequence_scores(model, tokenizer, prompts, LABELS)
+    got, exact = _score(model, tokenizer, prompts, LABELS, prefix)
+    assert exact == [True] * 3
+    for got_row, expected_row in zip(got, expected, strict=True):
+        assert got_row == pytest.approx(expected_row, abs=1e-4)
+
+
+def test_top_k_pruning_keeps_the_exhaustive_answer(tiny):
+    model, tokenizer = tiny
+    labels = LABELS + ["refund", "returns", "delivery", "technical", "billing address", "shipping cost"]
+    prompts = [[{"role": "system", "content": "Route the message. Labels: " + ", ".join(labels)},
+                {"role": "user", "content": text}] for text in ("refund please", "app crashes", "hi", "parcel?", "x y z")]
+    full = classify(model, tokenizer, prompts, labels, batch_size=5, top_k=None)
+    for k in (1, 3):
+        pruned = classify(model, tokenizer, prompts, labels, batch_size=5, top_k=k)
+        assert [r["prediction"] for r in pruned] == [r["prediction"] for r in full]
+        assert all(p["confidence"] <= f["confidence"] + 1e-6 for p, f in zip(pruned, full))
 
 
 def test_classify_returns_valid_label_and_normalised_confidence(tiny):
