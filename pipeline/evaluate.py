@@ -73,7 +73,8 @@ def run(recipe: Recipe, run: RunDir) -> dict[str, Any]:
         model, tokenizer = load_expert(recipe, run.path / "train/adapter")
         outputs["expert"] = {s: infer_local(model, tokenizer, rows, recipe, task, spec, f"expert ({s})")
                              for s, rows in splits.items()}
-        cache = frontier.ResponseCache(frontier.default_cache_path())
+        needs_api = any(b.kind == "openai" for b in recipe.eval.baselines)
+        cache = frontier.ResponseCache(frontier.default_cache_path()) if needs_api else None
         try:
             for baseline in recipe.eval.baselines:
                 wanted = splits if baseline.name == cascade_to else {"test": splits["test"]}
@@ -98,7 +99,8 @@ def run(recipe: Recipe, run: RunDir) -> dict[str, Any]:
                     }
                     costs[baseline.name] = frontier.cost_per_1k(baseline.price_per_mtok, outputs[baseline.name]["test"])
         finally:
-            cache.close()
+            if cache is not None:
+                cache.close()
 
         test = splits["test"]
         golds = [row["target"] for row in test]

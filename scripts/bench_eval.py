@@ -63,7 +63,9 @@ def snips(n: int, seed: int) -> tuple[list[dict], dict]:
         "additionalProperties": False,
     }
     random.Random(seed).shuffle(rows)
-    return [{"text": r["text"], "target": {"intent": r["intent"], "slots": r["slots"]}} for r in rows[:n]], schema
+    # slots in schema order: the one spelling a schema-constrained decoder (and a trained expert) produces
+    ordered = [{s: r["slots"][s] for s in slots if s in r["slots"]} for r in rows[:n]]
+    return [{"text": r["text"], "target": {"intent": r["intent"], "slots": o}} for r, o in zip(rows[:n], ordered)], schema
 
 
 def prompts_for(rows: list[dict], system: str) -> list[list[dict[str, str]]]:
