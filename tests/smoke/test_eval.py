@@ -166,3 +166,18 @@ def test_cascade_recipe_errors_name_their_keys():
         _recipe(baselines=[{"name": "r", "kind": "predictions", "path": "p.jsonl"}], cascade={"target": 0.9, "frontier": "nope"})
     with pytest.raises(ValueError, match="shots do not apply to openai"):
         _recipe(baselines=[{"name": "f", "kind": "openai", "model": "m", "api_key_env": "K", "shots": 2}])
+
+
+def test_recorded_predictions_path_is_relative_to_the_recipe(tmp_path):
+    from pipeline.recipe import load_recipe
+
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "r.yaml").write_text(
+        "name: r\ntask: {type: classification, instruction: x, labels: [a, b]}\n"
+        "data: {source: d.jsonl, fields: {text: t, target: l}}\nmodel: {base: m}\nregistry: {model_name: m}\n"
+        "eval: {baselines: [{name: rec, kind: predictions, path: out/rec.jsonl}], cascade: {target: 0.9}}\n"
+    )
+    recipe = load_recipe(folder / "r.yaml")
+    assert recipe.eval.baselines[0].path == folder / "out/rec.jsonl"
+    assert recipe.eval.cascade_frontier() == "rec"
