@@ -1,21 +1,36 @@
 """The `openai` baseline: any OpenAI-compatible chat-completions endpoint via the official SDK.
 
 The API key is read from the environment variable the recipe names and goes
-only to the SDK client: never to logs, MLflow, reports or the run directory.
-Retries with backoff (honouring Retry-After) are the SDK's own, bounded by
-`max_retries`; calls run concurrently up to `max_concurrency`.
+only to the SDK client: never to logs, MLflow, reports, the cache or the run
+directory. Retries are ours, not the SDK's (its `max_retries` is 0), so they are
+bounded, counted and tested: exponential backoff with jitter, or the server's
+Retry-After, on 429, 5xx, timeouts, connection errors and malformed bodies.
+Every successful answer is cached in SQLite keyed by endpoint, model, messages
+and parameters, so a re-run makes zero calls; failures are never cached.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import random
+import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
 from pipeline.recipe import BaselineSection
+
+DEFAULT_ENDPOINT = "https://api.openai.com/v1"
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 30.0
+RETRY_AFTER_MAX_S = 120.0
 
 
 def api_key(baseline: BaselineSection) -> str | None:
@@ -31,46 +46,176 @@ def api_key(baseline: BaselineSection) -> str | None:
     return None
 
 
+def request_params(baseline: BaselineSection, max_tokens: int, schema: dict[str, Any] | None) -> dict[str, Any]:
+    """Everything sent besides the messages; part of the cache key."""
+    params: dict[str, Any] = {"temperature": 0, "max_tokens": max_tokens}
+    if schema is not None and baseline.json_schema_response:
+        params["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    return params
+
+
+def cache_key(endpoint: str, model: str, messages: list[dict[str, str]], params: dict[str, Any]) -> str:
+    payload = {"endpoint": endpoint.rstrip("/"), "model": model, "messages": messages, "params": params}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+class ResponseCache:
+    """Successful chat completions in SQLite: key -> {raw, input_tokens, output_tokens, latency_s}.
+
+    One connection shared by the worker threads behind a lock; writes commit
+    at once, so an interrupted run keeps every answer it paid for.
+    """
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False)
+        self._db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL)")
+        self._db.commit()
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM responses WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO responses (key, value, created) VALUES (?, ?, ?)",
+                (key, json.dumps(value), time.time()),
+            )
+            self._db.commit()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def default_cache_path() -> Path:
+    from pipeline.models import cache_root
+
+    return cache_root() / "responses.sqlite"
+
+
+def retry_after_s(err: Exception) -> float | None:
+    """The server's requested wait (Retry-After-Ms, or Retry-After in seconds or as an HTTP date)."""
+    response = getattr(err, "response", None)
+    headers = getattr(response, "headers", None)
+    if not headers:
+        return None
+    if headers.get("retry-after-ms"):
+        try:
+            return float(headers["retry-after-ms"]) / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def is_retryable(err: Exception) -> bool:
+    """429, 5xx, timeouts, connection errors and malformed bodies are worth another try; other 4xx are not."""
+    import openai
+
+    if isinstance(err, (openai.APITimeoutError, openai.APIConnectionError)):
+        return True
+    if isinstance(err, openai.APIStatusError):
+        return err.status_code in (408, 409, 429) or err.status_code >= 500
+    return isinstance(err, (ValueError, KeyError, IndexError, TypeError, AttributeError, openai.APIResponseValidationError))
+
+
+def backoff_s(attempt: int, err: Exception, rng: random.Random) -> float:
+    """Retry-After when the server sends one (capped), else exponential backoff with full jitter."""
+    wanted = retry_after_s(err)
+    if wanted is not None:
+        return min(wanted, RETRY_AFTER_MAX_S)
+    return rng.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempt))
+
+
+def _describe(err: Exception) -> str:
+    status = getattr(err, "status_code", None)
+    return f"{type(err).__name__}{f' (HTTP {status})' if status else ''}: {str(err)[:200]}"
+
+
 def ask_all(
     baseline: BaselineSection,
     key: str,
     prompts: list[list[dict[str, str]]],
     max_tokens: int,
+    schema: dict[str, Any] | None = None,
+    cache: ResponseCache | None = None,
     on_done: Callable[[int], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> list[dict[str, Any]]:
-    """One chat completion per prompt: raw answer, token usage, latency, or the error."""
+    """One answer per prompt: raw text, token usage, latency, attempts, cached, or the final error.
+
+    Usage is taken from the one successful response (failed attempts carry
+    none); a cached answer keeps the usage and latency of the call that made
+    it, so cost and latency stay comparable across re-runs.
+    """
     from openai import OpenAI
 
-    client = OpenAI(api_key=key, base_url=baseline.base_url, max_retries=baseline.max_retries, timeout=baseline.timeout_s)
+    endpoint = baseline.base_url or DEFAULT_ENDPOINT
+    client = OpenAI(api_key=key, base_url=endpoint, max_retries=0, timeout=baseline.timeout_s)
+    params = request_params(baseline, max_tokens, schema)
 
-    def ask(messages: list[dict[str, str]]) -> dict[str, Any]:
-        started = time.perf_counter()
-        try:
-            resp = client.chat.completions.create(
-                model=baseline.model, messages=messages, temperature=0, max_tokens=max_tokens
-            )
-            raw = resp.choices[0].message.content or ""
-            usage = resp.usage
-            result = {
-                "raw": raw,
-                "input_tokens": usage.prompt_tokens if usage else 0,
-                "output_tokens": usage.completion_tokens if usage else 0,
-                "latency_s": time.perf_counter() - started,
-            }
-        except Exception as err:  # the SDK already retried; record the failure for the report
-            result = {"raw": None, "error": f"{type(err).__name__}: {str(err)[:300]}", "latency_s": time.perf_counter() - started}
+    def ask(index_messages: tuple[int, list[dict[str, str]]]) -> dict[str, Any]:
+        index, messages = index_messages
+        rng = random.Random(index)
+        k = cache_key(endpoint, baseline.model, messages, params)
+        hit = cache.get(k) if cache else None
+        if hit is not None:
+            result = {**hit, "cached": True, "attempts": 0}
+        else:
+            result = _call_with_retries(client, baseline, messages, params, rng, sleep)
+            if result.get("error") is None and cache:
+                cache.put(k, {f: result[f] for f in ("raw", "input_tokens", "output_tokens", "latency_s")})
         if on_done:
             on_done(1)
         return result
 
     with ThreadPoolExecutor(max_workers=baseline.max_concurrency) as pool:
-        return list(pool.map(ask, prompts))
+        return list(pool.map(ask, enumerate(prompts)))
 
 
-def cost_per_1k(baseline: BaselineSection, rows: list[dict[str, Any]]) -> float | None:
-    """Dollars per 1,000 requests from the recipe's price table and the measured token usage."""
-    price = baseline.price_per_mtok
-    answered = [r for r in rows if r.get("raw") is not None]
+def _call_with_retries(client, baseline: BaselineSection, messages, params, rng: random.Random, sleep) -> dict[str, Any]:
+    attempts = 0
+    while True:
+        attempts += 1
+        started = time.perf_counter()
+        try:
+            resp = client.chat.completions.create(model=baseline.model, messages=messages, **params)
+            raw = resp.choices[0].message.content
+            if raw is None:
+                raise ValueError("the response has no message content")
+            usage = resp.usage
+            return {
+                "raw": raw,
+                "input_tokens": usage.prompt_tokens if usage else 0,
+                "output_tokens": usage.completion_tokens if usage else 0,
+                "latency_s": time.perf_counter() - started,
+                "attempts": attempts,
+                "cached": False,
+            }
+        except Exception as err:  # noqa: BLE001 - every failure is either retried or recorded for the report
+            if not is_retryable(err) or attempts > baseline.max_retries:
+                return {"raw": None, "error": _describe(err), "attempts": attempts, "cached": False,
+                        "input_tokens": 0, "output_tokens": 0, "latency_s": time.perf_counter() - started}
+            sleep(backoff_s(attempts - 1, err, rng))
+
+
+def cost_per_1k(price, rows: list[dict[str, Any]]) -> float | None:
+    """Dollars per 1,000 requests from a price table (per million tokens) and the measured token usage."""
+    answered = [r for r in rows if r.get("raw") is not None and r.get("input_tokens") is not None
+                and r.get("output_tokens") is not None]
     if price is None or not answered:
         return None
     tokens_in = sum(r["input_tokens"] for r in answered) / len(answered)

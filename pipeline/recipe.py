@@ -166,19 +166,35 @@ class Price(Strict):
 
 class BaselineSection(Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    kind: Literal["openai", "base_model"]
+    kind: Literal["openai", "base_model", "predictions"]
     # openai only
     model: str | None = None
     base_url: str | None = None
     api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    price_per_mtok: Price | None = None
     required: bool = False
     max_concurrency: PositiveInt = 4
     timeout_s: Annotated[float, Field(gt=0)] = 60
-    max_retries: Annotated[int, Field(ge=0)] = 4
+    max_retries: Annotated[int, Field(ge=0, le=20)] = 4
+    # extraction: ask the endpoint for its JSON-schema response format instead of parsing JSON from text
+    json_schema_response: bool = False
+    # openai and predictions: dollars per million tokens, for cost per 1,000 requests
+    price_per_mtok: Price | None = None
+    # base_model only: k examples from prep/fewshot.json put before each question
+    shots: Annotated[int, Field(ge=0)] = 0
+    # predictions only: a JSONL file of recorded outputs, {"id", "output"} per line
+    path: Path | None = None
 
     @model_validator(mode="after")
     def _check_kind_fields(self) -> BaselineSection:
+        allowed = {
+            "openai": {"model", "base_url", "api_key_env", "price_per_mtok", "json_schema_response"},
+            "base_model": {"shots"},
+            "predictions": {"path", "price_per_mtok"},
+        }[self.kind]
+        optional = {"model", "base_url", "api_key_env", "price_per_mtok", "json_schema_response", "shots", "path"}
+        extra = sorted(k for k in optional - allowed if k in self.model_fields_set)
+        if extra:
+            raise ValueError(f"{', '.join(extra)} do not apply to {self.kind} baselines; remove them")
         if self.kind == "openai":
             if not self.model:
                 raise ValueError("openai baselines need `model` (the model name the endpoint serves)")
@@ -187,10 +203,8 @@ class BaselineSection(Strict):
                     "openai baselines need `api_key_env`: the NAME of the environment variable holding the key "
                     "(never the key itself)"
                 )
-        else:
-            extra = [k for k in ("model", "base_url", "api_key_env", "price_per_mtok") if getattr(self, k) is not None]
-            if extra:
-                raise ValueError(f"{', '.join(extra)} only apply to openai baselines; remove them")
+        if self.kind == "predictions" and self.path is None:
+            raise ValueError("predictions baselines need `path`: a JSONL file with one {\"id\", \"output\"} per line")
         return self
 
 
@@ -200,11 +214,26 @@ class GateSection(Strict):
     min_value: Annotated[float, Field(ge=0, le=1)] = 0.0
 
 
+class CascadeSection(Strict):
+    """Expert first, the frontier when the expert's confidence is below a threshold chosen on validation."""
+
+    target_metric: Literal["accuracy", "macro_f1", "field_exact_match", "exact_match"] = "accuracy"
+    target: Annotated[float, Field(gt=0, le=1)]
+    # the baseline that answers escalated requests; default: the first openai or predictions baseline
+    frontier: str | None = None
+
+
 class EvalSection(Strict):
     baselines: list[BaselineSection] = []
     gate: GateSection = GateSection()
+    cascade: CascadeSection | None = None
     batch_size: PositiveInt = 8
     max_new_tokens: PositiveInt = 128
+    # extraction: JSON-Schema-constrained decoding (every answer parses and validates); false = free greedy decoding
+    constrained_decoding: bool = True
+    # paired bootstrap resamples for the confidence intervals of metric differences
+    bootstrap_samples: Annotated[int, Field(ge=100, le=100_000)] = 2000
+    seed: int = 13
     # what an hour of the machine serving the expert costs, for cost per 1,000 requests
     expert_cost_per_hour: Annotated[float, Field(ge=0)] = 0.10
 
@@ -216,7 +245,23 @@ class EvalSection(Strict):
             raise ValueError(f"baseline names must be unique; repeated: {', '.join(dupes)}")
         if "expert" in names:
             raise ValueError("`expert` is reserved for the fine-tuned model; rename that baseline")
+        if self.cascade is not None:
+            external = [b.name for b in self.baselines if b.kind in ("openai", "predictions")]
+            wanted = self.cascade.frontier
+            if wanted is not None and wanted not in external:
+                raise ValueError(
+                    f"cascade.frontier `{wanted}` is not an openai or predictions baseline; use one of: "
+                    f"{', '.join(external) or '(none defined)'}"
+                )
+            if wanted is None and not external:
+                raise ValueError("cascade needs an openai or predictions baseline to escalate to; add one to baselines")
         return self
+
+    def cascade_frontier(self) -> str | None:
+        """Name of the baseline escalated requests go to, or None without a cascade."""
+        if self.cascade is None:
+            return None
+        return self.cascade.frontier or next(b.name for b in self.baselines if b.kind in ("openai", "predictions"))
 
 
 class RegistrySection(Strict):
@@ -244,6 +289,12 @@ class Recipe(Strict):
             raise ValueError(
                 f"eval.gate.metric `{self.eval.gate.metric}` does not apply to {self.task.type}; "
                 f"use one of {', '.join(sorted(allowed))}"
+            )
+        cascade = self.eval.cascade
+        if cascade is not None and cascade.target_metric not in allowed:
+            raise ValueError(
+                f"eval.cascade.target_metric `{cascade.target_metric}` does not apply to {self.task.type}; "
+                f"use one of {', '.join(sorted(allowed - {'valid_json_rate'}))}"
             )
         return self
 
@@ -312,7 +363,12 @@ def load_recipe(path: Path | str) -> Recipe:
         if isinstance(source, Path) and not source.is_absolute():
             resolved[key] = (path.parent / source).resolve()
     data = recipe.data.model_copy(update=resolved)
-    return recipe.model_copy(update={"data": data})
+    baselines = [  # recorded predictions files, like data.source, are relative to the recipe file
+        b.model_copy(update={"path": (path.parent / b.path).resolve()}) if b.path and not b.path.is_absolute() else b
+        for b in recipe.eval.baselines
+    ]
+    evaluation = recipe.eval.model_copy(update={"baselines": baselines})
+    return recipe.model_copy(update={"data": data, "eval": evaluation})
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -1,10 +1,13 @@
-"""Label scoring with a shared prompt cache gives the same scores as scoring every full sequence."""
+"""Local inference on the tiny model: label scoring equals full-sequence scoring; constrained extraction always validates."""
+
+import json
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.predict import classify, score_labels
+from pipeline.predict import _score, classify, generate, score_labels, shared_prefix
+from pipeline.tasks.extraction import check_target, parse_answer
 
 LABELS = ["billing", "shipping", "technical support", "account"]
 
@@ -42,9 +45,74 @@ def test_cached_scores_match_full_sequences(tiny):
         assert got_row == pytest.approx(expected_row, abs=1e-4)
 
 
+def test_shared_prefix_cache_gives_the_same_scores(tiny):
+    model, tokenizer = tiny
+    system = "<|im_start|>system\nRoute the customer message to one support queue: billing, shipping or account.<|im_end|>\n"
+    prompts = [system + f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+               for text in ("my card was charged twice", "parcel late", "I cannot log in to my account at all")]
+    prefix = shared_prefix(model, tokenizer, prompts)
+    assert prefix is not None and len(prefix.ids) >= 16
+    with torch.inference_mode():
+        expected = full_sequence_scores(model, tokenizer, prompts, LABELS)
+    got, exact = _score(model, tokenizer, prompts, LABELS, prefix)
+    assert exact == [True] * 3
+    for got_row, expected_row in zip(got, expected, strict=True):
+        assert got_row == pytest.approx(expected_row, abs=1e-4)
+
+
+def test_top_k_pruning_keeps_the_exhaustive_answer(tiny):
+    model, tokenizer = tiny
+    labels = LABELS + ["refund", "returns", "delivery", "technical", "billing address", "shipping cost"]
+    prompts = [[{"role": "system", "content": "Route the message. Labels: " + ", ".join(labels)},
+                {"role": "user", "content": text}] for text in ("refund please", "app crashes", "hi", "parcel?", "x y z")]
+    full = classify(model, tokenizer, prompts, labels, batch_size=5, top_k=None)
+    for k in (1, 3):
+        pruned = classify(model, tokenizer, prompts, labels, batch_size=5, top_k=k)
+        assert [r["prediction"] for r in pruned] == [r["prediction"] for r in full]
+        assert all(p["confidence"] <= f["confidence"] + 1e-6 for p, f in zip(pruned, full))
+
+
 def test_classify_returns_valid_label_and_normalised_confidence(tiny):
     model, tokenizer = tiny
     prompts = [[{"role": "user", "content": "refund please"}], [{"role": "user", "content": "app crashes"}]]
     rows = classify(model, tokenizer, prompts, LABELS, batch_size=1)
     assert [r["prediction"] in LABELS for r in rows] == [True, True]
     assert all(1 / len(LABELS) <= r["confidence"] <= 1 for r in rows)
+
+
+def test_batched_classification_equals_one_at_a_time(tiny):
+    model, tokenizer = tiny
+    prompts = [[{"role": "user", "content": text}] for text in ("refund please", "app crashes on start", "hi", "parcel?")]
+    batched = classify(model, tokenizer, prompts, LABELS, batch_size=4)
+    single = classify(model, tokenizer, prompts, LABELS, batch_size=1)
+    assert [r["prediction"] for r in batched] == [r["prediction"] for r in single]
+    assert [r["confidence"] for r in batched] == pytest.approx([r["confidence"] for r in single], abs=1e-4)
+
+
+ORDER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "order_id": {"type": ["string", "null"], "pattern": "^[A-Z][0-9]{5}$"},
+        "product": {"type": "string", "minLength": 1},
+        "quantity": {"type": "integer", "minimum": 1},
+        "issue": {"type": "string", "enum": ["damaged", "missing", "late", "wrong_item", "other"]},
+    },
+    "required": ["order_id", "product", "quantity", "issue"],
+    "additionalProperties": False,
+}
+
+
+def test_constrained_extraction_is_always_schema_valid_even_for_a_random_model(tiny):
+    model, tokenizer = tiny
+    texts = ["two blue mugs arrived broken, order A12345", "where is my lamp", "wrong size shoes", "x", "refund R99999 now",
+             "the parcel never came and nobody answers the phone, this is the third time I write"]
+    prompts = [[{"role": "system", "content": "Extract the order."}, {"role": "user", "content": t}] for t in texts]
+    rows = generate(model, tokenizer, prompts, max_new_tokens=48, batch_size=3, schema=ORDER_SCHEMA)
+    for row in rows:
+        obj = json.loads(row["raw"])  # parses...
+        assert check_target(obj, ORDER_SCHEMA) is None, row["raw"]  # ...and validates
+        assert 0 < row["confidence"] <= 1
+    free = generate(model, tokenizer, prompts, max_new_tokens=48, batch_size=3)
+    assert sum(parse_answer(r["raw"], ORDER_SCHEMA) is not None for r in free) < len(free), (
+        "the random model does not produce valid JSON unconstrained, so the constraint is what makes it valid"
+    )

@@ -1,0 +1,152 @@
+"""The statistics behind the verdict: paired bootstrap intervals, McNemar's exact test, calibration, the cascade.
+
+Pure functions over gold answers, predictions and confidences, so each is
+unit-tested on synthetic tables with known answers. Metrics are computed from
+per-example numbers with numpy so thousands of bootstrap resamples stay cheap.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+MetricFn = Callable[[np.ndarray], float]
+
+
+def example_scores(metric: str, golds: list[Any], preds: list[Any], spec: Any) -> np.ndarray:
+    """Per-example contribution to a mean-type metric (its mean is the metric)."""
+    if metric in ("accuracy", "exact_match"):
+        return np.array([p is not None and p == g for g, p in zip(golds, preds, strict=True)], dtype=float)
+    if metric == "valid_json_rate":
+        return np.array([p is not None for p in preds], dtype=float)
+    if metric == "field_exact_match":
+        fields = list(spec.get("properties", {})) or sorted({k for g in golds for k in g})
+        return np.array(
+            [np.mean([p is not None and p.get(f) == g.get(f) for f in fields]) for g, p in zip(golds, preds, strict=True)],
+            dtype=float,
+        )
+    raise ValueError(f"{metric} is not a mean over examples")
+
+
+def label_codes(golds: list[str], preds: list[str | None], labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Labels as integers; an unparsed prediction is -1 (wrong for every class)."""
+    index = {label: i for i, label in enumerate(labels)}
+    return np.array([index[g] for g in golds]), np.array([index.get(p, -1) if p is not None else -1 for p in preds])
+
+
+def macro_f1_codes(gold: np.ndarray, pred: np.ndarray, n_labels: int) -> float:
+    """Macro-F1 over classes present in gold or predictions; same definition as tasks.metrics.f1_report."""
+    hit = gold == pred
+    tp = np.bincount(gold[hit], minlength=n_labels)
+    gold_n = np.bincount(gold, minlength=n_labels)
+    pred_n = np.bincount(pred[pred >= 0], minlength=n_labels)
+    present = (gold_n + pred_n) > 0
+    denom = gold_n + pred_n  # 2tp + fp + fn
+    f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+    return float(f1[present].mean()) if present.any() else 0.0
+
+
+def metric_value(metric: str, golds: list[Any], preds: list[Any], spec: Any) -> float:
+    if metric == "macro_f1":
+        gold, pred = label_codes(golds, preds, spec)
+        return macro_f1_codes(gold, pred, len(spec))
+    return float(example_scores(metric, golds, preds, spec).mean()) if golds else 0.0
+
+
+def paired_bootstrap(
+    metric: str, golds: list[Any], preds_a: list[Any], preds_b: list[Any], spec: Any, samples: int, seed: int
+) -> dict[str, float]:
+    """metric(a) - metric(b) and its 95% percentile interval, resampling examples jointly for both systems."""
+    n = len(golds)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(samples, n))
+    if metric == "macro_f1":
+        gold, a = label_codes(golds, preds_a, spec)
+        _, b = label_codes(golds, preds_b, spec)
+        k = len(spec)
+        diffs = np.array([macro_f1_codes(gold[i], a[i], k) - macro_f1_codes(gold[i], b[i], k) for i in idx])
+    else:
+        delta = example_scores(metric, golds, preds_a, spec) - example_scores(metric, golds, preds_b, spec)
+        diffs = delta[idx].mean(axis=1)
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    point = metric_value(metric, golds, preds_a, spec) - metric_value(metric, golds, preds_b, spec)
+    return {"difference": point, "ci_low": float(low), "ci_high": float(high), "samples": samples}
+
+
+def mcnemar_exact(correct_a: list[bool], correct_b: list[bool]) -> dict[str, float]:
+    """Two-sided exact McNemar test: only the discordant pairs count (a right & b wrong = `a_only`)."""
+    a_only = sum(1 for x, y in zip(correct_a, correct_b, strict=True) if x and not y)
+    b_only = sum(1 for x, y in zip(correct_a, correct_b, strict=True) if y and not x)
+    n = a_only + b_only
+    if n == 0:
+        return {"a_only": 0, "b_only": 0, "p_value": 1.0}
+    tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1)) / 2**n
+    return {"a_only": a_only, "b_only": b_only, "p_value": min(1.0, 2 * tail)}
+
+
+def calibration(confidences: list[float], correct: list[bool], bins: int = 10) -> dict[str, Any]:
+    """Expected calibration error over equal-width confidence bins, and the bins (for a reliability diagram)."""
+    conf = np.asarray(confidences, dtype=float)
+    hit = np.asarray(correct, dtype=float)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        members = which == b
+        if not members.any():
+            continue
+        mean_conf, accuracy = float(conf[members].mean()), float(hit[members].mean())
+        ece += members.mean() * abs(mean_conf - accuracy)
+        table.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": int(members.sum()),
+                      "confidence": mean_conf, "accuracy": accuracy})
+    return {"ece": float(ece), "bins": table}
+
+
+def candidate_thresholds(confidences: list[float], most: int = 101) -> list[float]:
+    """0 (never escalate), the observed confidences thinned to quantiles, and just above the largest (escalate all)."""
+    values = np.unique(np.asarray(confidences, dtype=float))
+    if len(values) > most - 2:
+        values = np.unique(np.quantile(values, np.linspace(0, 1, most - 2)))
+    top = float(np.nextafter(values[-1], np.inf)) if len(values) else 1.0
+    return [0.0] + [float(v) for v in values if v > 0] + [top]
+
+
+def cascade_curve(
+    metric: str,
+    golds: list[Any],
+    expert_preds: list[Any],
+    confidences: list[float],
+    frontier_preds: list[Any],
+    spec: Any,
+    thresholds: list[float],
+    expert_cost_per_1k: float | None,
+    frontier_cost_per_1k: float | None,
+) -> list[dict[str, Any]]:
+    """For each threshold: escalate examples whose expert confidence is below it; quality and cost of the mix.
+
+    The expert always runs first, so cascade cost = expert cost + share escalated x frontier cost.
+    """
+    conf = np.asarray(confidences, dtype=float)
+    curve = []
+    for t in thresholds:
+        escalate = conf < t
+        mixed = [f if e else x for x, f, e in zip(expert_preds, frontier_preds, escalate, strict=True)]
+        rate = float(escalate.mean()) if len(conf) else 0.0
+        cost = None
+        if expert_cost_per_1k is not None and frontier_cost_per_1k is not None:
+            cost = expert_cost_per_1k + rate * frontier_cost_per_1k
+        curve.append({"threshold": t, "escalation_rate": rate, "metric": metric_value(metric, golds, mixed, spec),
+                      "cost_per_1k": cost})
+    return curve
+
+
+def choose_threshold(curve: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
+    """The cheapest point that meets the target (by cost, else by share escalated), or None when none does."""
+    meeting = [p for p in curve if p["metric"] >= target]
+    if not meeting:
+        return None
+    return min(meeting, key=lambda p: (p["cost_per_1k"] if p["cost_per_1k"] is not None else 0.0, p["escalation_rate"],
+                                       p["threshold"]))
