@@ -71,7 +71,7 @@ def run(recipe: Recipe, run: RunDir) -> dict[str, Any]:
         costs: dict[str, float | None] = {}
         skipped: dict[str, str] = {}
         model, tokenizer = load_expert(recipe, run.path / "train/adapter")
-        outputs["expert"] = {s: infer_local(model, tokenizer, rows, recipe, task, spec, f"expert ({s})")
+        outputs["expert"] = {s: infer_local(model, tokenizer, rows, recipe, spec, f"expert ({s})")
                              for s, rows in splits.items()}
         needs_api = any(b.kind == "openai" for b in recipe.eval.baselines)
         cache = frontier.ResponseCache(frontier.default_cache_path()) if needs_api else None
@@ -81,7 +81,7 @@ def run(recipe: Recipe, run: RunDir) -> dict[str, Any]:
                 if baseline.kind == "base_model":
                     with model.disable_adapter():
                         outputs[baseline.name] = {
-                            s: infer_local(model, tokenizer, with_shots(rows, fewshot, baseline.shots), recipe, task, spec,
+                            s: infer_local(model, tokenizer, with_shots(rows, fewshot, baseline.shots), recipe, spec,
                                            f"{baseline.name} ({s})")
                             for s, rows in wanted.items()
                         }
@@ -273,18 +273,12 @@ class _progress:
         self.bar.stop()
 
 
-def infer_local(model, tokenizer, rows, recipe: Recipe, task, spec, name: str) -> list[dict[str, Any]]:
+def infer_local(model, tokenizer, rows, recipe: Recipe, spec, name: str) -> list[dict[str, Any]]:
     prompts = [row["prompt"] for row in rows]
     if not prompts:
         return []
     with _progress(name, len(prompts)) as advance:
-        if recipe.task.type == "classification":
-            return predict.classify(model, tokenizer, prompts, spec, recipe.eval.batch_size, advance)
-        schema = spec if recipe.eval.constrained_decoding else None
-        generated = predict.generate(
-            model, tokenizer, prompts, recipe.eval.max_new_tokens, recipe.eval.batch_size, advance, schema=schema
-        )
-    return predict.parse_generated(generated, lambda text: task.parse_answer(text, spec))
+        return predict.answer(model, tokenizer, prompts, recipe, spec, advance)
 
 
 def ask_frontier(baseline: BaselineSection, key: str, rows, recipe: Recipe, task, spec, cache, split: str):

@@ -51,7 +51,9 @@ class ExpertModel(mlflow.pyfunc.PythonModel):
         spec_doc = json.loads((bundle / "spec.json").read_text(encoding="utf-8"))
         self.spec, self.system_prompt = spec_doc["spec"], spec_doc["system_prompt"]
         cascade = bundle / "cascade.json"
-        self.threshold = json.loads(cascade.read_text())["threshold"] if cascade.is_file() else None
+        cascade_doc = json.loads(cascade.read_text(encoding="utf-8")) if cascade.is_file() else {}
+        self.threshold = cascade_doc.get("threshold")
+        self.frontier = cascade_doc.get("frontier")  # the baseline that answers escalated requests
         base_dir = bundle / "base"
         source = base_dir if base_dir.is_dir() else models.resolve_base(self.recipe.model.base)[0]
         self.tokenizer = models.load_tokenizer(bundle / "adapter", self.recipe.model.trust_remote_code)
@@ -59,17 +61,11 @@ class ExpertModel(mlflow.pyfunc.PythonModel):
         self.model = PeftModel.from_pretrained(base, bundle / "adapter").eval()
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        from pipeline import predict, tasks
+        from pipeline import predict
 
         texts = _texts(model_input)
         prompts = [[{"role": "system", "content": self.system_prompt}, {"role": "user", "content": t}] for t in texts]
-        batch_size = self.recipe.eval.batch_size
-        if self.recipe.task.type == "classification":
-            rows = predict.classify(self.model, self.tokenizer, prompts, self.spec, batch_size)
-        else:
-            task = tasks.for_type(self.recipe.task.type)
-            raw = predict.generate(self.model, self.tokenizer, prompts, self.recipe.eval.max_new_tokens, batch_size)
-            rows = predict.parse_generated(raw, lambda text: task.parse_answer(text, self.spec))
+        rows = predict.answer(self.model, self.tokenizer, prompts, self.recipe, self.spec)
         return [
             {
                 "answer": r["prediction"],

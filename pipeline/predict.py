@@ -224,6 +224,20 @@ def parse_generated(rows: list[dict[str, Any]], parse: Callable[[str], Any]) -> 
     return [{**r, "prediction": parse(r["raw"])} for r in rows]
 
 
+def answer(model, tokenizer, prompts, recipe, spec, on_batch: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+    """The expert's answers as eval measures them and the registered model serves them: one code path for both."""
+    from pipeline import tasks
+
+    if recipe.task.type == "classification":
+        return classify(model, tokenizer, prompts, spec, recipe.eval.batch_size, on_batch)
+    task = tasks.for_type(recipe.task.type)
+    schema = spec if recipe.task.type == "extraction" and recipe.eval.constrained_decoding else None
+    generated = generate(
+        model, tokenizer, prompts, recipe.eval.max_new_tokens, recipe.eval.batch_size, on_batch, schema=schema
+    )
+    return parse_generated(generated, lambda text: task.parse_answer(text, spec))
+
+
 # JSON punctuation that ends what is open: preferred once the token budget runs low, so answers finish
 _CLOSERS = set('"}],')
 

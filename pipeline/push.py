@@ -213,8 +213,14 @@ def version_tags(recipe: Recipe, metrics, verdict, fingerprint: str, manifest) -
         for key, value in m.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 tags[f"metric.{system}.{key}"] = f"{value:.4f}"
-    for key, value in (metrics.get("differences") or {}).items():
-        tags[f"difference.{key}"] = json.dumps(value, sort_keys=True)
+    for baseline, c in (metrics.get("comparisons") or {}).items():
+        tags[f"difference.expert_minus.{baseline}"] = (
+            f"{c['metric']} {c['difference']:+.4f} (95% CI {c['ci_low']:+.4f} to {c['ci_high']:+.4f}; "
+            f"McNemar p={c['mcnemar']['p_value']:.3g})"
+        )
+    tags["decision"] = verdict.get("decision", "")
+    threshold = verdict.get("threshold")
+    tags["cascade_threshold"] = "none" if threshold is None else f"{threshold:.4f}"
     return tags
 
 
@@ -223,8 +229,14 @@ def describe(recipe: Recipe, metrics, verdict, promotion: str) -> str:
     gate = verdict["metric"]
     best = verdict["best_baseline"]
     vs = f" vs `{best}` {verdict['best_baseline_value']:.3f}" if best else ""
+    comparison = (metrics.get("comparisons") or {}).get(best or "")
+    interval = (
+        f" (difference {comparison['difference']:+.3f}, 95% CI {comparison['ci_low']:+.3f} to {comparison['ci_high']:+.3f})"
+        if comparison else ""
+    )
+    decision = f" Decision: {verdict['decision']}." if verdict.get("decision") else ""
     return (
         f"{recipe.task.type} expert for `{recipe.name}` on `{recipe.model.base}` "
-        f"(LoRA r={recipe.model.adapter.r}). {gate} {expert[gate]:.3f}{vs}; "
-        f"gate {'passed' if verdict['passed'] else 'failed'}. Promotion: {promotion}."
+        f"(LoRA r={recipe.model.adapter.r}). {gate} {expert[gate]:.3f}{vs}{interval}; "
+        f"gate {'passed' if verdict['passed'] else 'failed'}.{decision} Promotion: {promotion}."
     )

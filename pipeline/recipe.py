@@ -37,7 +37,8 @@ class TaskSection(Strict):
 
     @model_validator(mode="after")
     def _check_type_fields(self) -> TaskSection:
-        if self.type != "classification" and "min_examples_per_class" in self.model_fields_set:
+        default_minimum = type(self).model_fields["min_examples_per_class"].default
+        if self.type != "classification" and self.min_examples_per_class != default_minimum:
             raise ValueError("`min_examples_per_class` applies to classification tasks only; remove it")
         if self.type == "generation" and (self.labels is not None or self.json_schema is not None):
             raise ValueError("generation tasks take a free-text target: remove `labels` and `schema`")
@@ -192,7 +193,8 @@ class BaselineSection(Strict):
             "predictions": {"path", "price_per_mtok"},
         }[self.kind]
         optional = {"model", "base_url", "api_key_env", "price_per_mtok", "json_schema_response", "shots", "path"}
-        extra = sorted(k for k in optional - allowed if k in self.model_fields_set)
+        # a key counts when it differs from its default, so a dumped recipe (defaults written out) reloads
+        extra = sorted(k for k in optional - allowed if getattr(self, k) != type(self).model_fields[k].default)
         if extra:
             raise ValueError(f"{', '.join(extra)} do not apply to {self.kind} baselines; remove them")
         if self.kind == "openai":

@@ -8,6 +8,7 @@ directories), and never need the training data.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,8 +50,8 @@ def predict_with_cascade(model_uri: str, rows: list[dict[str, Any]], escalate: b
     """Expert answers; rows under the version's threshold go to its frontier baseline when a key is set."""
     loaded, expert = load_version(model_uri)
     answers = loaded.predict([r["text"] for r in rows])
-    baseline = next((b for b in expert.recipe.eval.baselines if b.kind == "openai"), None)
-    key = frontier.api_key(baseline) if (baseline and escalate) else None
+    baseline = next((b for b in expert.recipe.eval.baselines if b.name == expert.frontier and b.kind == "openai"), None)
+    key = os.environ.get(baseline.api_key_env) if (baseline and escalate) else None
     out = [{**row, **answer, "escalated": False} for row, answer in zip(rows, answers)]
     unsure = [i for i, r in enumerate(out) if r["escalate"]]
     if unsure and key:
@@ -58,19 +59,26 @@ def predict_with_cascade(model_uri: str, rows: list[dict[str, Any]], escalate: b
         prompts = [
             [{"role": "system", "content": expert.system_prompt}, {"role": "user", "content": out[i]["text"]}] for i in unsure
         ]
-        replies = frontier.ask_all(baseline, key, prompts, expert.recipe.eval.max_new_tokens)
+        schema = expert.spec if expert.recipe.task.type == "extraction" else None
+        replies = frontier.ask_all(baseline, key, prompts, expert.recipe.eval.max_new_tokens, schema)
         for i, reply in zip(unsure, replies):
             if reply.get("raw") is None:
                 out[i]["escalation_error"] = reply["error"]
                 continue
             out[i].update(expert_answer=out[i]["answer"], answer=task.parse_answer(reply["raw"], expert.spec), escalated=True)
     elif unsure:
-        why = "no openai baseline in the recipe" if baseline is None else f"{baseline.api_key_env} is not set"
+        if not escalate:
+            why = "--no-escalate"
+        elif baseline is None:
+            why = f"the cascade frontier `{expert.frontier}` is not an openai baseline"
+        else:
+            why = f"{baseline.api_key_env} is not set"
         console.print(f"[yellow]predict[/]: {len(unsure)} row(s) under the threshold marked `escalate` but not sent ({why})")
     return out
 
 
-def write_jsonl(rows: list[dict[str, Any]], out: TextIO = sys.stdout) -> None:
+def write_jsonl(rows: list[dict[str, Any]], out: TextIO | None = None) -> None:
+    out = out or sys.stdout  # looked up at call time: stdout may have been replaced since import
     for row in rows:
         out.write(json.dumps(row, ensure_ascii=False) + "\n")
 

@@ -6,6 +6,7 @@ Against a real `mlflow server`; runs the tiny-model pipeline several times.
 from __future__ import annotations
 
 import json
+import traceback
 
 import mlflow.pyfunc
 import pytest
@@ -35,7 +36,7 @@ def push_recipe(tiny_model_dir, **gate) -> dict:
 
 def invoke(*args: str):
     result = CliRunner().invoke(app, list(args))
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0, result.output + "".join(traceback.format_exception(*result.exc_info))
     return result
 
 
@@ -122,3 +123,39 @@ def test_predict_and_compare_commands(tiny_model_dir, tracking_env, tmp_path, cl
 
     table = invoke("compare", str(run_dir), "models:/smoke-predict/1")
     assert "expert.accuracy" in table.output and "smoke-predict v1" in table.output
+
+
+def test_predict_escalates_unsure_rows_to_the_frontier(tiny_model_dir, tracking_env, tmp_path, monkeypatch, clean_secret_env):
+    from tests.conftest import shipped_rows
+    from tests.support.openai_server import FakeOpenAIServer
+
+    gold = {r["text"].strip(): r["queue"] for r in shipped_rows("tickets/tickets.jsonl")}
+    monkeypatch.setenv("CASCADE_KEY", "sk-cascade-test")
+    with FakeOpenAIServer(lambda body: gold.get(body["messages"][-1]["content"], "billing"), api_key="sk-cascade-test") as srv:
+        recipe = push_recipe(tiny_model_dir, max_drop_vs_best_baseline=1.0)
+        recipe["registry"]["model_name"] = "smoke-cascade"
+        recipe["eval"]["baselines"].append(
+            {"name": "frontier", "kind": "openai", "model": "fake", "base_url": srv.base_url, "api_key_env": "CASCADE_KEY",
+             "price_per_mtok": {"input": 2.5, "output": 10.0}}
+        )
+        recipe["eval"]["cascade"] = {"target_metric": "accuracy", "target": 0.95}
+        invoke("run", str(write_recipe(tmp_path, recipe)))
+        run_dir = latest_run_dir(tmp_path)
+        threshold = json.loads((run_dir / "eval/cascade.json").read_text())["threshold"]
+        assert threshold is not None, "a perfect frontier lets the cascade reach the target"
+        tests = [json.loads(line) for line in (run_dir / "prep/test.jsonl").read_text().splitlines()][:12]
+        inputs = tmp_path / "cascade-in.jsonl"
+        inputs.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in tests))
+        calls_before = len(srv.requests)
+        rows = [json.loads(line) for line in invoke("predict", "models:/smoke-cascade@challenger", "--input", str(inputs))
+                .stdout.splitlines() if line.startswith("{")]
+        unsure = [r for r in rows if r["confidence"] < threshold]
+        assert unsure, "the tiny expert is unsure of some rows"
+        assert all(r["escalated"] and r["answer"] == gold[r["text"]] for r in unsure)
+        assert all(not r["escalated"] for r in rows if r["confidence"] >= threshold)
+        assert len(srv.requests) - calls_before == len(unsure)
+
+    # frontier down: the expert's answer comes back, the row is marked with the error
+    down = [json.loads(line) for line in invoke("predict", "models:/smoke-cascade@challenger", "--input", str(inputs))
+            .stdout.splitlines() if line.startswith("{")]
+    assert all(r["escalate"] and not r["escalated"] and "escalation_error" in r for r in down if r["confidence"] < threshold)

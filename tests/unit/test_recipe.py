@@ -143,3 +143,14 @@ def test_generation_and_class_minimum_belong_to_their_task_types(tmp_path):
                                             "min_examples_per_class": 5})
     with pytest.raises(UserError, match="min_examples_per_class` applies to classification"):
         load_recipe(write(tmp_path, extraction))
+
+
+def test_dumped_recipe_reloads_identically(tmp_path):
+    """The run directory and the registry store the resolved recipe; it must load back to the same recipe."""
+    from pipeline.recipe import dump_recipe
+
+    for path in (ROOT / "recipes").glob("*.yaml"):
+        recipe = load_recipe(path)
+        copy = tmp_path / path.name
+        copy.write_text(dump_recipe(recipe))
+        assert load_recipe(copy).recipe_hash() == recipe.recipe_hash()
