@@ -52,14 +52,14 @@ def test_eval_stage_with_cascade_recorded_and_few_shot_baselines(tiny_model_dir,
         run_dir = next((tmp_path / "runs" / "eval-cascade").iterdir())
         assert runner.invoke(app, ["train", str(recipe_path), "--run-dir", str(run_dir)]).exit_code == 0
 
+        fewshot = run_dir / "prep/fewshot.json"
+        fewshot.rename(tmp_path / "fewshot.json")  # as if prep had not written it
         result = runner.invoke(app, ["eval", str(recipe_path), "--run-dir", str(run_dir)])
         assert result.exit_code == 2, "k-shot without prep/fewshot.json is a recipe error"
         assert "eval -> baselines -> 0 -> shots" in result.output and "fewshot.json" in result.output
         assert srv.requests == [], "nothing is paid for before the inputs are checked"
 
-        train = [json.loads(x) for x in (run_dir / "prep/train.jsonl").read_text().splitlines()]
-        (run_dir / "prep/fewshot.json").write_text(json.dumps({"examples": [
-            {"text": t["text"], "target": t["target"], "completion": t["target"]} for t in train[:2]]}))
+        (tmp_path / "fewshot.json").rename(fewshot)
         srv.faults += [("status", 429, {"Retry-After": "0"}), ("status", 500, {})]
         result = runner.invoke(app, ["eval", str(recipe_path), "--run-dir", str(run_dir)])
         assert result.exit_code == 0, result.output
