@@ -256,6 +256,7 @@ def to_sft_config(section: TrainSection, output_dir: Path, max_tokens: int, prec
         gradient_checkpointing=section.gradient_checkpointing,
         activation_checkpointing=section.gradient_checkpointing,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every LoRA parameter is used; the search costs a graph walk per step
         disable_tqdm=True,
     )
 
@@ -462,7 +463,11 @@ class Tracker:
 def _start_system_metrics(run_id: str, resumed: bool):
     """MLflow's CPU/memory/GPU monitor on its own thread; training never depends on it."""
     try:
+        import logging
+
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter
 
         monitor = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=resumed, tracking_uri=tracking.configure())
         monitor.start()
