@@ -123,21 +123,21 @@ def run(recipe: Recipe, run: RunDir, resume: bool | None = True) -> dict[str, An
                 raise UserError(out_of_memory_advice(recipe)) from None
             seconds = time.perf_counter() - started
             check_finite(result.training_loss, "training loss", trainer.state.global_step)
-            final_eval = trainer.evaluate()  # the best checkpoint's weights are loaded by now
+            # the last step is always validated, so best_metric is the loss of the adapter loaded now
+            best_loss = trainer.state.best_metric
+            eval_loss = best_loss if best_loss is not None else trainer.evaluate()["eval_loss"]
             if not main_process:
                 return {}
             trainer.model.save_pretrained(out / "adapter", safe_serialization=True)
             tokenizer.save_pretrained(out / "adapter")
             metrics = {
                 "train_loss": result.training_loss,
-                "eval_loss": final_eval["eval_loss"],
-                "best_eval_loss": trainer.state.best_metric,
+                "eval_loss": eval_loss,
                 "train_seconds": seconds,
                 "steps": result.global_step,
                 "train_examples": len(train_rows),
                 "resumed_from_step": _step_of(resume_from) if resume_from else 0,
             }
-            best = trainer.state.best_model_checkpoint
             tracker.submit(tracking.log_metrics, {f"final_{k}": v for k, v in metrics.items() if v is not None})
             tracker.submit_artifacts(out / "adapter", "adapter")
             logging_problem = tracker.close("FINISHED")
@@ -146,7 +146,7 @@ def run(recipe: Recipe, run: RunDir, resume: bool | None = True) -> dict[str, An
                 {
                     **metrics,
                     "precision": precision,
-                    "best_checkpoint_step": _step_of(Path(best)) if best else None,
+                    "best_checkpoint_step": best_step(trainer),
                     "base_model": base_info,
                     "mlflow_logging": "complete" if logging_problem is None else f"incomplete: {logging_problem}",
                 },
@@ -155,10 +155,9 @@ def run(recipe: Recipe, run: RunDir, resume: bool | None = True) -> dict[str, An
             tracker.close("FAILED")
             raise
         shutil.rmtree(checkpoints, ignore_errors=True)
-        best_note = f", best validation loss {metrics['best_eval_loss']:.4f}" if metrics["best_eval_loss"] else ""
         console.print(
-            f"[green]train[/]: {result.global_step} steps in {seconds:.0f}s, "
-            f"train loss {result.training_loss:.4f}, validation loss {final_eval['eval_loss']:.4f}{best_note}"
+            f"[green]train[/]: {result.global_step} steps in {seconds:.0f}s, train loss {result.training_loss:.4f}, "
+            f"validation loss {eval_loss:.4f} (best checkpoint: step {best_step(trainer)})"
         )
         run.finish_stage(STAGE, OUTPUTS, mlflow_run_id=tracker.run_id, base_model=base_info)
     return run.stage_record(STAGE)
@@ -287,6 +286,11 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
         if file_hash(path) != digest:
             return f"is damaged: {rel} does not match its recorded checksum"
     return None
+
+
+def best_step(trainer) -> int | None:
+    best = trainer.state.best_model_checkpoint
+    return _step_of(Path(best)) if best else None
 
 
 def _step_of(checkpoint: Path) -> int:
