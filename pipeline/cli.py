@@ -131,9 +131,27 @@ def _later_stage(stage: str, recipe_path: Path, run_dir: Path | None, runs_root:
 
 
 @app.command()
-def train(recipe_path: RecipeArg, run_dir: RunDirOpt = None, runs_root: RunsRootOpt = Path("runs")) -> None:
-    """Stage 2: fit the LoRA adapter on the prepared training split."""
-    _later_stage("train", recipe_path, run_dir, runs_root)
+def train(
+    recipe_path: RecipeArg,
+    run_dir: RunDirOpt = None,
+    runs_root: RunsRootOpt = Path("runs"),
+    resume: Annotated[
+        bool | None,
+        typer.Option(
+            "--resume/--restart",
+            help="After an interrupted training: continue from the latest complete checkpoint, or start over.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Stage 2: fit the LoRA/QLoRA adapter on the prepared training split."""
+
+    def body() -> None:
+        recipe = load_recipe(recipe_path)
+        run = _existing_run(recipe, run_dir, runs_root)
+        _stage_module("train").run(recipe, run, resume=resume)
+
+    _guarded(body)
 
 
 @app.command("eval")

@@ -110,17 +110,44 @@ def load_tokenizer(source: Path | str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_base_model(section: ModelSection, source: Path | str):
+TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def load_base_model(section: ModelSection, source: Path | str, precision: str = "fp32", packing: bool = False):
+    """The base model in the training dtype; 4-/8-bit quantized (QLoRA) when the recipe asks.
+
+    Packing loads flash-attention: only its varlen kernels keep packed examples apart.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"trust_remote_code": section.trust_remote_code, "dtype": torch.float32}
+    dtype = getattr(torch, TORCH_DTYPE_NAMES[precision])
+    kwargs: dict[str, Any] = {"trust_remote_code": section.trust_remote_code, "dtype": dtype}
     if section.quantization != "none":
-        kwargs["quantization_config"] = to_bnb_config(section.quantization)
+        kwargs["quantization_config"] = to_bnb_config(section.quantization, dtype)
+    if packing:
+        kwargs["attn_implementation"] = "flash_attention_2"
     return AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **kwargs)
 
 
-def to_bnb_config(quantization: str):
+def choose_precision(requested: str, cuda: bool, bf16_supported: bool) -> str:
+    """`train.precision` resolved for this machine: fp32 on CPU, bf16 on GPUs that have it, else fp16.
+
+    Explicit choices are honoured when the hardware can run them; fp16 on a CPU cannot.
+    """
+    if requested == "auto":
+        if not cuda:
+            return "fp32"
+        return "bf16" if bf16_supported else "fp16"
+    if requested == "fp16" and not cuda:
+        raise UserError("train.precision: fp16 needs a GPU; use fp32 (or bf16) on a CPU, or `auto`")
+    if requested == "bf16" and cuda and not bf16_supported:
+        raise UserError("train.precision: this GPU has no bf16 support; use fp16, fp32 or `auto`")
+    return requested
+
+
+def to_bnb_config(quantization: str, compute_dtype=None):
+    """bitsandbytes settings: 4-bit is QLoRA's nf4 with double quantisation; 8-bit is LLM.int8."""
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -129,7 +156,7 @@ def to_bnb_config(quantization: str):
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_compute_dtype=compute_dtype or torch.float32,
         )
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -144,6 +171,8 @@ def to_lora_config(adapter: AdapterSection):
         lora_alpha=adapter.alpha,
         lora_dropout=adapter.dropout,
         target_modules=adapter.target_modules,
+        use_dora=adapter.method == "dora",
+        use_rslora=adapter.rslora,
         task_type="CAUSAL_LM",
         bias="none",
     )

@@ -135,11 +135,14 @@ class DataSection(Strict):
 
 
 class AdapterSection(Strict):
-    method: Literal["lora"] = "lora"
+    # lora, or dora (weight-decomposed LoRA: a learned magnitude per output; slower, sometimes better)
+    method: Literal["lora", "dora"] = "lora"
     r: PositiveInt = 16
     alpha: Annotated[float, Field(gt=0)] = 32
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
     target_modules: str | list[str] = "all-linear"
+    # rank-stabilised scaling alpha/sqrt(r) instead of alpha/r (keeps high ranks learning)
+    rslora: bool = False
 
 
 class ModelSection(Strict):
@@ -158,6 +161,23 @@ class TrainSection(Strict):
     warmup_ratio: Fraction = 0.05
     seed: int = 13
     logging_steps: PositiveInt = 5
+    # validation loss every N optimizer steps; a checkpoint every save_steps (a multiple of eval_steps)
+    eval_steps: PositiveInt = 50
+    save_steps: PositiveInt | None = None  # default: eval_steps
+    keep_checkpoints: PositiveInt = 2  # the last K complete checkpoints (the best one is kept as well)
+    early_stopping_patience: PositiveInt | None = None  # validations without improvement before stopping
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPUs that support it, else fp32
+    gradient_checkpointing: bool = False  # trades ~30% more compute for much less activation memory
+    packing: bool = False  # padding-free packing; needs flash-attention on a GPU to keep examples apart
+
+    @model_validator(mode="after")
+    def _checkpoints_at_validations(self) -> TrainSection:
+        if self.save_steps is not None and self.save_steps % self.eval_steps:
+            raise ValueError(
+                f"save_steps ({self.save_steps}) must be a multiple of eval_steps ({self.eval_steps}) "
+                "so that every checkpoint has a validation loss to pick the best one by"
+            )
+        return self
 
 
 class Price(Strict):

@@ -1,0 +1,263 @@
+"""Benchmark: `expert train` vs a plain TRL script, and QLoRA vs LoRA memory, on SmolLM2-135M.
+
+    .venv/bin/python scripts/bench_train.py [--steps 12] [--examples 1000]
+
+One run, same machine: a seeded sample of BANKING77 (from ../shared/data) goes
+through `expert prep` once (about --examples training rows), then each system
+trains in its own child process (so peak RSS is its own) for --steps optimizer
+steps at batch size 8:
+
+  (a) plain TRL: `SFTTrainer` with TRL's default `SFTConfig` (bf16 autocast,
+      gradient checkpointing, no length grouping) and a LoRA config from the
+      TRL docs, on the same prompt/completion rows;
+  (b) `expert train` (LoRA r=16, all linear layers);
+  (c) `expert train` with `model.quantization: 4bit` (QLoRA).
+
+Every child counts each training step's real (non-padding) and padded tokens
+and its wall time, and measures a float32 matmul rate in the same process.
+Reported: real tokens/s, padding fraction, median step time, peak RSS, and
+efficiency = 4 x parameters x real tokens/s / matmul rate (LoRA training costs
+about 4 FLOPs per parameter per token: 2 forward, 2 for activation gradients).
+The first step (warm-up) is left out of the rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's `pipeline`, not another installed copy
+BANKING77 = ROOT.parent / "shared" / "data" / "banking77" / "train.csv"
+ALIAS = "smollm2-135m-instruct"
+BATCH = int(os.environ.get("BENCH_TRAIN_BATCH", "8"))  # set by --batch, read by the children too
+
+
+def matmul_flops(n: int = 1024, repeats: int = 20) -> float:
+    """Float32 matmul FLOP/s of this process (all its threads), best of a few timed runs."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = 0.0
+    for _ in range(3):
+        started = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b)
+        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - started))
+    return best
+
+
+def base_parameters() -> int:
+    """The base model's parameter count, read from safetensors headers (loading it would skew peak RSS)."""
+    from math import prod
+
+    from safetensors import safe_open
+
+    from pipeline import models
+
+    source, _ = models.resolve_base(ALIAS)
+    total = 0
+    for file in Path(source).glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            total += sum(prod(f.get_slice(name).get_shape()) for name in f.keys())
+    return total
+
+
+def count_steps() -> list[dict]:
+    """Wrap Trainer.training_step to record each step's real and padded tokens and its start time."""
+    from transformers import Trainer
+
+    steps: list[dict] = []
+    original = Trainer.training_step
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        mask = inputs.get("attention_mask")
+        total = inputs["input_ids"].numel()
+        steps.append({"start": time.perf_counter(), "real": int(mask.sum()) if mask is not None else total, "total": total})
+        return original(self, model, inputs, *args, **kwargs)
+
+    Trainer.training_step = training_step
+    return steps
+
+
+def summarize(steps: list[dict], ended: float, params: int, flops: float) -> dict:
+    measured = steps[1:]  # the first step warms up kernels and allocators
+    seconds = ended - measured[0]["start"]
+    real = sum(s["real"] for s in measured)
+    total = sum(s["total"] for s in measured)
+    starts = [s["start"] for s in measured] + [ended]
+    tokens_per_s = real / seconds
+    return {
+        "steps_measured": len(measured),
+        "real_tokens_per_s": tokens_per_s,
+        "padding_fraction": 1 - real / total,
+        "median_step_s": statistics.median(b - a for a, b in zip(starts, starts[1:])),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "matmul_gflops": flops / 1e9,
+        "efficiency": 4 * params * tokens_per_s / flops,
+        "parameters": params,
+    }
+
+
+def child_plain_trl(run_dir: Path, steps: int) -> dict:
+    """What a user writes from the TRL docs: default SFTConfig, a LoRA config, the same rows."""
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from pipeline import models
+
+    flops = matmul_flops()
+    source, _ = models.resolve_base(ALIAS)
+    dataset = load_dataset("json", data_files=str(run_dir / "prep/train.jsonl"), split="train")
+    dataset = dataset.select_columns(["prompt", "completion"])
+    record = count_steps()
+    trainer = SFTTrainer(
+        model=str(source),
+        train_dataset=dataset,
+        args=SFTConfig(output_dir=str(run_dir / "plain-trl"), max_steps=steps, per_device_train_batch_size=BATCH,
+                       report_to="none", save_strategy="no", disable_tqdm=True,
+                       use_cpu=True),  # the one change TRL's defaults demand on a CPU (they assume bf16 on a GPU)
+        peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    params = base_parameters()
+    trainer.train()
+    return summarize(record, time.perf_counter(), params, flops)
+
+
+def child_expert(run_dir: Path, recipe_path: Path, quantization: str) -> dict:
+    from pipeline import models, train
+    from pipeline.recipe import load_recipe
+    from pipeline.rundir import open_run
+
+    flops = matmul_flops()
+    recipe = load_recipe(recipe_path)
+    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"quantization": quantization})})
+    record = count_steps()
+    ended = {}
+    from transformers import Trainer
+
+    original_evaluate = Trainer.evaluate
+
+    def evaluate(self, *args, **kwargs):  # the final validation is not training time
+        ended.setdefault("t", time.perf_counter())
+        return original_evaluate(self, *args, **kwargs)
+
+    Trainer.evaluate = evaluate
+    params = base_parameters()
+    train.run(recipe, open_run(run_dir), resume=False)
+    return summarize(record, ended["t"], params, flops)
+
+
+def prepare(workdir: Path, examples: int, steps: int) -> Path:
+    """A seeded BANKING77 sample through `expert prep`: about `examples` training rows."""
+    import yaml
+
+    from pipeline import prep
+    from pipeline.recipe import load_recipe
+    from pipeline.rundir import init_run
+
+    with BANKING77.open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    random.Random(13).shuffle(rows)
+    sample = rows[: round(examples / 0.9)]
+    data = workdir / "banking77-sample.csv"
+    with data.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "category"])
+        writer.writeheader()
+        writer.writerows(sample)
+    recipe = {
+        "name": "bench-banking77",
+        "task": {"type": "classification", "instruction": "Classify the banking customer's message by intent."},
+        "data": {"source": str(data), "fields": {"text": "text", "target": "category"},
+                 "split": {"validation": 0.05, "test": 0.05, "seed": 13, "stratify": False}, "max_tokens": 1024},
+        "model": {"base": ALIAS, "adapter": {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.05}},
+        "train": {"max_steps": steps, "batch_size": BATCH, "learning_rate": 2.0e-4, "logging_steps": 1, "eval_steps": 1000},
+        "registry": {"model_name": "bench"},
+    }
+    recipe_path = workdir / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    loaded = load_recipe(recipe_path)
+    from pipeline.recipe import dump_recipe
+
+    prep.run(loaded, init_run(workdir / "run", loaded.name, dump_recipe(loaded), loaded.recipe_hash()))
+    return recipe_path
+
+
+def run_child(kind: str, workdir: Path, steps: int) -> dict:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}", MLFLOW_DISABLE_TELEMETRY="true")
+    cmd = [sys.executable, __file__, "--child", kind, "--workdir", str(workdir), "--steps", str(steps)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(results: dict[str, dict], train_rows: int, steps: int) -> str:
+    names = {"plain_trl": "(a) plain TRL SFTTrainer, default SFTConfig", "expert": "(b) expert train (LoRA)",
+             "expert_qlora": "(c) expert train, QLoRA 4-bit"}
+    lines = [
+        f"SmolLM2-135M-Instruct, {train_rows} BANKING77 training rows, batch {BATCH}, {steps} steps "
+        f"(first left out), CPU threads: {os.cpu_count()}",
+        "",
+        "| system | real tokens/s | padding | median step | peak RSS | matmul GFLOP/s | efficiency |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, r in results.items():
+        lines.append(
+            f"| {names[key]} | {r['real_tokens_per_s']:.0f} | {r['padding_fraction']:.1%} | {r['median_step_s']:.2f} s "
+            f"| {r['peak_rss_mb']:.0f} MB | {r['matmul_gflops']:.1f} | {r['efficiency']:.1%} |"
+        )
+    a, b, c = results.get("plain_trl"), results.get("expert"), results.get("expert_qlora")
+    lines.append("")
+    if a and b:
+        lines.append(f"- (b)/(a) real tokens/s: {b['real_tokens_per_s'] / a['real_tokens_per_s']:.2f}x (target >= 2x)")
+        lines.append(f"- (b) efficiency: {b['efficiency']:.1%} of the measured matmul rate (target >= 60%)")
+    if b and c:
+        lines.append(f"- QLoRA peak RSS / LoRA peak RSS: {c['peak_rss_mb'] / b['peak_rss_mb']:.0%} (target <= 60%)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--examples", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=8, help="per-step batch size of every system")
+    parser.add_argument("--only", nargs="*", default=["plain_trl", "expert", "expert_qlora"])
+    parser.add_argument("--child")
+    parser.add_argument("--workdir", type=Path)
+    args = parser.parse_args()
+    if args.child:
+        run_dir = args.workdir / "run"
+        if args.child == "plain_trl":
+            result = child_plain_trl(run_dir, args.steps)
+        else:
+            result = child_expert(run_dir, args.workdir / "recipe.yaml", "4bit" if args.child == "expert_qlora" else "none")
+        print(json.dumps(result))
+        return
+    os.environ["BENCH_TRAIN_BATCH"] = str(args.batch)
+    global BATCH
+    BATCH = args.batch
+    if not BANKING77.is_file():
+        raise SystemExit(f"{BANKING77} is missing: this benchmark needs ../shared/data/banking77")
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        workdir = Path(tmp)
+        prepare(workdir, args.examples, args.steps)
+        train_rows = len((workdir / "run/prep/train.jsonl").read_text().splitlines())
+        results = {kind: run_child(kind, workdir, args.steps) for kind in args.only}
+    print(table(results, train_rows, args.steps))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Unit tests of the train stage's pure parts: configs, precision, answer-only labels, checkpoint seals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import models, train
+from pipeline.errors import UserError
+from pipeline.recipe import AdapterSection, Recipe, TrainSection
+from tests.conftest import shipped_recipe
+
+
+def test_lora_config_methods():
+    plain = models.to_lora_config(AdapterSection(r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    assert (plain.r, plain.lora_alpha, plain.lora_dropout) == (8, 16, 0.1)
+    assert set(plain.target_modules) == {"q_proj", "v_proj"}
+    assert not plain.use_dora and not plain.use_rslora
+    dora = models.to_lora_config(AdapterSection(method="dora", rslora=True))
+    assert dora.use_dora and dora.use_rslora
+
+
+def test_qlora_is_nf4_with_double_quantisation():
+    config = models.to_bnb_config("4bit")
+    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
+    assert config.bnb_4bit_compute_dtype == torch.float32
+    assert models.to_bnb_config("8bit").load_in_8bit
+
+
+@pytest.mark.parametrize(
+    ("requested", "cuda", "bf16", "expected"),
+    [
+        ("auto", False, False, "fp32"),
+        ("auto", True, True, "bf16"),
+        ("auto", True, False, "fp16"),
+        ("fp32", True, True, "fp32"),
+        ("bf16", False, False, "bf16"),
+    ],
+)
+def test_choose_precision(requested, cuda, bf16, expected):
+    assert models.choose_precision(requested, cuda, bf16) == expected
+
+
+def test_precision_the_hardware_cannot_run_is_an_error():
+    with pytest.raises(UserError, match="train.precision: fp16 needs a GPU"):
+        models.choose_precision("fp16", False, False)
+    with pytest.raises(UserError, match="no bf16 support"):
+        models.choose_precision("bf16", True, False)
+
+
+def test_sft_config_sets_every_default_trl_changes(tmp_path):
+    section = TrainSection(eval_steps=10, save_steps=20, keep_checkpoints=3, learning_rate=3e-4)
+    config = train.to_sft_config(section, tmp_path, max_tokens=128, precision="fp32")
+    assert not config.bf16 and not config.fp16
+    assert not config.gradient_checkpointing and not config.activation_checkpointing
+    assert config.learning_rate == 3e-4
+    assert (config.eval_strategy, config.eval_steps, config.save_steps, config.save_total_limit) == ("steps", 10, 20, 3)
+    assert config.load_best_model_at_end and config.metric_for_best_model == "eval_loss" and not config.greater_is_better
+    assert config.train_sampling_strategy == "group_by_length" and not config.packing
+    assert config.completion_only_loss and config.max_length == 128
+    assert config.logging_nan_inf_filter is False
+    assert config.include_num_input_tokens_seen == "non_padding"
+    checkpointed = train.to_sft_config(TrainSection(gradient_checkpointing=True), tmp_path, 128, "bf16")
+    assert checkpointed.gradient_checkpointing and checkpointed.bf16
+
+
+def test_save_steps_must_be_a_multiple_of_eval_steps():
+    raw = shipped_recipe("ticket-classification", train={"eval_steps": 10, "save_steps": 15})
+    with pytest.raises(Exception, match="save_steps \\(15\\) must be a multiple of eval_steps \\(10\\)"):
+        Recipe.model_validate(raw)
+
+
+def test_out_of_memory_names_the_knobs():
+    recipe = Recipe.model_validate(shipped_recipe("ticket-classification"))
+    advice = train.out_of_memory_advice(recipe)
+    for knob in ("train.batch_size", "data.max_tokens", "model.quantization: 4bit", "train.gradient_checkpointing"):
+        assert knob in advice
+
+
+def sft_trainer(tiny_model_dir: Path, tmp_path: Path, rows: list[dict], max_tokens: int = 256):
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    tokenizer = models.load_tokenizer(tiny_model_dir)
+    model = models.load_base_model(Recipe.model_validate(shipped_recipe("ticket-classification")).model.model_copy(
+        update={"base": str(tiny_model_dir)}), tiny_model_dir)
+    config = train.to_sft_config(TrainSection(batch_size=2), tmp_path, max_tokens)
+    return SFTTrainer(
+        model=model, args=config, train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    ), tokenizer
+
+
+def pair(prompt: str, answer: str, row: int) -> dict:
+    return {"prompt": [{"role": "user", "content": prompt}], "completion": [{"role": "assistant", "content": answer}], "row": row}
+
+
+def test_prompt_tokens_are_masked_and_answer_tokens_are_not(tiny_model_dir, tmp_path):
+    rows = [pair("My card was charged twice", "billing", 1), pair("The app crashes on start", "technical", 2)]
+    trainer, tokenizer = sft_trainer(tiny_model_dir, tmp_path, rows)
+    train.check_every_row_has_answer(trainer.train_dataset, 2, "prep/train.jsonl")
+    batch = trainer.data_collator([{k: v for k, v in ex.items() if k != "row"} for ex in trainer.train_dataset])
+    for i, answer in enumerate(["billing", "technical"]):
+        labels, ids = batch["labels"][i], batch["input_ids"][i]
+        learned = labels != -100
+        assert tokenizer.decode(ids[learned]).startswith(answer + "<|im_end|>"), "the loss covers the answer and its end"
+        prompt_text = tokenizer.decode(ids[~learned & (batch["attention_mask"][i] == 1)])
+        assert rows[i]["prompt"][0]["content"] in prompt_text and answer not in prompt_text
+        first_answer = int(learned.nonzero()[0])
+        assert (labels[:first_answer] == -100).all() and (labels[learned] == ids[learned]).all()
+
+
+def test_an_example_with_no_answer_token_left_is_an_error_naming_it(tiny_model_dir, tmp_path):
+    long_prompt = " ".join(["the package was delivered to the wrong address"] * 20)
+    rows = [pair("short one", "billing", 1), pair(long_prompt, "shipping", 2)]
+    trainer, _ = sft_trainer(tiny_model_dir, tmp_path, rows, max_tokens=32)
+    with pytest.raises(UserError, match=r"prep/train.jsonl: row\(s\) 2 have no answer token"):
+        train.check_every_row_has_answer(trainer.train_dataset, 2, "prep/train.jsonl")
+
+
+def make_checkpoint(directory: Path, step: int, seal: bool = True) -> Path:
+    checkpoint = directory / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"weights" * 100)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    if seal:
+        train.seal_checkpoint(checkpoint)
+    return checkpoint
+
+
+def test_seal_detects_incomplete_missing_and_truncated_files(tmp_path):
+    good = make_checkpoint(tmp_path, 2)
+    assert train.checkpoint_problem(good) is None
+    assert "incomplete" in train.checkpoint_problem(make_checkpoint(tmp_path, 4, seal=False))
+    truncated = make_checkpoint(tmp_path, 6)
+    (truncated / "adapter_model.safetensors").write_bytes(b"weights")
+    assert "adapter_model.safetensors does not match" in train.checkpoint_problem(truncated)
+    missing = make_checkpoint(tmp_path, 8)
+    (missing / "trainer_state.json").unlink()
+    assert "trainer_state.json is missing" in train.checkpoint_problem(missing)
+
+
+def test_latest_complete_checkpoint_skips_damaged_ones_newest_first(tmp_path, capsys):
+    make_checkpoint(tmp_path, 2)
+    make_checkpoint(tmp_path, 10)
+    damaged = make_checkpoint(tmp_path, 12)
+    (damaged / "adapter_model.safetensors").write_bytes(b"")
+    make_checkpoint(tmp_path, 14, seal=False)
+    assert train.latest_complete_checkpoint(tmp_path).name == "checkpoint-10"
+    warnings = capsys.readouterr().err
+    assert "checkpoint-14 is incomplete" in warnings and "checkpoint-12 is damaged" in warnings
+    assert not damaged.exists(), "a damaged checkpoint is removed so nothing resumes from it later"
+
+
+def test_plain_train_refuses_to_guess_between_resume_and_restart(tmp_path):
+    inputs = {"a": "1"}
+    make_checkpoint(tmp_path, 2)
+    (tmp_path / train.RESUME_STATE).write_text(json.dumps({"inputs": inputs, "mlflow_run_id": "r1"}))
+    with pytest.raises(UserError, match="--resume .* or --restart"):
+        train.plan_resume(tmp_path, inputs, None)
+    assert train.plan_resume(tmp_path, inputs, True) == (tmp_path / "checkpoint-2", "r1")
+    assert train.plan_resume(tmp_path, {"a": "changed"}, True) == (None, None), "other inputs: start over"
+    assert not tmp_path.exists()
