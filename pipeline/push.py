@@ -111,7 +111,8 @@ def run(recipe: Recipe, run: RunDir, options: PushOptions = PushOptions()) -> di
         tags["promotion"] = why
         if options.force:
             tags["forced_reason"] = options.reason
-        with tracking.stage_run(recipe.name, STAGE, run.path.name, {"expert.recipe": recipe.name}) as (
+        run_tags = {"expert.recipe": recipe.name, "expert.base_model": recipe.model.base}
+        with tracking.stage_run(recipe.name, STAGE, run.path.name, run_tags) as (
             mlflow_client,
             mlflow_run_id,
         ):

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import traceback
+from pathlib import Path
 
+import mlflow.artifacts
 import mlflow.pyfunc
 import pytest
 from mlflow import MlflowClient
@@ -101,6 +103,12 @@ def test_promotion_force_dry_run_and_pyfunc(tiny_model_dir, tracking_env, tmp_pa
     assert (bundle / "adapter" / "adapter_model.safetensors").is_file()
     assert not (bundle / "base").exists()
     assert not list((tmp_path / local).rglob("*.pkl")), "nothing in a version should need unpickling"
+
+    # --include-base copies the base weights into the version
+    invoke("push", str(strict_path), "--run-dir", str(failing), "--force", "--reason", "bundle test", "--include-base")
+    with_base = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/5", dst_path=str(tmp_path / "v5")))
+    assert next(with_base.rglob("base/config.json")).is_file()
+    assert next(with_base.rglob("base/model.safetensors")).is_file()
 
 
 def test_predict_and_compare_commands(tiny_model_dir, tracking_env, tmp_path, clean_secret_env):

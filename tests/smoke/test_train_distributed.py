@@ -59,7 +59,7 @@ def test_two_gloo_processes_train_like_one(tiny_model_dir, tracking_env, tmp_pat
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=0.02)
 
     client = MlflowClient(tracking_env)
-    runs = client.search_runs([client.get_experiment_by_name("ddp-two").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("ddp-two").experiment_id], "tags.`expert.stage` = 'train'")
     assert len(runs) == 1, "one MLflow run per training, not one per process"
     assert runs[0].info.status == "FINISHED"
     assert len({m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")}) == 8

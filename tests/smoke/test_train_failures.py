@@ -70,7 +70,9 @@ def test_tracking_server_stopped_mid_run_training_completes(tiny_model_dir, tmp_
     def stop_server_at_step_3(self, args, state, control, **kwargs):
         if state.global_step == 3 and proc.poll() is None:
             client = MlflowClient(uri)
-            (mlflow_run,) = client.search_runs([client.get_experiment_by_name("outage-test").experiment_id])
+            (mlflow_run,) = client.search_runs(
+                [client.get_experiment_by_name("outage-test").experiment_id], "tags.`expert.stage` = 'train'"
+            )
             seen_before_outage.update(mlflow_run.data.tags)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -107,7 +109,9 @@ def test_nan_loss_stops_with_the_step_and_a_suggestion(tiny_model_dir, tracking_
     assert not (run_dir / "train/adapter").exists()
     assert json.loads((run_dir / "manifest.json").read_text())["stages"]["train"]["status"] == "failed"
     client = MlflowClient(tracking_env)
-    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("nan-test").experiment_id])
+    (mlflow_run,) = client.search_runs(
+        [client.get_experiment_by_name("nan-test").experiment_id], "tags.`expert.stage` = 'train'"
+    )
     assert mlflow_run.info.status == "FAILED"
 
 
