@@ -22,10 +22,9 @@ import math
 import os
 import random
 import re
-import tempfile
 import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from rich.table import Table
 from pipeline import models, tasks, tracking
 from pipeline.errors import UserError
 from pipeline.recipe import HF_PREFIX, Recipe
-from pipeline.rundir import RunDir, atomic_write_json, atomic_write_text, file_hash
+from pipeline.rundir import RunDir, atomic_write_json, atomic_write_jsonl, atomic_write_text, file_hash
 from pipeline.tasks.classification import normalize_label
 from pipeline.ui import console
 
@@ -119,8 +118,8 @@ def run(recipe: Recipe, run: RunDir) -> dict[str, Any]:
         console.print(f"[bold]prep[/]: measuring {len(examples):,} rows with the base model's tokenizer")
         examples, truncated = enforce_max_tokens(examples, rejected, tokenizer, system, task, spec, recipe)
         rejected.sort(key=lambda r: (r["source"], r["line"]))
-        write_jsonl(out / "rejected.jsonl", rejected)
-        write_jsonl(out / "truncated.jsonl", truncated)
+        atomic_write_jsonl(out / "rejected.jsonl", rejected)
+        atomic_write_jsonl(out / "truncated.jsonl", truncated)
         total = len(examples) + len(rejected)
         check_rejected_fraction(rejected, total, recipe.data.max_rejected_fraction, out / "rejected.jsonl")
         check_class_counts(examples, recipe, spec)
@@ -129,7 +128,7 @@ def run(recipe: Recipe, run: RunDir) -> dict[str, Any]:
             if not rows:
                 raise UserError(f"data.split: the {name} split is empty ({len(examples)} usable rows); add data or change the split fractions")
         for name, rows in splits.items():
-            write_jsonl(out / f"{name}.jsonl", (render(e, system, task, spec) for e in rows))
+            atomic_write_jsonl(out / f"{name}.jsonl", (render(e, system, task, spec) for e in rows))
         atomic_write_json(out / "spec.json", {"task": recipe.task.type, "spec": spec, "system_prompt": system})
         atomic_write_json(out / "fewshot.json", fewshot_examples(splits["train"], recipe, task, spec))
         fingerprint = data_fingerprint(recipe, [out / f"{s}.jsonl" for s in SPLITS])
@@ -647,22 +646,6 @@ def render(e: Example, system: str, task, spec) -> dict[str, Any]:
         "prompt": _messages(system, e.text),
         "completion": [{"role": "assistant", "content": task.target_text(e.target, spec)}],
     }
-
-
-def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Stream rows to a temp file, then rename: bounded memory, and never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                f.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def fewshot_examples(train: list[Example], recipe: Recipe, task, spec) -> dict[str, Any]:
