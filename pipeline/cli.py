@@ -315,9 +315,5 @@ def ui(
     raise typer.Exit(subprocess.call(cmd))
 
 
-def main() -> None:
-    app()
-
-
 if __name__ == "__main__":
-    main()
+    app()
