@@ -62,7 +62,7 @@ def _new_run(recipe: Recipe, runs_root: Path) -> RunDir:
     return run
 
 
-def _existing_run(recipe: Recipe, run_dir: Path | None, runs_root: Path) -> RunDir:
+def _existing_run(recipe: Recipe, run_dir: Path | None, runs_root: Path, sync: bool = True) -> RunDir:
     if run_dir is not None:
         run = open_run(run_dir)
     else:
@@ -70,7 +70,8 @@ def _existing_run(recipe: Recipe, run_dir: Path | None, runs_root: Path) -> RunD
         if run is None:
             raise UserError(f"no run of `{recipe.name}` under {runs_root}; start one with `expert prep` or `expert run`")
         console.print(f"using run: [bold]{run.path}[/]")
-    _sync_recipe(run, recipe)
+    if sync:
+        _sync_recipe(run, recipe)
     return run
 
 
@@ -143,13 +144,25 @@ def train(
             show_default=False,
         ),
     ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print the plan (examples, tokens, steps, peak memory and time from a short throughput probe); "
+            "write nothing.",
+        ),
+    ] = False,
 ) -> None:
     """Stage 2: fit the LoRA/QLoRA adapter on the prepared training split."""
 
     def body() -> None:
         recipe = load_recipe(recipe_path)
-        run = _existing_run(recipe, run_dir, runs_root)
-        _stage_module("train").run(recipe, run, resume=resume)
+        run = _existing_run(recipe, run_dir, runs_root, sync=not dry_run)
+        train_stage = _stage_module("train")
+        if dry_run:
+            train_stage.print_plan(recipe, train_stage.plan(recipe, run))
+            return
+        train_stage.run(recipe, run, resume=resume)
 
     _guarded(body)
 

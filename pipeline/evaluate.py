@@ -58,7 +58,8 @@ def run(recipe: Recipe, run: RunDir) -> dict[str, Any]:
     with run.attempt(STAGE, inputs):
         out = run.stage_dir(STAGE)
         task = tasks.for_type(recipe.task.type)
-        spec = json.loads((run.path / "prep/spec.json").read_text(encoding="utf-8"))["spec"]
+        spec_doc = json.loads((run.path / "prep/spec.json").read_text(encoding="utf-8"))
+        spec, baseline_system = spec_doc["spec"], spec_doc["baseline_system_prompt"]
         cascade_to = recipe.eval.cascade_frontier()
         splits = {"test": read_split(run, "test")}
         if cascade_to is not None:
@@ -81,8 +82,8 @@ def run(recipe: Recipe, run: RunDir) -> dict[str, Any]:
                 if baseline.kind == "base_model":
                     with model.disable_adapter():
                         outputs[baseline.name] = {
-                            s: infer_local(model, tokenizer, with_shots(rows, fewshot, baseline.shots), recipe, spec,
-                                           f"{baseline.name} ({s})")
+                            s: infer_local(model, tokenizer, baseline_rows(rows, baseline_system, fewshot, baseline.shots),
+                                           recipe, spec, f"{baseline.name} ({s})")
                             for s, rows in wanted.items()
                         }
                 elif baseline.kind == "predictions":
@@ -95,7 +96,8 @@ def run(recipe: Recipe, run: RunDir) -> dict[str, Any]:
                         console.print(f"[yellow]eval[/]: baseline `{baseline.name}` skipped: {skipped[baseline.name]}")
                         continue
                     outputs[baseline.name] = {
-                        s: ask_frontier(baseline, key, rows, recipe, task, spec, cache, s) for s, rows in wanted.items()
+                        s: ask_frontier(baseline, key, baseline_rows(rows, baseline_system), recipe, task, spec, cache, s)
+                        for s, rows in wanted.items()
                     }
                     costs[baseline.name] = frontier.cost_per_1k(baseline.price_per_mtok, outputs[baseline.name]["test"])
         finally:
@@ -154,7 +156,7 @@ def load_expert(recipe: Recipe, adapter_dir: Path):
 
     source, _ = models.resolve_base(recipe.model.base)
     tokenizer = models.load_tokenizer(adapter_dir, recipe.model.trust_remote_code)
-    base = models.load_base_model(recipe.model, source)
+    base = models.load_base_model(recipe.model, source, models.resolve_precision(recipe.train.precision))
     model = PeftModel.from_pretrained(base, adapter_dir)
     model.eval()
     return model, tokenizer
@@ -193,19 +195,16 @@ def _completion_text(example: dict[str, Any]) -> str:
     return str(completion)
 
 
-def with_shots(rows: list[dict[str, Any]], fewshot: list[dict[str, Any]], shots: int) -> list[dict[str, Any]]:
-    """Rows whose prompt has `shots` user/assistant example turns between the system message and the question."""
-    if shots == 0:
-        return rows
+def baseline_rows(
+    rows: list[dict[str, Any]], system_prompt: str, fewshot: list[dict[str, Any]] = (), shots: int = 0
+) -> list[dict[str, Any]]:
+    """Rows as an untuned model is asked them: the baseline system prompt (instruction with the label list or
+    schema) in place of the expert's, then `shots` user/assistant example turns, then the question."""
     turns = []
     for example in fewshot[:shots]:
         turns += [{"role": "user", "content": example["text"]}, {"role": "assistant", "content": _completion_text(example)}]
-    out = []
-    for row in rows:
-        system = [m for m in row["prompt"] if m["role"] == "system"]
-        rest = [m for m in row["prompt"] if m["role"] != "system"]
-        out.append({**row, "prompt": system + turns + rest})
-    return out
+    system = [{"role": "system", "content": system_prompt}]
+    return [{**row, "prompt": system + turns + [m for m in row["prompt"] if m["role"] != "system"]} for row in rows]
 
 
 def load_recorded(baseline: BaselineSection, splits: dict[str, list[dict[str, Any]]], task, spec) -> dict[str, list]:

@@ -50,6 +50,8 @@ class ExpertModel(mlflow.pyfunc.PythonModel):
         self.recipe = load_recipe(bundle / "recipe.yaml")
         spec_doc = json.loads((bundle / "spec.json").read_text(encoding="utf-8"))
         self.spec, self.system_prompt = spec_doc["spec"], spec_doc["system_prompt"]
+        # what the frontier is asked when a request escalates: the instruction with the label list or schema
+        self.baseline_system_prompt = spec_doc["baseline_system_prompt"]
         cascade = bundle / "cascade.json"
         cascade_doc = json.loads(cascade.read_text(encoding="utf-8")) if cascade.is_file() else {}
         self.threshold = cascade_doc.get("threshold")
@@ -57,7 +59,7 @@ class ExpertModel(mlflow.pyfunc.PythonModel):
         base_dir = bundle / "base"
         source = base_dir if base_dir.is_dir() else models.resolve_base(self.recipe.model.base)[0]
         self.tokenizer = models.load_tokenizer(bundle / "adapter", self.recipe.model.trust_remote_code)
-        base = models.load_base_model(self.recipe.model, source)
+        base = models.load_base_model(self.recipe.model, source, models.resolve_precision(self.recipe.train.precision))
         self.model = PeftModel.from_pretrained(base, bundle / "adapter").eval()
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:

@@ -114,7 +114,8 @@ def run(recipe: Recipe, run: RunDir) -> dict[str, Any]:
         examples = check_targets(examples, rejected, task, spec)
         examples = check_duplicates(examples, rejected, task, spec)
         tokenizer = models.load_tokenizer(*_tokenizer_source(recipe))
-        system = task.system_prompt(recipe.task.instruction, spec)
+        baseline_system = task.system_prompt(recipe.task.instruction, spec)
+        system = baseline_system if recipe.task.spec_in_expert_prompt else recipe.task.instruction
         console.print(f"[bold]prep[/]: measuring {len(examples):,} rows with the base model's tokenizer")
         examples, truncated = enforce_max_tokens(examples, rejected, tokenizer, system, task, spec, recipe)
         rejected.sort(key=lambda r: (r["source"], r["line"]))
@@ -129,7 +130,8 @@ def run(recipe: Recipe, run: RunDir) -> dict[str, Any]:
                 raise UserError(f"data.split: the {name} split is empty ({len(examples)} usable rows); add data or change the split fractions")
         for name, rows in splits.items():
             atomic_write_jsonl(out / f"{name}.jsonl", (render(e, system, task, spec) for e in rows))
-        atomic_write_json(out / "spec.json", {"task": recipe.task.type, "spec": spec, "system_prompt": system})
+        atomic_write_json(out / "spec.json", {"task": recipe.task.type, "spec": spec, "system_prompt": system,
+                                               "baseline_system_prompt": baseline_system})
         atomic_write_json(out / "fewshot.json", fewshot_examples(splits["train"], recipe, task, spec))
         fingerprint = data_fingerprint(recipe, [out / f"{s}.jsonl" for s in SPLITS])
         stats = build_stats(splits, rejected, truncated, recipe, fingerprint)

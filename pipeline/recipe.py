@@ -34,6 +34,10 @@ class TaskSection(Strict):
     json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
     # classification: a class with fewer usable rows than this is an error (3 = one per split)
     min_examples_per_class: PositiveInt = 3
+    # Untuned baselines always get the label list / schema in their system prompt. The expert learns them in
+    # training (and label scoring / constrained decoding enforce them), so by default its prompt is the
+    # instruction alone: BANKING77's 77 labels would add ~570 tokens to every training step and request.
+    spec_in_expert_prompt: bool = False
 
     @model_validator(mode="after")
     def _check_type_fields(self) -> TaskSection:
@@ -166,9 +170,15 @@ class TrainSection(Strict):
     save_steps: PositiveInt | None = None  # default: eval_steps
     keep_checkpoints: PositiveInt = 2  # the last K complete checkpoints (the best one is kept as well)
     early_stopping_patience: PositiveInt | None = None  # validations without improvement before stopping
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPUs that support it, else fp32
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the GPU or CPU has it, else fp16 (GPU) / fp32
     gradient_checkpointing: bool = False  # trades ~30% more compute for much less activation memory
-    packing: bool = False  # padding-free packing; needs flash-attention on a GPU to keep examples apart
+    # each batch flattened into one sequence without padding (examples kept apart by their position ids);
+    # auto: on a GPU, off on a CPU (where a block-diagonal mask costs more than length-grouped padding wastes)
+    padding_free: bool | Literal["auto"] = "auto"
+    packing: bool = False  # pack examples into data.max_tokens sequences: batch_size then counts packed sequences
+    # auto: flash_attention_2 on a GPU with the flash-attn package, else sdpa (PyTorch's fused attention)
+    attention: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    liger_kernels: bool = False  # Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU); a GPU and liger-kernel
 
     @model_validator(mode="after")
     def _checkpoints_at_validations(self) -> TrainSection:

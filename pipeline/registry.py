@@ -57,7 +57,8 @@ def predict_with_cascade(model_uri: str, rows: list[dict[str, Any]], escalate: b
     if unsure and key:
         task = tasks.for_type(expert.recipe.task.type)
         prompts = [
-            [{"role": "system", "content": expert.system_prompt}, {"role": "user", "content": out[i]["text"]}] for i in unsure
+            [{"role": "system", "content": expert.baseline_system_prompt}, {"role": "user", "content": out[i]["text"]}]
+            for i in unsure
         ]
         schema = expert.spec if expert.recipe.task.type == "extraction" else None
         replies = frontier.ask_all(baseline, key, prompts, expert.recipe.eval.max_new_tokens, schema)

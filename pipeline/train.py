@@ -72,22 +72,9 @@ def run(recipe: Recipe, run: RunDir, resume: bool | None = True) -> dict[str, An
     resume_from, mlflow_run_id = plan_resume(checkpoints, inputs, resume) if main_process else (None, None)
     with run.attempt(STAGE, inputs) if main_process else _nothing():
         import torch
-        from datasets import Dataset
-        from trl import SFTTrainer
 
-        cuda = torch.cuda.is_available()
-        precision = models.choose_precision(recipe.train.precision, cuda, cuda and torch.cuda.is_bf16_supported())
-        if recipe.train.packing and not cuda:
-            raise UserError(
-                "train.packing: packed batches keep examples apart only with flash-attention on a GPU; "
-                "set it to false on a CPU (batches are already length-grouped with dynamic padding)"
-            )
-        source, base_info = models.resolve_base(recipe.model.base)
-        tokenizer = models.load_tokenizer(source, recipe.model.trust_remote_code)
-        model = models.load_base_model(recipe.model, source, precision, recipe.train.packing)
-        train_rows = _load_pairs(run.path / "prep/train.jsonl")
-        val_rows = _load_pairs(run.path / "prep/validation.jsonl")
-        config = to_sft_config(recipe.train, checkpoints, recipe.data.max_tokens, precision)
+        settings, base_info, tokenizer, model = load_for_training(recipe)
+        config = to_sft_config(recipe.train, checkpoints, recipe.data.max_tokens, settings)
         tracker = Tracker.open(recipe, run, mlflow_run_id) if main_process else Tracker.disabled()
         try:
             if main_process:
@@ -95,25 +82,12 @@ def run(recipe: Recipe, run: RunDir, resume: bool | None = True) -> dict[str, An
             if resume_from is None:
                 params = tracking.flatten(recipe.model_dump(mode="json", by_alias=True))
                 params["base_model.lineage"] = json.dumps(base_info, sort_keys=True)
-                params["train.precision.resolved"] = precision
+                params.update({f"train.{k}.resolved": v for k, v in settings.items()})
                 tracker.submit(tracking.log_params, params)
             callbacks: list[TrainerCallback] = [ProgressAndTracking(tracker), SealCheckpoints()]
             if recipe.train.early_stopping_patience:
                 callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stopping_patience))
-            trainer = SFTTrainer(
-                model=model,
-                args=config,
-                train_dataset=Dataset.from_list(train_rows),
-                eval_dataset=Dataset.from_list(val_rows),
-                processing_class=tokenizer,
-                peft_config=models.to_lora_config(recipe.model.adapter),
-                callbacks=callbacks,
-            )
-            trainer.remove_callback(PrinterCallback)  # the progress bar and MLflow carry the logs
-            check_every_row_has_answer(trainer.train_dataset, len(train_rows), "prep/train.jsonl")
-            check_every_row_has_answer(trainer.eval_dataset, len(val_rows), "prep/validation.jsonl")
-            trainer.train_dataset = trainer.train_dataset.remove_columns("row")
-            trainer.eval_dataset = trainer.eval_dataset.remove_columns("row")
+            trainer = build_trainer(recipe, run, config, tokenizer, model, callbacks)
             if resume_from is not None:
                 console.print(f"[bold]train[/]: resuming from {resume_from.name}")
             started = time.perf_counter()
@@ -135,7 +109,7 @@ def run(recipe: Recipe, run: RunDir, resume: bool | None = True) -> dict[str, An
                 "eval_loss": eval_loss,
                 "train_seconds": seconds,
                 "steps": result.global_step,
-                "train_examples": len(train_rows),
+                "train_examples": len(trainer.train_dataset),
                 "resumed_from_step": _step_of(resume_from) if resume_from else 0,
             }
             tracker.submit(tracking.log_metrics, {f"final_{k}": v for k, v in metrics.items() if v is not None})
@@ -145,7 +119,7 @@ def run(recipe: Recipe, run: RunDir, resume: bool | None = True) -> dict[str, An
                 out / "metrics.json",
                 {
                     **metrics,
-                    "precision": precision,
+                    **settings,
                     "best_checkpoint_step": best_step(trainer),
                     "base_model": base_info,
                     "mlflow_logging": "complete" if logging_problem is None else f"incomplete: {logging_problem}",
@@ -169,6 +143,51 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def load_for_training(recipe: Recipe):
+    """The resolved hardware settings, base-model lineage, tokenizer and base model, as training uses them."""
+    import torch
+
+    if recipe.train.liger_kernels:
+        import importlib.util
+
+        if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
+            raise UserError("train.liger_kernels: needs a GPU and `pip install liger-kernel`; set it to false here")
+    settings = {
+        "precision": models.resolve_precision(recipe.train.precision),
+        "attention": models.resolve_attention(recipe.train.attention),
+        "padding_free": models.choose_padding_free(recipe.train.padding_free, recipe.train.packing,
+                                                   torch.cuda.is_available()),
+    }
+    source, base_info = models.resolve_base(recipe.model.base)
+    tokenizer = models.load_tokenizer(source, recipe.model.trust_remote_code)
+    model = models.load_base_model(recipe.model, source, settings["precision"], settings["attention"])
+    return settings, base_info, tokenizer, model
+
+
+def build_trainer(recipe: Recipe, run: RunDir, config, tokenizer, model, callbacks: list[TrainerCallback]):
+    """TRL's SFTTrainer on the prepared splits, after checking that every row kept an answer token."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    train_rows = _load_pairs(run.path / "prep/train.jsonl")
+    val_rows = _load_pairs(run.path / "prep/validation.jsonl")
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(val_rows),
+        processing_class=tokenizer,
+        peft_config=models.to_lora_config(recipe.model.adapter),
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)  # the progress bar and MLflow carry the logs
+    check_every_row_has_answer(trainer.train_dataset, len(train_rows), "prep/train.jsonl")
+    check_every_row_has_answer(trainer.eval_dataset, len(val_rows), "prep/validation.jsonl")
+    trainer.train_dataset = trainer.train_dataset.remove_columns("row")
+    trainer.eval_dataset = trainer.eval_dataset.remove_columns("row")
+    return trainer
 
 
 def _load_pairs(path: Path) -> list[dict[str, Any]]:
@@ -212,12 +231,15 @@ def out_of_memory_advice(recipe: Recipe) -> str:
     return "train: out of memory; turn one of these knobs: " + "; ".join(knobs)
 
 
-def to_sft_config(section: TrainSection, output_dir: Path, max_tokens: int, precision: str = "fp32"):
-    """The recipe's train section as TRL's SFTConfig. Every default TRL changes is set explicitly."""
+def to_sft_config(section: TrainSection, output_dir: Path, max_tokens: int, settings: dict[str, Any] | None = None):
+    """The recipe's train section as TRL's SFTConfig. Every default TRL changes is set explicitly.
+    `settings`: the hardware-dependent choices (`load_for_training`); default fp32 with padding."""
     import torch
     from trl import SFTConfig
 
     on_gpu = torch.cuda.is_available()
+    settings = settings or {"precision": "fp32", "padding_free": False}
+    precision = settings["precision"]
     return SFTConfig(
         output_dir=str(output_dir),
         num_train_epochs=section.epochs,
@@ -248,7 +270,8 @@ def to_sft_config(section: TrainSection, output_dir: Path, max_tokens: int, prec
         # dynamic padding to the longest in each batch, batches of similar lengths: little padding
         train_sampling_strategy="group_by_length",
         packing=section.packing,
-        padding_free=section.packing,
+        padding_free=settings["padding_free"],
+        use_liger_kernel=section.liger_kernels,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not on_gpu,
@@ -525,9 +548,116 @@ class ProgressAndTracking(TrainerCallback):
             self.progress.update(
                 self.task_id, loss=f"loss {logs['loss']:.4f}", speed=f"{logs['tokens_per_second']:.0f} tok/s"
             )
+            if not console.is_terminal and state.is_world_process_zero:  # a log file gets a line per logging step
+                console.print(
+                    f"train: step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
+                    f"{logs['tokens_per_second']:.0f} tok/s, {_eta(self.progress, self.task_id)}", highlight=False
+                )
+        if "eval_loss" in logs and not console.is_terminal and state.is_world_process_zero:
+            console.print(f"train: step {state.global_step} validation loss {logs['eval_loss']:.4f}", highlight=False)
         numeric = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if numeric:
             self.tracker.submit(tracking.log_metrics, numeric, step=state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.progress.stop()
+
+
+def _eta(progress, task_id) -> str:
+    remaining = next(t for t in progress.tasks if t.id == task_id).time_remaining
+    return "ETA unknown" if remaining is None else f"ETA {remaining / 60:.0f} min"
+
+
+# ---- dry run: the plan, from the prepared data and a short throughput probe -------------------------------------
+
+
+class _StepClock(TrainerCallback):
+    """(wall time, real tokens seen) at the end of each probe step; rates come from the differences, so the
+    first step's one-off warm-up costs are left out."""
+
+    def __init__(self):
+        self.ends: list[tuple[float, int]] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append((time.perf_counter(), state.num_input_tokens_seen))
+
+
+def peak_memory() -> tuple[float, str]:
+    """Peak GPU memory allocated when on CUDA, else this process's peak resident set size, in MB."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20, "GPU allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process RSS"  # kB on Linux
+
+
+def plan(recipe: Recipe, run: RunDir, probe_steps: int = 5) -> dict[str, Any]:
+    """What `expert train` would do: sizes from the prepared splits, then `probe_steps` real optimizer steps
+    (the length-grouped sampler puts the longest batch first, so the peak memory is the worst case) to measure
+    tokens/s and estimate the time. Nothing is written to the run directory or MLflow."""
+    import tempfile
+
+    from transformers.trainer_utils import IntervalStrategy, SaveStrategy
+
+    inputs_of(recipe, run)  # the same clear error as training when prep has not run
+    settings, _, tokenizer, model = load_for_training(recipe)
+    with tempfile.TemporaryDirectory(prefix="expert-plan-") as tmp:
+        config = to_sft_config(recipe.train, Path(tmp), recipe.data.max_tokens, settings)
+        trainer = build_trainer(recipe, run, config, tokenizer, model, [])
+        lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+        val_tokens = sum(len(ids) for ids in trainer.eval_dataset["input_ids"])
+        steps_per_epoch = math.ceil(len(trainer.get_train_dataloader()) / recipe.train.gradient_accumulation)
+        steps = recipe.train.max_steps or math.ceil(steps_per_epoch * recipe.train.epochs)
+        clock = _StepClock()
+        # set in place: rebuilding the arguments would reset accelerate's state under the trainer
+        config.max_steps, config.load_best_model_at_end = probe_steps, False
+        config.eval_strategy, config.save_strategy = IntervalStrategy.NO, SaveStrategy.NO
+        trainer.add_callback(clock)
+        trainer.train()
+    (first_time, first_tokens), (last_time, last_tokens) = clock.ends[0], clock.ends[-1]
+    tokens_per_s = (last_tokens - first_tokens) / (last_time - first_time)
+    memory_mb, memory_kind = peak_memory()
+    epochs = steps / steps_per_epoch
+    validations = steps // recipe.train.eval_steps + (steps % recipe.train.eval_steps > 0)
+    # a validation pass is forward-only: about a third of a training step's work per token
+    seconds = (sum(lengths) * epochs + validations * val_tokens / 3) / tokens_per_s
+    return {
+        **settings,
+        "train_examples": len(lengths),
+        "validation_examples": len(trainer.eval_dataset),
+        "tokens_per_epoch": sum(lengths),
+        "longest_example_tokens": max(lengths),
+        "steps_per_epoch": steps_per_epoch,
+        "steps": steps,
+        "epochs": round(epochs, 2),
+        "validations": validations,
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "probe_steps": len(clock.ends) - 1,
+        "probe_tokens_per_second": round(tokens_per_s, 1),
+        "peak_memory_mb": round(memory_mb),
+        "peak_memory_kind": memory_kind,
+        "estimated_minutes": round(seconds / 60, 1),
+    }
+
+
+def print_plan(recipe: Recipe, details: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"train plan · {recipe.name}", show_header=False)
+    rows = [
+        ("examples (train / validation)", f"{details['train_examples']:,} / {details['validation_examples']:,}"),
+        ("tokens per epoch (longest example)", f"{details['tokens_per_epoch']:,} ({details['longest_example_tokens']})"),
+        ("steps (per epoch × epochs)", f"{details['steps']:,} ({details['steps_per_epoch']:,} × {details['epochs']})"),
+        ("validations", f"{details['validations']}"),
+        ("precision · attention · padding-free",
+         f"{details['precision']} · {details['attention']} · {'yes' if details['padding_free'] else 'no'}"),
+        ("trainable parameters", f"{details['trainable_parameters']:,}"),
+        ("throughput probe", f"{details['probe_tokens_per_second']:,.0f} real tokens/s over {details['probe_steps']} steps"),
+        ("peak memory (longest batch)", f"{details['peak_memory_mb']:,} MB {details['peak_memory_kind']}"),
+        ("estimated time", f"{details['estimated_minutes']} min"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.errors import UserError
-from pipeline.evaluate import load_fewshot, load_recorded, with_shots
+from pipeline.evaluate import load_fewshot, load_recorded, baseline_rows
 from pipeline.recipe import BaselineSection, Recipe
 from pipeline.rundir import RunDir
 from pipeline.tasks import classification
@@ -154,9 +154,9 @@ def test_few_shot_prompts_and_missing_file(tmp_path):
     (tmp_path / "prep/fewshot.json").write_text(json.dumps({"examples": examples}))
     loaded = load_fewshot(RunDir(tmp_path), recipe)
     row = {"id": "1", "prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]}
-    prompt = with_shots([row], loaded, 2)[0]["prompt"]
-    assert [m["content"] for m in prompt] == ["S", "q0", "ans0", "q1", "ans1", "Q"]
-    assert with_shots([row], loaded, 0) == [row]
+    prompt = baseline_rows([row], "B", loaded, 2)[0]["prompt"]
+    assert [m["content"] for m in prompt] == ["B", "q0", "ans0", "q1", "ans1", "Q"]
+    assert [m["content"] for m in baseline_rows([row], "B")[0]["prompt"]] == ["B", "Q"]
 
 
 def test_cascade_recipe_errors_name_their_keys():

@@ -321,3 +321,21 @@ def test_hf_sources_and_generation_targets(tiny_model_dir, tracking_env, tmp_pat
     result = prep(tmp_path, recipe, tmp_path / "missing-split")
     assert result.exit_code == 2
     assert "cannot load split `validation`" in " ".join(result.output.split())
+
+
+def test_expert_prompt_is_the_instruction_and_baselines_get_the_labels(tiny_model_dir, tracking_env, tmp_path):
+    source = tmp_path / "good.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in good_rows()))
+    recipe = recipe_for(tiny_model_dir, source)
+    assert prep(tmp_path, recipe, tmp_path / "short").exit_code == 0
+    spec = json.loads((tmp_path / "short/prep/spec.json").read_text())
+    assert spec["system_prompt"] == "Route the message."
+    assert all(label in spec["baseline_system_prompt"] for label in LABELS)
+    train = read_jsonl(tmp_path / "short/prep/train.jsonl")
+    assert {r["prompt"][0]["content"] for r in train} == {"Route the message."}
+
+    recipe["task"]["spec_in_expert_prompt"] = True
+    assert prep(tmp_path, recipe, tmp_path / "full").exit_code == 0
+    spec = json.loads((tmp_path / "full/prep/spec.json").read_text())
+    assert spec["system_prompt"] == spec["baseline_system_prompt"]
+    assert read_jsonl(tmp_path / "full/prep/train.jsonl")[0]["prompt"][0]["content"] == spec["baseline_system_prompt"]

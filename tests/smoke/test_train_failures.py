@@ -153,3 +153,21 @@ def test_qlora_trains_adapter_on_4bit_base_that_stays_frozen(tiny_model_dir, tra
     adapter = load_file(run_dir / "train/adapter/adapter_model.safetensors")
     lora_b = [t for k, t in adapter.items() if "lora_B" in k]
     assert lora_b and all(t.abs().sum() > 0 for t in lora_b), "LoRA B starts at zero; training must move it"
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tiny_model_dir, tracking_env, tmp_path):
+    recipe_path, run_dir = prepared_run(tmp_path, tiny_model_dir, "plan-test", max_steps=None, epochs=2, batch_size=8)
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    result = CliRunner().invoke(app, ["train", str(recipe_path), "--run-dir", str(run_dir), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    train_rows = len((run_dir / "prep/train.jsonl").read_text().splitlines())
+    steps_per_epoch = -(-train_rows // 8)
+    out = " ".join(result.output.split())
+    assert f"{2 * steps_per_epoch} ({steps_per_epoch} × 2.0)" in out
+    assert f"{train_rows:,} / " in out and "real tokens/s over 4 steps" in out and "process RSS" in out
+    assert "estimated time" in out
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before  # no train/, no checkpoints
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("plan-test")
+    runs = client.search_runs([experiment.experiment_id], "tags.`expert.stage` = 'train'") if experiment else []
+    assert runs == []

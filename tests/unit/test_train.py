@@ -10,7 +10,7 @@ import torch
 
 from pipeline import models, train
 from pipeline.errors import UserError
-from pipeline.recipe import AdapterSection, Recipe, TrainSection
+from pipeline.recipe import AdapterSection, ModelSection, Recipe, TrainSection
 from tests.conftest import shipped_recipe
 
 
@@ -33,7 +33,8 @@ def test_qlora_is_nf4_with_double_quantisation():
 @pytest.mark.parametrize(
     ("requested", "cuda", "bf16", "expected"),
     [
-        ("auto", False, False, "fp32"),
+        ("auto", False, False, "fp32"),  # a CPU without AVX512-BF16/AMX
+        ("auto", False, True, "bf16"),  # a CPU with them
         ("auto", True, True, "bf16"),
         ("auto", True, False, "fp16"),
         ("fp32", True, True, "fp32"),
@@ -53,7 +54,7 @@ def test_precision_the_hardware_cannot_run_is_an_error():
 
 def test_sft_config_sets_every_default_trl_changes(tmp_path):
     section = TrainSection(eval_steps=10, save_steps=20, keep_checkpoints=3, learning_rate=3e-4)
-    config = train.to_sft_config(section, tmp_path, max_tokens=128, precision="fp32")
+    config = train.to_sft_config(section, tmp_path, max_tokens=128)
     assert not config.bf16 and not config.fp16
     assert not config.gradient_checkpointing and not config.activation_checkpointing
     assert config.learning_rate == 3e-4
@@ -63,8 +64,65 @@ def test_sft_config_sets_every_default_trl_changes(tmp_path):
     assert config.completion_only_loss and config.max_length == 128
     assert config.logging_nan_inf_filter is False
     assert config.include_num_input_tokens_seen == "non_padding"
-    checkpointed = train.to_sft_config(TrainSection(gradient_checkpointing=True), tmp_path, 128, "bf16")
-    assert checkpointed.gradient_checkpointing and checkpointed.bf16
+    checkpointed = train.to_sft_config(
+        TrainSection(gradient_checkpointing=True), tmp_path, 128, {"precision": "bf16", "padding_free": True}
+    )
+    assert checkpointed.gradient_checkpointing and checkpointed.bf16 and checkpointed.padding_free
+
+
+@pytest.mark.parametrize(
+    ("requested", "cuda", "flash", "expected"),
+    [("auto", True, True, "flash_attention_2"), ("auto", True, False, "sdpa"), ("auto", False, True, "sdpa"),
+     ("eager", False, False, "eager"), ("flash_attention_2", True, True, "flash_attention_2")],
+)
+def test_choose_attention(requested, cuda, flash, expected):
+    assert models.choose_attention(requested, cuda, flash) == expected
+
+
+def test_flash_attention_without_its_kernels_is_an_error():
+    with pytest.raises(UserError, match="train.attention: flash_attention_2 needs a GPU and the flash-attn package"):
+        models.choose_attention("flash_attention_2", False, True)
+
+
+@pytest.mark.parametrize(
+    ("requested", "packing", "cuda", "expected"),
+    [("auto", False, True, True), ("auto", False, False, False), (True, False, False, True),
+     (False, True, False, True), (False, False, True, False)],
+)
+def test_choose_padding_free(requested, packing, cuda, expected):
+    assert models.choose_padding_free(requested, packing, cuda) is expected
+
+
+def test_padding_free_batches_keep_examples_apart(tiny_model_dir):
+    """The flattened batch (no padding, position ids restarting per example) gives the padded batch's loss:
+    no example attends to another. transformers 5 builds the block-diagonal mask from the position ids
+    for SDPA/eager (only without a KV cache, as in training); flash-attention uses the sequence boundaries."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = models.load_base_model(ModelSection(base=str(tiny_model_dir)), tiny_model_dir).eval()
+    generator = torch.Generator().manual_seed(0)
+    examples = []
+    for length in (7, 12, 4):
+        ids = torch.randint(5, 250, (length,), generator=generator).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * (length // 2) + ids[length // 2:]})
+
+    def summed_loss(batch):
+        labels = batch.pop("labels")
+        keep = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        logits = model(**keep, use_cache=False).logits[:, :-1].float()  # as in training: TRL turns the cache off
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+        )
+
+    with torch.no_grad():
+        padded = summed_loss(DataCollatorForLanguageModeling(pad_token_id=0)(examples))
+        flat = summed_loss(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples))
+        # the control: the same flat sequence with one position count (examples attend to each other) differs
+        mixed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+        mixed["position_ids"] = torch.arange(mixed["input_ids"].size(1)).unsqueeze(0)
+        leaked = summed_loss(mixed)
+    assert flat == pytest.approx(float(padded), rel=1e-4)
+    assert abs(float(leaked) - float(padded)) > 1e-3
 
 
 def test_save_steps_must_be_a_multiple_of_eval_steps():
