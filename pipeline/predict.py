@@ -39,6 +39,10 @@ class SharedPrefix:
     cache: Any
 
 
+# labels whose first token is under this share of the likeliest label-first token are not scored in full
+PRUNE_BELOW = 1e-3
+
+
 @torch.inference_mode()
 def shared_prefix(model, tokenizer, prompt_text: list[str], minimum: int = 16) -> SharedPrefix | None:
     """Run the prompts' common token prefix once; None when it is too short to be worth it."""
@@ -61,18 +65,23 @@ def score_labels(model, tokenizer, prompt_text: list[str], labels: list[str]) ->
 
 
 @torch.inference_mode()
-def _score(model, tokenizer, prompt_text, labels, prefix: SharedPrefix | None = None, top_k: int | None = None):
-    """(scores, exact): label log-probabilities per prompt, and whether the best label is certainly the argmax.
+def _score(model, tokenizer, prompt_text, labels, prefix: SharedPrefix | None = None, prune_below: float | None = None):
+    """(scores, exact, pruned_mass) per prompt: label log-probabilities (None for labels not scored in full),
+    whether the best label is certainly the exhaustive argmax, and an upper bound of the probability of the
+    labels not scored.
 
     The prompts run once, after the cached shared `prefix` when given (each
     prompt's own tokens left-padded). Then the candidate labels' tokens run in
     ONE packed continuation per prompt: a block-diagonal causal 4D mask lets
     each label see the prompt and its own earlier tokens only, and positions
     restart after the prompt for each label, so the KV cache is never copied
-    per label. With `top_k`, only the k labels whose first token is likeliest
-    are scored in full; the others keep their first-token log-probability,
-    an upper bound of their full score, and `exact` says whether the best
-    full score beats every such bound (then the argmax is the exhaustive one).
+    per label. With `prune_below`, a label whose first token is less likely
+    than `prune_below` times the likeliest label-first token is not scored in
+    full: labels that share a first token (BANKING77's `card_*`) stand or fall
+    together, and their first token's probability bounds their total, so
+    `pruned_mass` counts each pruned first token once. `exact` holds when the
+    best full score beats every pruned first token (then no pruned label can
+    win).
     """
     label_ids = [tokenizer(label, add_special_tokens=False)["input_ids"] + _end_ids(tokenizer) for label in labels]
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt_text]
@@ -92,11 +101,13 @@ def _score(model, tokenizer, prompt_text, labels, prefix: SharedPrefix | None = 
         cache.batch_repeat_interleave(n_prompts)
     out = model(input_ids=input_ids, attention_mask=prompt_mask, position_ids=positions, cache=cache, use_cache=True)
     first_lp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (n_prompts, vocab)
-    scores = [[float(first_lp[i, ids[0]]) for ids in label_ids] for i in range(n_prompts)]
-    if top_k is None or top_k >= n_labels:
+    first = [[float(first_lp[i, ids[0]]) for ids in label_ids] for i in range(n_prompts)]
+    scores: list[list[float | None]] = [list(row) for row in first]
+    if prune_below is None:
         candidates = [list(range(n_labels))] * n_prompts
     else:
-        candidates = [sorted(range(n_labels), key=lambda j, row=row: -row[j])[:top_k] for row in scores]
+        floor = math.log(prune_below)
+        candidates = [[j for j in range(n_labels) if row[j] >= max(row) + floor] for row in first]
     fed = [ids[:-1] for ids in label_ids]  # a label's last token is only ever predicted, never fed
 
     # packed continuation per prompt: slot -> (label, offset); padding slots only see themselves
@@ -132,27 +143,34 @@ def _score(model, tokenizer, prompt_text, labels, prefix: SharedPrefix | None = 
         for i, (owner, _) in enumerate(rows):
             for slot, j in enumerate(owner):
                 scores[i][j] += float(token_lp[i, slot])
-    exact = []
+    exact, pruned_mass = [], []
     for i, cand in enumerate(candidates):
-        rest = set(range(n_labels)) - set(cand)
-        exact.append(not rest or max(scores[i][j] for j in cand) >= max(scores[i][j] for j in rest))
-    return scores, exact
+        pruned = set(range(n_labels)) - set(cand)
+        pruned_first = {label_ids[j][0]: first[i][j] for j in pruned}  # one bound per first token
+        for j in pruned:
+            scores[i][j] = None
+        best = max(scores[i][j] for j in cand)
+        exact.append(not pruned_first or best >= max(pruned_first.values()))
+        pruned_mass.append(sum(math.exp(lp) for lp in pruned_first.values()))
+    return scores, exact, pruned_mass
 
 
 def classify(
     model, tokenizer, prompts, labels: list[str], batch_size: int, on_batch: Callable[[int], None] | None = None,
-    top_k: int | None = None,
+    prune_below: float | None = PRUNE_BELOW,
 ):
     """(label, confidence, seconds per example) for every prompt.
 
-    The prompts' shared start (system prompt and label list) runs once for the
-    whole call. By default every label is scored in full. With `top_k`, only
-    the k labels likeliest by their first token are; a prompt whose best full
-    score does not beat every other label's bound is re-scored with all
-    labels, so the answer is still the exhaustive argmax, and confidence puts
-    pruned labels at their upper bound (never higher than the exhaustive
-    confidence). The first-token bound is weak when labels share first tokens
-    (BANKING77's `card_*`), so pruning is opt-in.
+    The prompts' shared start (the system prompt, for baselines with the label
+    list) runs once for the whole call. Labels whose first token is less than
+    `prune_below` times as likely as the likeliest label-first token are not
+    scored in full; a prompt whose best full score does not beat every pruned
+    first token is re-scored with all labels, so the answer is always the
+    exhaustive argmax. Confidence counts each pruned first token's probability
+    (an upper bound of its labels' total) in the normaliser, so it is never
+    above the exhaustive confidence and below it by at most that mass
+    (< `prune_below` x number of first tokens). `prune_below=None` scores
+    every label in full.
     """
     out = []
     texts = prompt_texts(tokenizer, prompts)
@@ -160,17 +178,20 @@ def classify(
     for i in range(0, len(texts), batch_size):
         chunk = texts[i : i + batch_size]
         started = time.perf_counter()
-        scores, exact = _score(model, tokenizer, chunk, labels, prefix, top_k)
+        scores, exact, pruned_mass = _score(model, tokenizer, chunk, labels, prefix, prune_below)
         redo = [k for k, ok in enumerate(exact) if not ok]
         if redo:
-            full, _ = _score(model, tokenizer, [chunk[k] for k in redo], labels, prefix)
+            full, _, _ = _score(model, tokenizer, [chunk[k] for k in redo], labels, prefix)
             for k, row in zip(redo, full):
-                scores[k] = row
+                scores[k], pruned_mass[k] = row, 0.0
         per_example = (time.perf_counter() - started) / len(chunk)
-        for row in scores:
-            probs = torch.softmax(torch.tensor(row), dim=0)
-            best = int(torch.argmax(probs))
-            out.append({"prediction": labels[best], "confidence": float(probs[best]), "latency_s": per_example})
+        for row, mass in zip(scores, pruned_mass):
+            scored = [(lp, j) for j, lp in enumerate(row) if lp is not None]
+            top = max(lp for lp, _ in scored)
+            total = sum(math.exp(lp - top) for lp, _ in scored) + mass * math.exp(-top)
+            best_lp, best = max(scored)
+            out.append({"prediction": labels[best], "confidence": math.exp(best_lp - top) / total,
+                        "latency_s": per_example})
         if on_batch:
             on_batch(len(chunk))
     return out

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.predict import _score, classify, generate, score_labels, shared_prefix
+from pipeline.predict import _score, classify, generate, prompt_texts, score_labels, shared_prefix
 from pipeline.tasks.extraction import check_target, parse_answer
 
 LABELS = ["billing", "shipping", "technical support", "account"]
@@ -54,22 +54,39 @@ def test_shared_prefix_cache_gives_the_same_scores(tiny):
     assert prefix is not None and len(prefix.ids) >= 16
     with torch.inference_mode():
         expected = full_sequence_scores(model, tokenizer, prompts, LABELS)
-    got, exact = _score(model, tokenizer, prompts, LABELS, prefix)
-    assert exact == [True] * 3
+    got, exact, pruned = _score(model, tokenizer, prompts, LABELS, prefix)
+    assert exact == [True] * 3 and pruned == [0.0] * 3
     for got_row, expected_row in zip(got, expected, strict=True):
         assert got_row == pytest.approx(expected_row, abs=1e-4)
 
 
-def test_top_k_pruning_keeps_the_exhaustive_answer(tiny):
+def test_pruning_keeps_the_exhaustive_answer_and_bounds_confidence(tiny):
     model, tokenizer = tiny
     labels = LABELS + ["refund", "returns", "delivery", "technical", "billing address", "shipping cost"]
     prompts = [[{"role": "system", "content": "Route the message. Labels: " + ", ".join(labels)},
                 {"role": "user", "content": text}] for text in ("refund please", "app crashes", "hi", "parcel?", "x y z")]
-    full = classify(model, tokenizer, prompts, labels, batch_size=5, top_k=None)
-    for k in (1, 3):
-        pruned = classify(model, tokenizer, prompts, labels, batch_size=5, top_k=k)
+    full = classify(model, tokenizer, prompts, labels, batch_size=5, prune_below=None)
+    for threshold in (0.9, 0.3, 1e-3):
+        pruned = classify(model, tokenizer, prompts, labels, batch_size=5, prune_below=threshold)
         assert [r["prediction"] for r in pruned] == [r["prediction"] for r in full]
         assert all(p["confidence"] <= f["confidence"] + 1e-6 for p, f in zip(pruned, full))
+    texts = prompt_texts(tokenizer, prompts)
+    scores, exact, mass = _score(model, tokenizer, texts, labels, None, prune_below=0.9)
+    assert any(None in row for row in scores), "a high threshold must prune something on the random model"
+    first_tokens = {tokenizer(label, add_special_tokens=False)["input_ids"][0] for label in labels}
+    assert all(0 <= m <= 1 for m in mass) and len(first_tokens) < len(labels)  # shared first tokens are exercised
+
+
+def test_pruning_groups_labels_by_first_token(tiny):
+    """Labels sharing a first token are scored together: with one first token likely, all of its labels are."""
+    model, tokenizer = tiny
+    labels = ["billing", "billing address", "billing cycle", "shipping", "shipping cost"]
+    texts = prompt_texts(tokenizer, [[{"role": "user", "content": "invoice"}]])
+    scores, _, _ = _score(model, tokenizer, texts, labels, None, prune_below=0.999999)
+    first = [tokenizer(label, add_special_tokens=False)["input_ids"][0] for label in labels]
+    scored_first = {first[j] for j, lp in enumerate(scores[0]) if lp is not None}
+    assert len(scored_first) == 1
+    assert [lp is not None for lp in scores[0]] == [f in scored_first for f in first]
 
 
 def test_classify_returns_valid_label_and_normalised_confidence(tiny):
