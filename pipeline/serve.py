@@ -578,7 +578,27 @@ def run(model_uri: str, host: str, port: int, options: ServeOptions) -> None:
         f"serving [bold]{service.model_name}[/] v{service.version or '?'} ({health['task']}) on http://{host}:{port}  "
         f"escalation {health['escalation']}; frontier down -> {options.frontier_down}"
     )
+    stopped = _install_stop_handlers()
     try:
-        server.run()
+        server.run()  # on SIGTERM/SIGINT it drains, then re-raises the signal to the handlers installed here
+    except stopped:
+        pass
     finally:
         service.close()
+    console.print(f"stopped serving {service.model_name}")
+
+
+def _install_stop_handlers() -> type[BaseException]:
+    """SIGTERM/SIGINT after uvicorn's graceful shutdown end the command with exit 0, not a signal death."""
+    import signal
+
+    class Stopped(BaseException):
+        pass
+
+    def stop(signum, frame):
+        raise Stopped
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, stop)
+    return Stopped
