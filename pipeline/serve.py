@@ -163,6 +163,7 @@ class BatchingEngine:
         self.expert, self.options, self.metrics = expert, options, metrics
         self.queue: queue.Queue[tuple[str, Future] | None] = queue.Queue()
         self.prefix = None
+        self.fallbacks = 0  # batches that could not use the cached system-prompt prefix
         if expert.recipe.task.type == "classification":
             self.prefix = self._system_prefix()
         self.thread = threading.Thread(target=self._loop, name="expert-model", daemon=True)
@@ -232,6 +233,7 @@ class BatchingEngine:
         n = len(self.prefix.ids)
         if any(expert.tokenizer(p, add_special_tokens=False)["input_ids"][:n] != self.prefix.ids for p in rendered):
             # a text whose first token merges into the template (never seen so far): the uncached path
+            self.fallbacks += 1
             rows = predict.classify(expert.model, expert.tokenizer, prompts, expert.spec, len(prompts))
             return [{"answer": r["prediction"], "confidence": float(r["confidence"])} for r in rows]
         scores, _ = predict._score(expert.model, expert.tokenizer, rendered, expert.spec, self.prefix)

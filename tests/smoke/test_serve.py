@@ -107,6 +107,7 @@ def test_openai_client_gets_eval_answers_and_unsure_ones_escalate(version, servi
                 assert resp.expert["escalated"] is False and headers["x-expert-escalated"] == "false"
                 assert resp.choices[0].message.content == expected["prediction"]
         assert len(version.srv.requests) - calls_before == len(unsure)
+        assert service.engine.prefix is not None and service.engine.fallbacks == 0, "the system prompt's cache was used"
 
         # the frontier goes down: unsure answers come back from the expert, flagged
         version.srv.stop()
