@@ -60,6 +60,7 @@ class ServeOptions:
     frontier_retries: int = 1  # retries per escalated request (serving cannot wait like eval)
     frontier_timeout_s: float = 10.0
     merge: bool = True  # fold the LoRA weights into the base at load: same answers, less work per token
+    threads: int | None = None  # torch CPU threads for the model; default: torch's (one per core)
 
 
 class HTTPError(Exception):
@@ -560,6 +561,12 @@ def load_service(model_uri: str, options: ServeOptions) -> Service:
 
     if options.max_batch < 1:
         raise UserError("--max-batch must be at least 1")
+    if options.threads is not None:
+        if options.threads < 1:
+            raise UserError("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(options.threads)
     _, expert = registry.load_version(model_uri)
     if options.merge and expert.recipe.model.quantization == "none" and hasattr(expert.model, "merge_and_unload"):
         expert.model = expert.model.merge_and_unload().eval()
