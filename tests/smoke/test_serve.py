@@ -243,3 +243,33 @@ def test_export_merged_matches_adapter_logits_and_peft_dir_loads(version, tiny_m
     assert (adapter_logits - base_logits).abs().max() > 1e-3, "the adapter must change the logits for this to mean anything"
     torch.testing.assert_close(merged_logits, adapter_logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(peft_logits, adapter_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_extraction_answers_are_schema_objects_over_http(tiny_model_dir, tmp_path):
+    """The served extraction path (constrained decoding through predict.answer) on the tiny model, no registry."""
+    import jsonschema
+
+    from pipeline import models
+    from pipeline.recipe import load_recipe
+    from pipeline.tasks import extraction
+
+    recipe = load_recipe(write_recipe(tmp_path, shipped_recipe(
+        "schema-extraction", **{"model.base": str(tiny_model_dir), "eval.max_new_tokens": 48})))
+    schema = recipe.task.json_schema
+    tokenizer = models.load_tokenizer(tiny_model_dir)
+    expert = SimpleNamespace(recipe=recipe, spec=schema, tokenizer=tokenizer, threshold=None, frontier=None,
+                             system_prompt=extraction.system_prompt(recipe.task.instruction, schema),
+                             model=models.load_base_model(recipe.model, tiny_model_dir).eval())
+    service = serve.Service(expert, "orders", None, "local", serve.ServeOptions())
+    try:
+        with serving(serve.create_app(service)) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            resp = client.chat.completions.create(
+                model="orders", messages=[{"role": "user", "content": "Order A12345: 2 mugs arrived broken"}])
+            jsonschema.validate(json.loads(resp.choices[0].message.content), schema)
+            row = httpx.post(f"{url}/v1/predict", json={"texts": ["3 lamps never came", "wrong colour"]}, timeout=120).json()
+            for p in row["predictions"]:
+                jsonschema.validate(p["answer"], schema)
+                assert 0 < p["confidence"] <= 1 and p["escalate"] is False
+    finally:
+        service.close()
