@@ -295,6 +295,66 @@ def predict_cmd(
 
 
 @app.command()
+def serve(
+    model_uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION or any MLflow model URI.")],
+    host: Annotated[str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless you mean to expose it.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    escalate: Annotated[
+        bool, typer.Option("--escalate/--no-escalate", help="Send answers under the cascade threshold to the frontier.")
+    ] = True,
+    frontier_down: Annotated[
+        str, typer.Option("--frontier-down", help="When the frontier fails: `flag` (the expert's answer, flagged) or `502`.")
+    ] = "flag",
+    max_batch: Annotated[int, typer.Option(help="Most requests answered in one model call.")] = 16,
+    batch_wait_ms: Annotated[float, typer.Option(help="After the first queued request, wait this long for more.")] = 2.0,
+    max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 64 * 1024,
+    max_input_tokens: Annotated[
+        int | None, typer.Option(help="Longer input texts get 413. Default: the recipe's data.max_tokens.")
+    ] = None,
+    frontier_retries: Annotated[int, typer.Option(help="Retries per escalated request.")] = 1,
+    frontier_timeout: Annotated[float, typer.Option(help="Seconds per frontier attempt.")] = 10.0,
+    merge: Annotated[
+        bool, typer.Option("--merge/--no-merge", help="Fold the adapter into the base weights at load (faster).")
+    ] = True,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for the model (default: one per core; 1 helps on a busy machine).")
+    ] = None,
+) -> None:
+    """Serve a registered expert: OpenAI-compatible /v1/chat/completions, /v1/predict, /health, /metrics."""
+
+    def body() -> None:
+        from pipeline import serve as serving
+
+        if frontier_down not in ("flag", "502"):
+            raise UserError(f"--frontier-down {frontier_down}: use `flag` or `502`")
+        options = serving.ServeOptions(
+            escalate=escalate, frontier_down=frontier_down, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
+            max_body_bytes=max_body_bytes, max_input_tokens=max_input_tokens, frontier_retries=frontier_retries,
+            frontier_timeout_s=frontier_timeout, merge=merge, threads=threads,
+        )
+        serving.run(model_uri, host, port, options)
+
+    _guarded(body)
+
+
+@app.command("export")
+def export_cmd(
+    model_uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION or any MLflow model URI.")],
+    fmt: Annotated[str, typer.Option("--format", help="`peft` (adapter directory for vLLM --enable-lora) or `merged`.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write (must be empty unless --force).")],
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")] = False,
+) -> None:
+    """Write a version as a PEFT adapter directory or a merged safetensors model (for vLLM and other servers)."""
+
+    def body() -> None:
+        from pipeline.export import export
+
+        export(model_uri, fmt, out, force)  # type: ignore[arg-type]
+
+    _guarded(body)
+
+
+@app.command()
 def compare(
     refs: Annotated[list[str], typer.Argument(help="Run directories and/or models:/NAME/VERSION, models:/NAME@ALIAS.")],
 ) -> None:

@@ -1,0 +1,255 @@
+"""`expert serve` over real HTTP with a stand-in model: the OpenAI contract, escalation, bad input, batching.
+
+The model is replaced by a fake engine (answers in microseconds, confidence set
+by the text) so these run in seconds; tests/smoke/test_serve.py serves a real
+registered version.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+
+from pipeline import serve
+from pipeline.recipe import BaselineSection
+from tests.support.openai_server import FakeOpenAIServer
+from tests.support.serve_thread import serving
+
+LABELS = ["billing", "shipping", "technical"]
+KEY = "sk-unit-serve-secret"
+
+
+class WordTokenizer:
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(range(len(text.split())))}
+
+
+class FakeEngine:
+    """Answers `shipping` when the text mentions a parcel; confidence 0.1 for texts saying `unsure`."""
+
+    def __init__(self):
+        self.seen: list[str] = []
+
+    def submit(self, text: str) -> Future:
+        self.seen.append(text)
+        fut: Future = Future()
+        if "boom" in text:
+            fut.set_exception(RuntimeError("model exploded"))
+        else:
+            fut.set_result({"answer": "shipping" if "parcel" in text else "billing",
+                            "confidence": 0.1 if "unsure" in text else 0.9})
+        return fut
+
+    def alive(self):
+        return True
+
+    def close(self):
+        pass
+
+
+def fake_expert(base_url: str, threshold: float | None = 0.5):
+    frontier = BaselineSection(name="frontier", kind="openai", model="fake", base_url=base_url, api_key_env="UNIT_KEY")
+    recipe = SimpleNamespace(
+        task=SimpleNamespace(type="classification"),
+        data=SimpleNamespace(max_tokens=20),
+        eval=SimpleNamespace(baselines=[frontier], max_new_tokens=16),
+        registry=SimpleNamespace(model_name="unit-expert"),
+        model=SimpleNamespace(quantization="none"),
+    )
+    return SimpleNamespace(recipe=recipe, tokenizer=WordTokenizer(), spec=LABELS, system_prompt="Route it.",
+                           threshold=threshold, frontier="frontier")
+
+
+@pytest.fixture
+def frontier_server(monkeypatch):
+    monkeypatch.setenv("UNIT_KEY", KEY)
+    with FakeOpenAIServer(lambda body: "technical", api_key=KEY) as srv:
+        yield srv
+
+
+def make_service(base_url: str, **options) -> serve.Service:
+    return serve.Service(fake_expert(base_url), "unit-expert", "3", "models:/unit-expert@champion",
+                         serve.ServeOptions(frontier_retries=0, frontier_timeout_s=2, **options), engine=FakeEngine())
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="anything", max_retries=0)
+
+
+def test_chat_completions_with_the_openai_client(frontier_server):
+    service = make_service(frontier_server.base_url)
+    with serving(serve.create_app(service)) as url:
+        raw = client(url).chat.completions.with_raw_response.create(
+            model="unit-expert", messages=[{"role": "system", "content": "ignored"},
+                                           {"role": "user", "content": "where is my parcel"}])
+        resp = raw.parse()
+        assert resp.choices[0].message.content == "shipping"
+        assert resp.model == "unit-expert" and resp.usage.prompt_tokens == 4
+        assert resp.expert["confidence"] == 0.9 and resp.expert["escalated"] is False and resp.expert["version"] == "3"
+        assert raw.headers["x-expert-escalated"] == "false" and raw.headers["x-expert-confidence"] == "0.900000"
+        assert frontier_server.requests == []
+
+        # an unsure answer goes to the frontier, with the expert's own system prompt, and says so
+        raw = client(url).chat.completions.with_raw_response.create(
+            model="unit-expert", messages=[{"role": "user", "content": "unsure about this charge"}])
+        resp = raw.parse()
+        assert resp.choices[0].message.content == "technical"
+        assert resp.expert["escalated"] is True and resp.expert["expert_answer"] == "billing"
+        assert raw.headers["x-expert-escalated"] == "true"
+        assert frontier_server.requests[-1]["messages"] == [
+            {"role": "system", "content": "Route it."}, {"role": "user", "content": "unsure about this charge"}]
+
+        # streaming clients get the same answer as server-sent events
+        stream = client(url).chat.completions.create(
+            model="unit-expert", messages=[{"role": "user", "content": "parcel late"}], stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "shipping"
+
+        assert [m.id for m in client(url).models.list()] == ["unit-expert"]
+        health = httpx.get(f"{url}/health").json()
+        assert health["status"] == "ok" and health["escalation"].startswith("on:")
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'expert_escalations_total{outcome="frontier"} 1' in metrics
+        assert 'expert_requests_total{endpoint="/v1/chat/completions",code="200"} 3' in metrics
+        assert 'expert_request_duration_seconds_count{endpoint="/v1/chat/completions"} 3' in metrics
+        assert KEY not in metrics and KEY not in str(health)
+
+
+def test_frontier_down_flags_or_502_as_configured(frontier_server):
+    base_url = frontier_server.base_url
+    frontier_server.stop()
+    flag = make_service(base_url)
+    with serving(serve.create_app(flag)) as url:
+        raw = httpx.post(f"{url}/v1/predict", json={"text": "unsure parcel"})
+        assert raw.status_code == 200
+        row = raw.json()
+        assert row["answer"] == "shipping" and row["escalate"] is True and row["escalated"] is False
+        assert "APIConnectionError" in row["escalation_error"]
+        assert raw.headers["x-expert-escalation-failed"] == "true"
+        assert 'expert_escalations_total{outcome="failed"} 1' in httpx.get(f"{url}/metrics").text
+
+    strict = make_service(base_url, frontier_down="502")
+    with serving(serve.create_app(strict)) as url:
+        with pytest.raises(openai.APIStatusError) as err:
+            client(url).chat.completions.create(model="unit-expert", messages=[{"role": "user", "content": "unsure"}])
+        assert err.value.status_code == 502 and "frontier failed" in err.value.message
+        # confident answers never need the frontier
+        ok = client(url).chat.completions.create(model="unit-expert", messages=[{"role": "user", "content": "refund"}])
+        assert ok.choices[0].message.content == "billing"
+
+
+def test_no_escalate_and_no_key_mark_but_do_not_send(frontier_server, monkeypatch):
+    off = make_service(frontier_server.base_url, escalate=False)
+    monkeypatch.delenv("UNIT_KEY")
+    nokey = make_service(frontier_server.base_url)
+    for service, why in ((off, "--no-escalate"), (nokey, "UNIT_KEY is not set")):
+        with serving(serve.create_app(service)) as url:
+            row = httpx.post(f"{url}/v1/predict", json={"text": "unsure"}).json()
+            assert row["escalate"] is True and row["escalated"] is False and row["escalation_skipped"] == why
+    assert frontier_server.requests == []
+
+
+def test_bad_requests_get_clear_errors_and_the_server_lives_on(frontier_server):
+    service = make_service(frontier_server.base_url, max_body_bytes=2000)
+    with serving(serve.create_app(service)) as url:
+        chat = f"{url}/v1/chat/completions"
+
+        def post(path, **kw):
+            return httpx.post(f"{url}{path}", **kw)
+
+        cases = [
+            (post("/v1/chat/completions", content=b"{not json"), 400, "not valid JSON"),
+            (post("/v1/chat/completions", json=[1, 2]), 400, "JSON object"),
+            (post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}), 400, "`model` is required"),
+            (post("/v1/chat/completions", json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}), 404,
+             "use `unit-expert`"),
+            (post("/v1/chat/completions", json={"model": "unit-expert"}), 400, "`messages` must be"),
+            (post("/v1/chat/completions", json={"model": "unit-expert", "messages": [{"role": "system", "content": "x"}]}),
+             400, "no user message"),
+            (post("/v1/chat/completions", json={"model": "unit-expert", "messages": [{"role": "user", "content": " "}]}),
+             400, "non-empty text"),
+            (post("/v1/chat/completions", json={"model": "unit-expert", "n": 2,
+                                                "messages": [{"role": "user", "content": "hi"}]}), 400, "`n` must be 1"),
+            (post("/v1/predict", json={"txt": "typo"}), 400, "`text` (a string) or `texts`"),
+            (post("/v1/predict", json={"text": 42}), 400, "non-empty string"),
+            (post("/v1/predict", json={"texts": []}), 400, "non-empty list"),
+            (post("/v1/predict", json={"text": "word " * 21}), 413, "21 tokens"),
+            (post("/v1/predict", json={"texts": ["a"] * 65}), 413, "at most 64"),
+            (post("/v1/predict", content=b'{"text": "' + b"x" * 3000 + b'"}'), 413, "limit is 2000"),
+            (post("/v1/predict", json={"text": "boom"}), 500, "internal error"),
+            (httpx.get(chat), 405, "method not allowed"),
+            (httpx.get(f"{url}/nope"), 404, "no route /nope"),
+        ]
+        for response, status, message in cases:
+            assert response.status_code == status, (response.status_code, response.text)
+            assert message in response.json()["error"]["message"], response.text
+        # a chunked body (no Content-Length) is cut off at the limit too
+        chunked = post("/v1/predict", content=iter([b'{"text": "', b"y" * 2500, b'"}']))
+        assert chunked.status_code == 413
+
+        # still serving, and the errors are counted
+        assert httpx.get(f"{url}/health").status_code == 200
+        many = post("/v1/predict", json={"texts": ["parcel", "invoice"]}).json()
+        assert [p["answer"] for p in many["predictions"]] == ["shipping", "billing"]
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'expert_errors_total{endpoint="/v1/predict",code="413"} 4' in metrics
+        assert 'expert_errors_total{endpoint="/v1/predict",code="500"} 1' in metrics
+        assert 'expert_errors_total{endpoint="other",code="404"} 1' in metrics
+
+
+class SlowEngine(serve.BatchingEngine):
+    """The real batching loop around a model that takes 50 ms per call whatever the batch size."""
+
+    def _system_prefix(self):
+        return None
+
+    def infer(self, texts):
+        self.sizes.append(len(texts))
+        time.sleep(0.05)
+        if "fail" in texts:
+            raise RuntimeError("bad batch")
+        return [{"answer": t.upper(), "confidence": 1.0} for t in texts]
+
+
+def test_concurrent_requests_are_micro_batched_and_a_failing_batch_fails_only_itself():
+    expert = SimpleNamespace(recipe=SimpleNamespace(task=SimpleNamespace(type="generation")))
+    metrics = serve.Metrics()
+    engine = SlowEngine(expert, serve.ServeOptions(max_batch=4, batch_wait_ms=5), metrics)
+    engine.sizes = []
+    try:
+        futures = [engine.submit(f"t{i}") for i in range(10)]
+        assert [f.result(timeout=10)["answer"] for f in futures] == [f"T{i}" for i in range(10)]
+        assert max(engine.sizes) == 4 and sum(engine.sizes) == 10 and len(engine.sizes) <= 4
+
+        bad = engine.submit("fail")
+        with pytest.raises(RuntimeError, match="bad batch"):
+            bad.result(timeout=10)
+        assert engine.alive() and engine.submit("after").result(timeout=10)["answer"] == "AFTER"
+        assert f"expert_batch_size_count {len(engine.sizes) - 1}" in metrics.render()  # the failed batch is not counted
+    finally:
+        engine.close()
+    assert not engine.alive()
+
+
+def test_metrics_render_prometheus_text():
+    m = serve.Metrics()
+    m.request("/v1/predict", 200, 0.02)
+    m.request("/v1/predict", 400, 0.001)
+    m.batch(3)
+    text = m.render()
+    assert 'expert_request_duration_seconds_bucket{endpoint="/v1/predict",le="0.025"} 2' in text
+    assert 'expert_request_duration_seconds_bucket{endpoint="/v1/predict",le="0.005"} 1' in text
+    assert 'expert_request_duration_seconds_bucket{endpoint="/v1/predict",le="+Inf"} 2' in text
+    assert 'expert_errors_total{endpoint="/v1/predict",code="400"} 1' in text
+    assert 'expert_batch_size_bucket{le="2"} 0' in text and 'expert_batch_size_bucket{le="4"} 1' in text
+    assert "# TYPE expert_request_duration_seconds histogram" in text
+
+
+def test_registered_name_version_parses_uris():
+    assert serve.registered_name_version("models:/ticket-router/7") == ("ticket-router", "7")
+    assert serve.registered_name_version("runs:/abc/expert") == (None, None)
