@@ -58,6 +58,7 @@ class ExpertModel(mlflow.pyfunc.PythonModel):
         self.frontier = cascade_doc.get("frontier")  # the baseline that answers escalated requests
         base_dir = bundle / "base"
         source = base_dir if base_dir.is_dir() else models.resolve_base(self.recipe.model.base)[0]
+        self.base_source = source
         self.tokenizer = models.load_tokenizer(bundle / "adapter", self.recipe.model.trust_remote_code)
         base = models.load_base_model(self.recipe.model, source, models.resolve_precision(self.recipe.train.precision))
         self.model = PeftModel.from_pretrained(base, bundle / "adapter").eval()

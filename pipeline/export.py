@@ -51,6 +51,21 @@ def base_source(recipe) -> Path | str:
         return recipe.model.base
 
 
+def fp32_copy(expert, out: Path):
+    """Base + adapter loaded afresh in fp32 for merging: the served model may run in bf16, and folding the
+    adapter into bf16 weights would round every merged weight."""
+    import tempfile
+
+    from peft import PeftModel
+
+    from pipeline import models
+
+    with tempfile.TemporaryDirectory(dir=out) as adapter_dir:
+        expert.model.save_pretrained(adapter_dir)
+        base = models.load_base_model(expert.recipe.model, expert.base_source, "fp32")
+        return PeftModel.from_pretrained(base, adapter_dir)
+
+
 def prepare_out(out: Path, force: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not force:
@@ -77,7 +92,7 @@ def export(model_uri: str, fmt: Literal["peft", "merged"], out: Path, force: boo
         if recipe.model.adapter.method == "dora":
             console.print("[yellow]export[/]: DoRA adapters are not loaded by vLLM's LoRA support; use --format merged")
     else:
-        merged = expert.model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaN weights
+        merged = fp32_copy(expert, out).merge_and_unload(safe_merge=True)  # safe_merge: refuse NaN weights
         merged.save_pretrained(out)  # safetensors (transformers 5 writes nothing else)
     expert.tokenizer.save_pretrained(out)
     (out / "expert.json").write_text(json.dumps(expert_card(expert, model_uri, fmt), indent=2, ensure_ascii=False) + "\n")

@@ -157,7 +157,7 @@ def _score(model, tokenizer, prompt_text, labels, prefix: SharedPrefix | None = 
 
 def classify(
     model, tokenizer, prompts, labels: list[str], batch_size: int, on_batch: Callable[[int], None] | None = None,
-    prune_below: float | None = PRUNE_BELOW,
+    prune_below: float | None = PRUNE_BELOW, prefix: SharedPrefix | None = None,
 ):
     """(label, confidence, seconds per example) for every prompt.
 
@@ -170,11 +170,12 @@ def classify(
     (an upper bound of its labels' total) in the normaliser, so it is never
     above the exhaustive confidence and below it by at most that mass
     (< `prune_below` x number of first tokens). `prune_below=None` scores
-    every label in full.
+    every label in full. A server passes the `prefix` it computed once at start-up (every prompt must start with
+    its tokens); otherwise the prompts' common start is found and run here.
     """
     out = []
     texts = prompt_texts(tokenizer, prompts)
-    prefix = shared_prefix(model, tokenizer, texts)
+    prefix = prefix or shared_prefix(model, tokenizer, texts)
     for i in range(0, len(texts), batch_size):
         chunk = texts[i : i + batch_size]
         started = time.perf_counter()

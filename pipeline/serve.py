@@ -237,19 +237,8 @@ class BatchingEngine:
             self.fallbacks += 1
             rows = predict.classify(expert.model, expert.tokenizer, prompts, expert.spec, len(prompts))
             return [{"answer": r["prediction"], "confidence": float(r["confidence"])} for r in rows]
-        scores, _ = predict._score(expert.model, expert.tokenizer, rendered, expert.spec, self.prefix)
-        out = []
-        for row in scores:  # as predict.classify: softmax over the label set, best label
-            probs = _softmax(row)
-            best = max(range(len(probs)), key=probs.__getitem__)
-            out.append({"answer": expert.spec[best], "confidence": probs[best]})
-        return out
-
-
-def _softmax(row: list[float]) -> list[float]:
-    import torch
-
-    return torch.softmax(torch.tensor(row), dim=0).tolist()
+        rows = predict.classify(expert.model, expert.tokenizer, prompts, expert.spec, len(prompts), prefix=self.prefix)
+        return [{"answer": r["prediction"], "confidence": float(r["confidence"])} for r in rows]
 
 
 # --------------------------------------------------------------------------- the service
@@ -355,7 +344,7 @@ class Service:
 
     def _ask_frontier(self, text: str) -> dict[str, Any]:
         expert = self.expert
-        messages = [{"role": "system", "content": expert.system_prompt}, {"role": "user", "content": text}]
+        messages = [{"role": "system", "content": expert.baseline_system_prompt}, {"role": "user", "content": text}]
         schema = expert.spec if expert.recipe.task.type == "extraction" else None
         return frontier.ask_all(self.baseline, self.frontier_key, [messages], expert.recipe.eval.max_new_tokens, schema)[0]
 

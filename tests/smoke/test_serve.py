@@ -241,8 +241,11 @@ def test_export_merged_matches_adapter_logits_and_peft_dir_loads(version, tiny_m
         reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), peft_dir).eval()
         peft_logits = reloaded(**enc).logits
     assert (adapter_logits - base_logits).abs().max() > 1e-3, "the adapter must change the logits for this to mean anything"
-    torch.testing.assert_close(merged_logits, adapter_logits, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(peft_logits, adapter_logits, atol=1e-5, rtol=1e-5)
+    # the merge runs in fp32: it equals the fp32 adapter model; the served model may run in bf16 on this CPU
+    torch.testing.assert_close(merged_logits, peft_logits, atol=1e-4, rtol=1e-4)
+    bf16_served = expert.model.dtype == torch.bfloat16
+    tolerance = 3e-2 if bf16_served else 1e-5
+    torch.testing.assert_close(peft_logits, adapter_logits.float(), atol=tolerance, rtol=tolerance)
 
 
 def test_extraction_answers_are_schema_objects_over_http(tiny_model_dir, tmp_path):

@@ -63,6 +63,7 @@ def fake_expert(base_url: str, threshold: float | None = 0.5):
         model=SimpleNamespace(quantization="none"),
     )
     return SimpleNamespace(recipe=recipe, tokenizer=WordTokenizer(), spec=LABELS, system_prompt="Route it.",
+                           baseline_system_prompt="Route it. Labels: " + ", ".join(LABELS),
                            threshold=threshold, frontier="frontier")
 
 
@@ -95,7 +96,7 @@ def test_chat_completions_with_the_openai_client(frontier_server):
         assert raw.headers["x-expert-escalated"] == "false" and raw.headers["x-expert-confidence"] == "0.900000"
         assert frontier_server.requests == []
 
-        # an unsure answer goes to the frontier, with the expert's own system prompt, and says so
+        # an unsure answer goes to the frontier, with the baselines' prompt (the label list too), and says so
         raw = client(url).chat.completions.with_raw_response.create(
             model="unit-expert", messages=[{"role": "user", "content": "unsure about this charge"}])
         resp = raw.parse()
@@ -103,7 +104,8 @@ def test_chat_completions_with_the_openai_client(frontier_server):
         assert resp.expert["escalated"] is True and resp.expert["expert_answer"] == "billing"
         assert raw.headers["x-expert-escalated"] == "true"
         assert frontier_server.requests[-1]["messages"] == [
-            {"role": "system", "content": "Route it."}, {"role": "user", "content": "unsure about this charge"}]
+            {"role": "system", "content": "Route it. Labels: " + ", ".join(LABELS)},
+            {"role": "user", "content": "unsure about this charge"}]
 
         # streaming clients get the same answer as server-sent events
         stream = client(url).chat.completions.create(
