@@ -483,6 +483,8 @@ def flat_metrics(metrics: dict[str, Any], comparisons: dict[str, Any] | None = N
         for k, v in m.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
                 out[f"{system}.{k}"] = float(v)
+        for field, prf in m.get("field_f1", {}).items():  # extraction: per top-level field
+            out[f"{system}.field_f1.{field}"] = prf["f1"]
     for name, c in (comparisons or {}).items():
         for k in ("difference", "ci_low", "ci_high"):
             out[f"expert_vs_{name}.{k}"] = c[k]
@@ -519,7 +521,8 @@ def write_plots(folder: Path, recipe: Recipe, spec, golds, outputs, calibration,
 
 def _quality_columns(metrics: dict[str, Any]) -> list[str]:
     first = next(iter(metrics.values()))
-    return [k for k in ("accuracy", "macro_f1", "valid_json_rate", "field_exact_match", "exact_match") if k in first]
+    return [k for k in ("accuracy", "macro_f1", "valid_json_rate", "field_exact_match", "micro_f1", "exact_match")
+            if k in first]
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -545,6 +548,14 @@ def render_report(recipe: Recipe, metrics, skipped, comparisons, calibration, ca
             f"| {name} | {quality} | {_fmt(m['cost_per_1k'], '.4f')} | {_fmt(m['latency_ms_p50'], '.1f')} | "
             f"{_fmt(m['latency_ms_p95'], '.1f')} | {m['errors']} | {m['unparsed']} |"
         )
+    with_fields = {n: m for n, m in metrics.items() if "field_f1" in m}
+    if with_fields:
+        lines += ["", "## Fields (exact match per example; precision / recall / F1 over leaf values, micro-averaged)",
+                  "", "| system | field | exact | precision | recall | F1 | gold values |", "|---|---|---|---|---|---|---|"]
+        for name, m in with_fields.items():
+            for field, prf in m["field_f1"].items():
+                lines.append(f"| {name} | {field} | {m['per_field'][field]:.4f} | {prf['precision']:.4f} | "
+                             f"{prf['recall']:.4f} | {prf['f1']:.4f} | {prf['support']} |")
     if comparisons:
         lines += ["", f"## Expert vs each baseline ({verdict['metric']}, paired bootstrap, {recipe.eval.bootstrap_samples} "
                   "resamples)", "",

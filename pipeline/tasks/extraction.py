@@ -62,13 +62,49 @@ def parse_answer(text: str, spec: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def leaves(value: Any, path: str = "$") -> list[tuple[str, str]]:
+    """An object as (JSON path, value) pairs: nested objects by key, list items each at their list's path
+    (a slot holding two values is two pairs, whatever their order); the unit of field precision/recall."""
+    if isinstance(value, dict):
+        return [pair for key, item in value.items() for pair in leaves(item, f"{path}.{key}")]
+    if isinstance(value, list):
+        return [pair for item in value for pair in leaves(item, path)]
+    return [(path, json.dumps(value, ensure_ascii=False, sort_keys=True))]
+
+
+def precision_recall_f1(golds: list[list], preds: list[list]) -> dict[str, float]:
+    """Micro-averaged over examples: a predicted pair is right when the gold object of its example holds it."""
+    from collections import Counter
+
+    tp = predicted = relevant = 0
+    for gold, pred in zip(golds, preds, strict=True):
+        g, p = Counter(gold), Counter(pred)
+        tp += sum((g & p).values())
+        predicted += sum(p.values())
+        relevant += sum(g.values())
+    precision = tp / predicted if predicted else 0.0
+    recall = tp / relevant if relevant else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "support": relevant}
+
+
 def metrics(golds: list[dict[str, Any]], preds: list[dict[str, Any] | None], spec: dict[str, Any]) -> dict[str, Any]:
     fields = list(spec.get("properties", {})) or sorted({k for g in golds for k in g})
     per_field = {f: mean([p is not None and p.get(f) == g.get(f) for g, p in zip(golds, preds)]) for f in fields}
+    gold_leaves = [leaves(g) for g in golds]
+    pred_leaves = [leaves(p) if p is not None else [] for p in preds]
+
+    def under(field: str, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return [(path, v) for path, v in pairs if path == f"$.{field}" or path.startswith(f"$.{field}.")]
+
     return {
         "valid_json_rate": mean([p is not None for p in preds]),
         "exact_match": mean([p == g for g, p in zip(golds, preds)]),
         "field_exact_match": mean(list(per_field.values())),
         "per_field": per_field,
+        # every leaf value (nested keys and list items too), micro-averaged, overall and per top-level field
+        "micro_f1": precision_recall_f1(gold_leaves, pred_leaves)["f1"],
+        "field_f1": {f: precision_recall_f1([under(f, g) for g in gold_leaves], [under(f, p) for p in pred_leaves])
+                     for f in fields},
         "unparsed": sum(p is None for p in preds),
     }

@@ -68,3 +68,18 @@ def test_extraction_metrics():
     assert m["exact_match"] == 0.0
     assert m["per_field"] == {"order_id": 0.5, "quantity": 0.0}
     assert m["field_exact_match"] == 0.25
+    assert m["field_f1"]["order_id"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
+    assert m["field_f1"]["quantity"]["precision"] == 0.0
+
+
+def test_extraction_field_f1_counts_nested_keys_and_list_items():
+    schema = {"type": "object", "properties": {"intent": {"type": "string"}, "slots": {"type": "object"}}}
+    golds = [{"intent": "PlayMusic", "slots": {"artist": "clem burke", "playlist": ["a", "b"]}},
+             {"intent": "GetWeather", "slots": {}}]
+    preds = [{"intent": "PlayMusic", "slots": {"artist": "clem burke", "playlist": ["b"], "year": "1999"}},
+             {"intent": "RateBook", "slots": {}}]
+    m = extraction.metrics(golds, preds, schema)
+    slots = m["field_f1"]["slots"]  # gold: artist, playlist a, playlist b; predicted: artist, playlist b, year
+    assert (slots["precision"], slots["recall"], slots["support"]) == (pytest.approx(2 / 3), pytest.approx(2 / 3), 3)
+    assert m["field_f1"]["intent"]["f1"] == 0.5
+    assert m["micro_f1"] == pytest.approx(2 * (3 / 5) * (3 / 5) / (6 / 5))  # 3 of 5 predicted, 3 of 5 gold
