@@ -51,7 +51,8 @@ class ExpertModel(mlflow.pyfunc.PythonModel):
         spec_doc = json.loads((bundle / "spec.json").read_text(encoding="utf-8"))
         self.spec, self.system_prompt = spec_doc["spec"], spec_doc["system_prompt"]
         # what the frontier is asked when a request escalates: the instruction with the label list or schema
-        self.baseline_system_prompt = spec_doc["baseline_system_prompt"]
+        # (versions pushed before the expert's prompt dropped the label list have one prompt for both)
+        self.baseline_system_prompt = spec_doc.get("baseline_system_prompt", self.system_prompt)
         cascade = bundle / "cascade.json"
         cascade_doc = json.loads(cascade.read_text(encoding="utf-8")) if cascade.is_file() else {}
         self.threshold = cascade_doc.get("threshold")

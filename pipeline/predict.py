@@ -55,7 +55,8 @@ def shared_prefix(model, tokenizer, prompt_text: list[str], minimum: int = 16) -
         common = common[:n]
     if len(common) < minimum:
         return None
-    return SharedPrefix(common, model(input_ids=torch.tensor([common]), use_cache=True).cache)
+    # only the cache is wanted: logits_to_keep=1 skips the vocabulary projection of every prefix position
+    return SharedPrefix(common, model(input_ids=torch.tensor([common]), use_cache=True, logits_to_keep=1).cache)
 
 
 @torch.inference_mode()
@@ -99,7 +100,8 @@ def _score(model, tokenizer, prompt_text, labels, prefix: SharedPrefix | None = 
     if prefix is not None:
         cache = copy.deepcopy(prefix.cache)
         cache.batch_repeat_interleave(n_prompts)
-    out = model(input_ids=input_ids, attention_mask=prompt_mask, position_ids=positions, cache=cache, use_cache=True)
+    out = model(input_ids=input_ids, attention_mask=prompt_mask, position_ids=positions, cache=cache, use_cache=True,
+                logits_to_keep=1)  # only the last position predicts the first label token
     first_lp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (n_prompts, vocab)
     first = [[float(first_lp[i, ids[0]]) for ids in label_ids] for i in range(n_prompts)]
     scores: list[list[float | None]] = [list(row) for row in first]
