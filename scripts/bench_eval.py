@@ -92,17 +92,31 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=96, help="extraction budget (both sides)")
     parser.add_argument("--seed", type=int, default=13)
+    parser.add_argument("--classify-adapter", type=Path,
+                        help="a trained BANKING77 expert's train/adapter: both methods then run the expert with its "
+                             "own prompt (the instruction alone), so naive answers are labels and agreement is "
+                             "measurable; default: the untuned base with the label list in the prompt")
+    parser.add_argument("--classify-instruction", default="Classify the online-banking customer query into one intent.")
     args = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"{DATA} not found: this benchmark reads BANKING77 and SNIPS from ../shared/data")
     torch.manual_seed(0)
     source, _ = models.resolve_base(ALIAS)
     tokenizer = models.load_tokenizer(source)
-    model = models.load_base_model(ModelSection(base=ALIAS), source).eval()
-    print(f"model: {ALIAS}  threads: {torch.get_num_threads()}  batch size: {args.batch_size}")
+    precision = models.resolve_precision("auto")  # as eval loads it: bf16 on CPUs with AVX512-BF16/AMX
+    base = models.load_base_model(ModelSection(base=ALIAS), source, precision).eval()
+    print(f"model: {ALIAS} ({precision})  threads: {torch.get_num_threads()}  batch size: {args.batch_size}")
 
     rows, labels = banking77(args.classify, args.seed)
-    prompts = prompts_for(rows, classification.system_prompt("Classify the banking customer's query.", labels))
+    if args.classify_adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base, args.classify_adapter).eval()
+        prompts = prompts_for(rows, args.classify_instruction)
+        print(f"classification: the expert in {args.classify_adapter}, its own prompt")
+    else:
+        model = base
+        prompts = prompts_for(rows, classification.system_prompt(args.classify_instruction, labels))
     raw, naive_s = naive(model, tokenizer, prompts, max_new_tokens=16)
     naive_labels = [classification.parse_answer(t, labels) for t in raw]
     predict.classify(model, tokenizer, prompts[: args.batch_size], labels, args.batch_size)  # warm-up
@@ -120,6 +134,8 @@ def main() -> None:
           f"{sum(o['prediction'] == r['target'] for o, r in zip(ours, rows)) / n:.3f} | {n}/{n} |")
     print(f"speed-up: {naive_s / ours_s:.1f}x; agreement where naive was a valid label: {agreement:.1%} ({len(valid)} examples)")
 
+    if args.classify_adapter:
+        model = model.unload()  # extraction runs on the untuned base
     rows, schema = snips(args.extract, args.seed)
     prompts = prompts_for(rows, extraction.system_prompt("Extract the intent and the slots of the request.", schema))
     raw, naive_s = naive(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens)
