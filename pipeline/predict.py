@@ -262,20 +262,18 @@ def answer(model, tokenizer, prompts, recipe, spec, on_batch: Callable[[int], No
     return parse_generated(generated, lambda text: task.parse_answer(text, spec))
 
 
-# JSON punctuation that ends what is open: preferred once the token budget runs low, so answers finish
-_CLOSERS = set('"}],')
-
-
 class SchemaConstraint(LogitsProcessor):
     """Masks, per row of a batch, every token that would leave the JSON Schema's language.
 
     One llguidance matcher per row consumes the row's last token and fills its
     row of a token bitmask. Keys, separators and whitespace follow
     `extraction.target_text` (", " and ": "), the spelling the expert was
-    trained on. In the last `reserve` steps the mask narrows further to
-    closing punctuation where the schema allows it, so even a model that
-    would ramble (a random one) ends with a complete object within
-    `max_new_tokens`.
+    trained on. In the last `reserve` steps the mask narrows further towards
+    the end of the object, so even a model that would ramble (a random one)
+    ends with a complete object within `max_new_tokens`: inside a string,
+    tokens that close it; outside, end-of-sequence, then `}`/`]`, then other
+    punctuation. `,` and an opening `"` come last because each starts a new
+    member (a model that prefers them would otherwise loop to the budget).
     """
 
     def __init__(self, tokenizer, schema: dict[str, Any], batch: int, vocab: int, max_new_tokens: int):
@@ -291,7 +289,10 @@ class SchemaConstraint(LogitsProcessor):
             raise ValueError(f"the JSON Schema cannot be used for constrained decoding: {self.matchers[0].get_error()}")
         self.words = (vocab + 31) // 32
         self.vocab = vocab
-        self.closers = _closer_tokens(tokenizer, vocab)
+        self.tokenizer = tokenizer
+        self.closing = _closing_tokens(tokenizer, vocab)
+        self.in_string = [False] * batch
+        self.escaped = [False] * batch
         self.eos = tokenizer.eos_token_id
         self.step = 0
         self.max_new_tokens = max_new_tokens
@@ -304,7 +305,9 @@ class SchemaConstraint(LogitsProcessor):
         bitmask = torch.zeros((len(self.matchers), self.words), dtype=torch.int32)
         for row, matcher in enumerate(self.matchers):
             if input_ids.shape[1] > self.prompt_width and not matcher.is_stopped():
-                matcher.consume_token(int(input_ids[row, -1]))
+                token = int(input_ids[row, -1])
+                matcher.consume_token(token)
+                self._track_strings(row, token)
             if matcher.is_stopped() or matcher.is_error():
                 continue  # finished rows only receive padding; mask everything but end-of-sequence below
             v = bitmask[row]
@@ -314,13 +317,33 @@ class SchemaConstraint(LogitsProcessor):
             if matcher.is_stopped() or matcher.is_error():
                 allowed[row, self.eos] = True
         if self.max_new_tokens - self.step <= self.reserve:
-            closing = allowed & self.closers
-            eos_ok = allowed[:, self.eos].clone()
-            closing[:, self.eos] = eos_ok
-            narrow = closing.any(dim=-1, keepdim=True)
-            allowed = torch.where(narrow, closing, allowed)
+            allowed = torch.stack([self._towards_end(row, allowed[row]) for row in range(len(self.matchers))])
         self.step += 1
         return scores.masked_fill(~allowed, float("-inf"))
+
+    def _track_strings(self, row: int, token: int) -> None:
+        """Follows whether the row's answer is inside a JSON string (the mask alone cannot tell)."""
+        for char in self.tokenizer.decode([token]):
+            if self.escaped[row]:
+                self.escaped[row] = False
+            elif char == "\\" and self.in_string[row]:
+                self.escaped[row] = True
+            elif char == '"':
+                self.in_string[row] = not self.in_string[row]
+
+    def _towards_end(self, row: int, allowed: torch.Tensor) -> torch.Tensor:
+        """The first non-empty tier of tokens that bring the row nearer to a complete object."""
+        if allowed[self.eos]:
+            tiers = [torch.nn.functional.one_hot(torch.tensor(self.eos), self.vocab).bool()]
+        elif self.in_string[row]:
+            tiers = [self.closing["string"]]
+        else:
+            tiers = [self.closing["container"], self.closing["any"]]
+        for tier in tiers:
+            narrowed = allowed & tier
+            if narrowed.any():
+                return narrowed
+        return allowed
 
 
 def _unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -342,13 +365,18 @@ def _lltokenizer(tokenizer, vocab: int):
     return cached[("ll", vocab)]
 
 
-def _closer_tokens(tokenizer, vocab: int) -> torch.Tensor:
-    """Tokens made only of closing JSON punctuation (and spaces)."""
+def _closing_tokens(tokenizer, vocab: int) -> dict[str, torch.Tensor]:
+    """Token masks by what they close: a string (`"`, perhaps followed by `}`/`]`), a container
+    (only `}`/`]`), or anything (only JSON punctuation). Spaces around them are allowed."""
     cached = _PER_TOKENIZER.setdefault(tokenizer, {})
-    if ("closers", vocab) not in cached:
-        mask = torch.zeros(vocab, dtype=torch.bool)
+    if ("closing", vocab) not in cached:
+        masks = {name: torch.zeros(vocab, dtype=torch.bool) for name in ("string", "container", "any")}
         for token_id in range(min(vocab, len(tokenizer))):
             text = tokenizer.decode([token_id]).strip()
-            mask[token_id] = bool(text) and set(text) <= _CLOSERS
-        cached[("closers", vocab)] = mask
-    return cached[("closers", vocab)]
+            if not text or not set(text) <= set('"}],'):
+                continue
+            masks["any"][token_id] = True
+            masks["string"][token_id] = text.startswith('"') and set(text[1:]) <= set("}]")
+            masks["container"][token_id] = set(text) <= set("}]")
+        cached[("closing", vocab)] = masks
+    return cached[("closing", vocab)]

@@ -133,3 +133,44 @@ def test_constrained_extraction_is_always_schema_valid_even_for_a_random_model(t
     assert sum(parse_answer(r["raw"], ORDER_SCHEMA) is not None for r in free) < len(free), (
         "the random model does not produce valid JSON unconstrained, so the constraint is what makes it valid"
     )
+
+
+# SNIPS-shaped: open-ended slot names and string-or-list values give a rambling model room to loop
+SLOTS_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "intent": {"enum": ["PlayMusic", "GetWeather"]},
+        "slots": {
+            "type": "object",
+            "additionalProperties": {
+                "anyOf": [
+                    {"type": "string", "minLength": 1},
+                    {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 2},
+                ]
+            },
+        },
+    },
+    "required": ["intent", "slots"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("max_new_tokens", [24, 48])
+def test_a_model_that_keeps_opening_members_still_closes_within_the_budget(tiny, max_new_tokens):
+    """Fault injection: a model that always prefers `,` and `"` (a new member) to `}` would loop to
+    the budget and leave an unfinished object, unless closing prefers ending over opening."""
+    model, tokenizer = tiny
+    openers = [i for i in range(len(tokenizer)) if (t := tokenizer.decode([i]).strip()) and set(t) <= set(',"')]
+
+    def prefer_openers(module, args, output):
+        output.logits[..., openers] += 30.0
+
+    texts = ["play some jazz by miles davis", "weather in paris tomorrow", "x", "add this to my road trip playlist"]
+    prompts = [[{"role": "system", "content": "Extract intent and slots."}, {"role": "user", "content": t}] for t in texts]
+    hook = model.register_forward_hook(prefer_openers)
+    try:
+        rows = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=4, schema=SLOTS_SCHEMA)
+    finally:
+        hook.remove()
+    for row in rows:
+        assert check_target(json.loads(row["raw"]), SLOTS_SCHEMA) is None, row["raw"]
