@@ -157,6 +157,72 @@ def _score(model, tokenizer, prompt_text, labels, prefix: SharedPrefix | None = 
     return scores, exact, pruned_mass
 
 
+# label sets whose tokens (all labels together) fit in this many are scored in one pass, without pruning
+ONE_PASS_TOKENS = 64
+
+
+@torch.inference_mode()
+def _score_in_one_pass(model, tokenizer, prompt_text, labels, prefix: SharedPrefix | None = None):
+    """Like `_score` without pruning, but the prompt's own tokens and every label run in ONE forward pass.
+
+    Why: for a single request on a CPU the model is bound by reading its
+    weights, so two passes cost nearly twice one. The label block follows the
+    prompt's own tokens under one 4D mask: prompt tokens are causal among
+    themselves and never see labels; each label slot sees the prompt and its
+    own label's earlier tokens. Only the last prompt position and the label
+    slots reach the vocabulary projection (`logits_to_keep`).
+    """
+    label_ids = [tokenizer(label, add_special_tokens=False)["input_ids"] + _end_ids(tokenizer) for label in labels]
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt_text]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    n_prompts = len(prompt_ids)
+    shared = len(prefix.ids) if prefix is not None else 0
+    own = [p[shared:] for p in prompt_ids]
+    width = max(len(p) for p in own)
+    fed = [ids[:-1] for ids in label_ids]  # a label's last token is only ever predicted, never fed
+    owner = [j for j, ids in enumerate(fed) for _ in ids]
+    offset = [k for ids in fed for k in range(len(ids))]
+    total = len(owner)
+
+    own_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in own], dtype=torch.bool)
+    tokens = torch.tensor([[pad] * (width - len(p)) + p + [t for ids in fed for t in ids] for p in own])
+    owners = torch.tensor(owner, dtype=torch.long)
+    offsets = torch.tensor(offset, dtype=torch.long)
+    positions = torch.cat([
+        shared + (own_mask.long().cumsum(-1) - 1).clamp(min=0),
+        shared + own_mask.sum(-1, keepdim=True) + offsets.unsqueeze(0),
+    ], dim=-1)
+
+    length = width + total
+    allowed = torch.zeros((n_prompts, length, shared + length), dtype=torch.bool)
+    allowed[:, :, :shared] = True
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    allowed[:, :width, shared : shared + width] = causal & own_mask.unsqueeze(1)
+    allowed[:, width:, shared : shared + width] = own_mask.unsqueeze(1)
+    block = (owners.unsqueeze(0) == owners.unsqueeze(1)) & (offsets.unsqueeze(0) <= offsets.unsqueeze(1))
+    allowed[:, width:, shared + width :] = block
+    allowed[:, torch.arange(length), shared + torch.arange(length)] = True  # padding rows see themselves only
+    dtype = model.get_input_embeddings().weight.dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+    cache = None
+    if prefix is not None:
+        cache = copy.deepcopy(prefix.cache)
+        cache.batch_repeat_interleave(n_prompts)
+    logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache,
+                   logits_to_keep=total + 1).logits.float()
+    log_norm = logits.logsumexp(-1)
+    first = logits[:, 0].gather(-1, torch.tensor([[ids[0] for ids in label_ids]] * n_prompts)) - log_norm[:, :1]
+    scores = first.tolist()
+    if total:
+        targets = torch.tensor([label_ids[j][k + 1] for j, k in zip(owner, offset)])
+        token_lp = logits[:, 1:].gather(-1, targets.expand(n_prompts, -1).unsqueeze(-1)).squeeze(-1) - log_norm[:, 1:]
+        for i in range(n_prompts):
+            for slot, j in enumerate(owner):
+                scores[i][j] += float(token_lp[i, slot])
+    return scores, [True] * n_prompts, [0.0] * n_prompts
+
+
 def classify(
     model, tokenizer, prompts, labels: list[str], batch_size: int, on_batch: Callable[[int], None] | None = None,
     prune_below: float | None = PRUNE_BELOW, prefix: SharedPrefix | None = None,
@@ -172,16 +238,22 @@ def classify(
     (an upper bound of its labels' total) in the normaliser, so it is never
     above the exhaustive confidence and below it by at most that mass
     (< `prune_below` x number of first tokens). `prune_below=None` scores
-    every label in full. A server passes the `prefix` it computed once at start-up (every prompt must start with
+    every label in full. Label sets of at most `ONE_PASS_TOKENS` tokens are scored in full in one forward
+    pass with the prompt (`_score_in_one_pass`): nothing to prune, one weight read. A server passes the `prefix` it computed once at start-up (every prompt must start with
     its tokens); otherwise the prompts' common start is found and run here.
     """
     out = []
     texts = prompt_texts(tokenizer, prompts)
     prefix = prefix or shared_prefix(model, tokenizer, texts)
+    label_tokens = sum(len(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels)
+    one_pass = label_tokens <= ONE_PASS_TOKENS
     for i in range(0, len(texts), batch_size):
         chunk = texts[i : i + batch_size]
         started = time.perf_counter()
-        scores, exact, pruned_mass = _score(model, tokenizer, chunk, labels, prefix, prune_below)
+        if one_pass:
+            scores, exact, pruned_mass = _score_in_one_pass(model, tokenizer, chunk, labels, prefix)
+        else:
+            scores, exact, pruned_mass = _score(model, tokenizer, chunk, labels, prefix, prune_below)
         redo = [k for k, ok in enumerate(exact) if not ok]
         if redo:
             full, _, _ = _score(model, tokenizer, [chunk[k] for k in redo], labels, prefix)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.predict import _score, classify, generate, prompt_texts, score_labels, shared_prefix
+from pipeline.predict import _score, _score_in_one_pass, classify, generate, prompt_texts, score_labels, shared_prefix
 from pipeline.tasks.extraction import check_target, parse_answer
 
 LABELS = ["billing", "shipping", "technical support", "account"]
@@ -55,6 +55,22 @@ def test_shared_prefix_cache_gives_the_same_scores(tiny):
     with torch.inference_mode():
         expected = full_sequence_scores(model, tokenizer, prompts, LABELS)
     got, exact, pruned = _score(model, tokenizer, prompts, LABELS, prefix)
+    assert exact == [True] * 3 and pruned == [0.0] * 3
+    for got_row, expected_row in zip(got, expected, strict=True):
+        assert got_row == pytest.approx(expected_row, abs=1e-4)
+
+
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_one_pass_scores_match_full_sequences(tiny, with_prefix):
+    """Prompt tokens and packed labels in one forward pass, left-padded prompts of different lengths."""
+    model, tokenizer = tiny
+    system = "<|im_start|>system\nRoute the customer message to one support queue: billing, shipping or account.<|im_end|>\n"
+    prompts = [system + f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+               for text in ("my card was charged twice", "parcel?", "I cannot log in to my account at all, since Monday")]
+    prefix = shared_prefix(model, tokenizer, prompts) if with_prefix else None
+    with torch.inference_mode():
+        expected = full_sequence_scores(model, tokenizer, prompts, LABELS)
+    got, exact, pruned = _score_in_one_pass(model, tokenizer, prompts, LABELS, prefix)
     assert exact == [True] * 3 and pruned == [0.0] * 3
     for got_row, expected_row in zip(got, expected, strict=True):
         assert got_row == pytest.approx(expected_row, abs=1e-4)
