@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -256,17 +257,34 @@ def recorded_row(row: dict[str, Any], task, spec) -> dict[str, Any]:
 
 
 class _progress:
-    """A rich progress bar for one system's pass over a split; yields an `advance(n)` callback."""
+    """A rich progress bar for one system's pass over a split; yields an `advance(n)` callback.
+
+    Without a terminal (a log file, CI) the bar is invisible, so a plain line
+    with the count and the rate goes out every 10% of the examples.
+    """
 
     def __init__(self, name: str, total: int):
+        self.name, self.total = name, total
         self.bar = Progress(
             TextColumn(f"[bold]eval[/] {name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
         )
         self.task = self.bar.add_task(name, total=total)
+        self.done = 0
+        self.next_line = 0
+        self.started = 0.0
 
     def __enter__(self):
+        self.started = time.perf_counter()
         self.bar.start()
-        return lambda n: self.bar.advance(self.task, n)
+        return self.advance
+
+    def advance(self, n: int) -> None:
+        self.bar.advance(self.task, n)
+        self.done += n
+        if not console.is_terminal and (self.done >= self.next_line or self.done == self.total):
+            rate = self.done / max(time.perf_counter() - self.started, 1e-9)
+            console.print(f"eval: {self.name} {self.done:,}/{self.total:,} examples, {rate:.1f}/s", highlight=False)
+            self.next_line = self.done + max(1, self.total // 10)
 
     def __exit__(self, *exc):
         self.bar.stop()

@@ -1,10 +1,16 @@
 """Benchmark: `expert eval`'s local inference against naive per-example generation, side by side in one run.
 
     .venv/bin/python scripts/bench_eval.py [--classify 64] [--extract 32] [--batch-size 8]
+    .venv/bin/python scripts/bench_eval.py --classify-run runs/banking77 --extract-run runs/snips --batch-size 16
 
-Model: the embedded SmolLM2-135M-Instruct base (no adapter, so no training is
-needed to reproduce it). Data: BANKING77 (77 intents) and SNIPS (intent +
-slots as JSON) from ../shared/data, a fixed seeded sample.
+Model: by default the embedded SmolLM2-135M-Instruct base (no adapter, so no
+training is needed to reproduce it), on BANKING77 (77 intents) and SNIPS
+(intent + slots as JSON) from ../shared/data, a fixed seeded sample. With
+`--classify-run` / `--extract-run RUN_DIR` (a finished `expert run` of
+scripts/recipes/banking77.yaml / snips.yaml), that run's trained expert
+(`train/adapter`), its own prompt and labels or schema (`prep/spec.json`) and
+the first examples of its held-out test split: the case eval actually meets,
+where the naive answers are mostly valid, so agreement is measurable.
 
 - classification: naive = `model.generate` one example at a time (greedy, 16
   new tokens) + `classification.parse_answer`; ours = `predict.classify`
@@ -72,6 +78,18 @@ def prompts_for(rows: list[dict], system: str) -> list[list[dict[str, str]]]:
     return [[{"role": "system", "content": system}, {"role": "user", "content": r["text"]}] for r in rows]
 
 
+def from_run(base, run_dir: Path, n: int):
+    """(expert, prompts, rows, labels or schema) from a finished run: what its eval stage meets on the test split."""
+    from peft import PeftModel
+
+    spec = json.loads((run_dir / "prep/spec.json").read_text(encoding="utf-8"))
+    lines = (run_dir / "prep/test.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+    rows = [json.loads(line) for line in lines]
+    model = PeftModel.from_pretrained(base, run_dir / "train/adapter").eval()
+    print(f"{spec['task']}: the expert in {run_dir}, its own prompt, the first {len(rows)} test examples")
+    return model, [r["prompt"] for r in rows], rows, spec["spec"]
+
+
 @torch.inference_mode()
 def naive(model, tokenizer, prompts, max_new_tokens: int) -> tuple[list[str], float]:
     """One `model.generate` per example, as a quick script would do it."""
@@ -92,10 +110,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=96, help="extraction budget (both sides)")
     parser.add_argument("--seed", type=int, default=13)
-    parser.add_argument("--classify-adapter", type=Path,
-                        help="a trained BANKING77 expert's train/adapter: both methods then run the expert with its "
-                             "own prompt (the instruction alone), so naive answers are labels and agreement is "
-                             "measurable; default: the untuned base with the label list in the prompt")
+    parser.add_argument("--classify-run", type=Path,
+                        help="run directory of a trained BANKING77 expert: its adapter, prompt and test split; "
+                             "default: the untuned base with the label list in the prompt")
+    parser.add_argument("--extract-run", type=Path, help="run directory of a trained SNIPS expert, likewise")
     parser.add_argument("--classify-instruction", default="Classify the online-banking customer query into one intent.")
     args = parser.parse_args()
     if not DATA.is_dir():
@@ -107,14 +125,10 @@ def main() -> None:
     base = models.load_base_model(ModelSection(base=ALIAS), source, precision).eval()
     print(f"model: {ALIAS} ({precision})  threads: {torch.get_num_threads()}  batch size: {args.batch_size}")
 
-    rows, labels = banking77(args.classify, args.seed)
-    if args.classify_adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(base, args.classify_adapter).eval()
-        prompts = prompts_for(rows, args.classify_instruction)
-        print(f"classification: the expert in {args.classify_adapter}, its own prompt")
+    if args.classify_run:
+        model, prompts, rows, labels = from_run(base, args.classify_run, args.classify)
     else:
+        rows, labels = banking77(args.classify, args.seed)
         model = base
         prompts = prompts_for(rows, classification.system_prompt(args.classify_instruction, labels))
     raw, naive_s = naive(model, tokenizer, prompts, max_new_tokens=16)
@@ -134,10 +148,14 @@ def main() -> None:
           f"{sum(o['prediction'] == r['target'] for o, r in zip(ours, rows)) / n:.3f} | {n}/{n} |")
     print(f"speed-up: {naive_s / ours_s:.1f}x; agreement where naive was a valid label: {agreement:.1%} ({len(valid)} examples)")
 
-    if args.classify_adapter:
-        model = model.unload()  # extraction runs on the untuned base
-    rows, schema = snips(args.extract, args.seed)
-    prompts = prompts_for(rows, extraction.system_prompt("Extract the intent and the slots of the request.", schema))
+    if args.classify_run:
+        base = model.unload()
+    if args.extract_run:
+        model, prompts, rows, schema = from_run(base, args.extract_run, args.extract)
+    else:
+        model = base
+        rows, schema = snips(args.extract, args.seed)
+        prompts = prompts_for(rows, extraction.system_prompt("Extract the intent and the slots of the request.", schema))
     raw, naive_s = naive(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens)
     naive_objs = [extraction.parse_answer(t, schema) for t in raw]
     predict.generate(model, tokenizer, prompts[:2], 8, 2, schema=schema)  # warm-up (builds the token masks once)

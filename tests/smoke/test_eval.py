@@ -65,6 +65,8 @@ def test_eval_stage_with_cascade_recorded_and_few_shot_baselines(tiny_model_dir,
         assert result.exit_code == 0, result.output
         n_test = len((run_dir / "prep/test.jsonl").read_text().splitlines())
         n_val = len((run_dir / "prep/validation.jsonl").read_text().splitlines())
+        # no terminal here (as in a log file): progress comes as plain lines, the last one with the full count
+        assert f"eval: expert (test) {n_test:,}/{n_test:,} examples" in result.output
         assert len(srv.requests) == n_test + n_val + 2, "test + validation (for the cascade) + the two retried faults"
         shots_prompt = srv.requests[0]["messages"]
         assert len(shots_prompt) == 2, "the frontier gets the plain prompt; shots are for the base model only"
