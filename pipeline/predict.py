@@ -40,7 +40,11 @@ class SharedPrefix:
 
 
 # labels whose first token is under this share of the likeliest label-first token are not scored in full
-PRUNE_BELOW = 1e-3
+PRUNE_BELOW = 1e-2
+# label sets whose tokens (all labels together) fit in this many are scored in one pass, without pruning
+ONE_PASS_TOKENS = 64
+# one extra forward pass costs about as much as this many more token slots (a read of the weights)
+PASS_COST_IN_SLOTS = 32
 
 
 @torch.inference_mode()
@@ -65,24 +69,112 @@ def score_labels(model, tokenizer, prompt_text: list[str], labels: list[str]) ->
     return _score(model, tokenizer, prompt_text, labels)[0]
 
 
+@dataclass
+class _LabelTrie:
+    """Some labels' tokens as a trie, one node per fed token: labels that share a start share its nodes.
+
+    A label's last token (end of turn) is only ever predicted, never fed. `targets` lists, per
+    label, the (node, token) pairs whose log-probabilities add up to its score after the first token.
+    """
+
+    tokens: list[int]
+    depth: list[int]
+    ancestors: torch.Tensor  # (nodes, nodes) bool: node i may attend to node a (a is i or above it)
+    targets: dict[int, list[tuple[int, int]]]
+
+
+def _label_trie(label_ids: list[list[int]], labels: list[int]) -> _LabelTrie:
+    index: dict[tuple[int, ...], int] = {}
+    tokens, depth, parent = [], [], []
+    targets: dict[int, list[tuple[int, int]]] = {}
+    for j in labels:
+        ids, above = label_ids[j], -1
+        targets[j] = []
+        for k in range(len(ids) - 1):
+            key = tuple(ids[: k + 1])
+            if key not in index:
+                index[key] = len(tokens)
+                tokens.append(ids[k])
+                depth.append(k)
+                parent.append(above)
+            above = index[key]
+            targets[j].append((above, ids[k + 1]))
+    ancestors = torch.eye(len(tokens), dtype=torch.bool)
+    for node, up in enumerate(parent):  # parents come before their children
+        if up >= 0:
+            ancestors[node] |= ancestors[up]
+    return _LabelTrie(tokens, depth, ancestors, targets)
+
+
+def _width_groups(widths: list[int], pass_cost: int = PASS_COST_IN_SLOTS) -> list[list[int]]:
+    """Rows grouped for the label passes: every row of a pass is padded to the pass's widest, so rows of
+    similar width go together; a split pays for itself when the padding saved exceeds `pass_cost` slots."""
+    order = sorted(range(len(widths)), key=lambda i: widths[i])
+    best = [0.0] + [math.inf] * len(order)  # best[k]: cost of the first k rows (in width order)
+    cut = [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        for start in range(end):
+            cost = best[start] + pass_cost + (end - start) * widths[order[end - 1]]
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], len(order)
+    while end > 0:
+        groups.append(order[cut[end] : end])
+        end = cut[end]
+    return groups[::-1]
+
+
+def _run_tries(model, tries: list[_LabelTrie], rows: list[int], cache, prompt_mask, pad: int) -> torch.Tensor:
+    """One forward pass of the label tries of `rows` after their prompts (already in `cache`, attended
+    per `prompt_mask`): log-probabilities of the next token at every node, (rows, widest trie, vocab)."""
+    n, total = len(rows), max(len(tries[i].tokens) for i in rows)
+    tokens = torch.full((n, total), pad)
+    depth = torch.zeros((n, total), dtype=torch.long)
+    block = torch.eye(total, dtype=torch.bool).repeat(n, 1, 1)  # padding nodes see themselves only
+    for r, i in enumerate(rows):
+        trie, m = tries[i], len(tries[i].tokens)
+        tokens[r, :m] = torch.tensor(trie.tokens, dtype=torch.long)
+        depth[r, :m] = torch.tensor(trie.depth, dtype=torch.long)
+        block[r, :m, :m] = trie.ancestors
+    seen = prompt_mask[rows].bool()
+    allowed = torch.cat([seen.unsqueeze(1).expand(n, total, -1), block], dim=-1)
+    dtype = model.get_input_embeddings().weight.dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+    positions = seen.sum(-1, keepdim=True) + depth
+    logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache).logits.float()
+    return logits - logits.logsumexp(-1, keepdim=True)
+
+
+def _add_trie_scores(scores, tries, rows, log_probs) -> None:
+    for r, i in enumerate(rows):
+        for j, pairs in tries[i].targets.items():
+            if pairs:
+                nodes = torch.tensor([node for node, _ in pairs])
+                toks = torch.tensor([tok for _, tok in pairs])
+                scores[i][j] += float(log_probs[r, nodes, toks].sum())
+
+
 @torch.inference_mode()
 def _score(model, tokenizer, prompt_text, labels, prefix: SharedPrefix | None = None, prune_below: float | None = None):
-    """(scores, exact, pruned_mass) per prompt: label log-probabilities (None for labels not scored in full),
-    whether the best label is certainly the exhaustive argmax, and an upper bound of the probability of the
-    labels not scored.
+    """(scores, pruned_mass) per prompt: label log-probabilities (None for labels not scored in full) and
+    the probability of the labels not scored, bounded above by their first tokens'.
 
     The prompts run once, after the cached shared `prefix` when given (each
-    prompt's own tokens left-padded). Then the candidate labels' tokens run in
-    ONE packed continuation per prompt: a block-diagonal causal 4D mask lets
-    each label see the prompt and its own earlier tokens only, and positions
-    restart after the prompt for each label, so the KV cache is never copied
-    per label. With `prune_below`, a label whose first token is less likely
-    than `prune_below` times the likeliest label-first token is not scored in
-    full: labels that share a first token (BANKING77's `card_*`) stand or fall
-    together, and their first token's probability bounds their total, so
-    `pruned_mass` counts each pruned first token once. `exact` holds when the
-    best full score beats every pruned first token (then no pruned label can
-    win).
+    prompt's own tokens left-padded). Then each prompt's candidate labels run
+    as a token trie in one packed continuation (a 4D mask lets each node see
+    the prompt and the nodes above it; positions continue from the prompt), so
+    labels sharing a start (BANKING77's `card_*`) share its tokens and the KV
+    cache is never copied per label. Rows of similar trie size share a pass
+    (`_width_groups`), so one uncertain prompt does not widen every row.
+
+    With `prune_below`, a label whose first token is less likely than
+    `prune_below` times the likeliest label-first token is not scored at
+    first: labels that share a first token stand or fall together, and their
+    first token's probability bounds their total. Any pruned first token more
+    likely than the best label's full score could still hide a better label,
+    so those labels are scored in a second round; after it the best label is
+    the exhaustive argmax (no unscored label can beat it). `pruned_mass`
+    counts each still-pruned first token once.
     """
     label_ids = [tokenizer(label, add_special_tokens=False)["input_ids"] + _end_ids(tokenizer) for label in labels]
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt_text]
@@ -104,73 +196,50 @@ def _score(model, tokenizer, prompt_text, labels, prefix: SharedPrefix | None = 
                 logits_to_keep=1)  # only the last position predicts the first label token
     first_lp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (n_prompts, vocab)
     first = [[float(first_lp[i, ids[0]]) for ids in label_ids] for i in range(n_prompts)]
-    scores: list[list[float | None]] = [list(row) for row in first]
+    scores: list[list[float | None]] = [[None] * n_labels for _ in range(n_prompts)]
     if prune_below is None:
-        candidates = [list(range(n_labels))] * n_prompts
+        candidates = [list(range(n_labels)) for _ in range(n_prompts)]
     else:
         floor = math.log(prune_below)
         candidates = [[j for j in range(n_labels) if row[j] >= max(row) + floor] for row in first]
-    fed = [ids[:-1] for ids in label_ids]  # a label's last token is only ever predicted, never fed
 
-    # packed continuation per prompt: slot -> (label, offset); padding slots only see themselves
-    rows = []
-    for cand in candidates:
-        owner, offset = [], []
-        for j in cand:
-            owner += [j] * len(fed[j])
-            offset += range(len(fed[j]))
-        rows.append((owner, offset))
-    total = max(len(owner) for owner, _ in rows)
-    if total > 0:
-        tokens = torch.full((n_prompts, total), pad)
-        owners = torch.full((n_prompts, total), -1)
-        offsets = torch.zeros((n_prompts, total), dtype=torch.long)
-        targets = torch.zeros((n_prompts, total), dtype=torch.long)
-        for i, (owner, offset) in enumerate(rows):
-            n = len(owner)
-            tokens[i, :n] = torch.tensor([fed[j][k] for j, k in zip(owner, offset)], dtype=torch.long)
-            targets[i, :n] = torch.tensor([label_ids[j][k + 1] for j, k in zip(owner, offset)], dtype=torch.long)
-            owners[i, :n] = torch.tensor(owner, dtype=torch.long)
-            offsets[i, :n] = torch.tensor(offset, dtype=torch.long)
-        same = (owners.unsqueeze(1) == owners.unsqueeze(2)) & (owners.unsqueeze(1) >= 0)
-        causal = offsets.unsqueeze(1) <= offsets.unsqueeze(2)
-        block = (same & causal) | torch.eye(total, dtype=torch.bool).unsqueeze(0)
-        allowed = torch.cat([prompt_mask.bool().unsqueeze(1).expand(n_prompts, total, -1), block], dim=-1)
-        dtype = out.logits.dtype if out.logits.is_floating_point() else torch.float32
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
-        cont_positions = prompt_mask.sum(-1, keepdim=True) + offsets
-        logits = model(input_ids=tokens, attention_mask=mask, position_ids=cont_positions, cache=out.cache).logits.float()
-        # each slot predicts its label's next token: logit - logsumexp, with no second vocab-sized tensor
-        token_lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-        for i, (owner, _) in enumerate(rows):
-            for slot, j in enumerate(owner):
-                scores[i][j] += float(token_lp[i, slot])
-    exact, pruned_mass = [], []
-    for i, cand in enumerate(candidates):
-        pruned = set(range(n_labels)) - set(cand)
-        pruned_first = {label_ids[j][0]: first[i][j] for j in pruned}  # one bound per first token
-        for j in pruned:
-            scores[i][j] = None
-        best = max(scores[i][j] for j in cand)
-        exact.append(not pruned_first or best >= max(pruned_first.values()))
+    def score_round(round_candidates: list[list[int]]) -> None:
+        tries = [_label_trie(label_ids, cand) for cand in round_candidates]
+        for i, cand in enumerate(round_candidates):
+            for j in cand:
+                scores[i][j] = first[i][j]
+        busy = [i for i in range(n_prompts) if tries[i].tokens]
+        for rows in _width_groups([len(tries[i].tokens) for i in busy]):
+            rows = [busy[r] for r in rows]
+            group_cache = copy.deepcopy(out.cache)
+            group_cache.batch_select_indices(torch.tensor(rows))
+            _add_trie_scores(scores, tries, rows, _run_tries(model, tries, rows, group_cache, prompt_mask, pad))
+
+    score_round(candidates)
+    # a pruned first token likelier than the best full score may start a better label: score those too
+    extra = []
+    for i in range(n_prompts):
+        best = max(lp for lp in scores[i] if lp is not None)
+        extra.append([j for j in range(n_labels) if scores[i][j] is None and first[i][j] > best])
+    if any(extra):
+        score_round(extra)
+    pruned_mass = []
+    for i in range(n_prompts):
+        pruned_first = {label_ids[j][0]: first[i][j] for j in range(n_labels) if scores[i][j] is None}
         pruned_mass.append(sum(math.exp(lp) for lp in pruned_first.values()))
-    return scores, exact, pruned_mass
-
-
-# label sets whose tokens (all labels together) fit in this many are scored in one pass, without pruning
-ONE_PASS_TOKENS = 64
+    return scores, pruned_mass
 
 
 @torch.inference_mode()
 def _score_in_one_pass(model, tokenizer, prompt_text, labels, prefix: SharedPrefix | None = None):
-    """Like `_score` without pruning, but the prompt's own tokens and every label run in ONE forward pass.
+    """Like `_score` without pruning, but the prompt's own tokens and the label trie run in ONE forward pass.
 
     Why: for a single request on a CPU the model is bound by reading its
-    weights, so two passes cost nearly twice one. The label block follows the
+    weights, so two passes cost nearly twice one. The label trie follows the
     prompt's own tokens under one 4D mask: prompt tokens are causal among
-    themselves and never see labels; each label slot sees the prompt and its
-    own label's earlier tokens. Only the last prompt position and the label
-    slots reach the vocabulary projection (`logits_to_keep`).
+    themselves and never see labels; each trie node sees the prompt and the
+    nodes above it. Only the last prompt position and the trie nodes reach the
+    vocabulary projection (`logits_to_keep`).
     """
     label_ids = [tokenizer(label, add_special_tokens=False)["input_ids"] + _end_ids(tokenizer) for label in labels]
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt_text]
@@ -179,18 +248,15 @@ def _score_in_one_pass(model, tokenizer, prompt_text, labels, prefix: SharedPref
     shared = len(prefix.ids) if prefix is not None else 0
     own = [p[shared:] for p in prompt_ids]
     width = max(len(p) for p in own)
-    fed = [ids[:-1] for ids in label_ids]  # a label's last token is only ever predicted, never fed
-    owner = [j for j, ids in enumerate(fed) for _ in ids]
-    offset = [k for ids in fed for k in range(len(ids))]
-    total = len(owner)
+    trie = _label_trie(label_ids, list(range(len(labels))))
+    total = len(trie.tokens)
 
     own_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in own], dtype=torch.bool)
-    tokens = torch.tensor([[pad] * (width - len(p)) + p + [t for ids in fed for t in ids] for p in own])
-    owners = torch.tensor(owner, dtype=torch.long)
-    offsets = torch.tensor(offset, dtype=torch.long)
+    tokens = torch.tensor([[pad] * (width - len(p)) + p + trie.tokens for p in own])
+    depth = torch.tensor(trie.depth, dtype=torch.long)
     positions = torch.cat([
         shared + (own_mask.long().cumsum(-1) - 1).clamp(min=0),
-        shared + own_mask.sum(-1, keepdim=True) + offsets.unsqueeze(0),
+        shared + own_mask.sum(-1, keepdim=True) + depth.unsqueeze(0),
     ], dim=-1)
 
     length = width + total
@@ -199,8 +265,7 @@ def _score_in_one_pass(model, tokenizer, prompt_text, labels, prefix: SharedPref
     causal = torch.ones((width, width), dtype=torch.bool).tril()
     allowed[:, :width, shared : shared + width] = causal & own_mask.unsqueeze(1)
     allowed[:, width:, shared : shared + width] = own_mask.unsqueeze(1)
-    block = (owners.unsqueeze(0) == owners.unsqueeze(1)) & (offsets.unsqueeze(0) <= offsets.unsqueeze(1))
-    allowed[:, width:, shared + width :] = block
+    allowed[:, width:, shared + width :] = trie.ancestors
     allowed[:, torch.arange(length), shared + torch.arange(length)] = True  # padding rows see themselves only
     dtype = model.get_input_embeddings().weight.dtype
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
@@ -211,62 +276,60 @@ def _score_in_one_pass(model, tokenizer, prompt_text, labels, prefix: SharedPref
         cache.batch_repeat_interleave(n_prompts)
     logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache,
                    logits_to_keep=total + 1).logits.float()
-    log_norm = logits.logsumexp(-1)
-    first = logits[:, 0].gather(-1, torch.tensor([[ids[0] for ids in label_ids]] * n_prompts)) - log_norm[:, :1]
-    scores = first.tolist()
-    if total:
-        targets = torch.tensor([label_ids[j][k + 1] for j, k in zip(owner, offset)])
-        token_lp = logits[:, 1:].gather(-1, targets.expand(n_prompts, -1).unsqueeze(-1)).squeeze(-1) - log_norm[:, 1:]
-        for i in range(n_prompts):
-            for slot, j in enumerate(owner):
-                scores[i][j] += float(token_lp[i, slot])
-    return scores, [True] * n_prompts, [0.0] * n_prompts
+    log_probs = logits - logits.logsumexp(-1, keepdim=True)
+    scores = log_probs[:, 0].gather(-1, torch.tensor([[ids[0] for ids in label_ids]] * n_prompts)).tolist()
+    _add_trie_scores(scores, [trie] * n_prompts, list(range(n_prompts)), log_probs[:, 1:])
+    return scores, [0.0] * n_prompts
+
+
+def _shortest_first(texts: list[str]) -> list[int]:
+    """Batch order: prompts of similar length share a batch, so left padding wastes little compute.
+    Callers put the answers back in input order."""
+    return sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
 
 
 def classify(
     model, tokenizer, prompts, labels: list[str], batch_size: int, on_batch: Callable[[int], None] | None = None,
-    prune_below: float | None = PRUNE_BELOW, prefix: SharedPrefix | None = None,
+    prune_below: float | None = PRUNE_BELOW, prefix: SharedPrefix | None = None, one_pass_tokens: int = ONE_PASS_TOKENS,
 ):
     """(label, confidence, seconds per example) for every prompt.
 
     The prompts' shared start (the system prompt, for baselines with the label
     list) runs once for the whole call. Labels whose first token is less than
     `prune_below` times as likely as the likeliest label-first token are not
-    scored in full; a prompt whose best full score does not beat every pruned
-    first token is re-scored with all labels, so the answer is always the
-    exhaustive argmax. Confidence counts each pruned first token's probability
-    (an upper bound of its labels' total) in the normaliser, so it is never
-    above the exhaustive confidence and below it by at most that mass
-    (< `prune_below` x number of first tokens). `prune_below=None` scores
-    every label in full. Label sets of at most `ONE_PASS_TOKENS` tokens are scored in full in one forward
-    pass with the prompt (`_score_in_one_pass`): nothing to prune, one weight read. A server passes the `prefix` it computed once at start-up (every prompt must start with
-    its tokens); otherwise the prompts' common start is found and run here.
+    scored unless they could beat the best scored label (`_score`), so the
+    answer is always the exhaustive argmax. Confidence counts each pruned
+    first token's probability (an upper bound of its labels' total) in the
+    normaliser, so it is never above the exhaustive confidence and below it by
+    at most that mass. `prune_below=None` scores every label in full. Label
+    sets of at most `one_pass_tokens` tokens are scored in full in one forward
+    pass with the prompt (`_score_in_one_pass`): nothing to prune, one weight
+    read. A server passes the `prefix` it computed once at start-up (every
+    prompt must start with its tokens); otherwise the prompts' common start is
+    found and run here.
     """
-    out = []
+    out: list[dict[str, Any] | None] = [None] * len(prompts)
     texts = prompt_texts(tokenizer, prompts)
     prefix = prefix or shared_prefix(model, tokenizer, texts)
+    order = _shortest_first(texts)
     label_tokens = sum(len(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels)
-    one_pass = label_tokens <= ONE_PASS_TOKENS
+    one_pass = label_tokens <= one_pass_tokens
     for i in range(0, len(texts), batch_size):
-        chunk = texts[i : i + batch_size]
+        rows = order[i : i + batch_size]
+        chunk = [texts[k] for k in rows]
         started = time.perf_counter()
         if one_pass:
-            scores, exact, pruned_mass = _score_in_one_pass(model, tokenizer, chunk, labels, prefix)
+            scores, pruned_mass = _score_in_one_pass(model, tokenizer, chunk, labels, prefix)
         else:
-            scores, exact, pruned_mass = _score(model, tokenizer, chunk, labels, prefix, prune_below)
-        redo = [k for k, ok in enumerate(exact) if not ok]
-        if redo:
-            full, _, _ = _score(model, tokenizer, [chunk[k] for k in redo], labels, prefix)
-            for k, row in zip(redo, full):
-                scores[k], pruned_mass[k] = row, 0.0
+            scores, pruned_mass = _score(model, tokenizer, chunk, labels, prefix, prune_below)
         per_example = (time.perf_counter() - started) / len(chunk)
-        for row, mass in zip(scores, pruned_mass):
+        for k, row, mass in zip(rows, scores, pruned_mass):
             scored = [(lp, j) for j, lp in enumerate(row) if lp is not None]
             top = max(lp for lp, _ in scored)
             total = sum(math.exp(lp - top) for lp, _ in scored) + mass * math.exp(-top)
             best_lp, best = max(scored)
-            out.append({"prediction": labels[best], "confidence": math.exp(best_lp - top) / total,
-                        "latency_s": per_example})
+            out[k] = {"prediction": labels[best], "confidence": math.exp(best_lp - top) / total,
+                      "latency_s": per_example}
         if on_batch:
             on_batch(len(chunk))
     return out
@@ -281,13 +344,15 @@ def generate(
 
     With a `schema`, decoding is constrained to JSON objects that satisfy it.
     """
-    out = []
+    out: list[dict[str, Any] | None] = [None] * len(prompts)
     texts = prompt_texts(tokenizer, prompts)
+    order = _shortest_first(texts)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
         for i in range(0, len(texts), batch_size):
-            chunk = texts[i : i + batch_size]
+            rows = order[i : i + batch_size]
+            chunk = [texts[k] for k in rows]
             started = time.perf_counter()
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
             processors = None
@@ -303,12 +368,12 @@ def generate(
             steps = torch.stack(gen.scores, dim=1).float().log_softmax(-1)
             token_lp = steps.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
             per_example = (time.perf_counter() - started) / len(chunk)
-            for row in range(len(chunk)):
+            for row, k in enumerate(rows):
                 keep = new_tokens[row] != tokenizer.pad_token_id
                 lp = token_lp[row][keep]
                 text = tokenizer.decode(new_tokens[row][keep], skip_special_tokens=True)
                 confidence = math.exp(float(lp.mean())) if len(lp) else 0.0
-                out.append({"raw": text, "confidence": confidence, "latency_s": per_example})
+                out[k] = {"raw": text, "confidence": confidence, "latency_s": per_example}
             if on_batch:
                 on_batch(len(chunk))
     finally:

@@ -1,12 +1,13 @@
 """Local inference on the tiny model: label scoring equals full-sequence scoring; constrained extraction always validates."""
 
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.predict import _score, _score_in_one_pass, classify, generate, prompt_texts, score_labels, shared_prefix
+from pipeline.predict import _score, _score_in_one_pass, _width_groups, classify, generate, prompt_texts, score_labels, shared_prefix
 from pipeline.tasks.extraction import check_target, parse_answer
 
 LABELS = ["billing", "shipping", "technical support", "account"]
@@ -54,8 +55,8 @@ def test_shared_prefix_cache_gives_the_same_scores(tiny):
     assert prefix is not None and len(prefix.ids) >= 16
     with torch.inference_mode():
         expected = full_sequence_scores(model, tokenizer, prompts, LABELS)
-    got, exact, pruned = _score(model, tokenizer, prompts, LABELS, prefix)
-    assert exact == [True] * 3 and pruned == [0.0] * 3
+    got, pruned = _score(model, tokenizer, prompts, LABELS, prefix)
+    assert pruned == [0.0] * 3
     for got_row, expected_row in zip(got, expected, strict=True):
         assert got_row == pytest.approx(expected_row, abs=1e-4)
 
@@ -70,10 +71,25 @@ def test_one_pass_scores_match_full_sequences(tiny, with_prefix):
     prefix = shared_prefix(model, tokenizer, prompts) if with_prefix else None
     with torch.inference_mode():
         expected = full_sequence_scores(model, tokenizer, prompts, LABELS)
-    got, exact, pruned = _score_in_one_pass(model, tokenizer, prompts, LABELS, prefix)
-    assert exact == [True] * 3 and pruned == [0.0] * 3
+    got, pruned = _score_in_one_pass(model, tokenizer, prompts, LABELS, prefix)
+    assert pruned == [0.0] * 3
     for got_row, expected_row in zip(got, expected, strict=True):
         assert got_row == pytest.approx(expected_row, abs=1e-4)
+
+
+@contextmanager
+def preferring(model, boosts: dict[int, float]):
+    """Fault injection: every position's logits favour some tokens, as a trained expert favours its labels."""
+    ids, values = list(boosts), torch.tensor(list(boosts.values()))
+
+    def hook(module, args, output):
+        output.logits[..., ids] += values.to(output.logits.dtype)
+
+    handle = model.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def test_pruning_keeps_the_exhaustive_answer_and_bounds_confidence(tiny):
@@ -81,16 +97,39 @@ def test_pruning_keeps_the_exhaustive_answer_and_bounds_confidence(tiny):
     labels = LABELS + ["refund", "returns", "delivery", "technical", "billing address", "shipping cost"]
     prompts = [[{"role": "system", "content": "Route the message. Labels: " + ", ".join(labels)},
                 {"role": "user", "content": text}] for text in ("refund please", "app crashes", "hi", "parcel?", "x y z")]
-    full = classify(model, tokenizer, prompts, labels, batch_size=5, prune_below=None)
-    for threshold in (0.9, 0.3, 1e-3):
-        pruned = classify(model, tokenizer, prompts, labels, batch_size=5, prune_below=threshold)
-        assert [r["prediction"] for r in pruned] == [r["prediction"] for r in full]
-        assert all(p["confidence"] <= f["confidence"] + 1e-6 for p, f in zip(pruned, full))
     texts = prompt_texts(tokenizer, prompts)
-    scores, exact, mass = _score(model, tokenizer, texts, labels, None, prune_below=0.9)
-    assert any(None in row for row in scores), "a high threshold must prune something on the random model"
     first_tokens = {tokenizer(label, add_special_tokens=False)["input_ids"][0] for label in labels}
-    assert all(0 <= m <= 1 for m in mass) and len(first_tokens) < len(labels)  # shared first tokens are exercised
+    assert len(first_tokens) < len(labels)  # shared first tokens are exercised
+    # random model (flat: pruned first tokens often beat the best full score, so the second round runs),
+    # then one that favours one label's tokens (peaked, like a trained expert: most labels stay pruned)
+    favoured = tokenizer("technical support", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    for boost in (0.0, 15.0):
+        with preferring(model, dict.fromkeys(favoured, boost)):
+            full = classify(model, tokenizer, prompts, labels, batch_size=5, prune_below=None, one_pass_tokens=0)
+            for threshold in (0.9, 0.3, 1e-2):
+                pruned = classify(model, tokenizer, prompts, labels, batch_size=5, prune_below=threshold,
+                                  one_pass_tokens=0)
+                assert [r["prediction"] for r in pruned] == [r["prediction"] for r in full]
+                assert all(p["confidence"] <= f["confidence"] + 1e-6 for p, f in zip(pruned, full))
+            scores, mass = _score(model, tokenizer, texts, labels, None, prune_below=0.9)
+            assert all(0 <= m <= 1 for m in mass)
+    assert any(None in row for row in scores), "with a peaked model a high threshold must leave labels unscored"
+
+
+def test_a_pruned_label_that_could_win_is_scored_after_all(tiny):
+    """The likeliest first token starts a label whose rest is improbable; a pruned label's first token
+    beats that label's full score, so the pruned label must be scored, and it wins."""
+    model, tokenizer = tiny
+    labels = ["technical support", "refund"]
+    ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
+    boosts = {ids[0][0]: 12.0, tokenizer.eos_token_id: 12.0, ids[1][0]: 9.0}  # "refund" first token: ~e^-3 of top
+    boosts.update({t: 12.0 for t in ids[1][1:]})
+    texts = prompt_texts(tokenizer, [[{"role": "user", "content": "money back please"}]])
+    with preferring(model, boosts):
+        full = score_labels(model, tokenizer, texts, labels)[0]
+        scores, mass = _score(model, tokenizer, texts, labels, None, prune_below=0.5)
+    assert full[1] > full[0], "the set-up: the label with the less likely first token is the exhaustive answer"
+    assert scores[0] == pytest.approx(full, abs=1e-4) and mass == [0.0]
 
 
 def test_pruning_groups_labels_by_first_token(tiny):
@@ -98,10 +137,12 @@ def test_pruning_groups_labels_by_first_token(tiny):
     model, tokenizer = tiny
     labels = ["billing", "billing address", "billing cycle", "shipping", "shipping cost"]
     texts = prompt_texts(tokenizer, [[{"role": "user", "content": "invoice"}]])
-    scores, _, _ = _score(model, tokenizer, texts, labels, None, prune_below=0.999999)
+    favoured = tokenizer("billing", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    with preferring(model, dict.fromkeys(favoured, 8.0)):
+        scores, _ = _score(model, tokenizer, texts, labels, None, prune_below=0.5)
     first = [tokenizer(label, add_special_tokens=False)["input_ids"][0] for label in labels]
     scored_first = {first[j] for j, lp in enumerate(scores[0]) if lp is not None}
-    assert len(scored_first) == 1
+    assert scored_first == {first[0]}
     assert [lp is not None for lp in scores[0]] == [f in scored_first for f in first]
 
 
@@ -190,3 +231,11 @@ def test_a_model_that_keeps_opening_members_still_closes_within_the_budget(tiny,
         hook.remove()
     for row in rows:
         assert check_target(json.loads(row["raw"]), SLOTS_SCHEMA) is None, row["raw"]
+
+
+def test_label_passes_group_rows_of_similar_width():
+    # one wide row would pad the narrow ones to 80 slots: 3 x 80 + 32 > (2 x 3 + 32) + (80 + 32)
+    assert _width_groups([3, 80, 2], pass_cost=32) == [[2, 0], [1]]
+    # similar widths: a second pass costs more than the padding it saves
+    assert _width_groups([10, 12, 11], pass_cost=32) == [[0, 2, 1]]
+    assert _width_groups([], pass_cost=32) == []
