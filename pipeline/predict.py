@@ -63,6 +63,18 @@ def shared_prefix(model, tokenizer, prompt_text: list[str], minimum: int = 16) -
     return SharedPrefix(common, model(input_ids=torch.tensor([common]), use_cache=True, logits_to_keep=1).cache)
 
 
+def _last_positions(n: int, length: int) -> torch.Tensor:
+    """`logits_to_keep` for the last `n` of `length` positions, as indices rather than a count.
+
+    Why: a count slices the hidden states, which for more than one row is a
+    non-contiguous view; `matmul` then cannot fold it into one matrix product
+    and copies the whole (vocab x hidden) LM-head weight on every call (56 MB
+    for SmolLM2, about 100 ms on this CPU). Index selection gives a
+    contiguous copy of just the rows needed.
+    """
+    return torch.arange(length - n, length)
+
+
 @torch.inference_mode()
 def score_labels(model, tokenizer, prompt_text: list[str], labels: list[str]) -> list[list[float]]:
     """Log-probability of each label (plus the end-of-turn token) after each prompt, every label in full."""
@@ -193,7 +205,7 @@ def _score(model, tokenizer, prompt_text, labels, prefix: SharedPrefix | None = 
         cache = copy.deepcopy(prefix.cache)
         cache.batch_repeat_interleave(n_prompts)
     out = model(input_ids=input_ids, attention_mask=prompt_mask, position_ids=positions, cache=cache, use_cache=True,
-                logits_to_keep=1)  # only the last position predicts the first label token
+                logits_to_keep=_last_positions(1, width))  # only the last position predicts the first label token
     first_lp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (n_prompts, vocab)
     first = [[float(first_lp[i, ids[0]]) for ids in label_ids] for i in range(n_prompts)]
     scores: list[list[float | None]] = [[None] * n_labels for _ in range(n_prompts)]
@@ -275,7 +287,7 @@ def _score_in_one_pass(model, tokenizer, prompt_text, labels, prefix: SharedPref
         cache = copy.deepcopy(prefix.cache)
         cache.batch_repeat_interleave(n_prompts)
     logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache,
-                   logits_to_keep=total + 1).logits.float()
+                   logits_to_keep=_last_positions(total + 1, length)).logits.float()
     log_probs = logits - logits.logsumexp(-1, keepdim=True)
     scores = log_probs[:, 0].gather(-1, torch.tensor([[ids[0] for ids in label_ids]] * n_prompts)).tolist()
     _add_trie_scores(scores, [trie] * n_prompts, list(range(n_prompts)), log_probs[:, 1:])
