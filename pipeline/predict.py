@@ -411,18 +411,25 @@ def answer(model, tokenizer, prompts, recipe, spec, on_batch: Callable[[int], No
     return parse_generated(generated, lambda text: task.parse_answer(text, spec))
 
 
+# steps kept for closing an answer, besides two per open object or array (see SchemaConstraint)
+CLOSE_MARGIN = 8
+
+
 class SchemaConstraint(LogitsProcessor):
     """Masks, per row of a batch, every token that would leave the JSON Schema's language.
 
     One llguidance matcher per row consumes the row's last token and fills its
     row of a token bitmask. Keys, separators and whitespace follow
     `extraction.target_text` (", " and ": "), the spelling the expert was
-    trained on. In the last `reserve` steps the mask narrows further towards
-    the end of the object, so even a model that would ramble (a random one)
-    ends with a complete object within `max_new_tokens`: inside a string,
-    tokens that close it; outside, end-of-sequence, then `}`/`]`, then other
-    punctuation. `,` and an opening `"` come last because each starts a new
-    member (a model that prefers them would otherwise loop to the budget).
+    trained on. When a row's remaining budget gets down to what closing its
+    open strings and containers may take (`CLOSE_MARGIN` plus two tokens per
+    open level), its mask narrows further towards the end of the object, so
+    even a model that would ramble (a random one) ends with a complete object
+    within `max_new_tokens`, while answers that fit are never cut short:
+    inside a string, tokens that close it; outside, end-of-sequence, then
+    `}`/`]`, then other punctuation. `,` and an opening `"` come last because
+    each starts a new member (a model that prefers them would otherwise loop
+    to the budget).
     """
 
     def __init__(self, tokenizer, schema: dict[str, Any], batch: int, vocab: int, max_new_tokens: int):
@@ -442,10 +449,10 @@ class SchemaConstraint(LogitsProcessor):
         self.closing = _closing_tokens(tokenizer, vocab)
         self.in_string = [False] * batch
         self.escaped = [False] * batch
+        self.depth = [0] * batch  # open objects and arrays
         self.eos = tokenizer.eos_token_id
         self.step = 0
         self.max_new_tokens = max_new_tokens
-        self.reserve = max_new_tokens // 2
         self.prompt_width: int | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -465,20 +472,28 @@ class SchemaConstraint(LogitsProcessor):
         for row, matcher in enumerate(self.matchers):
             if matcher.is_stopped() or matcher.is_error():
                 allowed[row, self.eos] = True
-        if self.max_new_tokens - self.step <= self.reserve:
-            allowed = torch.stack([self._towards_end(row, allowed[row]) for row in range(len(self.matchers))])
+        left = self.max_new_tokens - self.step
+        for row in range(len(self.matchers)):
+            if left <= CLOSE_MARGIN + 2 * self.depth[row]:
+                allowed[row] = self._towards_end(row, allowed[row])
         self.step += 1
         return scores.masked_fill(~allowed, float("-inf"))
 
     def _track_strings(self, row: int, token: int) -> None:
-        """Follows whether the row's answer is inside a JSON string (the mask alone cannot tell)."""
+        """Follows whether the row's answer is inside a JSON string, and how deeply nested (the mask
+        alone cannot tell)."""
         for char in self.tokenizer.decode([token]):
             if self.escaped[row]:
                 self.escaped[row] = False
-            elif char == "\\" and self.in_string[row]:
-                self.escaped[row] = True
+            elif self.in_string[row]:
+                self.escaped[row] = char == "\\"
+                self.in_string[row] = char != '"'
             elif char == '"':
-                self.in_string[row] = not self.in_string[row]
+                self.in_string[row] = True
+            elif char in "{[":
+                self.depth[row] += 1
+            elif char in "}]":
+                self.depth[row] -= 1
 
     def _towards_end(self, row: int, allowed: torch.Tensor) -> torch.Tensor:
         """The first non-empty tier of tokens that bring the row nearer to a complete object."""
@@ -521,11 +536,13 @@ def _closing_tokens(tokenizer, vocab: int) -> dict[str, torch.Tensor]:
     if ("closing", vocab) not in cached:
         masks = {name: torch.zeros(vocab, dtype=torch.bool) for name in ("string", "container", "any")}
         for token_id in range(min(vocab, len(tokenizer))):
-            text = tokenizer.decode([token_id]).strip()
+            raw = tokenizer.decode([token_id])
+            text = raw.strip()
             if not text or not set(text) <= set('"}],'):
                 continue
             masks["any"][token_id] = True
-            masks["string"][token_id] = text.startswith('"') and set(text[1:]) <= set("}]")
+            # inside a string a leading space is content: ` "` would close `"` as `" "`
+            masks["string"][token_id] = raw.startswith('"') and set(text[1:]) <= set("}]")
             masks["container"][token_id] = set(text) <= set("}]")
         cached[("closing", vocab)] = masks
     return cached[("closing", vocab)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.predict import _score, _score_in_one_pass, _width_groups, classify, generate, prompt_texts, score_labels, shared_prefix
+from pipeline.predict import CLOSE_MARGIN, _score, _score_in_one_pass, _width_groups, classify, generate, prompt_texts, score_labels, shared_prefix
 from pipeline.tasks.extraction import check_target, parse_answer
 
 LABELS = ["billing", "shipping", "technical support", "account"]
@@ -239,3 +239,21 @@ def test_label_passes_group_rows_of_similar_width():
     # similar widths: a second pass costs more than the padding it saves
     assert _width_groups([10, 12, 11], pass_cost=32) == [[0, 2, 1]]
     assert _width_groups([], pass_cost=32) == []
+
+
+def test_answers_that_fit_the_budget_are_not_cut_short(tiny):
+    """Closing early is only for answers that would not fit: with a budget just above what the answer
+    takes (plus the closing margin), a model that wants as many items as allowed gets all of them."""
+    model, tokenizer = tiny
+    schema = {"type": "object", "properties": {"answers": {"type": "array", "items": {"enum": ["yes", "no"]},
+                                                          "maxItems": 6}},
+              "required": ["answers"], "additionalProperties": False}
+    openers = [i for i in range(len(tokenizer)) if (t := tokenizer.decode([i]).strip()) and set(t) <= set(',"')]
+    prompts = [[{"role": "user", "content": "answer every question"}]]
+    with preferring(model, dict.fromkeys(openers, 30.0)):
+        roomy = generate(model, tokenizer, prompts, max_new_tokens=120, batch_size=1, schema=schema)[0]["raw"]
+        assert len(json.loads(roomy)["answers"]) == 6, roomy
+        used = len(tokenizer(roomy, add_special_tokens=False)["input_ids"]) + 1  # + end of turn
+        tight = generate(model, tokenizer, prompts, max_new_tokens=used + CLOSE_MARGIN + 2 + 1, batch_size=1,
+                         schema=schema)[0]["raw"]
+    assert tight == roomy
