@@ -1,0 +1,87 @@
+"""The recipe's untuned base-model baselines on a prepped test split, with no trained adapter.
+
+    .venv/bin/python scripts/eval_base.py scripts/recipes/banking77.yaml --run-dir runs/banking77-base [--limit N]
+
+Why: `expert eval` measures the baselines in the same pass as the expert, so
+it needs `train/adapter`. When the expert was evaluated elsewhere (another
+machine, an earlier session), this measures the recipe's `base_model`
+baselines exactly as `expert eval` would (same prompts, shots, constrained
+inference, batch size) on the identical split (prep is seeded), and prints
+each one's quality with a Wilson 95% interval, throughput and cost per 1,000
+requests. The run directory is prepped first if it is not already.
+Results go to RUN_DIR/eval-base/metrics.json and predictions/*.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `pipeline`
+
+from pipeline import evaluate, models, prep, tasks  # noqa: E402
+from pipeline.recipe import dump_recipe, load_recipe  # noqa: E402
+from pipeline.rundir import MANIFEST, atomic_write_json, atomic_write_jsonl, init_run, open_run  # noqa: E402
+
+
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion: honest near 0 and 1, where the normal approximation is not."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (centre - half, centre + half)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", type=Path)
+    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--limit", type=int, default=None, help="only the first N test rows (a quick look)")
+    args = parser.parse_args()
+
+    recipe = load_recipe(args.recipe)
+    if (args.run_dir / MANIFEST).is_file():
+        run = open_run(args.run_dir)
+    else:
+        run = init_run(args.run_dir, recipe.name, dump_recipe(recipe), recipe.recipe_hash())
+    prep.run(recipe, run)
+
+    task = tasks.for_type(recipe.task.type)
+    spec_doc = json.loads((run.path / "prep/spec.json").read_text(encoding="utf-8"))
+    spec, baseline_system = spec_doc["spec"], spec_doc["baseline_system_prompt"]
+    test = evaluate.read_split(run, "test")[: args.limit]
+    fewshot = evaluate.load_fewshot(run, recipe)
+    source, _ = models.resolve_base(recipe.model.base)
+    tokenizer = models.load_tokenizer(source, recipe.model.trust_remote_code)
+    model = models.load_base_model(recipe.model, source, models.resolve_precision(recipe.train.precision))
+    model.eval()
+
+    out = run.path / "eval-base"
+    results = {}
+    quality = "accuracy" if recipe.task.type == "classification" else recipe.eval.gate.metric
+    for baseline in [b for b in recipe.eval.baselines if b.kind == "base_model"]:
+        rows = evaluate.baseline_rows(test, baseline_system, fewshot, baseline.shots)
+        started = time.perf_counter()
+        answers = evaluate.infer_local(model, tokenizer, rows, recipe, spec, baseline.name)
+        seconds = time.perf_counter() - started
+        metrics = evaluate.system_metrics(recipe, task, spec, test, answers, {}, baseline.name)
+        value = metrics.get(quality)
+        if isinstance(value, (int, float)):
+            metrics[f"{quality}_wilson95"] = wilson(value * len(test), len(test))
+        metrics["examples_per_s"] = len(test) / seconds
+        results[baseline.name] = metrics
+        atomic_write_jsonl(out / "predictions" / f"{baseline.name}.jsonl", evaluate.prediction_rows(test, answers))
+        low, high = metrics.get(f"{quality}_wilson95", (math.nan, math.nan))
+        print(f"{baseline.name}: {quality} {value:.3f} (95% Wilson {low:.3f}-{high:.3f}) on {len(test)} test rows, "
+              f"{metrics['examples_per_s']:.2f} examples/s, ${metrics['cost_per_1k']:.3f} per 1k requests", flush=True)
+    atomic_write_json(out / "metrics.json", {"systems": results, "test_examples": len(test), "metric": quality})
+
+
+if __name__ == "__main__":
+    main()
