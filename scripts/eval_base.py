@@ -64,15 +64,16 @@ def main() -> None:
 
     out = run.path / "eval-base"
     results = {}
-    quality = "accuracy" if recipe.task.type == "classification" else recipe.eval.gate.metric
+    quality = recipe.eval.gate.metric
+    binary = quality in ("accuracy", "exact_match")  # a Wilson interval is for a share of right/wrong examples
     for baseline in [b for b in recipe.eval.baselines if b.kind == "base_model"]:
         rows = evaluate.baseline_rows(test, baseline_system, fewshot, baseline.shots)
         started = time.perf_counter()
         answers = evaluate.infer_local(model, tokenizer, rows, recipe, spec, baseline.name)
         seconds = time.perf_counter() - started
         metrics = evaluate.system_metrics(recipe, task, spec, test, answers, {}, baseline.name)
-        value = metrics.get(quality)
-        if isinstance(value, (int, float)):
+        value = metrics[quality]
+        if binary:
             metrics[f"{quality}_wilson95"] = wilson(value * len(test), len(test))
         metrics["examples_per_s"] = len(test) / seconds
         results[baseline.name] = metrics
