@@ -143,7 +143,9 @@ class AdapterSection(Strict):
     method: Literal["lora", "dora"] = "lora"
     r: PositiveInt = 16
     alpha: Annotated[float, Field(gt=0)] = 32
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    # no dropout by default: runs of a few epochs or less gain nothing from it, and on a CPU drawing its masks
+    # costs ~20% of each training step (docs/BENCHMARKS.md)
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     target_modules: str | list[str] = "all-linear"
     # rank-stabilised scaling alpha/sqrt(r) instead of alpha/r (keeps high ranks learning)
     rslora: bool = False
@@ -176,7 +178,8 @@ class TrainSection(Strict):
     # auto: on a GPU, off on a CPU (where a block-diagonal mask costs more than length-grouped padding wastes)
     padding_free: bool | Literal["auto"] = "auto"
     packing: bool = False  # pack examples into data.max_tokens sequences: batch_size then counts packed sequences
-    # auto: flash_attention_2 on a GPU with the flash-attn package, else sdpa (PyTorch's fused attention)
+    # auto: flash_attention_2 on a GPU with the flash-attn package, else sdpa (PyTorch's fused attention);
+    # on a CPU eager up to data.max_tokens 512 (faster there), sdpa above
     attention: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
     liger_kernels: bool = False  # Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU); a GPU and liger-kernel
 

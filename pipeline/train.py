@@ -156,7 +156,7 @@ def load_for_training(recipe: Recipe):
             raise UserError("train.liger_kernels: needs a GPU and `pip install liger-kernel`; set it to false here")
     settings = {
         "precision": models.resolve_precision(recipe.train.precision),
-        "attention": models.resolve_attention(recipe.train.attention),
+        "attention": models.resolve_attention(recipe.train.attention, recipe.data.max_tokens),
         "padding_free": models.choose_padding_free(recipe.train.padding_free, recipe.train.packing,
                                                    torch.cuda.is_available()),
     }

@@ -10,7 +10,8 @@ steps at batch size 8:
   (a) plain TRL: `SFTTrainer` with TRL's default `SFTConfig` (bf16 autocast,
       gradient checkpointing, no length grouping) and a LoRA config from the
       TRL docs, on the same prompt/completion rows;
-  (b) `expert train` (LoRA r=16, all linear layers);
+  (b) `expert train` with its defaults (LoRA r=16, all linear layers, no dropout;
+      on this CPU bf16 and eager attention, chosen by `auto`);
   (c) `expert train` with `model.quantization: 4bit` (QLoRA).
 
 Every child counts each training step's real (non-padding) and padded tokens
@@ -182,8 +183,9 @@ def prepare(workdir: Path, examples: int, steps: int) -> Path:
         "task": {"type": "classification", "instruction": "Classify the banking customer's message by intent.",
                  "min_examples_per_class": 1},  # a 1,000-row sample leaves rare intents with 1-2 rows
         "data": {"source": str(data), "fields": {"text": "text", "target": "category"},
-                 "split": {"validation": 0.05, "test": 0.05, "seed": 13, "stratify": False}, "max_tokens": 1024},
-        "model": {"base": ALIAS, "adapter": {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.05}},
+                 "split": {"validation": 0.05, "test": 0.05, "seed": 13, "stratify": False}, "max_tokens": 256},
+        # the expert's defaults otherwise: LoRA r=16, alpha 32, no dropout, every linear layer
+        "model": {"base": ALIAS, "adapter": {"method": "lora", "r": 16, "alpha": 32}},
         "train": {"max_steps": steps, "batch_size": BATCH, "learning_rate": 2.0e-4, "logging_steps": 1, "eval_steps": 1000},
         "registry": {"model_name": "bench"},
     }

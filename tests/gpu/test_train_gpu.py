@@ -22,7 +22,7 @@ pytestmark = [
 def test_auto_settings_on_a_gpu():
     assert models.resolve_precision("auto") == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     assert models.choose_padding_free("auto", packing=False, cuda=True)
-    assert models.resolve_attention("auto") in ("flash_attention_2", "sdpa")
+    assert models.resolve_attention("auto", 128) in ("flash_attention_2", "sdpa")
 
 
 def test_qlora_trains_the_adapter_and_leaves_4bit_base_weights(tiny_model_dir):
@@ -56,7 +56,7 @@ def test_qlora_trains_the_adapter_and_leaves_4bit_base_weights(tiny_model_dir):
 def test_padding_free_batches_keep_examples_apart_with_the_chosen_attention(tiny_model_dir):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    attention = models.resolve_attention("auto")
+    attention = models.resolve_attention("auto", 128)
     model = models.load_base_model(ModelSection(base=str(tiny_model_dir)), tiny_model_dir, "bf16", attention)
     model = model.cuda().eval()
     generator = torch.Generator().manual_seed(0)

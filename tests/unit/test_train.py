@@ -71,17 +71,19 @@ def test_sft_config_sets_every_default_trl_changes(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("requested", "cuda", "flash", "expected"),
-    [("auto", True, True, "flash_attention_2"), ("auto", True, False, "sdpa"), ("auto", False, True, "sdpa"),
-     ("eager", False, False, "eager"), ("flash_attention_2", True, True, "flash_attention_2")],
+    ("requested", "cuda", "flash", "max_tokens", "expected"),
+    [("auto", True, True, 128, "flash_attention_2"), ("auto", True, False, 128, "sdpa"),
+     ("auto", False, True, 128, "eager"), ("auto", False, False, 512, "eager"), ("auto", False, False, 513, "sdpa"),
+     ("sdpa", False, False, 128, "sdpa"), ("eager", False, False, 4096, "eager"),
+     ("flash_attention_2", True, True, 128, "flash_attention_2")],
 )
-def test_choose_attention(requested, cuda, flash, expected):
-    assert models.choose_attention(requested, cuda, flash) == expected
+def test_choose_attention(requested, cuda, flash, max_tokens, expected):
+    assert models.choose_attention(requested, cuda, flash, max_tokens) == expected
 
 
 def test_flash_attention_without_its_kernels_is_an_error():
     with pytest.raises(UserError, match="train.attention: flash_attention_2 needs a GPU and the flash-attn package"):
-        models.choose_attention("flash_attention_2", False, True)
+        models.choose_attention("flash_attention_2", False, True, 128)
 
 
 @pytest.mark.parametrize(
