@@ -1,6 +1,7 @@
 """Benchmark: `expert train` vs a plain TRL script, and QLoRA vs LoRA memory, on SmolLM2-135M.
 
-    .venv/bin/python scripts/bench_train.py [--steps 12] [--examples 1000]
+    .venv/bin/python scripts/bench_train.py [--steps 12] [--examples 1000] [--batch 8]
+    .venv/bin/python scripts/bench_train.py --only expert expert_dropout expert_sdpa    # ablations
 
 One run, same machine: a seeded sample of BANKING77 (from ../shared/data) goes
 through `expert prep` once (about --examples training rows), then each system
@@ -137,14 +138,27 @@ def child_plain_trl(run_dir: Path, steps: int) -> dict:
     return summarize(record, time.perf_counter(), params, flops)
 
 
-def child_expert(run_dir: Path, recipe_path: Path, quantization: str) -> dict:
-    from pipeline import models, train
-    from pipeline.recipe import load_recipe
+# `expert train` variants: the recipe's model/train keys each one changes
+EXPERT_VARIANTS = {
+    "expert": {},
+    "expert_qlora": {"model": {"quantization": "4bit"}},
+    "expert_dropout": {"model": {"adapter": {"dropout": 0.05}}},  # ablation: the LoRA dropout default before
+    "expert_sdpa": {"train": {"attention": "sdpa"}},  # ablation: PyTorch's SDPA kernel instead of eager
+}
+
+
+def child_expert(run_dir: Path, recipe_path: Path, variant: str) -> dict:
+    from pipeline import train
+    from pipeline.recipe import Recipe, load_recipe
     from pipeline.rundir import open_run
 
     flops = matmul_flops()
-    recipe = load_recipe(recipe_path)
-    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"quantization": quantization})})
+    raw = load_recipe(recipe_path).model_dump(mode="json", by_alias=True)
+    for section, changes in EXPERT_VARIANTS[variant].items():
+        for key, value in changes.items():
+            current = raw[section].get(key)
+            raw[section][key] = {**current, **value} if isinstance(value, dict) else value
+    recipe = Recipe.model_validate(raw)
     record = count_steps()
     ended = {}
     from transformers import Trainer
@@ -209,7 +223,8 @@ def run_child(kind: str, workdir: Path, steps: int) -> dict:
 
 def table(results: dict[str, dict], train_rows: int, steps: int) -> str:
     names = {"plain_trl": "(a) plain TRL SFTTrainer, default SFTConfig", "expert": "(b) expert train (LoRA)",
-             "expert_qlora": "(c) expert train, QLoRA 4-bit"}
+             "expert_qlora": "(c) expert train, QLoRA 4-bit",
+             "expert_dropout": "(b) with LoRA dropout 0.05", "expert_sdpa": "(b) with SDPA attention"}
     lines = [
         f"SmolLM2-135M-Instruct, {train_rows} BANKING77 training rows, batch {BATCH}, {steps} steps "
         f"(first left out), CPU threads: {os.cpu_count()}",
@@ -237,7 +252,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--examples", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=8, help="per-step batch size of every system")
-    parser.add_argument("--only", nargs="*", default=["plain_trl", "expert", "expert_qlora"])
+    parser.add_argument("--only", nargs="*", default=["plain_trl", "expert", "expert_qlora"],
+                        choices=["plain_trl", *EXPERT_VARIANTS], help="systems to run (ablations: expert_dropout, expert_sdpa)")
     parser.add_argument("--child")
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args()
@@ -246,7 +262,7 @@ def main() -> None:
         if args.child == "plain_trl":
             result = child_plain_trl(run_dir, args.steps)
         else:
-            result = child_expert(run_dir, args.workdir / "recipe.yaml", "4bit" if args.child == "expert_qlora" else "none")
+            result = child_expert(run_dir, args.workdir / "recipe.yaml", args.child)
         print(json.dumps(result))
         return
     os.environ["BENCH_TRAIN_BATCH"] = str(args.batch)
