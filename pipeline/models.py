@@ -131,8 +131,8 @@ EAGER_ATTENTION_MAX_TOKENS = 512
 
 def choose_attention(requested: str, cuda: bool, flash_installed: bool, max_tokens: int) -> str:
     """`train.attention` resolved: flash-attention's kernels where they can run; on a CPU, plain (eager) attention
-    for the short sequences narrow tasks have: measured 1.2-1.5x faster per training step than PyTorch's SDPA
-    kernel on SmolLM2-135M at 50-512 tokens (docs/BENCHMARKS.md). Eager keeps a (tokens x tokens) score matrix
+    for the short sequences narrow tasks have: measured 1.1-1.3x faster per training step than PyTorch's SDPA
+    kernel on SmolLM2-135M at 50-512 tokens (docs/BENCHMARKS.md, "Train"). Eager keeps a (tokens x tokens) score matrix
     per head for the backward pass, so longer sequences get SDPA."""
     if requested == "auto":
         if cuda:

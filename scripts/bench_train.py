@@ -253,7 +253,8 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=8, help="per-step batch size of every system")
     parser.add_argument("--only", nargs="*", default=["plain_trl", "expert", "expert_qlora"],
-                        choices=["plain_trl", *EXPERT_VARIANTS], help="systems to run (ablations: expert_dropout, expert_sdpa)")
+                        choices=["plain_trl", *EXPERT_VARIANTS],
+                        help="systems to run (ablations: expert_dropout, expert_sdpa)")
     parser.add_argument("--child")
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args()
