@@ -1,0 +1,55 @@
+"""A randomly initialised model with a larger SmolLM2's shape, for memory benchmarks only.
+
+    .venv/bin/python scripts/make_random_base.py --shape smollm2-1.7b --out /tmp/smollm2-1.7b-random
+
+Why: this machine cannot download the larger SmolLM2 checkpoints, and memory
+and speed do not depend on the weights' values. The directory gets the shape's
+config (the published SmolLM2 configs' sizes), bf16 safetensors, and the
+embedded SmolLM2-135M tokenizer (the family shares its 49,152-token
+vocabulary), so `scripts/bench_train.py --base DIR` trains it like any base.
+Its answers are noise: never evaluate or ship it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# sizes from the SmolLM2 model cards' config.json; the rest comes from the embedded 135M config
+SHAPES = {
+    "smollm2-360m": {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+                     "num_attention_heads": 15, "num_key_value_heads": 5},
+    "smollm2-1.7b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+                     "num_attention_heads": 32, "num_key_value_heads": 32},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline import models
+
+    source, _ = models.resolve_base("smollm2-135m-instruct")
+    config = AutoConfig.from_pretrained(source)
+    for key, value in SHAPES[args.shape].items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(args.out, safe_serialization=True)
+    models.load_tokenizer(source).save_pretrained(args.out)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{args.out}: {args.shape} shape, {params / 1e6:,.0f}M parameters, random weights (benchmarks only)")
+
+
+if __name__ == "__main__":
+    main()
