@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's `pipeline`, not another install
 BANKING77 = ROOT.parent / "shared" / "data" / "banking77" / "train.csv"
 # the base every system trains: the embedded SmolLM2-135M, or a model directory (--base, e.g. from
 # scripts/make_random_base.py) to see how memory scales with model size
-ALIAS = os.environ.get("BENCH_TRAIN_BASE", "smollm2-135m-instruct")
+BASE = os.environ.get("BENCH_TRAIN_BASE", "smollm2-135m-instruct")
 BATCH = int(os.environ.get("BENCH_TRAIN_BATCH", "8"))  # set by --batch, read by the children too
 
 
@@ -98,7 +98,7 @@ def base_parameters() -> int:
 
     from pipeline import models
 
-    source, _ = models.resolve_base(ALIAS)
+    source, _ = models.resolve_base(BASE)
     total = 0
     for file in Path(source).glob("*.safetensors"):
         with safe_open(file, "pt") as f:
@@ -153,7 +153,7 @@ def child_plain_trl(run_dir: Path, steps: int) -> dict:
 
     anonymous = track_peak_anonymous_memory()
     flops = matmul_flops()
-    source, _ = models.resolve_base(ALIAS)
+    source, _ = models.resolve_base(BASE)
     dataset = load_dataset("json", data_files=str(run_dir / "prep/train.jsonl"), split="train")
     dataset = dataset.select_columns(["prompt", "completion"])
     record = count_steps()
@@ -232,7 +232,7 @@ def prepare(workdir: Path, examples: int, steps: int) -> Path:
         "data": {"source": str(data), "fields": {"text": "text", "target": "category"},
                  "split": {"validation": 0.05, "test": 0.05, "seed": 13, "stratify": False}, "max_tokens": 256},
         # the expert's defaults otherwise: LoRA r=16, alpha 32, no dropout, every linear layer
-        "model": {"base": ALIAS, "adapter": {"method": "lora", "r": 16, "alpha": 32}},
+        "model": {"base": BASE, "adapter": {"method": "lora", "r": 16, "alpha": 32}},
         "train": {"max_steps": steps, "batch_size": BATCH, "learning_rate": 2.0e-4, "logging_steps": 1, "eval_steps": 1000},
         "registry": {"model_name": "bench"},
     }
@@ -259,16 +259,18 @@ def table(results: dict[str, dict], train_rows: int, steps: int) -> str:
              "expert_qlora": "(c) expert train, QLoRA 4-bit",
              "expert_dropout": "(b) with LoRA dropout 0.05", "expert_sdpa": "(b) with SDPA attention"}
     lines = [
-        f"{ALIAS} ({next(iter(results.values()))['parameters'] / 1e6:,.0f}M parameters), {train_rows} BANKING77 "
+        f"{BASE} ({next(iter(results.values()))['parameters'] / 1e6:,.0f}M parameters), {train_rows} BANKING77 "
         f"training rows, batch {BATCH}, {steps} steps (first left out), CPU threads: {os.cpu_count()}",
         "",
-        "| system | real tokens/s | padding | median step | peak RSS | peak anonymous | matmul GFLOP/s | efficiency |",
+        "| system | real tokens/s | padding | median step | peak RSS | peak anonymous | matmul GFLOP/s "
+        "| efficiency |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for key, r in results.items():
         lines.append(
             f"| {names[key]} | {r['real_tokens_per_s']:.0f} | {r['padding_fraction']:.1%} | {r['median_step_s']:.2f} s "
-            f"| {r['peak_rss_mb']:.0f} MB | {r['peak_anonymous_mb']:.0f} MB | {r['matmul_gflops']:.1f} | {r['efficiency']:.1%} |"
+            f"| {r['peak_rss_mb']:.0f} MB | {r['peak_anonymous_mb']:.0f} MB | {r['matmul_gflops']:.1f} "
+            f"| {r['efficiency']:.1%} |"
         )
     a, b, c = results.get("plain_trl"), results.get("expert"), results.get("expert_qlora")
     lines.append("")
@@ -302,10 +304,10 @@ def main() -> None:
         print(json.dumps(result))
         return
     os.environ["BENCH_TRAIN_BATCH"] = str(args.batch)
-    global BATCH, ALIAS
+    global BATCH, BASE
     BATCH = args.batch
     if args.base:
-        ALIAS = os.environ["BENCH_TRAIN_BASE"] = str(Path(args.base).resolve())
+        BASE = os.environ["BENCH_TRAIN_BASE"] = str(Path(args.base).resolve())
     if not BANKING77.is_file():
         raise SystemExit(f"{BANKING77} is missing: this benchmark needs ../shared/data/banking77")
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:

@@ -4,7 +4,7 @@
 
 Why: this machine cannot download the larger SmolLM2 checkpoints, and memory
 and speed do not depend on the weights' values. The directory gets the shape's
-config (the published SmolLM2 configs' sizes), bf16 safetensors, and the
+config (sizes from `scripts/bench_gpu.py`'s SHAPES), bf16 safetensors, and the
 embedded SmolLM2-135M tokenizer (the family shares its 49,152-token
 vocabulary), so `scripts/bench_train.py --base DIR` trains it like any base.
 Its answers are noise: never evaluate or ship it.
@@ -19,18 +19,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# sizes from the SmolLM2 model cards' config.json; the rest comes from the embedded 135M config
-SHAPES = {
-    "smollm2-360m": {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
-                     "num_attention_heads": 15, "num_key_value_heads": 5},
-    "smollm2-1.7b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
-                     "num_attention_heads": 32, "num_key_value_heads": 32},
-}
+from scripts.bench_gpu import SHAPES  # noqa: E402  (the published configs' sizes, kept in one place)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    parser.add_argument("--shape", choices=[s for s in SHAPES if s.startswith("smollm2")], required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
