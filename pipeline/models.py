@@ -121,9 +121,50 @@ def load_base_model(section: ModelSection, source: Path | str, precision: str = 
     dtype = getattr(torch, TORCH_DTYPE_NAMES[precision])
     kwargs: dict[str, Any] = {"trust_remote_code": section.trust_remote_code, "dtype": dtype,
                               "attn_implementation": attention}
-    if section.quantization != "none":
-        kwargs["quantization_config"] = to_bnb_config(section.quantization, dtype)
-    return AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **kwargs)
+    if section.quantization == "none":
+        return AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **kwargs)
+    kwargs["quantization_config"] = to_bnb_config(section.quantization, dtype)
+    model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **kwargs)
+    release_weight_file(model)
+    return model
+
+
+def release_weight_file(model) -> None:
+    """Copy the tensors that stay unquantized (embeddings, norms) out of the memory-mapped weight file, then hand
+    the heap that quantizing freed back to the OS.
+
+    Why: those tensors are views into the mmapped full-precision file, and one view keeps the whole mapping, so
+    every page that quantizing read stayed resident for the whole run: at a SmolLM2-1.7B shape, 3.1 GB of bf16
+    pages that nothing uses next to 1.0 GB of 4-bit weights, which made QLoRA's peak RSS equal LoRA's.
+    """
+    import gc
+
+    import bitsandbytes as bnb
+
+    quantized = (bnb.nn.Params4bit, bnb.nn.Int8Params)
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not isinstance(param, quantized):
+                param.data = param.data.clone()
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None:
+                module._buffers[name] = buffer.clone()
+    gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc's `malloc_trim`; a no-op on other C libraries): glibc keeps freed
+    memory for reuse, so large one-off work (quantizing a model) would otherwise stay in the RSS."""
+    import ctypes
+    import ctypes.util
+
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return
+    malloc_trim = getattr(ctypes.CDLL(libc_name), "malloc_trim", None)
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 EAGER_ATTENTION_MAX_TOKENS = 512
