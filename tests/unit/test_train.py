@@ -134,14 +134,16 @@ def mapped_files() -> set[str]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
-def test_quantized_load_releases_the_full_precision_weight_file(tiny_model_dir, tmp_path):
+def test_quantized_base_leaves_the_full_precision_file_and_is_cached(tiny_model_dir, tmp_path, monkeypatch):
     """A 4-bit base must not keep the full-precision weight file mapped: its pages would stay in the RSS for
-    the whole run (3.1 GB at a SmolLM2-1.7B shape), and QLoRA's peak RSS would equal LoRA's."""
+    the whole run (3.1 GB at a SmolLM2-1.7B shape), and QLoRA's peak RSS would equal LoRA's. The second load
+    reads the cached 4-bit copy, the same weights, and never maps the full-precision file."""
     import gc
     import shutil
 
     import bitsandbytes as bnb
 
+    monkeypatch.setenv("EXPERT_CACHE", str(tmp_path / "cache"))
     private = shutil.copytree(tiny_model_dir, tmp_path / "model")  # no other test's model maps this copy
     weights = str((private / "model.safetensors").resolve())
     full = models.load_base_model(ModelSection(base=str(private)), private)
@@ -150,12 +152,28 @@ def test_quantized_load_releases_the_full_precision_weight_file(tiny_model_dir, 
     gc.collect()
     assert weights not in mapped_files()
 
-    quantized = models.load_base_model(ModelSection(base=str(private), quantization="4bit"), private)
+    section = ModelSection(base=str(private), quantization="4bit")
+    first = models.load_base_model(section, private)
     assert weights not in mapped_files()
-    assert any(isinstance(m, bnb.nn.Linear4bit) for m in quantized.modules())
+    (cached,) = (tmp_path / "cache" / "quantized").iterdir()
+    assert (cached / models.QUANTIZED_MARKER).is_file()
+    second = models.load_base_model(section, private)
+    assert weights not in mapped_files()
+    assert str((cached / "model.safetensors").resolve()) in mapped_files(), "the second load reads the cache"
+
+    def packed(model):
+        return {name: m.weight.data for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+    assert len(packed(second)) == 14 and all(w.dtype == torch.uint8 for w in packed(second).values())
+    assert all(torch.equal(packed(first)[name], w) for name, w in packed(second).items())
+    ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
-        logits = quantized(input_ids=torch.tensor([[5, 6, 7, 8]])).logits
-    assert torch.isfinite(logits).all()
+        assert torch.equal(first(input_ids=ids).logits, second(input_ids=ids).logits)
+
+    # new base weights are a new cache entry, never the stale copy
+    (private / "model.safetensors").touch()
+    models.load_base_model(section, private)
+    assert len(list((tmp_path / "cache" / "quantized").iterdir())) == 2
 
 
 def test_save_steps_must_be_a_multiple_of_eval_steps():
