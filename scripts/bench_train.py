@@ -3,7 +3,8 @@
     .venv/bin/python scripts/bench_train.py [--steps 12] [--examples 1000] [--batch 8]
     .venv/bin/python scripts/bench_train.py --only expert expert_dropout expert_sdpa    # ablations
     .venv/bin/python scripts/make_random_base.py --shape smollm2-1.7b --out /tmp/smollm2-1.7b-random
-    .venv/bin/python scripts/bench_train.py --base /tmp/smollm2-1.7b-random --only expert expert_qlora --steps 3
+    .venv/bin/python scripts/bench_train.py --base /tmp/smollm2-1.7b-random --steps 3 \
+        --only expert expert_qlora expert_checkpointing expert_qlora_checkpointing    # QLoRA memory
 
 One run, same machine: a seeded sample of BANKING77 (from ../shared/data) goes
 through `expert prep` once (about --examples training rows), then each system
@@ -15,7 +16,9 @@ steps at batch size 8:
       TRL docs, on the same prompt/completion rows;
   (b) `expert train` with its defaults (LoRA r=16, all linear layers, no dropout;
       on this CPU bf16 and eager attention, chosen by `auto`);
-  (c) `expert train` with `model.quantization: 4bit` (QLoRA).
+  (c) `expert train` with `model.quantization: 4bit` (QLoRA), the base loaded
+      from the 4-bit cache that a child fills first, as in every run after a
+      user's first.
 
 Every child counts each training step's real (non-padding) and padded tokens
 and its wall time, and measures a float32 matmul rate in the same process.
