@@ -133,6 +133,7 @@ def load_base_model(section: ModelSection, source: Path | str, precision: str = 
         cached = quantized_cache_dir(source, precision)
         if (cached / QUANTIZED_MARKER).is_file():
             return AutoModelForCausalLM.from_pretrained(cached, use_safetensors=True, **kwargs)
+        console.print(f"[bold]Quantizing[/] {source.name} to 4-bit into {cached} (once; later loads are fast)")
     kwargs["quantization_config"] = to_bnb_config(section.quantization, dtype)
     model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **kwargs)
     release_weight_file(model)
