@@ -60,6 +60,7 @@ class ServeOptions:
     frontier_retries: int = 1  # retries per escalated request (serving cannot wait like eval)
     frontier_timeout_s: float = 10.0
     merge: bool = True  # fold the LoRA weights into the base at load: same answers, less work per token
+    pack: bool = True  # after merging, keep bf16 weights in oneDNN's layout: bit-identical answers, ~1.3x faster
     threads: int | None = None  # torch CPU threads for the model; default: torch's (one per core)
 
 
@@ -546,6 +547,18 @@ def registered_name_version(model_uri: str) -> tuple[str | None, str | None]:
 
 
 def load_service(model_uri: str, options: ServeOptions) -> Service:
+    """Load a version and start its worker.
+
+    The loading runs on a short-lived thread so that the model worker is the only thread that ever runs torch's
+    OpenMP parallel regions: with a second team alive (the loading thread's, kept by libgomp for as long as that
+    thread lives), libgomp counts more threads than cores and makes idle workers sleep after every parallel
+    region instead of spinning, which cost ~20 ms per served request (40k context switches per 60 requests).
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="expert-load") as loader:
+        return loader.submit(_load_service, model_uri, options).result()
+
+
+def _load_service(model_uri: str, options: ServeOptions) -> Service:
     from pipeline import registry
 
     if options.max_batch < 1:
@@ -559,6 +572,8 @@ def load_service(model_uri: str, options: ServeOptions) -> Service:
     _, expert = registry.load_version(model_uri)
     if options.merge and expert.recipe.model.quantization == "none" and hasattr(expert.model, "merge_and_unload"):
         expert.model = expert.model.merge_and_unload().eval()
+        if options.pack and (packed := predict.pack_linear_weights(expert.model)):
+            console.print(f"packed {packed} bf16 linear layers for oneDNN (outputs checked bit-identical)")
     name, version = registered_name_version(model_uri)
     return Service(expert, name or expert.recipe.registry.model_name, version, model_uri, options)
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.predict import CLOSE_MARGIN, _score, _score_in_one_pass, _width_groups, classify, generate, prompt_texts, score_labels, shared_prefix
+from pipeline.models import cpu_has_native_bf16
+from pipeline.predict import (CLOSE_MARGIN, PackedBf16Linear, _private_copy, _score, _score_in_one_pass, _width_groups, classify,
+                              generate, pack_linear_weights, prompt_texts, score_labels, shared_prefix)
 from pipeline.tasks.extraction import check_target, parse_answer
 
 LABELS = ["billing", "shipping", "technical support", "account"]
@@ -257,3 +259,43 @@ def test_answers_that_fit_the_budget_are_not_cut_short(tiny):
         tight = generate(model, tokenizer, prompts, max_new_tokens=used + CLOSE_MARGIN + 2 + 1, batch_size=1,
                          schema=schema)[0]["raw"]
     assert tight == roomy
+
+
+@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and cpu_has_native_bf16()),
+                    reason="packing needs a CPU with native bf16 and a oneDNN build")
+def test_packed_bf16_linear_layers_give_bit_identical_logits_and_scores(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    eager = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    packed = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    linear = [m for m in packed.modules() if type(m) is torch.nn.Linear]
+    assert pack_linear_weights(packed) == len(linear) - 1, "every linear layer but the output embedding"
+    assert not [m for m in packed.modules() if type(m) is torch.nn.Linear and m is not packed.lm_head]
+    assert any(isinstance(m, PackedBf16Linear) for m in packed.modules())
+    texts = ["my card was charged twice", "where is my parcel? it is late", "hi"]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        assert torch.equal(packed(**batch).logits, eager(**batch).logits)
+    prompts = [f"<|im_start|>user\n{t}<|im_end|>\n<|im_start|>assistant\n" for t in texts]
+    assert _score_in_one_pass(packed, tokenizer, prompts, LABELS) == _score_in_one_pass(eager, tokenizer, prompts, LABELS)
+
+
+def test_fp32_models_are_not_packed(tiny):
+    model, _ = tiny
+    assert model.dtype == torch.float32 and pack_linear_weights(model) == 0
+    assert not any(isinstance(m, PackedBf16Linear) for m in model.modules())
+
+
+def test_a_private_cache_copy_leaves_the_shared_prefix_as_it_was(tiny):
+    model, tokenizer = tiny
+    system = "<|im_start|>system\nRoute the customer message to one support queue: billing, shipping or account.<|im_end|>\n"
+    prompts = [system + f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+               for text in ("my card was charged twice", "parcel late")]
+    prefix = shared_prefix(model, tokenizer, prompts)
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in prefix.cache.layers]
+    first = _score_in_one_pass(model, tokenizer, prompts, LABELS, prefix)
+    assert _score_in_one_pass(model, tokenizer, prompts[:1], LABELS, prefix)[0] == first[0][:1]
+    assert _score_in_one_pass(model, tokenizer, prompts, LABELS, prefix) == first, "the prefix was not extended"
+    for layer, (keys, values) in zip(prefix.cache.layers, before, strict=True):
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+    copied = _private_copy(prefix.cache)
+    assert copied is not prefix.cache and all(a is not b for a, b in zip(copied.layers, prefix.cache.layers))

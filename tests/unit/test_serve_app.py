@@ -255,3 +255,21 @@ def test_metrics_render_prometheus_text():
 def test_registered_name_version_parses_uris():
     assert serve.registered_name_version("models:/ticket-router/7") == ("ticket-router", "7")
     assert serve.registered_name_version("runs:/abc/expert") == (None, None)
+
+
+def test_a_version_loads_on_a_thread_that_is_gone_before_serving(monkeypatch):
+    """libgomp keeps an OpenMP team per thread that ran torch; a second team next to the model worker's made every
+    served request ~20 ms slower (workers sleeping instead of spinning), so nothing may load on the main thread."""
+    from pipeline import registry
+    from pipeline.errors import UserError
+
+    seen = []
+
+    def load_version(uri):
+        seen.append(threading.current_thread())
+        raise UserError(f"no such version: {uri}")
+
+    monkeypatch.setattr(registry, "load_version", load_version)
+    with pytest.raises(UserError, match="no such version: models:/x/1"):  # load errors still reach the caller
+        serve.load_service("models:/x/1", serve.ServeOptions())
+    assert len(seen) == 1 and seen[0] is not threading.current_thread() and not seen[0].is_alive()
