@@ -306,7 +306,9 @@ def serve(
         str, typer.Option("--frontier-down", help="When the frontier fails: `flag` (the expert's answer, flagged) or `502`.")
     ] = "flag",
     max_batch: Annotated[int, typer.Option(help="Most requests answered in one model call.")] = 16,
-    batch_wait_ms: Annotated[float, typer.Option(help="After the first queued request, wait this long for more.")] = 2.0,
+    batch_wait_ms: Annotated[
+        float, typer.Option(help="After the first queued request, wait this long for more (0: batch what queued meanwhile).")
+    ] = 0.0,
     max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 64 * 1024,
     max_input_tokens: Annotated[
         int | None, typer.Option(help="Longer input texts get 413. Default: the recipe's data.max_tokens.")

@@ -330,20 +330,20 @@ def pack_linear_weights(model) -> int:
     On a CPU with native bf16, eager `F.linear` already runs oneDNN's kernel but lays the weight out again on
     every call; at serving's ~30-row shapes that is a third of the matrix time. The packed product is the same
     kernel, so the outputs are bit-for-bit the evaluated model's: each layer is compared with `F.linear` on a probe
-    input as it is packed and left as it was if they differ. The output embedding (tied to the input embedding in
-    small models) stays as it is. Returns the number of layers packed: 0 where the CPU, build or dtype does not
-    allow it.
+    input as it is packed and left as it was if they differ. The LM head is packed too (2.1 vs 4.3 ms per request
+    for SmolLM2's 49152-token vocabulary); where it shares its weight with the input embedding, that costs one
+    more copy of it (57 MB for SmolLM2-135M). Returns the number of layers packed: 0 where the CPU, build or dtype
+    does not allow it.
     """
     from pipeline.models import cpu_has_native_bf16
 
     if not (torch.backends.mkldnn.is_available() and cpu_has_native_bf16()):
         return 0
-    output_embedding = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     probe = torch.Generator().manual_seed(0)
     packed = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is not torch.nn.Linear or child is output_embedding:
+            if type(child) is not torch.nn.Linear:
                 continue
             if child.weight.dtype != torch.bfloat16 or child.weight.device.type != "cpu":
                 continue
@@ -430,7 +430,7 @@ def generate(
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
             processors = None
             if schema is not None:
-                vocab = model.get_output_embeddings().weight.shape[0]
+                vocab = model.get_output_embeddings().out_features
                 processors = LogitsProcessorList([SchemaConstraint(tokenizer, schema, len(chunk), vocab, max_new_tokens)])
             gen = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True,

@@ -54,7 +54,7 @@ class ServeOptions:
     escalate: bool = True  # send answers under the threshold to the frontier
     frontier_down: Literal["flag", "502"] = "flag"  # when the frontier fails: flagged expert answer, or 502
     max_batch: int = 16  # most requests in one model call
-    batch_wait_ms: float = 2.0  # after the first queued request, wait this long for more
+    batch_wait_ms: float = 0.0  # after the first queued request, wait this long for more (a lone request pays it)
     max_body_bytes: int = 64 * 1024  # larger request bodies get 413
     max_input_tokens: int | None = None  # longer texts get 413; default: the recipe's data.max_tokens
     frontier_retries: int = 1  # retries per escalated request (serving cannot wait like eval)
