@@ -39,7 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipeline import frontier, predict, tasks
+from pipeline import frontier, lean_forward, predict, tasks
 from pipeline.errors import UserError
 from pipeline.ui import console
 
@@ -61,6 +61,7 @@ class ServeOptions:
     frontier_timeout_s: float = 10.0
     merge: bool = True  # fold the LoRA weights into the base at load: same answers, less work per token
     pack: bool = True  # after merging, keep bf16 weights in oneDNN's layout: bit-identical answers, ~1.3x faster
+    lean_forward: bool = True  # label scoring skips transformers' plumbing (Llama models): bit-identical, ~10% faster
     threads: int | None = None  # torch CPU threads for the model; default: torch's (one per core)
 
 
@@ -574,6 +575,8 @@ def _load_service(model_uri: str, options: ServeOptions) -> Service:
         expert.model = expert.model.merge_and_unload().eval()
         if options.pack and (packed := predict.pack_linear_weights(expert.model)):
             console.print(f"packed {packed} bf16 linear layers for oneDNN (outputs checked bit-identical)")
+    if options.lean_forward and expert.recipe.task.type == "classification":
+        console.print(lean_forward.install(expert.model))
     name, version = registered_name_version(model_uri)
     return Service(expert, name or expert.recipe.registry.model_name, version, model_uri, options)
 
