@@ -554,9 +554,22 @@ def load_service(model_uri: str, options: ServeOptions) -> Service:
     OpenMP parallel regions: with a second team alive (the loading thread's, kept by libgomp for as long as that
     thread lives), libgomp counts more threads than cores and makes idle workers sleep after every parallel
     region instead of spinning, which cost ~20 ms per served request (40k context switches per 60 requests).
+    The thread is a daemon so that Ctrl-C during a long load ends the command at once.
     """
-    with ThreadPoolExecutor(1, thread_name_prefix="expert-load") as loader:
-        return loader.submit(_load_service, model_uri, options).result()
+    outcome: dict[str, Any] = {}
+
+    def load() -> None:
+        try:
+            outcome["service"] = _load_service(model_uri, options)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller below
+            outcome["error"] = err
+
+    loader = threading.Thread(target=load, name="expert-load", daemon=True)
+    loader.start()
+    loader.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["service"]
 
 
 def _load_service(model_uri: str, options: ServeOptions) -> Service:
