@@ -584,12 +584,13 @@ def _load_service(model_uri: str, options: ServeOptions) -> Service:
 
         torch.set_num_threads(options.threads)
     _, expert = registry.load_version(model_uri)
-    if options.merge and expert.recipe.model.quantization == "none" and hasattr(expert.model, "merge_and_unload"):
+    merged = options.merge and expert.recipe.model.quantization == "none" and hasattr(expert.model, "merge_and_unload")
+    if merged:
         expert.model = expert.model.merge_and_unload().eval()
-        if options.pack and (packed := predict.pack_linear_weights(expert.model)):
-            console.print(f"packed {packed} bf16 linear layers for oneDNN (outputs checked bit-identical)")
     if options.lean_forward and expert.recipe.task.type == "classification":
-        console.print(lean_forward.install(expert.model))
+        console.print(lean_forward.install(expert.model))  # before packing: it stacks the unpacked q/k/v weights
+    if merged and options.pack and (packed := predict.pack_linear_weights(expert.model)):
+        console.print(f"packed {packed} bf16 linear layers for oneDNN (outputs checked bit-identical)")
     name, version = registered_name_version(model_uri)
     return Service(expert, name or expert.recipe.registry.model_name, version, model_uri, options)
 

@@ -58,15 +58,70 @@ def test_it_stays_off_where_it_cannot_stand_in(tiny_model_dir):
     assert not isinstance(eager.forward, lean_forward.LeanForward)
 
 
+def parameter_bytes(model) -> int:
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    return sum(storages.values())
+
+
+def test_fused_projections_replace_the_separate_weights(tiny_model_dir):
+    model = load(tiny_model_dir, dtype=torch.bfloat16)
+    before = parameter_bytes(model)
+    assert lean_forward.install(model).startswith("lean forward pass on")
+    attention = model.model.layers[0].self_attn
+    assert isinstance(attention.qkv_proj, lean_forward.FusedLinear)
+    assert isinstance(attention.q_proj, lean_forward.FusedPart)
+    assert parameter_bytes(model) == before, "the stacked weights replace the separate ones: no extra memory"
+
+
+def test_fused_parts_asked_for_one_by_one_are_the_separate_products():
+    """transformers' forward asks for q, k and v one at a time: one product per input, kept only until all its
+    parts are taken, and never served for another input."""
+    torch.manual_seed(0)
+    separate = [torch.nn.Linear(8, n) for n in (8, 4, 4)]
+    fused = lean_forward.FusedLinear(separate)
+    q, k, v = (lean_forward.FusedPart(fused, i) for i in range(3))
+    x, y = torch.randn(2, 8), torch.randn(2, 8)
+    with torch.inference_mode():
+        assert torch.equal(q(x), separate[0](x))
+        assert torch.equal(q(y), separate[0](y)), "a new input is a new product"
+        assert torch.equal(k(y), separate[1](y)) and torch.equal(v(y), separate[2](y))
+        assert fused._pending is None, "the product is let go once all its parts are taken"
+        assert torch.equal(v(x), separate[2](x))
+        assert [torch.equal(a, b(x)) for a, b in zip(fused(x), separate)] == [True] * 3
+        unfused = fused.unfused()
+        assert [torch.equal(a(x), b(x)) for a, b in zip(unfused, separate)] == [True] * 3
+
+
 def test_a_forward_that_differs_from_transformers_is_not_installed(tiny_model_dir, monkeypatch):
-    """Fault injection: a rotary embedding off by one rounding step must be caught by the install probe."""
-    real = lean_forward.apply_rotary_pos_emb
+    """Fault injection: a rotary embedding off by one rounding step must be caught by the install probe, and
+    the model left as it was (projections unfused, transformers' forward, the same logits)."""
+    real = lean_forward.rotate_half
 
-    def drifting(q, k, cos, sin):
-        q, k = real(q, k, cos, sin)
-        return torch.nextafter(q, torch.full_like(q, float("inf"))), k
+    def drifting(x):
+        rotated = real(x)
+        return torch.nextafter(rotated, torch.full_like(rotated, float("inf")))
 
-    monkeypatch.setattr(lean_forward, "apply_rotary_pos_emb", drifting)
-    model = load(tiny_model_dir)
+    monkeypatch.setattr(lean_forward, "rotate_half", drifting)
+    reference, model = load(tiny_model_dir), load(tiny_model_dir)
     assert lean_forward.install(model) == "lean forward pass off: its logits differ from transformers' on a probe"
     assert not isinstance(model.forward, lean_forward.LeanForward)
+    attention = model.model.layers[0].self_attn
+    assert type(attention.q_proj) is torch.nn.Linear and not hasattr(attention, "qkv_proj")
+    assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    ids = torch.tensor([[5, 9, 2, 7]])
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_a_fused_product_that_differs_is_caught(tiny_model_dir, monkeypatch):
+    """Fault injection: a fused product one rounding step off (as a kernel blocking the stacked matrix
+    differently could be) fails the probe through transformers' forward as well as the lean one."""
+    real = lean_forward.FusedLinear.forward
+
+    def drifting(self, x):
+        return tuple(torch.nextafter(p, torch.full_like(p, float("inf"))) for p in real(self, x))
+
+    monkeypatch.setattr(lean_forward.FusedLinear, "forward", drifting)
+    model = load(tiny_model_dir)
+    assert "differ" in lean_forward.install(model)
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
