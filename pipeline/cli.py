@@ -323,7 +323,7 @@ def serve(
     ] = True,
     lean_forward: Annotated[
         bool, typer.Option("--lean-forward/--no-lean-forward",
-                           help="Score labels with a leaner Llama forward pass (same answers, faster).")
+                           help="Score labels with a leaner Llama forward pass, q/k/v and gate/up fused (same answers, faster).")
     ] = True,
     threads: Annotated[
         int | None, typer.Option(help="CPU threads for the model (default: one per core; 1 helps on a busy machine).")

@@ -61,7 +61,7 @@ class ServeOptions:
     frontier_timeout_s: float = 10.0
     merge: bool = True  # fold the LoRA weights into the base at load: same answers, less work per token
     pack: bool = True  # after merging, keep bf16 weights in oneDNN's layout: bit-identical answers, ~1.3x faster
-    lean_forward: bool = True  # label scoring skips transformers' plumbing (Llama): bit-identical, ~4% faster
+    lean_forward: bool = True  # Llama label scoring: fused projections, no transformers plumbing; bit-identical, ~12% faster
     threads: int | None = None  # torch CPU threads for the model; default: torch's (one per core)
 
 
