@@ -4,7 +4,7 @@ Why: a served classification request is one ~40-token pass of a small model, and
 the matrix products costs a good part of a ~50 ms request on a CPU. `install` makes two changes, each exact:
 
 - Projections that read the same input run as one matrix product (`FusedLinear`: q, k and v; gate and up),
-  so each layer makes three weight reads and kernel calls instead of six. The fused weight replaces the
+  so each layer makes four matrix products (kernel calls) instead of seven. The fused weight replaces the
   separate ones (no extra memory); transformers' forward keeps calling them by their old names and gets slices
   of one product (`FusedPart`).
 - `lean_forward` makes the same torch calls as transformers' forward, without its decorators, keyword routing,
