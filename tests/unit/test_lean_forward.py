@@ -73,6 +73,19 @@ def test_fused_projections_replace_the_separate_weights(tiny_model_dir):
     assert parameter_bytes(model) == before, "the stacked weights replace the separate ones: no extra memory"
 
 
+def test_transformers_forward_computes_each_fused_product_once(tiny_model_dir, monkeypatch):
+    """The prefix pass and two-pass scoring run transformers' forward: q, k and v (and gate, up) asked for one
+    by one must still cost one product per layer, not one per part."""
+    model = load(tiny_model_dir, dtype=torch.bfloat16)
+    assert lean_forward.install(model).startswith("lean forward pass on")
+    products = []
+    real = lean_forward.FusedLinear.forward
+    monkeypatch.setattr(lean_forward.FusedLinear, "forward", lambda self, x: products.append(1) or real(self, x))
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([[5, 9, 2, 7]]), use_cache=True)
+    assert len(products) == 2 * model.config.num_hidden_layers
+
+
 def test_fused_parts_asked_for_one_by_one_are_the_separate_products():
     """transformers' forward asks for q, k and v one at a time: one product per input, kept only until all its
     parts are taken, and never served for another input."""
