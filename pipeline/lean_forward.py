@@ -51,17 +51,23 @@ def unsupported(model) -> str | None:
     return None
 
 
+def _frozen_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Linear:
+    """An inference `nn.Linear` on the given tensors (no copy, no initialisation)."""
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        layer.bias = torch.nn.Parameter(bias, requires_grad=False)
+    return layer
+
+
 class FusedLinear(torch.nn.Module):
     """Linear layers that read the same input, as one: their weights stacked, one matrix product, its parts."""
 
     def __init__(self, parts: list[torch.nn.Linear]):
         super().__init__()
         self.sizes = [part.out_features for part in parts]
-        self.linear = torch.nn.Linear(parts[0].in_features, sum(self.sizes), bias=parts[0].bias is not None,
-                                      device="meta")
-        self.linear.weight = torch.nn.Parameter(torch.cat([p.weight.detach() for p in parts]), requires_grad=False)
-        if parts[0].bias is not None:
-            self.linear.bias = torch.nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
+        bias = torch.cat([p.bias.detach() for p in parts]) if parts[0].bias is not None else None
+        self.linear = _frozen_linear(torch.cat([p.weight.detach() for p in parts]), bias)
         self._pending: tuple[torch.Tensor, tuple[torch.Tensor, ...], set[int]] | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -82,14 +88,7 @@ class FusedLinear(torch.nn.Module):
         """The separate layers again, on slices of the stacked weight."""
         weights = self.linear.weight.split(self.sizes)
         biases = self.linear.bias.split(self.sizes) if self.linear.bias is not None else [None] * len(self.sizes)
-        layers = []
-        for weight, bias in zip(weights, biases):
-            layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-            layer.weight = torch.nn.Parameter(weight, requires_grad=False)
-            if bias is not None:
-                layer.bias = torch.nn.Parameter(bias, requires_grad=False)
-            layers.append(layer)
-        return layers
+        return [_frozen_linear(weight, bias) for weight, bias in zip(weights, biases)]
 
 
 class FusedPart(torch.nn.Module):

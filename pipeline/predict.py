@@ -103,6 +103,16 @@ def _private_copy(cache):
     return fresh
 
 
+def _prefix_cache(prefix: SharedPrefix | None, n_prompts: int):
+    """A private copy of the shared prefix's cache, one row per prompt; None without a prefix."""
+    if prefix is None:
+        return None
+    cache = _private_copy(prefix.cache)
+    if n_prompts > 1:  # a repeat of 1 would copy every cached tensor for nothing
+        cache.batch_repeat_interleave(n_prompts)
+    return cache
+
+
 def _last_positions(n: int, length: int) -> torch.Tensor:
     """`logits_to_keep` for the last `n` of `length` positions, as indices rather than a count.
 
@@ -240,11 +250,7 @@ def _score(model, tokenizer, prompt_text, labels, prefix: SharedPrefix | None = 
     own_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in own])
     prompt_mask = torch.cat([torch.ones(n_prompts, shared, dtype=torch.long), own_mask], dim=-1)
     positions = shared + (own_mask.cumsum(-1) - 1).clamp(min=0)
-    cache = None
-    if prefix is not None:
-        cache = _private_copy(prefix.cache)
-        if n_prompts > 1:  # a repeat of 1 would copy every cached tensor for nothing
-            cache.batch_repeat_interleave(n_prompts)
+    cache = _prefix_cache(prefix, n_prompts)
     out = model(input_ids=input_ids, attention_mask=prompt_mask, position_ids=positions, cache=cache, use_cache=True,
                 logits_to_keep=_last_positions(1, width))  # only the last position predicts the first label token
     first_lp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (n_prompts, vocab)
@@ -323,11 +329,7 @@ def _score_in_one_pass(model, tokenizer, prompt_text, labels, prefix: SharedPref
     dtype = model.get_input_embeddings().weight.dtype
     mask = additive_mask(allowed, dtype)
 
-    cache = None
-    if prefix is not None:
-        cache = _private_copy(prefix.cache)
-        if n_prompts > 1:  # a repeat of 1 would copy every cached tensor for nothing
-            cache.batch_repeat_interleave(n_prompts)
+    cache = _prefix_cache(prefix, n_prompts)
     logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache,
                    logits_to_keep=_last_positions(total + 1, length)).logits.float()
     log_probs = logits - logits.logsumexp(-1, keepdim=True)
