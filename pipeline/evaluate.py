@@ -157,7 +157,8 @@ def load_expert(recipe: Recipe, adapter_dir: Path):
 
     source, _ = models.resolve_base(recipe.model.base)
     tokenizer = models.load_tokenizer(adapter_dir, recipe.model.trust_remote_code)
-    base = models.load_base_model(recipe.model, source, models.resolve_precision(recipe.train.precision))
+    base = models.load_base_model(recipe.model, source, models.resolve_precision(recipe.train.precision),
+                                  device_map=models.inference_device_map())
     model = PeftModel.from_pretrained(base, adapter_dir)
     model.eval()
     return model, tokenizer

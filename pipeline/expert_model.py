@@ -61,7 +61,8 @@ class ExpertModel(mlflow.pyfunc.PythonModel):
         source = base_dir if base_dir.is_dir() else models.resolve_base(self.recipe.model.base)[0]
         self.base_source = source
         self.tokenizer = models.load_tokenizer(bundle / "adapter", self.recipe.model.trust_remote_code)
-        base = models.load_base_model(self.recipe.model, source, models.resolve_precision(self.recipe.train.precision))
+        base = models.load_base_model(self.recipe.model, source, models.resolve_precision(self.recipe.train.precision),
+                                      device_map=models.inference_device_map())
         self.model = PeftModel.from_pretrained(base, bundle / "adapter").eval()
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:

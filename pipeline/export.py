@@ -51,6 +51,17 @@ def base_source(recipe) -> Path | str:
         return recipe.model.base
 
 
+def base_dtype(expert):
+    """The dtype the base's config names (an 8B base ships bf16: 16 GB merged, not 32 GB in fp32); fp32 when
+    the config names none."""
+    import torch
+
+    from pipeline import models
+
+    name = models.saved_dtype(expert.base_source, expert.recipe.model.trust_remote_code)
+    return getattr(torch, name) if name in models.TORCH_DTYPE_NAMES.values() else torch.float32
+
+
 def fp32_copy(expert, out: Path):
     """Base + adapter loaded afresh in fp32 for merging: the served model may run in bf16, and folding the
     adapter into bf16 weights would round every merged weight."""
@@ -62,7 +73,8 @@ def fp32_copy(expert, out: Path):
 
     with tempfile.TemporaryDirectory(dir=out) as adapter_dir:
         expert.model.save_pretrained(adapter_dir)
-        base = models.load_base_model(expert.recipe.model, expert.base_source, "fp32")
+        base = models.load_base_model(expert.recipe.model, expert.base_source, "fp32",
+                                      device_map=models.inference_device_map())
         return PeftModel.from_pretrained(base, adapter_dir)
 
 
@@ -93,6 +105,7 @@ def export(model_uri: str, fmt: Literal["peft", "merged"], out: Path, force: boo
             console.print("[yellow]export[/]: DoRA adapters are not loaded by vLLM's LoRA support; use --format merged")
     else:
         merged = fp32_copy(expert, out).merge_and_unload(safe_merge=True)  # safe_merge: refuse NaN weights
+        merged = merged.to(base_dtype(expert))  # merged in fp32, rounded once to what the base ships in
         merged.save_pretrained(out)  # safetensors (transformers 5 writes nothing else)
     expert.tokenizer.save_pretrained(out)
     (out / "expert.json").write_text(json.dumps(expert_card(expert, model_uri, fmt), indent=2, ensure_ascii=False) + "\n")

@@ -41,6 +41,8 @@ def unsupported(model) -> str | None:
         return f"attention is `{model.config._attn_implementation}`, not sdpa"
     if model.training:
         return "the model is in training mode"
+    if model.device.type != "cpu":  # its probe and its gain (Python overhead per layer) are the CPU's
+        return f"the model is on {model.device}, and the lean pass is a CPU optimisation"
     for layer in model.model.layers:
         for module, names in ((layer.self_attn, ATTENTION_PARTS), (layer.mlp, MLP_PARTS)):
             parts = [getattr(module, name) for name in names]

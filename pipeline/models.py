@@ -132,23 +132,53 @@ def load_tokenizer(source: Path | str, trust_remote_code: bool = False):
 TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def load_base_model(section: ModelSection, source: Path | str, precision: str = "fp32", attention: str = "sdpa"):
-    """The base model in the training dtype and attention kernel; 4-/8-bit quantized (QLoRA) when the recipe asks."""
+def inference_device():
+    """Where eval, predict, serve and export run the model: this process's GPU (LOCAL_RANK under a launcher)
+    when there is one, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def inference_device_map() -> dict[str, Any] | None:
+    """`load_base_model`'s placement for inference: the whole model on `inference_device()`; None on a CPU."""
+    device = inference_device()
+    return None if device.type == "cpu" else {"": device}
+
+
+def saved_dtype(source: Path | str, trust_remote_code: bool = False) -> str | None:
+    """The dtype a base's config says its weights are stored in (`bfloat16` for most released models), if any."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def load_base_model(section: ModelSection, source: Path | str, precision: str = "fp32", attention: str = "sdpa",
+                    device_map: dict[str, Any] | None = None, shard_quantized: bool = False):
+    """The base model in the training dtype and attention kernel; 4-/8-bit quantized (QLoRA) when the recipe asks.
+    `device_map`: where to place it (`{"": device}`), None to leave it where transformers loads it (the CPU);
+    `shard_quantized`: store 4-bit weights in the compute dtype, so FSDP/ZeRO-3 can shard them."""
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, TORCH_DTYPE_NAMES[precision])
     kwargs: dict[str, Any] = {"trust_remote_code": section.trust_remote_code, "dtype": dtype,
                               "attn_implementation": attention}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     if section.quantization == "none":
         return AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **kwargs)
     cached = None
     if section.quantization == "4bit" and isinstance(source, Path) and not section.trust_remote_code:
-        cached = quantized_cache_dir(source, precision)
+        cached = quantized_cache_dir(source, precision, shard_quantized)
         if (cached / QUANTIZED_MARKER).is_file():
             return AutoModelForCausalLM.from_pretrained(cached, use_safetensors=True, **kwargs)
         console.print(f"[bold]Quantizing[/] {source.name} to 4-bit into {cached} (once; later loads are fast)")
-    kwargs["quantization_config"] = to_bnb_config(section.quantization, dtype)
+    kwargs["quantization_config"] = to_bnb_config(section.quantization, dtype, shard_quantized)
     model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **kwargs)
     release_weight_file(model)
     if cached is not None:
@@ -162,9 +192,9 @@ def load_base_model(section: ModelSection, source: Path | str, precision: str = 
 QUANTIZED_MARKER = "quantized.json"
 
 
-def quantized_cache_dir(source: Path, precision: str) -> Path:
+def quantized_cache_dir(source: Path, precision: str, shard_quantized: bool = False) -> Path:
     """Where the 4-bit copy of a local base lives: keyed by the base's config and weight files (name, size,
-    modification time), the compute precision and the bitsandbytes/transformers versions that wrote it."""
+    modification time), the compute precision, the storage dtype and the bitsandbytes/transformers versions."""
     import bitsandbytes
     import transformers
 
@@ -172,6 +202,7 @@ def quantized_cache_dir(source: Path, precision: str) -> Path:
     key = json.dumps({
         "files": [[name, st.st_size, st.st_mtime_ns] for name, st in stats.items()],
         "precision": precision,
+        **({"quant_storage": precision} if shard_quantized else {}),
         "bitsandbytes": bitsandbytes.__version__,
         "transformers": transformers.__version__,
     }, sort_keys=True)
@@ -219,38 +250,53 @@ def trim_heap() -> None:
 EAGER_ATTENTION_MAX_TOKENS = 512
 
 
-def choose_attention(requested: str, cuda: bool, flash_installed: bool, max_tokens: int) -> str:
-    """`train.attention` resolved: flash-attention's kernels where they can run; on a CPU, plain (eager) attention
-    for the short sequences narrow tasks have: measured 1.1-1.3x faster per training step than PyTorch's SDPA
-    kernel on SmolLM2-135M at 50-512 tokens (docs/BENCHMARKS.md, "Train"). Eager keeps a (tokens x tokens) score matrix
-    per head for the backward pass, so longer sequences get SDPA."""
+# flash-attention kernels that take a flattened batch with per-example boundaries (no mask), best first
+VARLEN_ATTENTION = ("flash_attention_3", "flash_attention_2")
+FLASH_PACKAGES = {"flash_attention_3": "flash-attn-3 (flash_attn_interface; Hopper GPUs)",
+                  "flash_attention_2": "flash-attn"}
+
+
+def choose_attention(requested: str, cuda: bool, flash_available: tuple[str, ...], max_tokens: int) -> str:
+    """`train.attention` resolved: flash-attention's kernels where they can run (FA3 before FA2); on a CPU, plain
+    (eager) attention for the short sequences narrow tasks have: measured 1.1-1.3x faster per training step than
+    PyTorch's SDPA kernel on SmolLM2-135M at 50-512 tokens (docs/BENCHMARKS.md, "Train"). Eager keeps a
+    (tokens x tokens) score matrix per head for the backward pass, so longer sequences get SDPA.
+    `flash_available`: the flash kernels installed here."""
     if requested == "auto":
         if cuda:
-            return "flash_attention_2" if flash_installed else "sdpa"
+            return next((kernel for kernel in VARLEN_ATTENTION if kernel in flash_available), "sdpa")
         return "eager" if max_tokens <= EAGER_ATTENTION_MAX_TOKENS else "sdpa"
-    if requested == "flash_attention_2" and not (cuda and flash_installed):
+    if requested in VARLEN_ATTENTION and not (cuda and requested in flash_available):
         raise UserError(
-            "train.attention: flash_attention_2 needs a GPU and the flash-attn package "
+            f"train.attention: {requested} needs a GPU and the {FLASH_PACKAGES[requested]} package "
             f"({'not installed' if cuda else 'no GPU here'}); use `auto` or sdpa"
         )
     return requested
 
 
-def choose_padding_free(requested: bool | str, packing: bool, cuda: bool) -> bool:
-    """`train.padding_free` resolved: on with a GPU (or when packing, which needs it), off on a CPU by default."""
+def choose_padding_free(requested: bool | str, packing: bool, attention: str) -> tuple[bool, str]:
+    """`train.padding_free` resolved, and why. `auto` turns it on only where it pays: with a variable-length
+    flash-attention kernel, which takes the flattened batch's example boundaries and needs no mask. Under SDPA or
+    eager attention transformers would build a dense block-diagonal mask over the whole flattened batch
+    (batch x tokens squared), which costs more attention than length-grouped padding wastes. Packing needs it."""
     if packing:
-        return True
-    return cuda if requested == "auto" else bool(requested)
+        return True, "on: train.packing needs it"
+    if requested != "auto":
+        return bool(requested), f"{'on' if requested else 'off'}: train.padding_free is {str(requested).lower()}"
+    if attention in VARLEN_ATTENTION:
+        return True, f"on: {attention} takes the flattened batch's example boundaries, no mask"
+    return False, (f"off: {attention} attention would need a dense block-diagonal mask over the flattened batch, "
+                   "which costs more than the padding it saves")
 
 
 def resolve_attention(requested: str, max_tokens: int) -> str:
     """`choose_attention` for this machine."""
-    import importlib.util
-
     import torch
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 
-    return choose_attention(requested, torch.cuda.is_available(), importlib.util.find_spec("flash_attn") is not None,
-                            max_tokens)
+    installed = {"flash_attention_3": is_flash_attn_3_available, "flash_attention_2": is_flash_attn_2_available}
+    flash = tuple(kernel for kernel, available in installed.items() if available())
+    return choose_attention(requested, torch.cuda.is_available(), flash, max_tokens)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -289,8 +335,9 @@ def resolve_precision(requested: str) -> str:
     return choose_precision(requested, cuda, torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16())
 
 
-def to_bnb_config(quantization: str, compute_dtype=None):
-    """bitsandbytes settings: 4-bit is QLoRA's nf4 with double quantisation; 8-bit is LLM.int8."""
+def to_bnb_config(quantization: str, compute_dtype=None, shard_quantized: bool = False):
+    """bitsandbytes settings: 4-bit is QLoRA's nf4 with double quantisation; 8-bit is LLM.int8. `shard_quantized`
+    stores the packed 4-bit weights in the compute dtype (not uint8), as FSDP and ZeRO-3 need to shard them."""
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -300,6 +347,7 @@ def to_bnb_config(quantization: str, compute_dtype=None):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype or torch.float32,
+            bnb_4bit_quant_storage=(compute_dtype or torch.float32) if shard_quantized else torch.uint8,
         )
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)

@@ -37,6 +37,23 @@ def _end_ids(tokenizer) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
+def stop_ids(model, tokenizer) -> list[int]:
+    """Every token that ends an answer: the tokenizer's eos and all of the model's `generation_config` eos ids
+    (Llama-3 Instruct lists `<|eot_id|>` and `<|end_of_text|>`; stopping on one alone runs answers on)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is None:
+        configured = []
+    elif isinstance(configured, int):
+        configured = [configured]
+    return list(dict.fromkeys(_end_ids(tokenizer) + [int(i) for i in configured]))
+
+
+def _to_host(tensor: torch.Tensor) -> list:
+    """A result tensor as Python numbers: the one device-to-host transfer (and, on a GPU, the one sync) of each
+    forward pass's scores, where reading them one `float()` at a time would wait for the GPU once per number."""
+    return tensor.tolist()
+
+
 def _label_ids(tokenizer, labels: list[str]) -> list[list[int]]:
     """Each label's tokens and the end-of-turn token: what a label answer is. Kept per tokenizer and label set,
     as a server asks for the same labels on every request (~0.8 ms of tokenizer calls each time otherwise)."""
@@ -76,7 +93,8 @@ def shared_prefix(model, tokenizer, prompt_text: list[str], minimum: int = 16) -
     if len(common) < minimum:
         return None
     # only the cache is wanted: logits_to_keep=1 skips the vocabulary projection of every prefix position
-    return SharedPrefix(common, model(input_ids=torch.tensor([common]), use_cache=True, logits_to_keep=1).cache)
+    ids = torch.tensor([common], device=model.device)
+    return SharedPrefix(common, model(input_ids=ids, use_cache=True, logits_to_keep=1).cache)
 
 
 def is_plain_dynamic_cache(cache) -> bool:
@@ -87,7 +105,7 @@ def is_plain_dynamic_cache(cache) -> bool:
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A (batch, query, key) bool mask as the (batch, 1, query, key) additive float mask attention takes."""
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
 
 def _private_copy(cache):
@@ -113,7 +131,7 @@ def _prefix_cache(prefix: SharedPrefix | None, n_prompts: int):
     return cache
 
 
-def _last_positions(n: int, length: int) -> torch.Tensor:
+def _last_positions(n: int, length: int, device) -> torch.Tensor:
     """`logits_to_keep` for the last `n` of `length` positions, as indices rather than a count.
 
     Why: a count slices the hidden states, which for more than one row is a
@@ -122,7 +140,7 @@ def _last_positions(n: int, length: int) -> torch.Tensor:
     for SmolLM2, about 100 ms on this CPU). Index selection gives a
     contiguous copy of just the rows needed.
     """
-    return torch.arange(length - n, length)
+    return torch.arange(length - n, length, device=device)
 
 
 @torch.inference_mode()
@@ -198,6 +216,8 @@ def _run_tries(model, tries: list[_LabelTrie], rows: list[int], cache, prompt_ma
         tokens[r, :m] = torch.tensor(trie.tokens, dtype=torch.long)
         depth[r, :m] = torch.tensor(trie.depth, dtype=torch.long)
         block[r, :m, :m] = trie.ancestors
+    device = prompt_mask.device  # built on the CPU above, moved once
+    tokens, depth, block = tokens.to(device), depth.to(device), block.to(device)
     seen = prompt_mask[rows].bool()
     allowed = torch.cat([seen.unsqueeze(1).expand(n, total, -1), block], dim=-1)
     dtype = model.get_input_embeddings().weight.dtype
@@ -207,13 +227,19 @@ def _run_tries(model, tries: list[_LabelTrie], rows: list[int], cache, prompt_ma
     return logits - logits.logsumexp(-1, keepdim=True)
 
 
-def _add_trie_scores(scores, tries, rows, log_probs) -> None:
+def _trie_sums(tries, rows, log_probs: torch.Tensor, n_labels: int) -> torch.Tensor:
+    """(rows, labels): each label's log-probability summed over its trie targets (0 for labels not in a row's
+    trie), gathered and summed on the scores' device."""
+    device = log_probs.device
+    picks: list[tuple[int, int, int, int]] = []  # (row, node, token, row * n_labels + label)
     for r, i in enumerate(rows):
         for j, pairs in tries[i].targets.items():
-            if pairs:
-                nodes = torch.tensor([node for node, _ in pairs])
-                toks = torch.tensor([tok for _, tok in pairs])
-                scores[i][j] += float(log_probs[r, nodes, toks].sum())
+            picks += [(r, node, tok, r * n_labels + j) for node, tok in pairs]
+    sums = torch.zeros(len(rows) * n_labels, dtype=log_probs.dtype, device=device)
+    if picks:
+        row, node, tok, slot = torch.tensor(picks, dtype=torch.long).to(device).unbind(-1)
+        sums.index_add_(0, slot, log_probs[row, node, tok])
+    return sums.view(len(rows), n_labels)
 
 
 @torch.inference_mode()
@@ -246,15 +272,17 @@ def _score(model, tokenizer, prompt_text, labels, prefix: SharedPrefix | None = 
     own = [p[shared:] for p in prompt_ids]
 
     width = max(len(p) for p in own)
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in own])
-    own_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in own])
-    prompt_mask = torch.cat([torch.ones(n_prompts, shared, dtype=torch.long), own_mask], dim=-1)
+    device = model.device
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in own]).to(device)
+    own_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in own]).to(device)
+    prompt_mask = torch.cat([torch.ones(n_prompts, shared, dtype=torch.long, device=device), own_mask], dim=-1)
     positions = shared + (own_mask.cumsum(-1) - 1).clamp(min=0)
     cache = _prefix_cache(prefix, n_prompts)
     out = model(input_ids=input_ids, attention_mask=prompt_mask, position_ids=positions, cache=cache, use_cache=True,
-                logits_to_keep=_last_positions(1, width))  # only the last position predicts the first label token
+                logits_to_keep=_last_positions(1, width, device))  # only the last position predicts the first label token
     first_lp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (n_prompts, vocab)
-    first = [[float(first_lp[i, ids[0]]) for ids in label_ids] for i in range(n_prompts)]
+    first_ids = torch.tensor([ids[0] for ids in label_ids], device=device)
+    first = _to_host(first_lp[:, first_ids])  # (n_prompts, n_labels)
     scores: list[list[float | None]] = [[None] * n_labels for _ in range(n_prompts)]
     if prune_below is None:
         candidates = [list(range(n_labels)) for _ in range(n_prompts)]
@@ -271,8 +299,12 @@ def _score(model, tokenizer, prompt_text, labels, prefix: SharedPrefix | None = 
         for rows in _width_groups([len(tries[i].tokens) for i in busy]):
             rows = [busy[r] for r in rows]
             group_cache = _private_copy(out.cache)
-            group_cache.batch_select_indices(torch.tensor(rows))
-            _add_trie_scores(scores, tries, rows, _run_tries(model, tries, rows, group_cache, prompt_mask, pad))
+            group_cache.batch_select_indices(torch.tensor(rows, device=device))
+            log_probs = _run_tries(model, tries, rows, group_cache, prompt_mask, pad)
+            sums = _to_host(_trie_sums(tries, rows, log_probs, n_labels))
+            for r, i in enumerate(rows):
+                for j in tries[i].targets:
+                    scores[i][j] += sums[r][j]
 
     score_round(candidates)
     # a pruned first token likelier than the best full score may start a better label: score those too
@@ -319,6 +351,7 @@ def _score_in_one_pass(model, tokenizer, prompt_text, labels, prefix: SharedPref
     ], dim=-1)
 
     length = width + total
+    device = model.device
     allowed = torch.zeros((n_prompts, length, shared + length), dtype=torch.bool)
     allowed[:, :, :shared] = True
     causal = torch.ones((width, width), dtype=torch.bool).tril()
@@ -327,15 +360,16 @@ def _score_in_one_pass(model, tokenizer, prompt_text, labels, prefix: SharedPref
     allowed[:, width:, shared + width :] = trie.ancestors
     allowed[:, torch.arange(length), shared + torch.arange(length)] = True  # padding rows see themselves only
     dtype = model.get_input_embeddings().weight.dtype
-    mask = additive_mask(allowed, dtype)
+    mask = additive_mask(allowed.to(device), dtype)  # the masks and ids are built on the CPU and moved once
 
     cache = _prefix_cache(prefix, n_prompts)
-    logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache,
-                   logits_to_keep=_last_positions(total + 1, length)).logits.float()
+    logits = model(input_ids=tokens.to(device), attention_mask=mask, position_ids=positions.to(device), cache=cache,
+                   logits_to_keep=_last_positions(total + 1, length, device)).logits.float()
     log_probs = logits - logits.logsumexp(-1, keepdim=True)
-    scores = log_probs[:, 0].gather(-1, torch.tensor([[ids[0] for ids in label_ids]] * n_prompts)).tolist()
-    _add_trie_scores(scores, [trie] * n_prompts, list(range(n_prompts)), log_probs[:, 1:])
-    return scores, [0.0] * n_prompts
+    first = log_probs[:, 0, torch.tensor([ids[0] for ids in label_ids], device=device)]  # (n_prompts, n_labels)
+    rest = _trie_sums([trie] * n_prompts, list(range(n_prompts)), log_probs[:, 1:], len(labels))
+    first_host, rest_host = _to_host(torch.stack([first, rest]))  # summed on the host in float64, as before
+    return [[a + b for a, b in zip(f, r)] for f, r in zip(first_host, rest_host)], [0.0] * n_prompts
 
 
 class PackedBf16Linear(torch.nn.Module):
@@ -455,25 +489,25 @@ def generate(
             rows = order[i : i + batch_size]
             chunk = [texts[k] for k in rows]
             started = time.perf_counter()
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             processors = None
             if schema is not None:
                 vocab = model.get_output_embeddings().out_features
                 processors = LogitsProcessorList([SchemaConstraint(tokenizer, schema, len(chunk), vocab, max_new_tokens)])
             gen = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True,
-                output_scores=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=_end_ids(tokenizer) or None,
+                output_scores=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids(model, tokenizer) or None,
                 logits_processor=processors,
             )
             new_tokens = gen.sequences[:, enc["input_ids"].shape[1] :]
             steps = torch.stack(gen.scores, dim=1).float().log_softmax(-1)
             token_lp = steps.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+            tokens_host, lp_host = _to_host(new_tokens), _to_host(token_lp)  # one transfer each per batch
             per_example = (time.perf_counter() - started) / len(chunk)
             for row, k in enumerate(rows):
-                keep = new_tokens[row] != tokenizer.pad_token_id
-                lp = token_lp[row][keep]
-                text = tokenizer.decode(new_tokens[row][keep], skip_special_tokens=True)
-                confidence = math.exp(float(lp.mean())) if len(lp) else 0.0
+                kept = [(t, lp) for t, lp in zip(tokens_host[row], lp_host[row]) if t != tokenizer.pad_token_id]
+                text = tokenizer.decode([t for t, _ in kept], skip_special_tokens=True)
+                confidence = math.exp(sum(lp for _, lp in kept) / len(kept)) if kept else 0.0
                 out[k] = {"raw": text, "confidence": confidence, "latency_s": per_example}
             if on_batch:
                 on_batch(len(chunk))
@@ -547,10 +581,11 @@ class SchemaConstraint(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.prompt_width is None:
             self.prompt_width = input_ids.shape[1]
-        bitmask = torch.zeros((len(self.matchers), self.words), dtype=torch.int32)
+        bitmask = torch.zeros((len(self.matchers), self.words), dtype=torch.int32)  # llguidance fills host memory
+        last = _to_host(input_ids[:, -1]) if input_ids.shape[1] > self.prompt_width else None  # one read per step
         for row, matcher in enumerate(self.matchers):
-            if input_ids.shape[1] > self.prompt_width and not matcher.is_stopped():
-                token = int(input_ids[row, -1])
+            if last is not None and not matcher.is_stopped():
+                token = last[row]
                 matcher.consume_token(token)
                 self._track_strings(row, token)
             if matcher.is_stopped() or matcher.is_error():
@@ -566,7 +601,7 @@ class SchemaConstraint(LogitsProcessor):
             if left <= CLOSE_MARGIN + 2 * self.depth[row]:
                 allowed[row] = self._towards_end(row, allowed[row])
         self.step += 1
-        return scores.masked_fill(~allowed, float("-inf"))
+        return scores.masked_fill(~allowed.to(scores.device), float("-inf"))
 
     def _track_strings(self, row: int, token: int) -> None:
         """Follows whether the row's answer is inside a JSON string, and how deeply nested (the mask

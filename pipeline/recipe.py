@@ -175,12 +175,13 @@ class TrainSection(Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the GPU or CPU has it, else fp16 (GPU) / fp32
     gradient_checkpointing: bool = False  # trades ~30% more compute for much less activation memory
     # each batch flattened into one sequence without padding (examples kept apart by their position ids);
-    # auto: on a GPU, off on a CPU (where a block-diagonal mask costs more than length-grouped padding wastes)
+    # auto: on with a flash-attention kernel (variable-length, no mask), else off (SDPA/eager would need a
+    # block-diagonal mask over the flattened batch, which costs more than length-grouped padding wastes)
     padding_free: bool | Literal["auto"] = "auto"
     packing: bool = False  # pack examples into data.max_tokens sequences: batch_size then counts packed sequences
-    # auto: flash_attention_2 on a GPU with the flash-attn package, else sdpa (PyTorch's fused attention);
+    # auto on a GPU: flash_attention_3 (flash-attn-3, Hopper), else flash_attention_2 (flash-attn), else sdpa;
     # on a CPU eager up to data.max_tokens 512 (faster there), sdpa above
-    attention: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    attention: Literal["auto", "sdpa", "flash_attention_3", "flash_attention_2", "eager"] = "auto"
     liger_kernels: bool = False  # Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU); a GPU and liger-kernel
 
     @model_validator(mode="after")

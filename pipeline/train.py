@@ -23,6 +23,7 @@ tokenizer), `metrics.json`, and `checkpoints/` while the stage runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -36,7 +37,7 @@ from typing import Any
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import EarlyStoppingCallback, PrinterCallback, TrainerCallback
 
-from pipeline import models, tracking
+from pipeline import distributed, models, tracking
 from pipeline.errors import UserError
 from pipeline.recipe import Recipe, TrainSection
 from pipeline.rundir import RunDir, atomic_write_json, file_hash
@@ -68,13 +69,20 @@ def run(recipe: Recipe, run: RunDir, resume: bool | None = True) -> dict[str, An
         resume = False
     out = run.stage_dir(STAGE)
     checkpoints = out / "checkpoints"
-    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun/accelerate only rank 0 writes
-    resume_from, mlflow_run_id = plan_resume(checkpoints, inputs, resume) if main_process else (None, None)
-    with run.attempt(STAGE, inputs) if main_process else _nothing():
+    settings = training_settings(recipe)
+    # the arguments first: they set up the distributed state (process group, DeepSpeed/FSDP plugins) that loading
+    # the base needs under `accelerate launch` (a QLoRA base on each rank's own GPU, ZeRO-3 init, FSDP's rank-0 load)
+    config = to_sft_config(recipe.train, checkpoints, recipe.data.max_tokens, settings)
+    launch = distributed.launch_of(os.environ)
+    distributed.check_launch(recipe.model, launch)
+    main_process = config.process_index == 0  # under torchrun/accelerate only rank 0 writes
+    resume_from, mlflow_run_id = distributed.on_every_rank(
+        lambda: plan_resume(checkpoints, inputs, resume), main_process
+    )
+    with run.attempt(STAGE, inputs) if main_process else contextlib.nullcontext():
         import torch
 
-        settings, base_info, tokenizer, model = load_for_training(recipe)
-        config = to_sft_config(recipe.train, checkpoints, recipe.data.max_tokens, settings)
+        base_info, tokenizer, model = load_for_training(recipe, settings, launch, config.device)
         tracker = Tracker.open(recipe, run, mlflow_run_id) if main_process else Tracker.disabled()
         try:
             if main_process:
@@ -100,10 +108,9 @@ def run(recipe: Recipe, run: RunDir, resume: bool | None = True) -> dict[str, An
             # the last step is always validated, so best_metric is the loss of the adapter loaded now
             best_loss = trainer.state.best_metric
             eval_loss = best_loss if best_loss is not None else trainer.evaluate()["eval_loss"]
+            distributed.save_adapter(trainer, out / "adapter")  # every rank: sharded launches gather the weights
             if not main_process:
                 return {}
-            trainer.model.save_pretrained(out / "adapter", safe_serialization=True)
-            tokenizer.save_pretrained(out / "adapter")
             metrics = {
                 "train_loss": result.training_loss,
                 "eval_loss": eval_loss,
@@ -120,6 +127,8 @@ def run(recipe: Recipe, run: RunDir, resume: bool | None = True) -> dict[str, An
                 {
                     **metrics,
                     **settings,
+                    "launch": launch,
+                    "processes": config.world_size,
                     "best_checkpoint_step": best_step(trainer),
                     "base_model": base_info,
                     "mlflow_logging": "complete" if logging_problem is None else f"incomplete: {logging_problem}",
@@ -137,16 +146,8 @@ def run(recipe: Recipe, run: RunDir, resume: bool | None = True) -> dict[str, An
     return run.stage_record(STAGE)
 
 
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def load_for_training(recipe: Recipe):
-    """The resolved hardware settings, base-model lineage, tokenizer and base model, as training uses them."""
+def training_settings(recipe: Recipe) -> dict[str, Any]:
+    """The hardware-dependent choices (precision, attention kernel, padding-free and why), before anything loads."""
     import torch
 
     if recipe.train.liger_kernels:
@@ -154,16 +155,28 @@ def load_for_training(recipe: Recipe):
 
         if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
             raise UserError("train.liger_kernels: needs a GPU and `pip install liger-kernel`; set it to false here")
-    settings = {
+    attention = models.resolve_attention(recipe.train.attention, recipe.data.max_tokens)
+    padding_free, why = models.choose_padding_free(recipe.train.padding_free, recipe.train.packing, attention)
+    return {
         "precision": models.resolve_precision(recipe.train.precision),
-        "attention": models.resolve_attention(recipe.train.attention, recipe.data.max_tokens),
-        "padding_free": models.choose_padding_free(recipe.train.padding_free, recipe.train.packing,
-                                                   torch.cuda.is_available()),
+        "attention": attention,
+        "padding_free": padding_free,
+        "padding_free_reason": why,
     }
+
+
+def load_for_training(recipe: Recipe, settings: dict[str, Any], launch: str = "single", device=None):
+    """Base-model lineage, tokenizer and base model, as training uses them. A quantized base is placed on this
+    rank's own `device` (bitsandbytes quantizes where it loads); a full-precision one is left where it loads for
+    the Trainer (or FSDP/ZeRO-3) to place."""
     source, base_info = models.resolve_base(recipe.model.base)
     tokenizer = models.load_tokenizer(source, recipe.model.trust_remote_code)
-    model = models.load_base_model(recipe.model, source, settings["precision"], settings["attention"])
-    return settings, base_info, tokenizer, model
+    model = models.load_base_model(
+        recipe.model, source, settings["precision"], settings["attention"],
+        device_map=distributed.device_map_for(recipe.model, launch, device),
+        shard_quantized=distributed.shard_quantized(launch),
+    )
+    return base_info, tokenizer, model
 
 
 def build_trainer(recipe: Recipe, run: RunDir, config, tokenizer, model, callbacks: list[TrainerCallback]):
@@ -185,6 +198,9 @@ def build_trainer(recipe: Recipe, run: RunDir, config, tokenizer, model, callbac
     trainer.remove_callback(PrinterCallback)  # the progress bar and MLflow carry the logs
     check_every_row_has_answer(trainer.train_dataset, len(train_rows), "prep/train.jsonl")
     check_every_row_has_answer(trainer.eval_dataset, len(val_rows), "prep/validation.jsonl")
+    if not recipe.train.packing:
+        check_every_row_fits(trainer.train_dataset, recipe.data.max_tokens, "prep/train.jsonl")
+        check_every_row_fits(trainer.eval_dataset, recipe.data.max_tokens, "prep/validation.jsonl")
     trainer.train_dataset = trainer.train_dataset.remove_columns("row")
     trainer.eval_dataset = trainer.eval_dataset.remove_columns("row")
     return trainer
@@ -207,6 +223,18 @@ def check_every_row_has_answer(dataset, expected_rows: int, name: str) -> None:
         raise UserError(
             f"{name}: row(s) {shown} have no answer token left for the loss (the answer is empty, or the "
             "prompt fills data.max_tokens); raise data.max_tokens or shorten those prompts, then rerun prep"
+        )
+
+
+def check_every_row_fits(dataset, max_tokens: int, name: str) -> None:
+    """Without packing TRL only truncates when it is given a max_length (padding-free is not); rows are never cut
+    silently: one longer than data.max_tokens (a prep stage of other settings, or a different tokenizer) is an error."""
+    long = [(r, len(ids)) for r, ids in zip(dataset["row"], dataset["input_ids"]) if len(ids) > max_tokens]
+    if long:
+        shown = ", ".join(f"{r} ({n} tokens)" for r, n in long[:10]) + (f" and {len(long) - 10} more" if len(long) > 10 else "")
+        raise UserError(
+            f"{name}: row(s) {shown} are longer than data.max_tokens={max_tokens}; rerun prep with this recipe "
+            "(it measures and cuts or rejects rows with the base model's tokenizer)"
         )
 
 
@@ -265,7 +293,9 @@ def to_sft_config(section: TrainSection, output_dir: Path, max_tokens: int, sett
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         report_to="none",
-        max_length=max_tokens,
+        # padding-free without packing: TRL refuses a max_length it would not enforce; prep already cut every row to
+        # data.max_tokens and build_trainer checks the tokenized rows against it
+        max_length=None if settings["padding_free"] and not section.packing else max_tokens,
         completion_only_loss=True,
         # dynamic padding to the longest in each batch, batches of similar lengths: little padding
         train_sampling_strategy="group_by_length",
@@ -602,9 +632,10 @@ def plan(recipe: Recipe, run: RunDir, probe_steps: int = 5) -> dict[str, Any]:
     from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
     inputs_of(recipe, run)  # the same clear error as training when prep has not run
-    settings, _, tokenizer, model = load_for_training(recipe)
+    settings = training_settings(recipe)
     with tempfile.TemporaryDirectory(prefix="expert-plan-") as tmp:
         config = to_sft_config(recipe.train, Path(tmp), recipe.data.max_tokens, settings)
+        _, tokenizer, model = load_for_training(recipe, settings, "single", config.device)
         trainer = build_trainer(recipe, run, config, tokenizer, model, [])
         lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
         val_tokens = sum(len(ids) for ids in trainer.eval_dataset["input_ids"])
@@ -651,8 +682,8 @@ def print_plan(recipe: Recipe, details: dict[str, Any]) -> None:
         ("tokens per epoch (longest example)", f"{details['tokens_per_epoch']:,} ({details['longest_example_tokens']})"),
         ("steps (per epoch × epochs)", f"{details['steps']:,} ({details['steps_per_epoch']:,} × {details['epochs']})"),
         ("validations", f"{details['validations']}"),
-        ("precision · attention · padding-free",
-         f"{details['precision']} · {details['attention']} · {'yes' if details['padding_free'] else 'no'}"),
+        ("precision · attention", f"{details['precision']} · {details['attention']}"),
+        ("padding-free", details["padding_free_reason"]),
         ("trainable parameters", f"{details['trainable_parameters']:,}"),
         ("throughput probe", f"{details['probe_tokens_per_second']:,.0f} real tokens/s over {details['probe_steps']} steps"),
         ("peak memory (longest batch)", f"{details['peak_memory_mb']:,} MB {details['peak_memory_kind']}"),

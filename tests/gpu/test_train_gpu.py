@@ -21,8 +21,9 @@ pytestmark = [
 
 def test_auto_settings_on_a_gpu():
     assert models.resolve_precision("auto") == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    assert models.choose_padding_free("auto", packing=False, cuda=True)
-    assert models.resolve_attention("auto", 128) in ("flash_attention_2", "sdpa")
+    attention = models.resolve_attention("auto", 128)
+    assert attention in (*models.VARLEN_ATTENTION, "sdpa")
+    assert models.choose_padding_free("auto", False, attention)[0] == (attention in models.VARLEN_ATTENTION)
 
 
 def test_qlora_trains_the_adapter_and_leaves_4bit_base_weights(tiny_model_dir):

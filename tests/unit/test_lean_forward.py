@@ -86,23 +86,38 @@ def test_transformers_forward_computes_each_fused_product_once(tiny_model_dir, m
     assert len(products) == 2 * model.config.num_hidden_layers
 
 
-def test_fused_parts_asked_for_one_by_one_are_the_separate_products():
+def test_fused_parts_asked_for_one_by_one_are_the_separate_products(monkeypatch):
     """transformers' forward asks for q, k and v one at a time: one product per input, kept only until all its
-    parts are taken, and never served for another input."""
+    parts are taken, and never served for another input.
+
+    A stacked product is not bit-equal to separate ones on every CPU (AMX kernels split the work by output
+    width), so values are compared within fp32 rounding; `install`'s probe is what guards serving's bit-identity.
+    """
     torch.manual_seed(0)
     separate = [torch.nn.Linear(8, n) for n in (8, 4, 4)]
     fused = lean_forward.FusedLinear(separate)
     q, k, v = (lean_forward.FusedPart(fused, i) for i in range(3))
     x, y = torch.randn(2, 8), torch.randn(2, 8)
+    products = []
+    real = fused.linear.forward
+    monkeypatch.setattr(fused.linear, "forward", lambda inp: products.append(inp) or real(inp))
+
+    def close(a, b):
+        return torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
     with torch.inference_mode():
-        assert torch.equal(q(x), separate[0](x))
-        assert torch.equal(q(y), separate[0](y)), "a new input is a new product"
-        assert torch.equal(k(y), separate[1](y)) and torch.equal(v(y), separate[2](y))
+        assert close(q(x), separate[0](x))
+        assert close(q(y), separate[0](y)), "a new input is a new product"
+        assert close(k(y), separate[1](y)) and close(v(y), separate[2](y))
+        assert [p is y for p in products] == [False, True], "one product per input, its parts served from it"
         assert fused._pending is None, "the product is let go once all its parts are taken"
-        assert torch.equal(v(x), separate[2](x))
-        assert [torch.equal(a, b(x)) for a, b in zip(fused(x), separate)] == [True] * 3
-        unfused = fused.unfused()
-        assert [torch.equal(a(x), b(x)) for a, b in zip(unfused, separate)] == [True] * 3
+        assert close(v(x), separate[2](x)) and len(products) == 3
+        assert all(close(a, b(x)) for a, b in zip(fused(x), separate))
+    unfused = fused.unfused()
+    for layer, original in zip(unfused, separate):
+        assert torch.equal(layer.weight, original.weight) and torch.equal(layer.bias, original.bias)
+        assert layer.weight.untyped_storage().data_ptr() == fused.linear.weight.untyped_storage().data_ptr(), \
+            "unfused layers are slices of the stack, not copies"
 
 
 def test_a_forward_that_differs_from_transformers_is_not_installed(tiny_model_dir, monkeypatch):

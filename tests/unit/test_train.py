@@ -68,14 +68,19 @@ def test_sft_config_sets_every_default_trl_changes(tmp_path):
         TrainSection(gradient_checkpointing=True), tmp_path, 128, {"precision": "bf16", "padding_free": True}
     )
     assert checkpointed.gradient_checkpointing and checkpointed.bf16 and checkpointed.padding_free
+    assert checkpointed.max_length is None, "TRL refuses a max_length it would not enforce (padding-free, no packing)"
+
+
+FA2, FA3 = ("flash_attention_2",), ("flash_attention_3", "flash_attention_2")
 
 
 @pytest.mark.parametrize(
     ("requested", "cuda", "flash", "max_tokens", "expected"),
-    [("auto", True, True, 128, "flash_attention_2"), ("auto", True, False, 128, "sdpa"),
-     ("auto", False, True, 128, "eager"), ("auto", False, False, 512, "eager"), ("auto", False, False, 513, "sdpa"),
-     ("sdpa", False, False, 128, "sdpa"), ("eager", False, False, 4096, "eager"),
-     ("flash_attention_2", True, True, 128, "flash_attention_2")],
+    [("auto", True, FA2, 128, "flash_attention_2"), ("auto", True, FA3, 128, "flash_attention_3"),
+     ("auto", True, (), 128, "sdpa"),
+     ("auto", False, FA2, 128, "eager"), ("auto", False, (), 512, "eager"), ("auto", False, (), 513, "sdpa"),
+     ("sdpa", False, (), 128, "sdpa"), ("eager", False, (), 4096, "eager"),
+     ("flash_attention_2", True, FA3, 128, "flash_attention_2"), ("flash_attention_3", True, FA3, 128, "flash_attention_3")],
 )
 def test_choose_attention(requested, cuda, flash, max_tokens, expected):
     assert models.choose_attention(requested, cuda, flash, max_tokens) == expected
@@ -83,16 +88,69 @@ def test_choose_attention(requested, cuda, flash, max_tokens, expected):
 
 def test_flash_attention_without_its_kernels_is_an_error():
     with pytest.raises(UserError, match="train.attention: flash_attention_2 needs a GPU and the flash-attn package"):
-        models.choose_attention("flash_attention_2", False, True, 128)
+        models.choose_attention("flash_attention_2", False, FA2, 128)
+    with pytest.raises(UserError, match="flash_attention_3 needs a GPU and the flash-attn-3"):
+        models.choose_attention("flash_attention_3", True, FA2, 128)
 
 
 @pytest.mark.parametrize(
-    ("requested", "packing", "cuda", "expected"),
-    [("auto", False, True, True), ("auto", False, False, False), (True, False, False, True),
-     (False, True, False, True), (False, False, True, False)],
+    ("requested", "packing", "attention", "expected"),
+    [("auto", False, "flash_attention_2", True), ("auto", False, "flash_attention_3", True),
+     ("auto", False, "sdpa", False), ("auto", False, "eager", False), (True, False, "sdpa", True),
+     (False, True, "sdpa", True), (False, False, "flash_attention_2", False)],
 )
-def test_choose_padding_free(requested, packing, cuda, expected):
-    assert models.choose_padding_free(requested, packing, cuda) is expected
+def test_choose_padding_free(requested, packing, attention, expected):
+    chosen, why = models.choose_padding_free(requested, packing, attention)
+    assert chosen is expected
+    assert why.startswith("on" if expected else "off")
+    if requested == "auto" and not expected:
+        assert "block-diagonal mask" in why, "auto says why it stays off under SDPA/eager"
+
+
+def prepared_run(tmp_path: Path, rows: int) -> train.RunDir:
+    """A run directory with prep's conversational prompt/completion splits, written by hand."""
+    (tmp_path / "prep").mkdir()
+    queues = ["billing", "shipping", "account"]
+    for split in ("train", "validation"):
+        lines = []
+        for i in range(rows):
+            prompt = [{"role": "system", "content": "Route the ticket."},
+                      {"role": "user", "content": f"ticket {i} " + "word " * (i % 7)}]
+            lines.append(json.dumps({"prompt": prompt, "completion": [{"role": "assistant", "content": queues[i % 3]}]}))
+        (tmp_path / f"prep/{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return train.RunDir(tmp_path)
+
+
+def test_padding_free_trains_through_the_real_sft_trainer(tiny_model_dir, tmp_path):
+    """TRL 1.x refuses padding_free without packing when max_length is set; the config the stage builds must be
+    one SFTTrainer accepts, whose batches are flattened (one row, position ids restarting), and which trains."""
+    recipe = Recipe.model_validate(shipped_recipe(
+        "ticket-classification", **{"model.base": str(tiny_model_dir), "data.max_tokens": 64,
+                                    "train": {"max_steps": 2, "batch_size": 4, "eval_steps": 2, "padding_free": True}}))
+    settings = train.training_settings(recipe)
+    assert settings["padding_free"] and settings["padding_free_reason"] == "on: train.padding_free is true"
+    config = train.to_sft_config(recipe.train, tmp_path / "checkpoints", recipe.data.max_tokens, settings)
+    _, tokenizer, model = train.load_for_training(recipe, settings, "single", config.device)
+    trainer = train.build_trainer(recipe, prepared_run(tmp_path, 12), config, tokenizer, model, [])
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1, "one flattened row per batch"
+    assert (batch["position_ids"][0] == 0).sum() == 4, "position ids restart at each of the 4 examples"
+    result = trainer.train()
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+
+
+def test_a_row_longer_than_max_tokens_is_named_when_nothing_truncates(tiny_model_dir, tmp_path):
+    """Padding-free without packing gives TRL no max_length, so a row that prep did not cut to this recipe's
+    data.max_tokens is an error naming it, never trained on whole or cut silently."""
+    recipe = Recipe.model_validate(shipped_recipe(
+        "ticket-classification", **{"model.base": str(tiny_model_dir), "data.max_tokens": 40,
+                                    "train": {"max_steps": 1, "batch_size": 2, "padding_free": True}}))
+    settings = train.training_settings(recipe)
+    config = train.to_sft_config(recipe.train, tmp_path / "checkpoints", recipe.data.max_tokens, settings)
+    assert config.max_length is None
+    _, tokenizer, model = train.load_for_training(recipe, settings, "single", config.device)
+    with pytest.raises(UserError, match=r"prep/train.jsonl: row\(s\) .*tokens\) are longer than data.max_tokens=40"):
+        train.build_trainer(recipe, prepared_run(tmp_path, 12), config, tokenizer, model, [])
 
 
 def test_padding_free_batches_keep_examples_apart(tiny_model_dir):
