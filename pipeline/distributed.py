@@ -42,6 +42,14 @@ def launch_of(env: Mapping[str, str]) -> str:
     return "ddp" if int(env.get("WORLD_SIZE", "1") or 1) > 1 else "single"
 
 
+def effective_launch(launch: str, device) -> str:
+    """The launch as it will run: accelerate applies FSDP and DeepSpeed only on accelerators; on CPUs
+    (gloo) it trains plain data-parallel, so a sharded launch there is DDP and is reported as such."""
+    if launch in ("fsdp", "zero2", "zero3") and (device is None or str(device) == "cpu"):
+        return "ddp"
+    return launch
+
+
 def check_launch(model: ModelSection, launch: str) -> None:
     """Refuse, before anything loads, a base the launch cannot shard (exit 2, naming the key and the config)."""
     if model.quantization == "8bit" and launch in SHARDED:

@@ -112,13 +112,17 @@ def resolve_base(base: str) -> tuple[Path | str, dict[str, Any]]:
     return base, {"kind": "hub", "id": base}
 
 
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|endoftext|>", "<pad>", "<unk>", "<|reserved_special_token_0|>")
+
+
 def load_tokenizer(source: Path | str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
-        # a pad token equal to eos would hide the end of every answer from the loss
-        for candidate in ("<|endoftext|>", "<pad>", "<unk>"):
+        # a pad token equal to eos would hide the end of every answer from the loss; Llama-3.1 ships a pad token
+        # its tokenizer does not name, Llama-3.0 reserved tokens that are never trained
+        for candidate in PAD_CANDIDATES:
             if candidate in tokenizer.get_vocab() and candidate != tokenizer.eos_token:
                 tokenizer.pad_token = candidate
                 break

@@ -34,6 +34,16 @@ ARTIFACT_PATH = "expert"
 LIBRARIES = ("torch", "transformers", "peft", "trl", "mlflow", "accelerate")
 
 
+def installed(library: str) -> tuple[str, str]:
+    """(distribution, version) of a library: MLflow may be installed as `mlflow-skinny` (its client alone)."""
+    try:
+        return library, metadata.version(library)
+    except metadata.PackageNotFoundError:
+        if library != "mlflow":
+            raise
+        return "mlflow-skinny", metadata.version("mlflow-skinny")
+
+
 @dataclass(frozen=True)
 class PushOptions:
     force: bool = False
@@ -177,7 +187,7 @@ def save_pyfunc(run: RunDir, tmp: Path, recipe: Recipe, include_base: bool) -> P
         path=str(model_dir),
         python_model=str(Path(__file__).with_name("expert_model_entry.py")),
         artifacts={"bundle": str(bundle)},
-        pip_requirements=[f"{lib}=={metadata.version(lib)}" for lib in LIBRARIES]
+        pip_requirements=[f"{distribution}=={version}" for distribution, version in map(installed, LIBRARIES)]
         + [f"expert-pipeline=={metadata.version('expert-pipeline')}"],
     )
     return model_dir
@@ -209,7 +219,7 @@ def version_tags(recipe: Recipe, metrics, verdict, fingerprint: str, manifest) -
         "git_commit": git_commit(),
         "python": platform.python_version(),
     }
-    tags.update({f"lib.{lib}": metadata.version(lib) for lib in LIBRARIES})
+    tags.update({f"lib.{lib}": installed(lib)[1] for lib in LIBRARIES})
     for system, m in metrics["systems"].items():
         for key, value in m.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):

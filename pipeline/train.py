@@ -73,8 +73,11 @@ def run(recipe: Recipe, run: RunDir, resume: bool | None = True) -> dict[str, An
     # the arguments first: they set up the distributed state (process group, DeepSpeed/FSDP plugins) that loading
     # the base needs under `accelerate launch` (a QLoRA base on each rank's own GPU, ZeRO-3 init, FSDP's rank-0 load)
     config = to_sft_config(recipe.train, checkpoints, recipe.data.max_tokens, settings)
-    launch = distributed.launch_of(os.environ)
-    distributed.check_launch(recipe.model, launch)
+    requested = distributed.launch_of(os.environ)
+    distributed.check_launch(recipe.model, requested)
+    launch = distributed.effective_launch(requested, config.device)
+    if launch != requested and config.process_index == 0:
+        console.print(f"[yellow]train[/]: {requested} shards only on GPUs; on the CPU this launch trains data-parallel (ddp)")
     main_process = config.process_index == 0  # under torchrun/accelerate only rank 0 writes
     resume_from, mlflow_run_id = distributed.on_every_rank(
         lambda: plan_resume(checkpoints, inputs, resume), main_process

@@ -1,37 +1,43 @@
-"""GPU training throughput: LoRA and QLoRA steps on SmolLM2-135M- and Llama-3-8B-shaped models.
+"""GPU training throughput through `expert train`'s own path: LoRA and QLoRA, with and without gradient
+checkpointing, on a Llama-3-8B-width model with a few layers and on a SmolLM2-135M-shaped model.
 
-Speed depends on a model's shapes, not its weights, so both models are
-randomly initialised from their configurations (nothing to download: a lent
-GPU machine reaches no hub). Each case trains a LoRA adapter (r=16 on every
-linear layer but the LM head) with AdamW in bf16 on full batches of random
-tokens (no padding, so every token is a real one), after warm-up steps, and
-prints real tokens/s, median step time, peak GPU memory and
+Speed depends on a model's shapes, not its weights, so each base is written with random bf16 weights to local
+disk first (a lent GPU machine reaches no hub) with a small offline tokenizer (`tests/support/tiny_model.py`;
+the model's own vocabulary size, e.g. Llama-3's 128,256, sets the LM head's cost). Each case then runs what
+`expert train` runs: `train.training_settings` (precision, attention, padding-free), `train.to_sft_config`,
+`train.load_for_training` (4-bit quantized onto the GPU for QLoRA), `train.build_trainer` (TRL's SFTTrainer
+on prep-shaped prompt/completion rows of `--seq` tokens, loss on the answer) and `trainer.train()`, with
+validation and checkpoints off. Reported per case, after `--warmup` steps:
 
-    MFU = 4 x parameters x tokens/s / bf16 matmul rate
+- real (non-padding) tokens/s over the measured steps, and the median step time;
+- peak allocated and reserved GPU memory, the counters reset after the model and trainer are built;
+- MFU = model FLOPs per token x tokens/s / rate, where model FLOPs per token = 4 x matmul parameters (every
+  linear layer and the LM head: forward, plus the backward pass to the activations; the frozen base needs no
+  weight gradients) + 6 x layers x hidden x sequence (causal attention's two products, forward and backward,
+  halved for the causal mask). Gradient checkpointing's recomputation is not counted (it is not model work).
+  The rate is the card's dense bf16 spec (H100/H200 SXM: 989 TFLOP/s) and, beside it, a bf16 matmul rate
+  measured in the same process (8192^3 products).
 
-where the matmul rate is measured in the same process (8192^3 products), and
-4 x parameters is a LoRA step's work per token: forward plus the backward
-pass to the activations; the frozen base needs no weight gradients.
-
-    python scripts/bench_gpu.py                       # on a GPU: the table
-    python scripts/bench_gpu.py --cpu-smoke           # on a CPU: tiny shapes, checks the script itself
-    python scripts/bench_gpu.py --json out.json       # also write the rows
-
-QLoRA quantises every linear layer but the LM head to bitsandbytes nf4 with
-double quantisation in place on the GPU (as `model.quantization: 4bit`
-loads them), computing in bf16.
+    python scripts/bench_gpu.py                     # on a GPU: the table (about 2-3 minutes on an H100)
+    python scripts/bench_gpu.py --cpu-smoke         # on a CPU: tiny shapes through the same path, checks the script
+    python scripts/bench_gpu.py --json out.json     # also write the rows
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 SHAPES = {
     # HuggingFaceTB/SmolLM2-135M-Instruct
@@ -40,14 +46,15 @@ SHAPES = {
     # HuggingFaceTB/SmolLM2-1.7B-Instruct (scripts/make_random_base.py: CPU memory benchmarks)
     "smollm2-1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
                          num_key_value_heads=32, vocab_size=49152, tie_word_embeddings=True, rope_theta=130000.0),
-    # Meta-Llama-3-8B
+    # Meta-Llama-3-8B (the GPU table uses its width with --layers layers)
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
     # --cpu-smoke only
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, rope_theta=10000.0),
 }
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# dense bf16 tensor-core FLOP/s from the vendors' data sheets (SXM parts), by a name fragment of the device
+BF16_SPEC = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
 
 
 def matmul_rate(device: str, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
@@ -69,133 +76,206 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def build_model(shape: str, device: str, attention: str):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def bf16_spec(name: str) -> float | None:
+    return next((rate for fragment, rate in BF16_SPEC.items() if fragment in name), None)
 
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192)
+
+def write_tokenizer(out: Path) -> Path:
+    from tests.support.tiny_model import build_tiny_model
+
+    texts = [json.loads(line)["text"] for line in (ROOT / "data/tickets/tickets.jsonl").read_text().splitlines()]
+    return build_tiny_model(out, texts)
+
+
+def write_base(shape: str, layers: int, tokenizer_dir: Path, out: Path, device: str) -> Path:
+    """A random-weight base of `shape` with `layers` layers, in bf16 safetensors, plus the offline tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    vocab = max(SHAPES[shape]["vocab_size"], len(AutoTokenizer.from_pretrained(tokenizer_dir)))  # every id embeds
+    sizes = {**SHAPES[shape], "num_hidden_layers": layers, "vocab_size": vocab}
+    config = LlamaConfig(**sizes, max_position_embeddings=8192)
     torch.manual_seed(0)
-    with torch.device(device):  # initialised in place: an 8B model never passes through host memory
-        return AutoModelForCausalLM.from_config(
-            config, dtype=torch.bfloat16 if device == "cuda" else torch.float32, attn_implementation=attention
-        )
+    with torch.device(device):  # initialised where it is fast; 2 GB of bf16 never passes through Python lists
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    del model
+    for item in tokenizer_dir.iterdir():
+        if item.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(item, out / item.name)
+    return out
 
 
-def quantize_4bit(model, device: str) -> None:
-    """Every linear layer but the LM head becomes a bitsandbytes nf4 layer (double quantisation, bf16 compute)."""
-    import bitsandbytes as bnb
+def write_rows(run_dir: Path, tokenizer_dir: Path, seq: int, rows: int) -> None:
+    """prep/train.jsonl and validation.jsonl: prompt/completion rows whose rendered chat is `seq` tokens or a
+    few under, so batches carry (almost) no padding."""
+    from transformers import AutoTokenizer
 
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, torch.nn.Linear) and name in TARGETS:
-                quantized = bnb.nn.Linear4bit(
-                    child.in_features, child.out_features, bias=child.bias is not None,
-                    compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4", device="cpu",
-                )
-                quantized.weight = bnb.nn.Params4bit(
-                    child.weight.data.to("cpu"), requires_grad=False, compress_statistics=True, quant_type="nf4"
-                )
-                setattr(module, name, quantized.to(device))  # quantised on the move to the GPU
-                del child
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    words = "order invoice parcel refund password account charge delivery address broken screen login".split()
+    lines = []
+    for i in range(rows):
+        answer = [{"role": "assistant", "content": words[i % len(words)]}]
+        text, n = "", 0
+        while True:
+            longer = text + " " + words[(i + n) % len(words)]
+            chat = [{"role": "user", "content": longer}] + answer
+            if len(tokenizer.apply_chat_template(chat, tokenize=True)["input_ids"]) > seq:
+                break
+            text, n = longer, n + 1
+        lines.append(json.dumps({"prompt": [{"role": "user", "content": text}], "completion": answer}))
+    (run_dir / "prep").mkdir(parents=True, exist_ok=True)
+    for split in ("train", "validation"):
+        (run_dir / f"prep/{split}.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def run_case(shape: str, method: str, batch: int, seq: int, steps: int, warmup: int, device: str,
-             attention: str, bf16_rate: float) -> dict:
-    from peft import LoraConfig, get_peft_model
+def recipe_for(base: Path, method: str, checkpointing: bool, batch: int, seq: int, steps: int):
+    import yaml
 
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    model = build_model(shape, device, attention)
-    parameters = sum(p.numel() for p in model.parameters())
-    if method == "qlora":
-        quantize_4bit(model, device)
-    model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
-                                             task_type="CAUSAL_LM"))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    vocab = SHAPES[shape]["vocab_size"]
-    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda")
-    times = []
-    for step in range(warmup + steps):
-        ids = torch.randint(0, vocab, (batch, seq), generator=generator).to(device)
-        _sync(device)
-        started = time.perf_counter()
-        with autocast:
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _sync(device)
-        if step >= warmup:
-            times.append(time.perf_counter() - started)
-    tokens_per_s = batch * seq * len(times) / sum(times)
+    from pipeline.recipe import Recipe
+
+    raw = yaml.safe_load((ROOT / "recipes/ticket-classification.yaml").read_text())
+    raw["data"]["source"] = str((ROOT / "recipes" / raw["data"]["source"]).resolve())
+    raw["data"]["max_tokens"] = seq + 16  # rows are rendered to `seq` tokens or a few under
+    raw["model"].update(base=str(base), quantization="4bit" if method == "qlora" else "none")
+    raw["train"] = {**raw.get("train", {}), "max_steps": steps, "batch_size": batch, "gradient_accumulation": 1,
+                    "gradient_checkpointing": checkpointing, "logging_steps": 1, "eval_steps": steps}
+    return Recipe.model_validate(raw)
+
+
+def step_clock(device: str):
+    """A Trainer callback recording (wall time, real tokens seen) at the end of every step, device synchronised."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.ends: list[tuple[float, int]] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            _sync(device)
+            self.ends.append((time.perf_counter(), state.num_input_tokens_seen))
+
+    return StepClock()
+
+
+def model_flops_per_token(model, seq: int) -> tuple[int, float]:
+    """(matmul parameters, model FLOPs per token) of a LoRA step, as the module docstring counts them: every
+    linear layer of the base (4-bit ones included) and the LM head; the rank-16 LoRA products are left out."""
+    config = model.config
+    matmul = sum(m.in_features * m.out_features for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and "lora_" not in name)
+    attention = 6 * config.num_hidden_layers * config.hidden_size * seq
+    return matmul, 4 * matmul + attention
+
+
+def run_case(base: Path, run_dir: Path, shape: str, method: str, checkpointing: bool, batch: int, seq: int,
+             steps: int, warmup: int, device: str, spec: float | None, measured: float) -> dict:
+    from transformers.trainer_utils import IntervalStrategy, SaveStrategy
+
+    from pipeline import train
+
+    recipe = recipe_for(base, method, checkpointing, batch, seq, warmup + steps)
+    settings = train.training_settings(recipe)
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
+        config = train.to_sft_config(recipe.train, Path(tmp), recipe.data.max_tokens, settings)
+        config.eval_strategy, config.save_strategy, config.load_best_model_at_end = (
+            IntervalStrategy.NO, SaveStrategy.NO, False)
+        _, tokenizer, model = train.load_for_training(recipe, settings, "single", config.device)
+        clock = step_clock(device)
+        trainer = train.build_trainer(recipe, train.RunDir(run_dir), config, tokenizer, model, [clock])
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        result = trainer.train()
+        matmul, flops = model_flops_per_token(model, seq)
+    measured_ends = clock.ends[warmup - 1:]  # from the end of the last warm-up step
+    (t0, n0), (t1, n1) = measured_ends[0], measured_ends[-1]
+    tokens_per_s = (n1 - n0) / (t1 - t0)
+    step_times = [b[0] - a[0] for a, b in zip(measured_ends, measured_ends[1:])]
     row = {
-        "model": shape,
-        "method": method,
-        "parameters": parameters,
-        "batch": batch,
-        "seq": seq,
-        "tokens_per_s": tokens_per_s,
-        "median_step_s": statistics.median(times),
-        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
-        "mfu": 4 * parameters * tokens_per_s / bf16_rate,
-        "final_loss": loss.item(),
+        "model": shape, "method": method, "checkpointing": checkpointing, "batch": batch, "seq": seq,
+        "precision": settings["precision"], "attention": settings["attention"], "padding_free": settings["padding_free"],
+        "matmul_parameters": matmul, "tokens_per_s": tokens_per_s, "median_step_s": statistics.median(step_times),
+        "peak_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
+        "peak_reserved_mb": torch.cuda.max_memory_reserved() / 2**20 if device == "cuda" else None,
+        "mfu_spec": flops * tokens_per_s / spec if spec else None,
+        "mfu_measured": flops * tokens_per_s / measured,
+        "train_loss": result.training_loss,
     }
-    del model, optimizer
+    del trainer, model
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return row
+
+
+def print_table(rows: list[dict], name: str, spec: float | None, measured: float) -> None:
+    print(f"\n{name}: bf16 spec {spec / 1e12 if spec else float('nan'):.0f} TFLOP/s, measured matmul "
+          f"{measured / 1e12:.1f} TFLOP/s")
+    print("| model | method | checkpointing | tokens/s | median step | peak allocated | peak reserved | MFU (spec) | MFU (measured) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        gib = (lambda mb: f"{mb / 1024:.1f} GiB" if mb is not None else "-")
+        spec_mfu = f"{r['mfu_spec']:.1%}" if r["mfu_spec"] is not None else "-"
+        print(f"| {r['model']} | {r['method']} | {'on' if r['checkpointing'] else 'off'} | {r['tokens_per_s']:,.0f} | "
+              f"{r['median_step_s'] * 1000:.0f} ms | {gib(r['peak_allocated_mb'])} | {gib(r['peak_reserved_mb'])} | "
+              f"{spec_mfu} | {r['mfu_measured']:.1%} |")
+    by_case = {(r["model"], r["method"], r["checkpointing"]): r for r in rows}
+    for (model, method, checkpointing), r in by_case.items():
+        if method == "qlora" and (model, "lora", checkpointing) in by_case:
+            ratio = r["median_step_s"] / by_case[(model, "lora", checkpointing)]["median_step_s"]
+            print(f"{model} (checkpointing {'on' if checkpointing else 'off'}): QLoRA step / LoRA step = {ratio:.2f}x "
+                  "(target <= 1.5x)")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="smollm2-135m,llama3-8b")
+    parser.add_argument("--models", default="llama3-8b,smollm2-135m")
+    parser.add_argument("--layers", type=int, default=4, help="layers of the llama3-8b-width model")
     parser.add_argument("--methods", default="lora,qlora")
+    parser.add_argument("--checkpointing", default="off,on")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--attention", default="sdpa", help="sdpa (PyTorch picks its flash kernel on Hopper), eager")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the rates (at least 1)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: checks the script, not speed")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1: the first step's end is where the clock starts")
 
     if args.cpu_smoke:
-        device, models, methods = "cpu", ["tiny"], ["lora"]  # bitsandbytes 4-bit layers need the GPU path here
-        args.batch, args.seq, args.steps, args.warmup = 2, 32, 2, 1
-        rate = matmul_rate("cpu", torch.float32, 256)
+        device, shapes = "cpu", ["tiny"]
+        args.batch, args.seq, args.steps, args.warmup = 2, 48, 2, 1
+        measured, name = matmul_rate("cpu", torch.bfloat16, 512), "CPU"
     elif not torch.cuda.is_available():
-        print("bench_gpu: no CUDA device; run with --cpu-smoke to check the script on a CPU", file=sys.stderr)
-        return 2
+        print("bench_gpu: skipped, no CUDA device here (--cpu-smoke runs tiny shapes through the same path)",
+              file=sys.stderr)
+        return 0
     else:
-        device, models, methods = "cuda", args.models.split(","), args.methods.split(",")
-        rate = matmul_rate("cuda", torch.bfloat16, 8192)
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"device: {name}; measured {'bf16' if device == 'cuda' else 'fp32'} matmul rate {rate / 1e12:.1f} TFLOP/s",
-          flush=True)
+        device, shapes = "cuda", args.models.split(",")
+        measured, name = matmul_rate("cuda", torch.bfloat16, 8192), torch.cuda.get_device_name()
+    spec = bf16_spec(name) if device == "cuda" else None
+    print(f"device: {name}; measured bf16 matmul rate {measured / 1e12:.2f} TFLOP/s", flush=True)
     rows = []
-    for shape in models:
-        for method in methods:
-            row = run_case(shape, method, args.batch, args.seq, args.steps, args.warmup, device, args.attention, rate)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    print()
-    print(f"| model | method | tokens/s | median step | peak GPU memory | MFU |  ({name}, batch {args.batch} x {args.seq})")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        memory = f"{r['peak_gpu_mb'] / 1024:.1f} GiB" if r["peak_gpu_mb"] is not None else "-"
-        print(f"| {r['model']} | {r['method']} | {r['tokens_per_s']:,.0f} | {r['median_step_s'] * 1000:.0f} ms | "
-              f"{memory} | {r['mfu']:.1%} |")
-    by_case = {(r["model"], r["method"]): r for r in rows}
-    for shape in models:
-        if (shape, "lora") in by_case and (shape, "qlora") in by_case:
-            ratio = by_case[(shape, "qlora")]["median_step_s"] / by_case[(shape, "lora")]["median_step_s"]
-            print(f"{shape}: QLoRA step time / LoRA step time = {ratio:.2f}x (target <= 1.5x)")
-    if ("llama3-8b", "lora") in by_case:
-        print(f"llama3-8b LoRA MFU {by_case[('llama3-8b', 'lora')]['mfu']:.1%} (target >= 35% on an H100)")
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-bases-") as tmp:
+        tokenizer_dir = write_tokenizer(Path(tmp) / "tokenizer")
+        run_dir = Path(tmp) / "run"
+        write_rows(run_dir, tokenizer_dir, args.seq, args.batch * 4)
+        for shape in shapes:
+            layers = args.layers if shape == "llama3-8b" else SHAPES[shape]["num_hidden_layers"]
+            started = time.perf_counter()
+            base = write_base(shape, layers, tokenizer_dir, Path(tmp) / shape, device)
+            print(f"{shape} ({layers} layers) written in {time.perf_counter() - started:.0f}s", flush=True)
+            for method in args.methods.split(","):
+                for checkpointing in (c == "on" for c in args.checkpointing.split(",")):
+                    row = run_case(base, run_dir, f"{shape}x{layers}", method, checkpointing, args.batch, args.seq,
+                                   args.steps, args.warmup, device, spec, measured)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+            shutil.rmtree(base)
+    print_table(rows, name, spec, measured)
     if args.json:
-        args.json.write_text(json.dumps({"device": name, "matmul_rate": rate, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"device": name, "bf16_spec": spec, "matmul_rate": measured, "rows": rows},
+                                        indent=1))
     return 0
 
 

@@ -63,3 +63,71 @@ def test_two_gloo_processes_train_like_one(tiny_model_dir, tracking_env, tmp_pat
     assert len(runs) == 1, "one MLflow run per training, not one per process"
     assert runs[0].info.status == "FINISHED"
     assert len({m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")}) == 8
+
+
+KILL_RANK0_AFTER_STEP = """
+import os, signal, sys
+from pipeline import train
+def on_step_end(self, args, state, control, **kwargs):
+    if state.global_step == {step} and state.is_world_process_zero:
+        os.kill(os.getpid(), signal.SIGKILL)
+train.SealCheckpoints.on_step_end = on_step_end
+from pipeline.cli import app
+sys.argv = ["expert", "train", {recipe!r}, "--run-dir", {run_dir!r}]
+app()
+"""
+
+
+def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               *args]
+    return subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_two_processes_resume_from_the_same_checkpoint(tiny_model_dir, tracking_env, tmp_path):
+    """Rank 0 is SIGKILLed after step 7 (checkpoint 6 sealed); `--resume` under two processes must start both
+    ranks at step 6: a plan made on rank 0 alone would start rank 1 from step 0 and the ranks would hang or fail
+    on mismatched collectives."""
+    recipe = shipped_recipe("ticket-classification", **{
+        "model.base": str(tiny_model_dir),
+        "train": {**SETTINGS, "max_steps": 10, "eval_steps": 2, "batch_size": 4, "keep_checkpoints": 2}})
+    recipe["name"] = "ddp-resume"
+    (tmp_path / "r").mkdir()
+    recipe_path = write_recipe(tmp_path / "r", recipe)
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(app, ["prep", str(recipe_path), "--run-dir", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    script = tmp_path / "killed_train.py"
+    script.write_text(KILL_RANK0_AFTER_STEP.format(step=7, recipe=str(recipe_path), run_dir=str(run_dir)))
+    killed = torchrun(str(script))
+    assert killed.returncode != 0 and "checkpoint-6" in {p.name for p in (run_dir / "train/checkpoints").iterdir()}
+
+    resumed = torchrun("-m", "pipeline.cli", "train", str(recipe_path), "--run-dir", str(run_dir), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resuming from checkpoint-6" in resumed.stderr
+    metrics = json.loads((run_dir / "train/metrics.json").read_text())
+    assert (metrics["steps"], metrics["resumed_from_step"], metrics["processes"]) == (10, 6, 2)
+    assert metrics["launch"] == "ddp"
+
+
+def test_qlora_under_two_gloo_processes(tiny_model_dir, tracking_env, tmp_path):
+    """A 4-bit base on each rank (bitsandbytes on the CPU here), LoRA gradients averaged by DDP, one adapter."""
+    from safetensors.torch import load_file
+
+    recipe = shipped_recipe("ticket-classification", **{
+        "model.base": str(tiny_model_dir), "model.quantization": "4bit",
+        "train": {**SETTINGS, "max_steps": 4, "eval_steps": 4, "batch_size": 4}})
+    recipe["name"] = "ddp-qlora"
+    (tmp_path / "r").mkdir()
+    recipe_path = write_recipe(tmp_path / "r", recipe)
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(app, ["prep", str(recipe_path), "--run-dir", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    proc = torchrun("-m", "pipeline.cli", "train", str(recipe_path), "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads((run_dir / "train/metrics.json").read_text())
+    assert (metrics["steps"], metrics["processes"], metrics["launch"]) == (4, 2, "ddp")
+    adapter = load_file(run_dir / "train/adapter/adapter_model.safetensors")
+    assert any("lora_B" in name and tensor.abs().sum() > 0 for name, tensor in adapter.items()), "the adapter moved"
+    assert not (run_dir / "train/adapter/training_args.bin").exists(), "no pickle in the adapter"

@@ -126,8 +126,8 @@ def test_qlora_trains_adapter_on_4bit_base_that_stays_frozen(tiny_model_dir, tra
     loaded = {}
     load_base_model = models.load_base_model
 
-    def spy(section, source, *args):
-        model = load_base_model(section, source, *args)
+    def spy(section, source, *args, **kwargs):
+        model = load_base_model(section, source, *args, **kwargs)
         loaded["model"] = model
         loaded["before"] = {
             name: module.weight.data.clone() for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)

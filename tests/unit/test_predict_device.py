@@ -71,17 +71,22 @@ def test_pruned_label_scoring_runs_on_the_models_device_one_read_per_pass(on_met
     assert len(reads) <= 1 + 4, "never one read per label or per number"
 
 
-def test_generation_gets_its_inputs_on_the_models_device(on_meta, monkeypatch):
+def test_generation_gets_its_inputs_on_the_models_device_and_every_eos(on_meta, monkeypatch):
+    """Also: decoding stops on every eos id the model's generation config lists (Llama-3 Instruct: `<|eot_id|>`
+    and `<|end_of_text|>`), not only on the tokenizer's."""
     model, tokenizer, _ = on_meta
+    model.generation_config.eos_token_id = [7, tokenizer.eos_token_id, 9]
     seen = {}
 
     def generate(**kwargs):
         seen.update({k: v.device for k, v in kwargs.items() if torch.is_tensor(v)})
+        seen["eos"] = kwargs["eos_token_id"]
         raise WrongDevice("stop here: meta tensors cannot be decoded")
 
     monkeypatch.setattr(model, "generate", generate)
     with pytest.raises(WrongDevice, match="stop here"):
         predict.generate(model, tokenizer, messages(TEXTS), max_new_tokens=4, batch_size=4)
+    assert seen.pop("eos") == [tokenizer.eos_token_id, 7, 9]
     assert seen and set(seen.values()) == {model.device}, seen
 
 

@@ -331,3 +331,32 @@ def test_plain_train_refuses_to_guess_between_resume_and_restart(tmp_path):
     assert train.plan_resume(tmp_path, inputs, True) == (tmp_path / "checkpoint-2", "r1")
     assert train.plan_resume(tmp_path, {"a": "changed"}, True) == (None, None), "other inputs: start over"
     assert not tmp_path.exists()
+
+
+def test_a_llama3_tokenizer_pads_with_its_own_pad_token_not_eos(tiny_model_dir, tmp_path):
+    """Llama-3.1's tokenizer names no pad token and its eos is `<|eot_id|>`; its vocabulary holds
+    `<|finetune_right_pad_id|>`, which must be chosen (falling back to eos hides every answer's end from the loss)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|eot_id|>", "<|finetune_right_pad_id|>"]})
+    tokenizer.eos_token, tokenizer.pad_token = "<|eot_id|>", None
+    tokenizer.save_pretrained(tmp_path)
+    loaded = models.load_tokenizer(tmp_path)
+    assert loaded.pad_token == "<|finetune_right_pad_id|>" and loaded.pad_token != loaded.eos_token
+
+
+def test_merged_export_is_written_in_the_bases_dtype(tiny_model_dir, tmp_path):
+    """An 8B base ships bf16: merging in fp32 and writing fp32 doubles the export (32 GB) and says float32."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from pipeline import export
+
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "bf16" / name).write_bytes((tiny_model_dir / name).read_bytes())
+    recipe = Recipe.model_validate(shipped_recipe("ticket-classification", **{"model.base": str(tmp_path / "bf16")}))
+    assert export.base_dtype(SimpleNamespace(base_source=tmp_path / "bf16", recipe=recipe)) == torch.bfloat16
+    assert export.base_dtype(SimpleNamespace(base_source=tiny_model_dir, recipe=recipe)) == torch.float32
