@@ -21,6 +21,12 @@ validation and checkpoints off. Reported per case, after `--warmup` steps:
     python scripts/bench_gpu.py                     # on a GPU: the table (about 2-3 minutes on an H100)
     python scripts/bench_gpu.py --cpu-smoke         # on a CPU: tiny shapes through the same path, checks the script
     python scripts/bench_gpu.py --json out.json     # also write the rows
+    python scripts/bench_gpu.py --eval-only --cpu   # eval's label scoring alone, on this CPU (the ratio's other side)
+
+Eval's label scoring is measured on the SmolLM2-135M-shaped model in bf16: `predict.classify` (the code eval
+and serving use) on `--eval-examples` ticket texts from data/ with 77 two-word labels (BANKING77's count),
+batch 32, after one warm-up batch; examples/s. Random weights make every label about equally likely, so
+first-token pruning keeps most labels: a worst case for the scorer, on both devices alike.
 """
 
 from __future__ import annotations
@@ -207,6 +213,36 @@ def run_case(base: Path, run_dir: Path, shape: str, method: str, checkpointing: 
     return row
 
 
+INTENTS = [f"{a}_{b}" for a in ("card", "transfer", "account", "payment", "refund", "cash", "pin")
+           for b in ("arrival", "declined", "limit", "fee", "lost", "pending", "reversed", "verify", "cancel",
+                     "change", "request")]  # 77 labels, BANKING77's count, sharing first words as its intents do
+
+
+def eval_case(base: Path, device: str, examples: int, batch: int) -> dict:
+    """examples/s of `predict.classify` (eval's and serving's label scorer) on the base in bf16."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline import models, predict
+
+    tokenizer = models.load_tokenizer(base)
+    model = AutoModelForCausalLM.from_pretrained(
+        base, dtype=torch.bfloat16, attn_implementation="sdpa",
+        device_map=models.inference_device_map() if device == "cuda" else None).eval()
+    texts = [json.loads(line)["text"] for line in (ROOT / "data/tickets/tickets.jsonl").read_text().splitlines()]
+    texts = (texts * (examples // len(texts) + 1))[:examples]
+    prompts = [[{"role": "system", "content": "Classify the banking query into one intent."},
+                {"role": "user", "content": t}] for t in texts]
+    predict.classify(model, tokenizer, prompts[:batch], INTENTS, batch)  # warm-up: kernels, caches
+    _sync(device)
+    started = time.perf_counter()
+    rows = predict.classify(model, tokenizer, prompts, INTENTS, batch)
+    _sync(device)
+    seconds = time.perf_counter() - started
+    assert all(r["prediction"] in INTENTS for r in rows)
+    return {"case": "eval label scoring", "device": device, "examples": examples, "labels": len(INTENTS),
+            "batch": batch, "examples_per_s": examples / seconds, "threads": torch.get_num_threads()}
+
+
 def print_table(rows: list[dict], name: str, spec: float | None, measured: float) -> None:
     print(f"\n{name}: bf16 spec {spec / 1e12 if spec else float('nan'):.0f} TFLOP/s, measured matmul "
           f"{measured / 1e12:.1f} TFLOP/s")
@@ -236,6 +272,9 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the rates (at least 1)")
+    parser.add_argument("--eval-examples", type=int, default=512)
+    parser.add_argument("--eval-only", action="store_true", help="only eval's label scoring on the 135M shape")
+    parser.add_argument("--cpu", action="store_true", help="with --eval-only: on this CPU")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: checks the script, not speed")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
@@ -244,8 +283,10 @@ def main() -> int:
 
     if args.cpu_smoke:
         device, shapes = "cpu", ["tiny"]
-        args.batch, args.seq, args.steps, args.warmup = 2, 48, 2, 1
+        args.batch, args.seq, args.steps, args.warmup, args.eval_examples = 2, 48, 2, 1, 16
         measured, name = matmul_rate("cpu", torch.bfloat16, 512), "CPU"
+    elif args.eval_only and args.cpu:
+        device, shapes, measured, name = "cpu", [], 0.0, "CPU"
     elif not torch.cuda.is_available():
         print("bench_gpu: skipped, no CUDA device here (--cpu-smoke runs tiny shapes through the same path)",
               file=sys.stderr)
@@ -255,12 +296,12 @@ def main() -> int:
         measured, name = matmul_rate("cuda", torch.bfloat16, 8192), torch.cuda.get_device_name()
     spec = bf16_spec(name) if device == "cuda" else None
     print(f"device: {name}; measured bf16 matmul rate {measured / 1e12:.2f} TFLOP/s", flush=True)
-    rows = []
+    rows, evals = [], []
     with tempfile.TemporaryDirectory(prefix="bench-gpu-bases-") as tmp:
         tokenizer_dir = write_tokenizer(Path(tmp) / "tokenizer")
         run_dir = Path(tmp) / "run"
         write_rows(run_dir, tokenizer_dir, args.seq, args.batch * 4)
-        for shape in shapes:
+        for shape in [] if args.eval_only else shapes:
             layers = args.layers if shape == "llama3-8b" else SHAPES[shape]["num_hidden_layers"]
             started = time.perf_counter()
             base = write_base(shape, layers, tokenizer_dir, Path(tmp) / shape, device)
@@ -272,10 +313,18 @@ def main() -> int:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
             shutil.rmtree(base)
-    print_table(rows, name, spec, measured)
+        eval_shape = "tiny" if args.cpu_smoke else "smollm2-135m"
+        base = write_base(eval_shape, SHAPES[eval_shape]["num_hidden_layers"], tokenizer_dir, Path(tmp) / "eval", device)
+        evals.append(eval_case(base, device, args.eval_examples, 32))
+        print(json.dumps(evals[-1]), flush=True)
+    if rows:
+        print_table(rows, name, spec, measured)
+    for e in evals:
+        print(f"\neval label scoring ({eval_shape}, {e['labels']} labels, batch {e['batch']}) on {name}: "
+              f"{e['examples_per_s']:,.1f} examples/s (target on an H100/H200: >= 20x this project's CPU)")
     if args.json:
-        args.json.write_text(json.dumps({"device": name, "bf16_spec": spec, "matmul_rate": measured, "rows": rows},
-                                        indent=1))
+        args.json.write_text(json.dumps({"device": name, "bf16_spec": spec, "matmul_rate": measured, "rows": rows,
+                                         "eval": evals}, indent=1))
     return 0
 
 

@@ -173,3 +173,47 @@ def test_constrained_extraction_on_the_gpu_equals_the_cpu(tiny_model_dir):
     for g, w in zip(got, want):
         assert set(json.loads(g["raw"])) == {"order_id", "urgent"}
         assert g["confidence"] == pytest.approx(w["confidence"], abs=CONFIDENCE_TOLERANCE)
+
+
+def test_the_adapter_written_under_fsdp_reloads_to_the_loss_training_measured(pipeline_run, tmp_path):
+    """`accelerate launch` with the shipped FSDP2 config (one process on this GPU; sharded state dicts all the
+    same): the adapter is gathered whole, loads, and gives the validation loss the trained model had. A rank-0
+    `save_pretrained` of an FSDP2 model would write sharded or empty LoRA tensors. (On the CPU dry run
+    accelerate runs it as one plain process, which the run records.)"""
+    import subprocess
+    import sys
+
+    import yaml
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from pipeline import evaluate
+    from tests.conftest import ROOT
+
+    _, recipe_path, env = pipeline_run
+    raw = yaml.safe_load(recipe_path.read_text())
+    raw["name"] = "gpu-fsdp"
+    raw["train"].update(precision="fp32", learning_rate=1e-2, max_steps=6, eval_steps=6)
+    recipe_file = write_recipe(tmp_path, raw)
+    run_dir = tmp_path / "run"
+    invoke("prep", str(recipe_file), "--run-dir", str(run_dir))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "pipeline/launch/fsdp.yaml"),
+              "--num_processes", "1", *([] if DEVICE.type == "cuda" else ["--cpu"])]
+    proc = subprocess.run([*launch, "-m", "pipeline.cli", "train", str(recipe_file), "--run-dir", str(run_dir)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads((run_dir / "train/metrics.json").read_text())
+    assert metrics["launch"] == ("fsdp" if DEVICE.type == "cuda" else "single")
+
+    recipe = Recipe.model_validate(raw)
+    model, tokenizer = evaluate.load_expert(recipe, run_dir / "train/adapter")
+    rows = [json.loads(line) for line in (run_dir / "prep/validation.jsonl").read_text().splitlines()]
+    config = train.to_sft_config(recipe.train, tmp_path / "eval", recipe.data.max_tokens, train.training_settings(recipe))
+    validation = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer, train_dataset=validation,
+                         eval_dataset=validation)  # only evaluated: the train split is required, never used
+    reloaded = trainer.evaluate()["eval_loss"]
+    assert reloaded == pytest.approx(metrics["eval_loss"], rel=1e-4)
+    with model.disable_adapter():
+        untrained = trainer.evaluate()["eval_loss"]
+    assert abs(untrained - reloaded) > 100 * 1e-4 * reloaded, "the check can tell a trained adapter from none"

@@ -85,19 +85,25 @@ def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
+def prepared_run(tmp_path: Path, name: str, **overrides) -> tuple[Path, Path]:
+    """The shipped ticket recipe named `name` with `overrides`, and a run directory with prep done."""
+    recipe = shipped_recipe("ticket-classification", **overrides)
+    recipe["name"] = name
+    (tmp_path / name).mkdir()
+    recipe_path = write_recipe(tmp_path / name, recipe)
+    run_dir = tmp_path / name / "run"
+    result = CliRunner().invoke(app, ["prep", str(recipe_path), "--run-dir", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    return recipe_path, run_dir
+
+
 def test_two_processes_resume_from_the_same_checkpoint(tiny_model_dir, tracking_env, tmp_path):
     """Rank 0 is SIGKILLed after step 7 (checkpoint 6 sealed); `--resume` under two processes must start both
     ranks at step 6: a plan made on rank 0 alone would start rank 1 from step 0 and the ranks would hang or fail
     on mismatched collectives."""
-    recipe = shipped_recipe("ticket-classification", **{
+    recipe_path, run_dir = prepared_run(tmp_path, "ddp-resume", **{
         "model.base": str(tiny_model_dir),
         "train": {**SETTINGS, "max_steps": 10, "eval_steps": 2, "batch_size": 4, "keep_checkpoints": 2}})
-    recipe["name"] = "ddp-resume"
-    (tmp_path / "r").mkdir()
-    recipe_path = write_recipe(tmp_path / "r", recipe)
-    run_dir = tmp_path / "run"
-    result = CliRunner().invoke(app, ["prep", str(recipe_path), "--run-dir", str(run_dir)])
-    assert result.exit_code == 0, result.output
     script = tmp_path / "killed_train.py"
     script.write_text(KILL_RANK0_AFTER_STEP.format(step=7, recipe=str(recipe_path), run_dir=str(run_dir)))
     killed = torchrun(str(script))
@@ -115,15 +121,9 @@ def test_qlora_under_two_gloo_processes(tiny_model_dir, tracking_env, tmp_path):
     """A 4-bit base on each rank (bitsandbytes on the CPU here), LoRA gradients averaged by DDP, one adapter."""
     from safetensors.torch import load_file
 
-    recipe = shipped_recipe("ticket-classification", **{
+    recipe_path, run_dir = prepared_run(tmp_path, "ddp-qlora", **{
         "model.base": str(tiny_model_dir), "model.quantization": "4bit",
         "train": {**SETTINGS, "max_steps": 4, "eval_steps": 4, "batch_size": 4}})
-    recipe["name"] = "ddp-qlora"
-    (tmp_path / "r").mkdir()
-    recipe_path = write_recipe(tmp_path / "r", recipe)
-    run_dir = tmp_path / "run"
-    result = CliRunner().invoke(app, ["prep", str(recipe_path), "--run-dir", str(run_dir)])
-    assert result.exit_code == 0, result.output
     proc = torchrun("-m", "pipeline.cli", "train", str(recipe_path), "--run-dir", str(run_dir))
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads((run_dir / "train/metrics.json").read_text())
