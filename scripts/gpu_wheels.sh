@@ -29,6 +29,12 @@ for tag in manylinux_2_39 manylinux_2_35 manylinux_2_34 manylinux_2_31 manylinux
            manylinux_2_17 manylinux2014; do platforms+=(--platform "${tag}_x86_64"); done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
   -d .whl "${pins[@]}"
+# DeepSpeed (for the ZeRO launch configs' GPU test) is published as a source package: built here without its
+# compiled ops (DS_BUILD_OPS=0; it compiles what it needs at run time), ~2 MB; it needs hjson (and einops,
+# ninja, py-cpuinfo, msgpack, which the image has)
+DEEPSPEED=${DEEPSPEED:-0.19.8}
+DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl "deepspeed==$DEEPSPEED" 2>&1 | grep -v '^WARNING' || true
+python3 -m pip download -q --no-deps --only-binary=:all: -d .whl hjson 2>&1 | grep -v '^WARNING' || true
 # the project itself: its metadata (version) is what a pushed version's requirements pin; gpu_check.sh puts the
 # tree before it on PYTHONPATH, so the code that runs is the tree's
 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl . 2>&1 | grep -v '^WARNING' || true

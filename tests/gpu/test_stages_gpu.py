@@ -175,13 +175,19 @@ def test_constrained_extraction_on_the_gpu_equals_the_cpu(tiny_model_dir):
         assert g["confidence"] == pytest.approx(w["confidence"], abs=CONFIDENCE_TOLERANCE)
 
 
-def test_the_adapter_written_under_fsdp_reloads_to_the_loss_training_measured(pipeline_run, tmp_path):
-    """`accelerate launch` with the shipped FSDP2 config (one process on this GPU; sharded state dicts all the
-    same): the adapter is gathered whole, loads, and gives the validation loss the trained model had. A rank-0
-    `save_pretrained` of an FSDP2 model would write sharded or empty LoRA tensors. (On the CPU dry run
-    accelerate runs it as one plain process, which the run records.)"""
+@pytest.mark.parametrize(("config", "launch"), [("fsdp.yaml", "fsdp"), ("deepspeed-zero3.yaml", "zero3")])
+def test_the_adapter_written_under_a_sharded_launch_reloads_to_the_loss_training_measured(
+        pipeline_run, tmp_path, config, launch):
+    """`accelerate launch` with the shipped FSDP2 and ZeRO-3 configs (one process on this GPU; the parameters are
+    sharded objects all the same): the adapter is gathered whole, loads, and gives the validation loss the trained
+    model had. A rank-0 `save_pretrained` there writes sharded or empty LoRA tensors, or waits for the other ranks.
+    (On the CPU dry run accelerate runs each as one plain process, which the run records.)"""
+    import importlib.util
     import subprocess
     import sys
+
+    if launch == "zero3" and DEVICE.type == "cuda" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("DeepSpeed is not installed (scripts/gpu_wheels.sh builds its wheel for the device check)")
 
     import yaml
     from datasets import Dataset
@@ -192,18 +198,18 @@ def test_the_adapter_written_under_fsdp_reloads_to_the_loss_training_measured(pi
 
     _, recipe_path, env = pipeline_run
     raw = yaml.safe_load(recipe_path.read_text())
-    raw["name"] = "gpu-fsdp"
+    raw["name"] = f"gpu-{launch}"
     raw["train"].update(precision="fp32", learning_rate=1e-2, max_steps=6, eval_steps=6)
     recipe_file = write_recipe(tmp_path, raw)
     run_dir = tmp_path / "run"
     invoke("prep", str(recipe_file), "--run-dir", str(run_dir))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "pipeline/launch/fsdp.yaml"),
-              "--num_processes", "1", *([] if DEVICE.type == "cuda" else ["--cpu"])]
-    proc = subprocess.run([*launch, "-m", "pipeline.cli", "train", str(recipe_file), "--run-dir", str(run_dir)],
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "pipeline/launch" / config),
+                  "--num_processes", "1", *([] if DEVICE.type == "cuda" else ["--cpu"])]
+    proc = subprocess.run([*accelerate, "-m", "pipeline.cli", "train", str(recipe_file), "--run-dir", str(run_dir)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads((run_dir / "train/metrics.json").read_text())
-    assert metrics["launch"] == ("fsdp" if DEVICE.type == "cuda" else "single")
+    assert metrics["launch"] == (launch if DEVICE.type == "cuda" else "single")
 
     recipe = Recipe.model_validate(raw)
     model, tokenizer = evaluate.load_expert(recipe, run_dir / "train/adapter")

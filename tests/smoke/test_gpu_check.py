@@ -27,7 +27,7 @@ def test_the_gpu_stage_tests_pass_as_a_cpu_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     suite = ET.parse(junit).getroot().find("testsuite")
     counts = {key: int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")}
-    assert counts == {"tests": 7, "failures": 0, "errors": 0, "skipped": 0}, counts
+    assert counts == {"tests": 8, "failures": 0, "errors": 0, "skipped": 0}, counts
 
 
 def test_the_gpu_benchmark_runs_expert_trains_path_and_evals_scorer_on_tiny_shapes(tmp_path):
