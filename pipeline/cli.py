@@ -44,7 +44,9 @@ def _guarded(body: Callable[[], Any]) -> Any:
     try:
         return body()
     except UserError as err:
-        console.print(f"[red]error:[/] {escape(str(err))}")
+        from pipeline.frontier import scrub
+
+        console.print(f"[red]error:[/] {escape(scrub(str(err)))}")
         raise typer.Exit(code=2) from None
 
 

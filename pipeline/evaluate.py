@@ -142,6 +142,15 @@ def run(recipe: Recipe, run: RunDir) -> dict[str, Any]:
                 mlflow_client.log_table(mlflow_run_id, table_of(splits["test"], by_split["test"]),
                                         f"eval/tables/{name}.json")
         print_summary(metrics, skipped, verdict, recipe.eval.gate.metric)
+        required = [b.name for b in recipe.eval.baselines if b.required and b.name in verdict["incomplete_baselines"]]
+        if required:  # everything above is written for inspection; the stage stays unfinished, so a rerun redoes it
+            failed = verdict["incomplete_baselines"][required[0]]
+            first_error = next((r["error"] for r in outputs[required[0]]["test"] if r.get("error")), "")
+            raise UserError(
+                f"eval.baselines `{required[0]}` is required and failed on {failed['failed']} of {failed['rows']} test "
+                f"rows ({first_error}); the comparison is incomplete and nothing can be promoted. Fix the endpoint "
+                f"and rerun `expert eval` (answers already received are cached and not paid again); see {out / 'report.md'}"
+            )
         run.finish_stage(STAGE, OUTPUTS, mlflow_run_id=mlflow_run_id, verdict=verdict["passed"],
                          decision=verdict["decision"])
     return run.stage_record(STAGE)
@@ -349,6 +358,7 @@ def system_metrics(recipe: Recipe, task, spec, examples, rows, costs: dict[str, 
     m["latency_ms_p95"] = _percentile_ms(latencies, 0.95)
     m["latency_ms_mean"] = 1000 * statistics.fmean(latencies) if latencies else None
     m["errors"] = sum(1 for r in rows if r.get("error"))
+    m["rows"] = len(rows)
     m["unparsed_ids"] = [str(e["id"]) for e, r in zip(examples, rows) if r["prediction"] is None]
     if name in costs:
         m["cost_per_1k"] = costs[name]
@@ -404,6 +414,12 @@ def cascade_result(recipe: Recipe, spec, splits, outputs, metrics, skipped) -> d
     if not splits["validation"]:
         result["reason"] = "the validation split is empty; set data.split.validation > 0 to choose a threshold"
         return result
+    answers = [r for split in ("validation", "test") for r in outputs[name][split]]
+    failed = sum(1 for r in answers if r.get("error"))
+    if failed / len(answers) > recipe.eval.gate.max_baseline_failure_rate:
+        result["reason"] = (f"frontier baseline `{name}` failed on {failed} of {len(answers)} validation and test rows; "
+                            "a threshold chosen against answers it did not give proves nothing")
+        return result
     expert_cost, frontier_cost = metrics["expert"]["cost_per_1k"], metrics[name]["cost_per_1k"]
 
     def curve(split: str, thresholds: list[float]) -> list[dict[str, Any]]:
@@ -440,8 +456,14 @@ def gate_verdict(recipe: Recipe, metrics: dict[str, Any], skipped: dict[str, str
     expert = metrics["expert"][gate.metric]
     baselines = {n: m[gate.metric] for n, m in metrics.items() if n != "expert"}
     reasons = []
+    incomplete = incomplete_baselines(metrics, gate.max_baseline_failure_rate)
     best_name, best = (max(baselines.items(), key=lambda kv: kv[1]) if baselines else (None, None))
-    passed = True
+    passed = not incomplete
+    for name, failed in incomplete.items():
+        reasons.append(
+            f"comparison incomplete: `{name}` failed on {failed['failed']} of {failed['rows']} test rows "
+            f"(more than eval.gate.max_baseline_failure_rate {gate.max_baseline_failure_rate:g}); its score is no "
+            "evidence, so the gate cannot pass")
     if expert < gate.min_value:
         passed = False
         reasons.append(f"expert {gate.metric} {expert:.4f} is below eval.gate.min_value {gate.min_value}")
@@ -462,7 +484,9 @@ def gate_verdict(recipe: Recipe, metrics: dict[str, Any], skipped: dict[str, str
             f"(95% CI {difference['ci_low']:+.4f} to {difference['ci_high']:+.4f}; McNemar p={difference['mcnemar']['p_value']:.3g})"
         )
     threshold = (cascade or {}).get("threshold")
-    if passed:
+    if incomplete:
+        decision = "incomplete"
+    elif passed:
         decision = "replace"
     elif threshold is not None:
         decision = "cascade"
@@ -487,8 +511,20 @@ def gate_verdict(recipe: Recipe, metrics: dict[str, Any], skipped: dict[str, str
         "difference_vs_best_baseline": difference,
         "threshold": threshold,
         "skipped_baselines": skipped,
+        "incomplete_baselines": incomplete,
+        "failed_rows": {n: m.get("errors", 0) for n, m in metrics.items()},
         "reasons": reasons,
     }
+
+
+def incomplete_baselines(metrics: dict[str, Any], max_failure_rate: float) -> dict[str, dict[str, int]]:
+    """Baselines that failed (no answer after retries) on more than `max_failure_rate` of the test rows."""
+    out = {}
+    for name, m in metrics.items():
+        rows, failed = m.get("rows", 0), m.get("errors", 0)
+        if name != "expert" and rows and failed / rows > max_failure_rate:
+            out[name] = {"failed": failed, "rows": rows}
+    return out
 
 
 def _verdict_word(verdict: dict[str, Any]) -> str:
@@ -551,7 +587,8 @@ def _fmt(v: Any, spec: str) -> str:
 def render_report(recipe: Recipe, metrics, skipped, comparisons, calibration, cascade, verdict, n_test: int) -> str:
     cols = _quality_columns(metrics)
     decision = {"replace": "REPLACE the frontier with the expert", "cascade": "CASCADE: expert first, frontier when unsure",
-                "keep_frontier": "KEEP the frontier"}[verdict["decision"]]
+                "keep_frontier": "KEEP the frontier",
+                "incomplete": "NONE: the comparison is incomplete (a baseline did not answer)"}[verdict["decision"]]
     lines = [
         f"# Evaluation: {recipe.name}",
         "",

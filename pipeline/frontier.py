@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import sqlite3
 import threading
 import time
@@ -140,9 +141,26 @@ def backoff_s(attempt: int, err: Exception, rng: random.Random) -> float:
     return rng.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempt))
 
 
-def _describe(err: Exception) -> str:
+# what a secret looks like in text an endpoint sends back: an Authorization value, an OpenAI-style key
+SECRET_SHAPES = re.compile(r"(?i)(bearer\s+)[^\s\"',;}]+|\b(?:sk|pk|rk)-[A-Za-z0-9_\-]{8,}")
+SECRET_ENV_SUFFIXES = ("_API_KEY", "_TOKEN", "_SECRET")
+REDACTED = "[REDACTED]"
+
+
+def scrub(text: str, *secrets: str | None) -> str:
+    """`text` with the given secrets, every `*_API_KEY`/`*_TOKEN`/`*_SECRET` value in the environment, and
+    anything shaped like a bearer token or API key replaced by [REDACTED]: an endpoint may echo the key in its
+    error body, and error texts are stored, logged, logged to MLflow and sent to clients."""
+    known = [v for v in secrets if v] + [v for k, v in os.environ.items() if k.endswith(SECRET_ENV_SUFFIXES) and v]
+    for value in sorted({v for v in known if len(v) >= 8}, key=len, reverse=True):
+        text = text.replace(value, REDACTED)
+    return SECRET_SHAPES.sub(lambda m: (m.group(1) or "") + REDACTED, text)
+
+
+def _describe(err: Exception, key: str | None = None) -> str:
+    """An error as one line for reports and clients: scrubbed of secrets first, then cut to 200 characters."""
     status = getattr(err, "status_code", None)
-    return f"{type(err).__name__}{f' (HTTP {status})' if status else ''}: {str(err)[:200]}"
+    return f"{type(err).__name__}{f' (HTTP {status})' if status else ''}: {scrub(str(err), key)[:200]}"
 
 
 def ask_all(
@@ -193,6 +211,8 @@ def _call_with_retries(client, baseline: BaselineSection, messages, params, rng:
         started = time.perf_counter()
         try:
             resp = client.chat.completions.create(model=baseline.model, messages=messages, **params)
+            if not resp.choices:
+                raise ValueError("the response has an empty `choices` list (no answer)")
             raw = resp.choices[0].message.content
             if raw is None:
                 raise ValueError("the response has no message content")
@@ -207,7 +227,7 @@ def _call_with_retries(client, baseline: BaselineSection, messages, params, rng:
             }
         except Exception as err:  # noqa: BLE001 - every failure is either retried or recorded for the report
             if not is_retryable(err) or attempts > baseline.max_retries:
-                return {"raw": None, "error": _describe(err), "attempts": attempts, "cached": False,
+                return {"raw": None, "error": _describe(err, client.api_key), "attempts": attempts, "cached": False,
                         "input_tokens": 0, "output_tokens": 0, "latency_s": time.perf_counter() - started}
             sleep(backoff_s(attempts - 1, err, rng))
 

@@ -230,6 +230,8 @@ def version_tags(recipe: Recipe, metrics, verdict, fingerprint: str, manifest) -
             f"McNemar p={c['mcnemar']['p_value']:.3g})"
         )
     tags["decision"] = verdict.get("decision", "")
+    for name, failed in (verdict.get("incomplete_baselines") or {}).items():
+        tags[f"incomplete_baseline.{name}"] = f"failed on {failed['failed']} of {failed['rows']} test rows"
     threshold = verdict.get("threshold")
     tags["cascade_threshold"] = "none" if threshold is None else f"{threshold:.4f}"
     return tags

@@ -248,6 +248,9 @@ class GateSection(Strict):
     metric: Literal["accuracy", "macro_f1", "field_exact_match", "exact_match", "valid_json_rate"] = "macro_f1"
     max_drop_vs_best_baseline: Annotated[float, Field(ge=0)] = 0.02
     min_value: Annotated[float, Field(ge=0, le=1)] = 0.0
+    # a baseline that failed (no answer after retries) on more than this share of the test rows is no evidence:
+    # the comparison is incomplete and the gate cannot pass. 0: any failed row
+    max_baseline_failure_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
 
 
 class CascadeSection(Strict):

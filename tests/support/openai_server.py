@@ -14,7 +14,10 @@ chat-completions request:
 * ``("status", code, headers)``  -> answer with that HTTP status, an
   OpenAI-style error body and the given extra headers;
 * ``("malformed",)``             -> 200 with a body that is not valid JSON;
-* ``("delay", seconds)``         -> sleep, then answer normally.
+* ``("delay", seconds)``         -> sleep, then answer normally;
+* ``("echo_auth", code)``        -> that HTTP status with an error message that
+  echoes the request's Authorization header, as some gateways do;
+* ``("empty_choices",)``         -> 200 with an empty ``choices`` list.
 """
 
 from __future__ import annotations
@@ -219,6 +222,12 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
                     status = int(fault[1])
                     headers = fault[2] if len(fault) > 2 else {}
                     return self._send_json(status, _error_body(status), headers)
+                if kind == "echo_auth":
+                    status = int(fault[1])
+                    echoed = f"Invalid credentials in header Authorization: {self.headers.get('Authorization', '')}"
+                    return self._send_json(status, _error_body(status, echoed))
+                if kind == "empty_choices":
+                    return self._send_json(200, {**server.completion_body(body, ""), "choices": []})
                 if kind == "malformed":
                     return self._send(200, b'{"id": "chatcmpl-broken", "choices": [')
                 if kind == "delay":

@@ -109,3 +109,31 @@ def test_cost_per_1k_from_usage_and_price():
             {"raw": None, "error": "x", "input_tokens": 0, "output_tokens": 0}]
     assert frontier.cost_per_1k(price, rows) == pytest.approx(1000 * (200 * 2.0 + 20 * 10.0) / 1e6)
     assert frontier.cost_per_1k(None, rows) is None
+
+
+def test_a_key_echoed_in_an_error_body_never_reaches_the_error_text(cache):
+    """Some gateways put the Authorization header in their 401 body; the SDK's error text carries it verbatim,
+    and that text goes to eval's predictions (logged to MLflow), `expert predict` and `expert serve` answers."""
+    with FakeOpenAIServer(lambda body: "x", api_key=KEY) as srv:
+        srv.faults.append(("echo_auth", 401))
+        rows = frontier.ask_all(baseline(srv.base_url), KEY, PROMPTS[:1], max_tokens=8, cache=cache, sleep=lambda s: None)
+    assert "HTTP 401" in rows[0]["error"] and "Invalid credentials" in rows[0]["error"]
+    assert KEY not in rows[0]["error"] and "Bearer [REDACTED]" in rows[0]["error"]
+
+
+def test_scrub_removes_the_key_env_secrets_and_token_shapes(monkeypatch):
+    monkeypatch.setenv("SOME_PROVIDER_API_KEY", "opaque-provider-secret-42")
+    text = ("key sk-abcdefgh12345678 in body, Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.x.y, "
+            "env opaque-provider-secret-42, given my-own-secret-value")
+    clean = frontier.scrub(text, "my-own-secret-value")
+    for secret in ("sk-abcdefgh12345678", "eyJhbGciOiJIUzI1NiJ9", "opaque-provider-secret-42", "my-own-secret-value"):
+        assert secret not in clean
+    assert clean.count("[REDACTED]") == 4 and clean.startswith("key [REDACTED] in body")
+
+
+def test_an_empty_choices_list_is_named_not_an_index_error(cache):
+    with FakeOpenAIServer(lambda body: "x", api_key=KEY) as srv:
+        srv.faults.append(("empty_choices",))
+        rows = frontier.ask_all(baseline(srv.base_url, max_retries=0), KEY, PROMPTS[:1], max_tokens=8, cache=cache,
+                                sleep=lambda s: None)
+    assert "empty `choices` list" in rows[0]["error"] and "IndexError" not in rows[0]["error"]
