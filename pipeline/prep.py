@@ -164,6 +164,8 @@ def get_field(row: dict[str, Any], path: str) -> Any:
 
 
 _SURROGATE = re.compile("[\udc80-\udcff]")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a JSON `\ud800` escape decodes to one: not Unicode text
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 def read_rows(source: Path | str, split: str = "train") -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
@@ -192,6 +194,8 @@ def read_rows(source: Path | str, split: str = "train") -> Iterator[tuple[int, d
 def _read_jsonl(source: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
     with source.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
+            if line_no == 1:
+                raw = raw.removeprefix(UTF8_BOM)  # what spreadsheet programs write first for "UTF-8"
             if not raw.strip():
                 continue
             try:
@@ -210,7 +214,7 @@ def _read_jsonl(source: Path) -> Iterator[tuple[int, dict[str, Any] | None, str 
 
 def _read_delimited(source: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
     # surrogateescape keeps undecodable bytes as markers, so one bad row does not stop the file
-    with source.open(encoding="utf-8", errors="surrogateescape", newline="") as f:
+    with source.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:  # -sig: a leading BOM goes
         reader = csv.reader(f, delimiter=delimiter)
         try:
             header = next(reader)
@@ -243,7 +247,7 @@ def _read_delimited(source: Path, delimiter: str) -> Iterator[tuple[int, dict[st
 
 def _read_json(source: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
     try:
-        data = json.loads(source.read_bytes().decode("utf-8"))
+        data = json.loads(source.read_bytes().removeprefix(UTF8_BOM).decode("utf-8"))
     except UnicodeDecodeError as err:
         raise UserError(f"{source} is not UTF-8 (byte {err.start}); re-encode it as UTF-8") from None
     except json.JSONDecodeError as err:
@@ -305,6 +309,7 @@ def load_examples(recipe: Recipe, task, key: str, source: Path | str, rejected: 
     seen_keys: set[str] = set()
     rows = 0  # readable rows, to tell a wrong mapping from a few incomplete rows
     labels: dict[str, str] = {}  # one string object per label keeps a million rows small
+    label_kinds: dict[str, dict[str, int]] = {}  # label -> JSON type it came as -> first line
 
     def reject(line: int, reason: str, detail: str) -> None:
         rejected.append({"source": name, "line": line, "reason": reason, "detail": detail})
@@ -334,19 +339,35 @@ def load_examples(recipe: Recipe, task, key: str, source: Path | str, rejected: 
                 reject(line, "non_text", ", ".join(f"`{f}` is {type(get_field(row, f)).__name__}, not text" for f in bad))
                 continue
             text = TEXT_SEPARATOR.join(p.strip() for p in parts if p.strip())
+            if _has_lone_surrogate([text, target]):
+                reject(line, "undecodable", "holds a lone UTF-16 surrogate (a `\\ud800`-style escape): not valid "
+                                            "Unicode text; fix or drop the character")
+                continue
             if not text:
                 reject(line, "empty_text", f"`{'`, `'.join(text_fields)}` {'is' if len(parts) == 1 else 'are'} empty or whitespace")
                 continue
+            raw_kind = type(target).__name__
             try:
                 target = task.normalize_target(target)
             except ValueError as err:
                 reject(line, "bad_target", str(err))
                 continue
             if isinstance(target, str):
+                label_kinds.setdefault(target, {}).setdefault(raw_kind, line)
                 target = labels.setdefault(target, target)
             examples.append(Example(row_id, line, text, target, name, fixed_split))
     except UserError as err:  # a source that cannot be read at all: say which recipe key names it
         raise UserError(f"data.{key}: {err}") from None
+    mixed = {label: kinds for label, kinds in label_kinds.items() if len(kinds) > 1}
+    if mixed:
+        label, kinds = next(iter(mixed.items()))
+        where = " and ".join(f"{'a number' if k == 'int' else 'text'} on line {n}" for k, n in sorted(kinds.items()))
+        raise UserError(
+            f"data.{key} ({name}): label `{label}` comes as {where}"
+            + (f" ({len(mixed) - 1} more labels too)" if len(mixed) > 1 else "")
+            + f"; they would merge into one class without a word. Make `{fields.target}` one type in every row "
+            "(quote the numbers, or write them all as numbers)"
+        )
     for field, n in missing.items():
         if rows and n == rows:
             raise UserError(
@@ -354,6 +375,16 @@ def load_examples(recipe: Recipe, task, key: str, source: Path | str, rejected: 
                 f"fields seen: {', '.join(sorted(map(str, seen_keys))) or 'none'}. Fix the mapping in data.fields"
             )
     return examples
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return LONE_SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 def spec_of(recipe: Recipe, examples: list[Example]) -> Any:

@@ -17,7 +17,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from pipeline.errors import UserError
 
-PositiveInt = Annotated[int, Field(gt=0)]
+# counts are bounded so that a typo (1e30) is a recipe error naming its key, not a crash deep in a library
+PositiveInt = Annotated[int, Field(gt=0, le=1_000_000_000)]
+BatchSize = Annotated[int, Field(gt=0, le=65_536)]
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
@@ -92,7 +94,7 @@ class FieldsSection(Strict):
 class SplitSection(Strict):
     validation: Fraction = 0.1
     test: Fraction = 0.2
-    seed: int = 13
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 13
     stratify: bool = True
 
     @model_validator(mode="after")
@@ -159,13 +161,13 @@ class ModelSection(Strict):
 
 
 class TrainSection(Strict):
-    epochs: Annotated[float, Field(gt=0)] = 2
+    epochs: Annotated[float, Field(gt=0, le=10_000)] = 2
     max_steps: PositiveInt | None = None
-    batch_size: PositiveInt = 8
-    gradient_accumulation: PositiveInt = 1
+    batch_size: BatchSize = 8
+    gradient_accumulation: BatchSize = 1
     learning_rate: Annotated[float, Field(gt=0, lt=1)] = 2.0e-4
     warmup_ratio: Fraction = 0.05
-    seed: int = 13
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 13
     logging_steps: PositiveInt = 5
     # validation loss every N optimizer steps; a checkpoint every save_steps (a multiple of eval_steps)
     eval_steps: PositiveInt = 50
@@ -266,13 +268,13 @@ class EvalSection(Strict):
     baselines: list[BaselineSection] = []
     gate: GateSection = GateSection()
     cascade: CascadeSection | None = None
-    batch_size: PositiveInt = 8
+    batch_size: BatchSize = 8
     max_new_tokens: PositiveInt = 128
     # extraction: JSON-Schema-constrained decoding (every answer parses and validates); false = free greedy decoding
     constrained_decoding: bool = True
     # paired bootstrap resamples for the confidence intervals of metric differences
     bootstrap_samples: Annotated[int, Field(ge=100, le=100_000)] = 2000
-    seed: int = 13
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 13
     # what an hour of the machine serving the expert costs, for cost per 1,000 requests
     expert_cost_per_hour: Annotated[float, Field(ge=0)] = 0.10
 
@@ -304,7 +306,8 @@ class EvalSection(Strict):
 
 
 class RegistrySection(Strict):
-    model_name: str = Field(min_length=1)
+    # a registered model's name: letters, digits, `_`, `.`, `-` (no path separators; MLflow uses it in URIs)
+    model_name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class Recipe(Strict):
@@ -372,6 +375,26 @@ def format_validation_error(path: Path, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load` that refuses a key given twice in one mapping: YAML would keep the last silently, so a
+    second `train:` block would replace the first."""
+
+
+def _unique_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key `{key}` is given twice (lines {seen[key]} and {key_node.start_mark.line + 1}); "
+                "YAML would keep only the last: merge them into one", key_node.start_mark)
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_recipe(path: Path | str) -> Recipe:
     """Read, validate and resolve a recipe file.
 
@@ -387,7 +410,7 @@ def load_recipe(path: Path | str) -> Recipe:
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot read recipe: {err}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):

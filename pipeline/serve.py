@@ -311,6 +311,9 @@ class Service:
     def check_text(self, text: Any, param: str) -> tuple[str, int]:
         if not isinstance(text, str) or not text.strip():
             raise HTTPError(400, f"`{param}` must be a non-empty string", param, "invalid_value")
+        if LONE_SURROGATE.search(text):
+            raise HTTPError(400, f"`{param}` holds a lone UTF-16 surrogate (such as \\ud800): not valid Unicode text",
+                            param, "invalid_value")
         n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if n > self.max_input_tokens:
             raise HTTPError(413, f"`{param}` is {n} tokens; this expert accepts at most {self.max_input_tokens} "
@@ -387,6 +390,11 @@ async def read_json(request, limit: int) -> Any:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise HTTPError(400, f"the body is not valid JSON ({err})", code="invalid_json") from None
+    except RecursionError:  # 30k-deep nesting: Python's parser gives up, which is the client's doing
+        raise HTTPError(400, "the body's JSON is nested too deeply", code="invalid_json") from None
+
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a JSON `\ud800` escape decodes to one; tokenizers refuse it
 
 
 def last_user_text(messages: Any) -> str:
@@ -412,7 +420,7 @@ def last_user_text(messages: Any) -> str:
 def create_app(service: Service):
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException as StarletteHTTPException
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.routing import Route
 
@@ -426,6 +434,8 @@ def create_app(service: Service):
                 response = await handler(request)
             except HTTPError as err:
                 response = error_response(err)
+            except ClientDisconnect:  # the client went away mid-request: nothing to answer, nothing to report
+                response = Response(status_code=499)
             except Exception as err:  # noqa: BLE001 - this request fails, the server stays up
                 traceback.print_exc(file=sys.stderr)
                 response = error_response(HTTPError(500, f"internal error: {type(err).__name__}", code="internal_error"))
@@ -449,6 +459,8 @@ def create_app(service: Service):
         check_model(body)
         if body.get("n") not in (None, 1):
             raise HTTPError(400, "`n` must be 1: the expert gives one answer", "n", "invalid_value")
+        if not isinstance(body.get("stream", False), bool):
+            raise HTTPError(400, "`stream` must be true or false", "stream", "invalid_value")
         text, prompt_tokens = service.check_text(last_user_text(body.get("messages")), "messages")
         row = await service.answer(text)
         content = service.content(row["answer"])

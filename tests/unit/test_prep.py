@@ -121,3 +121,48 @@ def test_rejected_fraction_limit_summarises_by_reason():
     check_rejected_fraction(rejected, 100, 0.05, Path("r.jsonl"))
     with pytest.raises(UserError, match="empty_text: 2, duplicate: 1"):
         check_rejected_fraction(rejected, 10, 0.05, Path("r.jsonl"))
+
+
+def _load(path: Path, **fields):
+    from pipeline.prep import load_examples
+
+    r = Recipe.model_validate({"name": "t", "task": {"type": "classification", "instruction": "x"},
+                               "data": {"source": str(path), "fields": {"text": "t", "target": "l", **fields}},
+                               "model": {"base": "m"}, "registry": {"model_name": "m"}})
+    rejected: list[dict] = []
+    return load_examples(r, classification, "source", path, rejected), rejected
+
+
+def test_a_utf8_bom_keeps_the_first_jsonl_row_and_the_first_csv_column(tmp_path):
+    """Spreadsheet programs write a BOM first for "UTF-8": the first JSONL row was lost to it, and a CSV's first
+    column became an invisible `\\ufeffid`."""
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + b'{"t": "first row", "l": "a"}\n{"t": "second row", "l": "b"}\n')
+    kept, rejected = _load(jsonl)
+    assert [e.text for e in kept] == ["first row", "second row"] and rejected == []
+    csv_file = tmp_path / "bom.csv"
+    csv_file.write_bytes(b"\xef\xbb\xbfid,t,l\r\n7,hello there,a\r\n")
+    kept, rejected = _load(csv_file, id="id")
+    assert [(e.id, e.text) for e in kept] == [("7", "hello there")] and rejected == []
+    whole = tmp_path / "bom.json"
+    whole.write_bytes(b"\xef\xbb\xbf" + b'[{"t": "only row", "l": "a"}]')
+    assert [e.text for e in _load(whole)[0]] == ["only row"]
+
+
+def test_a_lone_surrogate_is_rejected_with_its_line_before_any_tokenizer_sees_it(tmp_path):
+    source = tmp_path / "d.jsonl"
+    source.write_text('{"t": "fine", "l": "a"}\n{"t": "broken \\ud800 text", "l": "a"}\n{"t": "ok", "l": "\\udfff"}\n')
+    kept, rejected = _load(source)
+    assert [e.text for e in kept] == ["fine"]
+    assert [(r["line"], r["reason"]) for r in rejected] == [(2, "undecodable"), (3, "undecodable")]
+    assert "lone UTF-16 surrogate" in rejected[0]["detail"]
+
+
+def test_labels_given_as_a_number_and_as_text_do_not_merge_silently(tmp_path):
+    source = tmp_path / "d.jsonl"
+    source.write_text('{"t": "one", "l": 1}\n{"t": "two", "l": 2}\n{"t": "three", "l": "1"}\n')
+    with pytest.raises(UserError, match=r"label `1` comes as a number on line 1 and text on line 3"):
+        _load(source)
+    numbers = tmp_path / "n.jsonl"
+    numbers.write_text('{"t": "one", "l": 1}\n{"t": "two", "l": 2}\n')
+    assert [e.target for e in _load(numbers)[0]] == ["1", "2"], "one type throughout is fine"

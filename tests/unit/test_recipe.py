@@ -154,3 +154,26 @@ def test_dumped_recipe_reloads_identically(tmp_path):
         copy = tmp_path / path.name
         copy.write_text(dump_recipe(recipe))
         assert load_recipe(copy).recipe_hash() == recipe.recipe_hash()
+
+
+@pytest.mark.parametrize(("path", "value", "where"), [
+    ("train.batch_size", 1e30, "train.batch_size"), ("train.max_steps", 10**30, "train.max_steps"),
+    ("eval.batch_size", 10**6, "eval.batch_size"), ("train.seed", 2**70, "train.seed"),
+    ("registry.model_name", "../../x", "registry.model_name"), ("registry.model_name", "team/router", "registry.model_name"),
+])
+def test_values_that_would_crash_a_later_stage_are_refused_by_validate(tmp_path, path, value, where):
+    """1e30 as a batch size crashed training (islice), `../../x` as a model name crashed push after prep, train
+    and eval had run: both must be recipe errors naming the key, found before anything runs."""
+    with pytest.raises(UserError, match=rf"  - {where.replace('.', ' -> ')}: "):
+        load_recipe(write(tmp_path, deep_update(GOOD, path, value)))
+
+
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(GOOD) + "train:\n  epochs: 1\ntrain:\n  batch_size: 4\n")
+    with pytest.raises(UserError, match=r"key `train` is given twice \(lines \d+ and \d+\)"):
+        load_recipe(path)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(yaml.safe_dump({**GOOD, "train": {"epochs": 1}}).replace("  epochs: 1", "  epochs: 1\n  epochs: 2"))
+    with pytest.raises(UserError, match="key `epochs` is given twice"):
+        load_recipe(nested)

@@ -204,6 +204,35 @@ def test_bad_requests_get_clear_errors_and_the_server_lives_on(frontier_server):
         assert 'expert_errors_total{endpoint="other",code="404"} 1' in metrics
 
 
+def test_hostile_bodies_are_4xx_and_a_vanished_client_is_no_traceback(frontier_server, capfd):
+    """A lone surrogate (`\\ud800`, which tokenizers refuse), JSON nested past Python's recursion limit and a
+    `stream` that is not a boolean are the client's errors: 400, not 500. A client that hangs up mid-body leaves
+    no traceback in the server's log."""
+    import socket
+
+    service = make_service(frontier_server.base_url, max_body_bytes=4000)
+    with serving(serve.create_app(service)) as url:
+        def post(path, content):
+            return httpx.post(f"{url}{path}", content=content, headers={"Content-Type": "application/json"})
+
+        cases = [
+            (post("/v1/predict", b'{"text": "my card \\ud800 was charged"}'), "lone UTF-16 surrogate"),
+            (post("/v1/predict", b"[" * 1900 + b"]" * 1900), "nested too deeply"),
+            (post("/v1/chat/completions", b'{"model": "unit-expert", "stream": "yes", '
+                                          b'"messages": [{"role": "user", "content": "hi"}]}'), "`stream` must be true"),
+        ]
+        for response, message in cases:
+            assert response.status_code == 400, (response.status_code, response.text)
+            assert message in response.json()["error"]["message"]
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 500\r\n\r\n{\"text\": \"half")
+        time.sleep(0.5)
+        assert httpx.get(f"{url}/health").status_code == 200
+    assert "Traceback" not in capfd.readouterr().err
+
+
 class SlowEngine(serve.BatchingEngine):
     """The real batching loop around a model that takes 50 ms per call whatever the batch size."""
 
