@@ -6,7 +6,10 @@ fix); 1 anything unexpected.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -39,15 +42,35 @@ RunsRootOpt = Annotated[
 ]
 
 
+# the run-directory locks this command holds: released when the command ends
+_HELD: contextvars.ContextVar[contextlib.ExitStack | None] = contextvars.ContextVar("held", default=None)
+
+
 def _guarded(body: Callable[[], Any]) -> Any:
     """Run a command body, turning a UserError into exit code 2 with its message."""
     try:
-        return body()
+        with contextlib.ExitStack() as held:
+            held.paths = set()  # run directories already held, so a command never waits for itself
+            token = _HELD.set(held)
+            try:
+                return body()
+            finally:
+                _HELD.reset(token)
     except UserError as err:
         from pipeline.frontier import scrub
 
         console.print(f"[red]error:[/] {escape(scrub(str(err)))}")
         raise typer.Exit(code=2) from None
+
+
+def _hold(run: RunDir, command: str) -> RunDir:
+    """Lock the run directory for the rest of this command, before anything in it is read or written. Under
+    torchrun/accelerate the ranks of one training share it: rank 0 holds it for all of them."""
+    held = _HELD.get()
+    if held is not None and int(os.environ.get("RANK", "0")) == 0 and run.path.resolve() not in held.paths:
+        held.enter_context(run.locked(command))
+        held.paths.add(run.path.resolve())
+    return run
 
 
 def _sync_recipe(run: RunDir, recipe: Recipe) -> None:
@@ -64,22 +87,31 @@ def _new_run(recipe: Recipe, runs_root: Path) -> RunDir:
     return run
 
 
-def _existing_run(recipe: Recipe, run_dir: Path | None, runs_root: Path, sync: bool = True) -> RunDir:
+def _existing_run(recipe: Recipe, run_dir: Path | None, runs_root: Path, stage: str, sync: bool = True) -> RunDir:
+    """`--run-dir`, or the newest run of the recipe whose stage before `stage` is complete: a newer run whose
+    prep failed (or was interrupted) must not hide the completed one."""
     if run_dir is not None:
         run = open_run(run_dir)
     else:
-        run = latest_run(runs_root, recipe.name)
+        needs = STAGES[STAGES.index(stage) - 1]
+        newest = latest_run(runs_root, recipe.name)
+        run = latest_run(runs_root, recipe.name, complete=needs)
         if run is None:
-            raise UserError(f"no run of `{recipe.name}` under {runs_root}; start one with `expert prep` or `expert run`")
+            raise UserError(f"no run of `{recipe.name}` under {runs_root} has a completed {needs} stage; "
+                            f"run `expert {needs}` (or `expert run`) first")
+        if newest is not None and newest.path != run.path:
+            console.print(f"[yellow]note[/]: the newest run {newest.path.name} has no completed {needs}; "
+                          f"using the newest that has")
         console.print(f"using run: [bold]{run.path}[/]")
+    _hold(run, stage)
     if sync:
         _sync_recipe(run, recipe)
     return run
 
 
-def _open_or_create(recipe: Recipe, run_dir: Path) -> RunDir:
+def _open_or_create(recipe: Recipe, run_dir: Path, command: str) -> RunDir:
     if (run_dir / "manifest.json").is_file():
-        run = open_run(run_dir)
+        run = _hold(open_run(run_dir), command)
         _sync_recipe(run, recipe)
         return run
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -118,7 +150,7 @@ def prep(recipe_path: RecipeArg, run_dir: RunDirOpt = None, runs_root: RunsRootO
 
     def body() -> None:
         recipe = load_recipe(recipe_path)
-        run = _open_or_create(recipe, run_dir) if run_dir else _new_run(recipe, runs_root)
+        run = _hold(_open_or_create(recipe, run_dir, "prep") if run_dir else _new_run(recipe, runs_root), "prep")
         _stage_module("prep").run(recipe, run)
 
     _guarded(body)
@@ -127,7 +159,7 @@ def prep(recipe_path: RecipeArg, run_dir: RunDirOpt = None, runs_root: RunsRootO
 def _later_stage(stage: str, recipe_path: Path, run_dir: Path | None, runs_root: Path) -> None:
     def body() -> None:
         recipe = load_recipe(recipe_path)
-        run = _existing_run(recipe, run_dir, runs_root)
+        run = _existing_run(recipe, run_dir, runs_root, stage)
         _stage_module(stage).run(recipe, run)
 
     _guarded(body)
@@ -159,7 +191,7 @@ def train(
 
     def body() -> None:
         recipe = load_recipe(recipe_path)
-        run = _existing_run(recipe, run_dir, runs_root, sync=not dry_run)
+        run = _existing_run(recipe, run_dir, runs_root, "train", sync=not dry_run)
         train_stage = _stage_module("train")
         if dry_run:
             train_stage.print_plan(recipe, train_stage.plan(recipe, run))
@@ -193,7 +225,7 @@ def push(
         from pipeline.push import PushOptions
 
         recipe = load_recipe(recipe_path)
-        run = _existing_run(recipe, run_dir, runs_root)
+        run = _existing_run(recipe, run_dir, runs_root, "push")
         options = PushOptions(force=force, reason=reason, dry_run=dry_run, include_base=include_base)
         _stage_module("push").run(recipe, run, options)
 
@@ -218,13 +250,14 @@ def run_all(
             if stage not in STAGES:
                 raise UserError(f"--force {stage}: unknown stage; use one of {', '.join(STAGES)}")
         if run_dir is not None:
-            run = _open_or_create(recipe, run_dir)
+            run = _open_or_create(recipe, run_dir, "run")
         else:
             run = None if new else latest_run(runs_root, recipe.name)
             if run is not None and run.read_manifest().get("recipe_hash") == recipe.recipe_hash():
                 console.print(f"resuming run: [bold]{run.path}[/]")
             else:
                 run = _new_run(recipe, runs_root)
+        _hold(run, "run")
         _mark_forced(run, force or [])
         before = {s: run.stage_record(s).get("ended") for s in STAGES}
         for stage in STAGES:

@@ -86,10 +86,30 @@ def inputs_of(recipe: Recipe) -> dict[str, str]:
         if isinstance(source, str):  # hf: a dataset id names its content
             inputs[f"data.{key}"] = source
         elif not source.is_file():
-            raise UserError(f"data.{key}: {source} does not exist; fix the path (relative paths start at the recipe's folder)")
+            raise UserError(f"data.{key}: {source} {_not_a_file(source)}; point it at a data file "
+                            "(relative paths start at the recipe's folder)")
         else:
             inputs[f"data.{key}"] = file_hash(source)
     return inputs
+
+
+def _not_a_file(path: Path) -> str:
+    """What a path that is not a regular file is, in words."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if stat.S_ISFIFO(mode):
+        return "is a named pipe (FIFO), not a file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device, not a file"
+    return "is not a regular file"
 
 
 def run(recipe: Recipe, run: RunDir) -> dict[str, Any]:
@@ -168,19 +188,28 @@ LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a JSON `\ud800` escape decodes
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
-def read_rows(source: Path | str, split: str = "train") -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+def max_row_bytes(max_tokens: int) -> int:
+    """The longest JSONL line worth parsing: far more bytes than `max_tokens` tokens ever take (a token is a few
+    bytes; 64 per token leaves room for JSON escapes and other fields), and at least 1 MiB."""
+    return max(2**20, 64 * max_tokens)
+
+
+def read_rows(source: Path | str, split: str = "train",
+              max_line_bytes: int = 2**20) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
     """Yield (line or record number, row or None, problem) for every data row of a source.
 
     Text files (.jsonl, .csv, .tsv) number rows by the line they start on;
     .json, .parquet and hf: sources by 1-based record number. A row that cannot
     be read is yielded with its problem (`reason: detail`) instead of stopping.
+    A JSONL line over `max_line_bytes` is rejected as `too_long` unread: parsing and tokenizing a 10 MB line
+    to find it is too long cost gigabytes.
     """
     if isinstance(source, str):
         yield from _read_hf(source, split)
         return
     suffix = source.suffix.lower()
     if suffix == ".jsonl":
-        yield from _read_jsonl(source)
+        yield from _read_jsonl(source, max_line_bytes)
     elif suffix in (".csv", ".tsv"):
         yield from _read_delimited(source, "\t" if suffix == ".tsv" else ",")
     elif suffix == ".json":
@@ -191,9 +220,15 @@ def read_rows(source: Path | str, split: str = "train") -> Iterator[tuple[int, d
         raise UserError(f"{source}: unsupported file type `{suffix}`")
 
 
-def _read_jsonl(source: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+def _read_jsonl(source: Path, max_line_bytes: int) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
     with source.open("rb") as f:
-        for line_no, raw in enumerate(f, start=1):
+        for line_no, raw in enumerate(iter(lambda: f.readline(max_line_bytes + 1), b""), start=1):
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                while (rest := f.readline(max_line_bytes)) and not rest.endswith(b"\n"):
+                    pass  # skip the rest of the line in bounded pieces
+                yield line_no, None, (f"too_long: the line is over {max_line_bytes:,} bytes, more than "
+                                      "data.max_tokens could ever hold; it was not read")
+                continue
             if line_no == 1:
                 raw = raw.removeprefix(UTF8_BOM)  # what spreadsheet programs write first for "UTF-8"
             if not raw.strip():
@@ -314,7 +349,7 @@ def load_examples(recipe: Recipe, task, key: str, source: Path | str, rejected: 
     def reject(line: int, reason: str, detail: str) -> None:
         rejected.append({"source": name, "line": line, "reason": reason, "detail": detail})
 
-    rows_read = read_rows(source, fixed_split or "train")
+    rows_read = read_rows(source, fixed_split or "train", max_row_bytes(recipe.data.max_tokens))
     try:
         for line, row, problem in rows_read:
             if row is None:

@@ -117,7 +117,9 @@ def run(recipe: Recipe, run: RunDir, options: PushOptions = PushOptions()) -> di
         return {"dry_run": True, "promote": promote, "why": why}
 
     with run.attempt(STAGE, inputs):
+        repair_interrupted_push(run, mlflow_client)
         tags = version_tags(recipe, metrics, verdict, fingerprint, manifest)
+        tags[PUSH_STATE] = "incomplete"  # set to complete last: a version left incomplete is rolled back
         tags["promotion"] = why
         if options.force:
             tags["forced_reason"] = options.reason
@@ -126,6 +128,10 @@ def run(recipe: Recipe, run: RunDir, options: PushOptions = PushOptions()) -> di
             mlflow_client,
             mlflow_run_id,
         ):
+            aliases = ["challenger"] + (["champion"] if promote else [])
+            atomic_write_json(run.stage_dir(STAGE) / PENDING, {
+                "model_name": name, "mlflow_run_id": mlflow_run_id,
+                "previous_aliases": current_aliases(mlflow_client, name, aliases)})
             with tempfile.TemporaryDirectory() as tmp:
                 model_dir = save_pyfunc(run, Path(tmp), recipe, options.include_base)
                 mlflow_client.log_artifacts(mlflow_run_id, str(model_dir), ARTIFACT_PATH)
@@ -136,18 +142,66 @@ def run(recipe: Recipe, run: RunDir, options: PushOptions = PushOptions()) -> di
             version = mlflow_client.create_model_version(
                 name, source=source, run_id=mlflow_run_id, tags=tags, description=describe(recipe, metrics, verdict, why)
             )
-            aliases = ["challenger"] + (["champion"] if promote else [])
             for alias in aliases:
                 mlflow_client.set_registered_model_alias(name, alias, version.version)
             tracking.log_metrics(mlflow_client, mlflow_run_id, {"model_version": float(version.version)})
+            mlflow_client.set_model_version_tag(name, version.version, PUSH_STATE, "complete")
         registered = {"model_name": name, "version": version.version, "aliases": aliases, "source": source, "promotion": why}
         atomic_write_json(run.stage_dir(STAGE) / "registered.json", registered)
+        (run.stage_dir(STAGE) / PENDING).unlink()
         console.print(
             f"[green]push[/]: registered {name} version {version.version} as "
             f"{', '.join('@' + a for a in aliases)}; champion {'moved' if promote else 'stayed'}: {why}"
         )
         run.finish_stage(STAGE, OUTPUTS, mlflow_run_id=mlflow_run_id, model_version=version.version)
     return run.stage_record(STAGE)
+
+
+PENDING = "pending.json"  # in push/: written before a version is created, removed once it is complete
+PUSH_STATE = "push_state"  # version tag: `incomplete` until every alias and tag is set, then `complete`
+
+
+def current_aliases(mlflow_client, name: str, aliases: list[str]) -> dict[str, str | None]:
+    """Which version each alias points to now (None: unset), so an interrupted push can put them back."""
+    from mlflow.exceptions import MlflowException
+
+    out: dict[str, str | None] = {}
+    for alias in aliases:
+        try:
+            out[alias] = mlflow_client.get_model_version_by_alias(name, alias).version
+        except MlflowException:
+            out[alias] = None
+    return out
+
+
+def repair_interrupted_push(run: RunDir, mlflow_client) -> None:
+    """Roll back what a push of this run directory that was killed midway left behind: its incomplete version
+    (whose tags may already say the gate passed) is deleted, the aliases it may have moved are put back, and
+    its MLflow run, left RUNNING, is marked KILLED."""
+    pending_path = run.stage_dir(STAGE) / PENDING
+    if not pending_path.is_file():
+        return
+    pending = json.loads(pending_path.read_text(encoding="utf-8"))
+    name, run_id = pending["model_name"], pending["mlflow_run_id"]
+    versions = mlflow_client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if any(v.tags.get(PUSH_STATE) == "complete" for v in versions):  # it finished; only the clean-up was cut short
+        pending_path.unlink()
+        return
+    for version in versions:
+        mlflow_client.delete_model_version(name, version.version)
+        console.print(f"[yellow]push[/]: removed version {version.version} of {name}, left incomplete by an "
+                      "interrupted push of this run")
+    for alias, previous in pending["previous_aliases"].items():
+        if previous is None:
+            try:
+                mlflow_client.delete_registered_model_alias(name, alias)
+            except Exception:  # noqa: BLE001 - already gone with the deleted version
+                pass
+        else:
+            mlflow_client.set_registered_model_alias(name, alias, previous)
+    if mlflow_client.get_run(run_id).info.status == "RUNNING":
+        mlflow_client.set_terminated(run_id, "KILLED")
+    pending_path.unlink()
 
 
 def current_champion(mlflow_client, name: str) -> Candidate | None:

@@ -25,6 +25,7 @@ from typing import Any
 from pipeline.errors import UserError
 
 STAGES = ("prep", "train", "eval", "push")
+LOCK_FILE = "run.lock"  # held (flock) by the process working in the run directory
 MANIFEST = "manifest.json"
 RECIPE_FILE = "recipe.yaml"
 
@@ -162,6 +163,34 @@ class RunDir:
             self.fail_stage(stage, f"{type(err).__name__}: {err}"[:2000])
             raise
 
+    @contextmanager
+    def locked(self, command: str) -> Iterator[None]:
+        """Hold the run directory for this process: a second process that asks is refused (exit 2) with who holds
+        it. An OS file lock (flock), so a killed holder never leaves a stale lock behind."""
+        import fcntl
+        import socket
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - held until the command ends
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(f"{self.path} is in use by {holder}; wait for it to finish, or give this command "
+                            "another run directory (--run-dir, or `expert run --new`)") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"`expert {command}` (pid {os.getpid()} on {socket.gethostname()}, since {now_iso()})\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
     def output_hash(self, stage: str, rel: str) -> str:
         """The recorded hash of an upstream output; the upstream stage must be complete."""
         rec = self.stage_record(stage)
@@ -187,12 +216,16 @@ def init_run(path: Path, recipe_name: str, recipe_yaml: str, recipe_hash: str) -
     return run
 
 
-def latest_run(runs_root: Path, recipe_name: str) -> RunDir | None:
+def latest_run(runs_root: Path, recipe_name: str, complete: str | None = None) -> RunDir | None:
+    """The newest run of a recipe; with `complete`, the newest whose stage of that name is complete."""
     root = runs_root / recipe_name
     if not root.is_dir():
         return None
-    runs = sorted(p for p in root.iterdir() if (p / MANIFEST).is_file())
-    return RunDir(runs[-1]) if runs else None
+    for path in sorted((p for p in root.iterdir() if (p / MANIFEST).is_file()), reverse=True):
+        run = RunDir(path)
+        if complete is None or run.stage_record(complete).get("status") == "complete":
+            return run
+    return None
 
 
 def open_run(path: Path) -> RunDir:

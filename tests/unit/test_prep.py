@@ -166,3 +166,40 @@ def test_labels_given_as_a_number_and_as_text_do_not_merge_silently(tmp_path):
     numbers = tmp_path / "n.jsonl"
     numbers.write_text('{"t": "one", "l": 1}\n{"t": "two", "l": 2}\n')
     assert [e.target for e in _load(numbers)[0]] == ["1", "2"], "one type throughout is fine"
+
+
+def test_a_huge_line_is_rejected_unread_in_memory_bounded_by_the_limit(tmp_path):
+    """A 10 MB JSONL line used to be parsed and tokenized (4-5 GB) only to be rejected as too long."""
+    import tracemalloc
+
+    from pipeline.prep import read_rows
+
+    source = tmp_path / "d.jsonl"
+    with source.open("wb") as f:
+        f.write(b'{"t": "short", "l": "a"}\n')
+        f.write(b'{"t": "' + b"x" * 10_000_000 + b'", "l": "a"}\n')
+        f.write(b'{"t": "after", "l": "b"}\n')
+    tracemalloc.start()
+    rows = list(read_rows(source, max_line_bytes=2**20))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert [(line, row and row["t"]) for line, row, _ in rows] == [(1, "short"), (2, None), (3, "after")]
+    assert rows[1][2].startswith("too_long: the line is over 1,048,576 bytes")
+    assert peak < 6 * 2**20, f"peak {peak / 2**20:.1f} MiB: memory must follow the limit, not the 10 MB line"
+
+
+def test_a_source_that_is_not_a_file_says_what_it_is(tmp_path):
+    from pipeline.prep import inputs_of
+
+    (tmp_path / "data.jsonl").mkdir()
+    r = Recipe.model_validate({"name": "t", "task": {"type": "classification", "instruction": "x"},
+                               "data": {"source": str(tmp_path / "data.jsonl"), "fields": {"text": "t", "target": "l"}},
+                               "model": {"base": "m"}, "registry": {"model_name": "m"}})
+    with pytest.raises(UserError, match=r"data.source: .*data.jsonl is a directory, not a file"):
+        inputs_of(r)
+    import os
+
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match="is a named pipe"):
+        inputs_of(r.model_copy(update={"data": r.data.model_copy(update={"source": fifo})}))

@@ -71,3 +71,48 @@ def test_tree_hash_sees_names_and_contents(tmp_path):
     h2 = tree_hash(d)
     (d / "a.txt").rename(d / "b.txt")
     assert len({h1, h2, tree_hash(d)}) == 3
+
+
+def test_a_newer_failed_prep_does_not_hide_the_completed_run(tmp_path):
+    """`expert train` without --run-dir used to pick the newest run folder even when its prep had failed."""
+    from pipeline.rundir import init_run
+
+    done = init_run(tmp_path / "r" / "20260101-000000-aaaaaa", "r", "name: r\n", "h")
+    (done.path / "prep").mkdir()
+    (done.path / "prep/out.txt").write_text("x")
+    done.start_stage("prep", {"in": "1"})
+    done.finish_stage("prep", ["prep/out.txt"])
+    failed = init_run(tmp_path / "r" / "20260102-000000-bbbbbb", "r", "name: r\n", "h")
+    failed.start_stage("prep", {"in": "1"})
+    failed.fail_stage("prep", "UserError: bad data")
+    assert latest_run(tmp_path, "r").path == failed.path
+    assert latest_run(tmp_path, "r", complete="prep").path == done.path
+    assert latest_run(tmp_path, "r", complete="train") is None
+
+
+def test_a_run_directory_is_held_by_one_process_and_the_second_is_told_who(tmp_path):
+    """Two `expert run` on one run directory both trained, evaluated and pushed; a second one started
+    mid-training resumed from the first one's live checkpoints. The holder is a real second process here."""
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.errors import UserError
+    from pipeline.rundir import init_run
+
+    run = init_run(tmp_path / "r" / "20260101-000000-aaaaaa", "r", "name: r\n", "h")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pipeline.rundir import RunDir\n"
+         f"with RunDir(Path({str(run.path)!r})).locked('train'):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=r"is in use by `expert train` \(pid \d+ on .*\); wait for it"):
+            with run.locked("run"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    with run.locked("run"):  # a killed holder leaves no stale lock
+        assert "expert run" in (run.path / "run.lock").read_text()
