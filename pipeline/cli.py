@@ -23,6 +23,20 @@ from pipeline.ui import console
 from pipeline.recipe import Recipe, dump_recipe, load_recipe
 from pipeline.rundir import RECIPE_FILE, STAGES, RunDir, atomic_write_text, create_run, init_run, latest_run, open_run
 
+def quiet_libraries() -> None:
+    """Silence library output a user cannot act on: bitsandbytes' note that an optional hub kernel for 4-bit CPU
+    matmuls is not installed (it falls back to its own), transformers' deprecation of a name TRL calls and MLflow's
+    artifact-download progress bar."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+quiet_libraries()
+
 app = typer.Typer(
     help="Fine-tune small open models into narrow experts and prove them against the frontier.",
     rich_markup_mode="rich",
