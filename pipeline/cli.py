@@ -25,14 +25,23 @@ from pipeline.rundir import RECIPE_FILE, STAGES, RunDir, atomic_write_text, crea
 
 def quiet_libraries() -> None:
     """Silence library output a user cannot act on: bitsandbytes' note that an optional hub kernel for 4-bit CPU
-    matmuls is not installed (it falls back to its own), transformers' deprecation of a name TRL calls and MLflow's
-    artifact-download progress bar."""
+    matmuls is not installed (it falls back to its own), transformers' deprecation of a name TRL calls, MLflow's
+    type-hint suggestion and its artifact-download progress bar."""
     import logging
     import warnings
 
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow's suggestion to type-hint our pyfunc's `predict` (`_texts` validates its input instead) is raised
+    # under MLflow's own `simplefilter("once")`, which no filter of ours can override: it is dropped when shown
+    show = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if "Add type hints to the `predict` method" not in str(message):
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
 
 
 quiet_libraries()

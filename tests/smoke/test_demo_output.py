@@ -13,8 +13,8 @@ import pytest
 from tests.conftest import ROOT, shipped_recipe, write_recipe
 
 pytestmark = pytest.mark.smoke
-# MLflow's "Add type hints to the `predict` method" stays: MLflow forces it through its own warning filter
-NOISE = ["Failed to load CPU gemm_4bit_forward", "FutureWarning", "Downloading artifacts", "Traceback"]
+NOISE = ["Failed to load CPU gemm_4bit_forward", "FutureWarning", "Add type hints", "Downloading artifacts",
+         "Traceback"]
 
 
 def test_expert_run_prints_no_library_noise(tiny_model_dir, tracking_env, tmp_path, clean_secret_env):

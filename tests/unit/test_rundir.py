@@ -116,3 +116,37 @@ def test_a_run_directory_is_held_by_one_process_and_the_second_is_told_who(tmp_p
     time.sleep(0.1)
     with run.locked("run"):  # a killed holder leaves no stale lock
         assert "expert run" in (run.path / "run.lock").read_text()
+
+
+def test_a_second_command_on_a_held_run_directory_exits_2_naming_the_holder(tmp_path):
+    """The CLI takes the lock before it reads or writes the run: `expert train` on a run directory another
+    process works in stops at once with exit 2 (here the holder is a real second process)."""
+    import subprocess
+    import sys
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.rundir import init_run
+
+    recipe = {"name": "held", "task": {"type": "classification", "instruction": "x", "labels": ["a", "b"]},
+              "data": {"source": str(tmp_path / "d.jsonl"), "fields": {"text": "t", "target": "l"}},
+              "model": {"base": "m"}, "registry": {"model_name": "held"}}
+    recipe_path = tmp_path / "held.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    run = init_run(tmp_path / "run", "held", recipe_path.read_text(), "h")
+    recipe_before = (run.path / "recipe.yaml").read_bytes()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from pathlib import Path; from pipeline.rundir import RunDir\n"
+         f"with RunDir(Path({str(run.path)!r})).locked('run'):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = CliRunner().invoke(app, ["train", str(recipe_path), "--run-dir", str(run.path)])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.exit_code == 2, result.output
+    assert "is in use by `expert run`" in result.output
+    assert (run.path / "recipe.yaml").read_bytes() == recipe_before, "nothing in the held run was rewritten"
