@@ -90,23 +90,30 @@ def test_a_newer_failed_prep_does_not_hide_the_completed_run(tmp_path):
     assert latest_run(tmp_path, "r", complete="train") is None
 
 
+def hold_in_another_process(run_path: Path, command: str):
+    """A real second process that holds the run directory (as `expert <command>`) until it is killed."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from pathlib import Path; from pipeline.rundir import RunDir\n"
+         f"with RunDir(Path({str(run_path)!r})).locked({command!r}):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def test_a_run_directory_is_held_by_one_process_and_the_second_is_told_who(tmp_path):
     """Two `expert run` on one run directory both trained, evaluated and pushed; a second one started
     mid-training resumed from the first one's live checkpoints. The holder is a real second process here."""
-    import subprocess
-    import sys
     import time
 
     from pipeline.errors import UserError
     from pipeline.rundir import init_run
 
     run = init_run(tmp_path / "r" / "20260101-000000-aaaaaa", "r", "name: r\n", "h")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pipeline.rundir import RunDir\n"
-         f"with RunDir(Path({str(run.path)!r})).locked('train'):\n    print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    holder = hold_in_another_process(run.path, "train")
     try:
-        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(UserError, match=r"is in use by `expert train` \(pid \d+ on .*\); wait for it"):
             with run.locked("run"):
                 pass
@@ -121,9 +128,6 @@ def test_a_run_directory_is_held_by_one_process_and_the_second_is_told_who(tmp_p
 def test_a_second_command_on_a_held_run_directory_exits_2_naming_the_holder(tmp_path):
     """The CLI takes the lock before it reads or writes the run: `expert train` on a run directory another
     process works in stops at once with exit 2 (here the holder is a real second process)."""
-    import subprocess
-    import sys
-
     import yaml
     from typer.testing import CliRunner
 
@@ -137,12 +141,8 @@ def test_a_second_command_on_a_held_run_directory_exits_2_naming_the_holder(tmp_
     recipe_path.write_text(yaml.safe_dump(recipe))
     run = init_run(tmp_path / "run", "held", recipe_path.read_text(), "h")
     recipe_before = (run.path / "recipe.yaml").read_bytes()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import time; from pathlib import Path; from pipeline.rundir import RunDir\n"
-         f"with RunDir(Path({str(run.path)!r})).locked('run'):\n    print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    holder = hold_in_another_process(run.path, "run")
     try:
-        assert holder.stdout.readline().strip() == "held"
         result = CliRunner().invoke(app, ["train", str(recipe_path), "--run-dir", str(run.path)])
     finally:
         holder.kill()
