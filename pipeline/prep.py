@@ -183,8 +183,9 @@ def get_field(row: dict[str, Any], path: str) -> Any:
     return value
 
 
-_SURROGATE = re.compile("[\udc80-\udcff]")
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a JSON `\ud800` escape decodes to one: not Unicode text
+# a UTF-16 surrogate in a str: an undecodable byte kept by `surrogateescape` (CSV), or a lone `\ud800`-style JSON
+# escape; either way not Unicode text, which tokenizers refuse
+SURROGATE = re.compile("[\ud800-\udfff]")
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -257,7 +258,7 @@ def _read_delimited(source: Path, delimiter: str) -> Iterator[tuple[int, dict[st
             return
         except csv.Error as err:
             raise UserError(f"{source}: cannot read the header line: {err}") from None
-        if any(_SURROGATE.search(h) for h in header):
+        if any(SURROGATE.search(h) for h in header):
             raise UserError(f"{source}: the header line is not UTF-8; re-encode the file as UTF-8")
         start = reader.line_num + 1
         while True:
@@ -274,7 +275,7 @@ def _read_delimited(source: Path, delimiter: str) -> Iterator[tuple[int, dict[st
                 continue
             if len(values) != len(header):
                 yield line, None, f"unparsable: {len(values)} fields, the header has {len(header)}"
-            elif any(_SURROGATE.search(v) for v in values):
+            elif any(SURROGATE.search(v) for v in values):
                 yield line, None, "undecodable: not UTF-8"
             else:
                 yield line, dict(zip(header, values)), None
@@ -414,7 +415,7 @@ def load_examples(recipe: Recipe, task, key: str, source: Path | str, rejected: 
 
 def _has_lone_surrogate(value: Any) -> bool:
     if isinstance(value, str):
-        return LONE_SURROGATE.search(value) is not None
+        return SURROGATE.search(value) is not None
     if isinstance(value, dict):
         return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
     if isinstance(value, list):

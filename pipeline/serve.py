@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 from pipeline import frontier, lean_forward, predict, tasks
 from pipeline.errors import UserError
+from pipeline.prep import SURROGATE  # prep's rule for what is text, applied to requests
 from pipeline.ui import console
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -311,7 +312,7 @@ class Service:
     def check_text(self, text: Any, param: str) -> tuple[str, int]:
         if not isinstance(text, str) or not text.strip():
             raise HTTPError(400, f"`{param}` must be a non-empty string", param, "invalid_value")
-        if LONE_SURROGATE.search(text):
+        if SURROGATE.search(text):
             raise HTTPError(400, f"`{param}` holds a lone UTF-16 surrogate (such as \\ud800): not valid Unicode text",
                             param, "invalid_value")
         n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -393,8 +394,6 @@ async def read_json(request, limit: int) -> Any:
     except RecursionError:  # 30k-deep nesting: Python's parser gives up, which is the client's doing
         raise HTTPError(400, "the body's JSON is nested too deeply", code="invalid_json") from None
 
-
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a JSON `\ud800` escape decodes to one; tokenizers refuse it
 
 
 def last_user_text(messages: Any) -> str:

@@ -201,7 +201,7 @@ def build_trainer(recipe: Recipe, run: RunDir, config, tokenizer, model, callbac
     trainer.remove_callback(PrinterCallback)  # the progress bar and MLflow carry the logs
     check_every_row_has_answer(trainer.train_dataset, len(train_rows), "prep/train.jsonl")
     check_every_row_has_answer(trainer.eval_dataset, len(val_rows), "prep/validation.jsonl")
-    if not recipe.train.packing:
+    if config.max_length is None:  # TRL did not truncate (padding-free without packing)
         check_every_row_fits(trainer.train_dataset, recipe.data.max_tokens, "prep/train.jsonl")
         check_every_row_fits(trainer.eval_dataset, recipe.data.max_tokens, "prep/validation.jsonl")
     trainer.train_dataset = trainer.train_dataset.remove_columns("row")
