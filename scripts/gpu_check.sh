@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one prepared check for a lent NVIDIA H100/H200 (the device tool): the GPU-marked tests (JUnit file), then the
-# training throughput table of scripts/bench_gpu.py. About 4 minutes of device time (6 at most: each part has
+# training throughput table of benchmarks/bench_gpu.py. About 4 minutes of device time (6 at most: each part has
 # a 3-minute timeout), within one call's limit, with time left for one rerun.
 #
 #   here:   bash scripts/gpu_wheels.sh          # once: wheels for what the GPU image lacks, into .whl/
@@ -31,6 +31,6 @@ fi
 status=0
 timeout 180 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -rs --junitxml="$OUT/gpu-tests.xml" tests/gpu 2>&1 \
   | tee "$OUT/gpu-tests.log" || status=1
-timeout 180 "$PYTHON" scripts/bench_gpu.py --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log" || status=1
+timeout 180 "$PYTHON" benchmarks/bench_gpu.py --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log" || status=1
 echo "gpu_check: $([ $status = 0 ] && echo passed || echo FAILED)"
 exit $status

@@ -4,9 +4,9 @@
 
 Why: this machine cannot download the larger SmolLM2 checkpoints, and memory
 and speed do not depend on the weights' values. The directory gets the shape's
-config (sizes from `scripts/bench_gpu.py`'s SHAPES), bf16 safetensors, and the
+config (sizes from `benchmarks/bench_gpu.py`'s SHAPES), bf16 safetensors, and the
 embedded SmolLM2-135M tokenizer (the family shares its 49,152-token
-vocabulary), so `scripts/bench_train.py --base DIR` trains it like any base.
+vocabulary), so `benchmarks/bench_train.py --base DIR` trains it like any base.
 Its answers are noise: never evaluate or ship it.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.bench_gpu import SHAPES  # noqa: E402  (the published configs' sizes, kept in one place)
+from benchmarks.bench_gpu import SHAPES  # noqa: E402  (the published configs' sizes, kept in one place)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""What the real-data tests share: where ../shared/data is, their skip marks, and the MLflow fixture."""
+"""What the real-data tests share: where ../shared/data and the recipes are, their skip marks, and the MLflow fixture."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
+RECIPES = ROOT / "recipes"  # banking77.yaml and snips.yaml: the one copy; tests derive their variants in code
 
 SHARED_DATA_MARKS = [
     pytest.mark.real,

@@ -20,9 +20,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from tests.conftest import write_recipe
-from tests.real.conftest import ROOT, SHARED, SHARED_DATA_MARKS
-
-RECIPES = ROOT / "scripts" / "recipes"
+from tests.real.conftest import RECIPES, SHARED, SHARED_DATA_MARKS
 
 pytestmark = SHARED_DATA_MARKS
 

@@ -33,7 +33,7 @@ def test_the_gpu_stage_tests_pass_as_a_cpu_dry_run(tmp_path):
 def test_the_gpu_benchmark_runs_expert_trains_path_and_evals_scorer_on_tiny_shapes(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "scripts/bench_gpu.py", "--cpu-smoke", "--json", str(out)], cwd=ROOT,
+        [sys.executable, "benchmarks/bench_gpu.py", "--cpu-smoke", "--json", str(out)], cwd=ROOT,
         env={**os.environ, "EXPERT_CACHE": str(tmp_path / "cache")}, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

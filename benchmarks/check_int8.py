@@ -1,6 +1,6 @@
 """Would int8 weights make `expert serve` fast enough, and does the expert still answer the same?
 
-    .venv/bin/python scripts/check_int8.py runs/banking77 [--limit 200] [--threads 2]
+    .venv/bin/python benchmarks/check_int8.py runs/banking77 [--limit 200] [--threads 2]
 
 An experiment, not a serving option (docs/BENCHMARKS.md, "Serve"): loads the
 run's adapter on its base, merged as `expert serve` does, answers the test
@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import evaluate, predict, tasks  # noqa: E402
+from pipeline import contracts, eval_inference, predict, tasks  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
 
@@ -68,11 +68,12 @@ def main() -> None:
     recipe = load_recipe(args.run_dir / "recipe.yaml")
     run = RunDir(args.run_dir)
     spec = json.loads((args.run_dir / "prep/spec.json").read_text(encoding="utf-8"))["spec"]
-    rows = evaluate.read_split(run, "test")[: args.limit]
+    rows = eval_inference.read_split(run, "test")[: args.limit]
     task = tasks.for_type(recipe.task.type)
     golds = [row["target"] for row in rows]
 
-    model, tokenizer = evaluate.load_expert(recipe, args.run_dir / "train/adapter")
+    trained = contracts.read_record(args.run_dir / "train/record.json", contracts.TrainRecord)
+    model, tokenizer = eval_inference.load_expert(recipe, trained, args.run_dir / "train/adapter")
     model = model.merge_and_unload().eval()
     reference, reference_s = answer_one_by_one(model, tokenizer, rows, recipe, spec)
     model = quantize_int8_dynamic(model)

@@ -4,10 +4,10 @@ checkpointing, on a Llama-3-8B-width model with a few layers and on a SmolLM2-13
 Speed depends on a model's shapes, not its weights, so each base is written with random bf16 weights to local
 disk first (a lent GPU machine reaches no hub) with a small offline tokenizer (`tests/support/tiny_model.py`;
 the model's own vocabulary size, e.g. Llama-3's 128,256, sets the LM head's cost). Each case then runs what
-`expert train` runs: `train.training_settings` (precision, attention, padding-free), `train.to_sft_config`,
-`train.load_for_training` (4-bit quantized onto the GPU for QLoRA), `train.build_trainer` (TRL's SFTTrainer
-on prep-shaped prompt/completion rows of `--seq` tokens, loss on the answer) and `trainer.train()`, with
-validation and checkpoints off. Reported per case, after `--warmup` steps:
+`expert train` runs: `train_setup.training_settings` (precision, attention, padding-free),
+`train_setup.to_sft_config`, `train_setup.load_for_training` (4-bit quantized onto the GPU for QLoRA),
+`train_setup.build_trainer` (TRL's SFTTrainer on prep-shaped prompt/completion rows of `--seq` tokens, loss on
+the answer) and `trainer.train()`, with validation and checkpoints off. Reported per case, after `--warmup` steps:
 
 - real (non-padding) tokens/s over the measured steps, and the median step time;
 - peak allocated and reserved GPU memory, the counters reset after the model and trainer are built;
@@ -18,10 +18,10 @@ validation and checkpoints off. Reported per case, after `--warmup` steps:
   The rate is the card's dense bf16 spec (H100/H200 SXM: 989 TFLOP/s) and, beside it, a bf16 matmul rate
   measured in the same process (8192^3 products).
 
-    python scripts/bench_gpu.py                     # on a GPU: the table (about 2-3 minutes on an H100)
-    python scripts/bench_gpu.py --cpu-smoke         # on a CPU: tiny shapes through the same path, checks the script
-    python scripts/bench_gpu.py --json out.json     # also write the rows
-    python scripts/bench_gpu.py --eval-only --cpu   # eval's label scoring alone, on this CPU (the ratio's other side)
+    python benchmarks/bench_gpu.py                     # on a GPU: the table (about 2-3 minutes on an H100)
+    python benchmarks/bench_gpu.py --cpu-smoke         # on a CPU: tiny shapes through the same path, checks the script
+    python benchmarks/bench_gpu.py --json out.json     # also write the rows
+    python benchmarks/bench_gpu.py --eval-only --cpu   # eval's label scoring alone, on this CPU (the ratio's other side)
 
 Eval's label scoring is measured on the SmolLM2-135M-shaped model in bf16: `predict.classify` (the code eval
 and serving use) on `--eval-examples` ticket texts from data/ with 77 two-word labels (BANKING77's count),
@@ -177,17 +177,18 @@ def run_case(base: Path, run_dir: Path, shape: str, method: str, checkpointing: 
              steps: int, warmup: int, device: str, spec: float | None, measured: float) -> dict:
     from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
-    from pipeline import train
+    from pipeline import train_setup
+    from pipeline.rundir import RunDir
 
     recipe = recipe_for(base, method, checkpointing, batch, seq, warmup + steps)
-    settings = train.training_settings(recipe)
+    settings = train_setup.training_settings(recipe)
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
-        config = train.to_sft_config(recipe.train, Path(tmp), recipe.data.max_tokens, settings)
+        config = train_setup.to_sft_config(recipe.train, Path(tmp), recipe.data.max_tokens, settings)
         config.eval_strategy, config.save_strategy, config.load_best_model_at_end = (
             IntervalStrategy.NO, SaveStrategy.NO, False)
-        _, tokenizer, model = train.load_for_training(recipe, settings, "single", config.device)
+        _, tokenizer, model = train_setup.load_for_training(recipe, settings, "single", config.device)
         clock = step_clock(device)
-        trainer = train.build_trainer(recipe, train.RunDir(run_dir), config, tokenizer, model, [clock])
+        trainer = train_setup.build_trainer(recipe, RunDir(run_dir), config, tokenizer, model, [clock])
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

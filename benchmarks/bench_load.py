@@ -1,6 +1,6 @@
 """Benchmark: how long loading the embedded base model takes once it is converted.
 
-    .venv/bin/python scripts/bench_load.py
+    .venv/bin/python benchmarks/bench_load.py
 
 The first call converts the GGUF file (once per cache); the timed loads read
 the cached safetensors directory. The spine issue's target: under 5 s.

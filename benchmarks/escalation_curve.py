@@ -1,6 +1,6 @@
 """The expert's side of the cascade, from a finished eval: what escalating its unsure answers buys.
 
-    .venv/bin/python scripts/escalation_curve.py runs/banking77 [--metric accuracy]
+    .venv/bin/python benchmarks/escalation_curve.py runs/banking77 [--metric accuracy]
 
 Why: the cascade curve in `eval/report.md` needs a frontier baseline's
 answers on the same examples. Without one (no API key, no recorded

@@ -1,13 +1,13 @@
 """Benchmark: `expert eval`'s local inference against naive per-example generation, side by side in one run.
 
-    .venv/bin/python scripts/bench_eval.py [--classify 64] [--extract 32] [--batch-size 8]
-    .venv/bin/python scripts/bench_eval.py --classify-run runs/banking77 --extract-run runs/snips --batch-size 16
+    .venv/bin/python benchmarks/bench_eval.py [--classify 64] [--extract 32] [--batch-size 8]
+    .venv/bin/python benchmarks/bench_eval.py --classify-run runs/banking77 --extract-run runs/snips --batch-size 16
 
 Model: by default the embedded SmolLM2-135M-Instruct base (no adapter, so no
 training is needed to reproduce it), on BANKING77 (77 intents) and SNIPS
 (intent + slots as JSON) from ../shared/data, a fixed seeded sample. With
 `--classify-run` / `--extract-run RUN_DIR` (a finished `expert run` of
-scripts/recipes/banking77.yaml / snips.yaml), that run's trained expert
+recipes/banking77.yaml / snips.yaml), that run's trained expert
 (`train/adapter`), its own prompt and labels or schema (`prep/spec.json`) and
 the first examples of its held-out test split: the case eval actually meets,
 where the naive answers are mostly valid, so agreement is measurable.

@@ -1,9 +1,9 @@
 """Benchmark: `expert train` vs a plain TRL script, and QLoRA vs LoRA memory, on SmolLM2-135M.
 
-    .venv/bin/python scripts/bench_train.py [--steps 12] [--examples 1000] [--batch 8]
-    .venv/bin/python scripts/bench_train.py --only expert expert_dropout expert_sdpa    # ablations
+    .venv/bin/python benchmarks/bench_train.py [--steps 12] [--examples 1000] [--batch 8]
+    .venv/bin/python benchmarks/bench_train.py --only expert expert_dropout expert_sdpa    # ablations
     .venv/bin/python scripts/make_random_base.py --shape smollm2-1.7b --out /tmp/smollm2-1.7b-random
-    .venv/bin/python scripts/bench_train.py --base /tmp/smollm2-1.7b-random --steps 3 \
+    .venv/bin/python benchmarks/bench_train.py --base /tmp/smollm2-1.7b-random --steps 3 \
         --only expert expert_qlora expert_checkpointing expert_qlora_checkpointing    # QLoRA memory
 
 One run, same machine: a seeded sample of BANKING77 (from ../shared/data) goes
@@ -187,6 +187,7 @@ EXPERT_VARIANTS = {
 
 def child_expert(run_dir: Path, recipe_path: Path, variant: str) -> dict:
     from pipeline import train
+    from pipeline.contracts import StageOptions
     from pipeline.recipe import Recipe, load_recipe
     from pipeline.rundir import open_run
 
@@ -210,7 +211,7 @@ def child_expert(run_dir: Path, recipe_path: Path, variant: str) -> dict:
 
     Trainer.evaluate = evaluate
     params = base_parameters()
-    train.run(recipe, open_run(run_dir), resume=False)
+    train.run(recipe, open_run(run_dir), StageOptions(resume=False))
     return summarize(record, ended["t"], params, flops, anonymous)
 
 

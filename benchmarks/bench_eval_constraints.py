@@ -1,6 +1,6 @@
 """Benchmark: which JSON-Schema constraint library eval uses, by measurement.
 
-    .venv/bin/python scripts/bench_eval_constraints.py [--examples 200]
+    .venv/bin/python benchmarks/bench_eval_constraints.py [--examples 200]
 
 Model-free, so it isolates the constraint's own cost: with the embedded
 SmolLM2 tokenizer and the SNIPS intent+slots schema, each library walks the
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import models  # noqa: E402
 from pipeline.tasks import extraction  # noqa: E402
-from scripts.bench_eval import ALIAS, DATA, snips  # noqa: E402
+from benchmarks.bench_eval import ALIAS, DATA, snips  # noqa: E402
 
 
 def bench_llguidance(tokenizer, schema, sequences):

@@ -1,6 +1,6 @@
 """The recipe's untuned base-model baselines on a prepped test split, with no trained adapter.
 
-    .venv/bin/python scripts/eval_base.py scripts/recipes/banking77.yaml --run-dir runs/banking77-base [--limit N]
+    .venv/bin/python benchmarks/eval_base.py recipes/banking77.yaml --run-dir runs/banking77-base [--limit N]
 
 Why: `expert eval` measures the baselines in the same pass as the expert, so
 it needs `train/adapter`. When the expert was evaluated elsewhere (another
@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `pipeline`
 
-from pipeline import evaluate, models, prep, tasks  # noqa: E402
+from pipeline import baselines, eval_inference, evidence, models, prep, tasks  # noqa: E402
 from pipeline.recipe import dump_recipe, load_recipe  # noqa: E402
 from pipeline.rundir import MANIFEST, atomic_write_json, atomic_write_jsonl, init_run, open_run  # noqa: E402
 
@@ -55,8 +55,8 @@ def main() -> None:
     task = tasks.for_type(recipe.task.type)
     spec_doc = json.loads((run.path / "prep/spec.json").read_text(encoding="utf-8"))
     spec, baseline_system = spec_doc["spec"], spec_doc["baseline_system_prompt"]
-    test = evaluate.read_split(run, "test")[: args.limit]
-    fewshot = evaluate.load_fewshot(run, recipe)
+    test = eval_inference.read_split(run, "test")[: args.limit]
+    fewshot = baselines.load_fewshot(run, recipe)
     source, _ = models.resolve_base(recipe.model.base)
     tokenizer = models.load_tokenizer(source, recipe.model.trust_remote_code)
     model = models.load_base_model(recipe.model, source, models.resolve_precision(recipe.train.precision))
@@ -67,17 +67,17 @@ def main() -> None:
     quality = recipe.eval.gate.metric
     binary = quality in ("accuracy", "exact_match")  # a Wilson interval is for a share of right/wrong examples
     for baseline in [b for b in recipe.eval.baselines if b.kind == "base_model"]:
-        rows = evaluate.baseline_rows(test, baseline_system, fewshot, baseline.shots)
+        rows = baselines.baseline_rows(test, baseline_system, fewshot, baseline.shots)
         started = time.perf_counter()
-        answers = evaluate.infer_local(model, tokenizer, rows, recipe, spec, baseline.name)
+        answers = eval_inference.infer_local(model, tokenizer, rows, recipe, spec, baseline.name)
         seconds = time.perf_counter() - started
-        metrics = evaluate.system_metrics(recipe, task, spec, test, answers, {}, baseline.name)
+        metrics = evidence.system_metrics(recipe, task, spec, test, answers, {}, baseline.name)
         value = metrics[quality]
         if binary:
             metrics[f"{quality}_wilson95"] = wilson(value * len(test), len(test))
         metrics["examples_per_s"] = len(test) / seconds
         results[baseline.name] = metrics
-        atomic_write_jsonl(out / "predictions" / f"{baseline.name}.jsonl", evaluate.prediction_rows(test, answers))
+        atomic_write_jsonl(out / "predictions" / f"{baseline.name}.jsonl", evidence.prediction_rows(test, answers))
         low, high = metrics.get(f"{quality}_wilson95", (math.nan, math.nan))
         print(f"{baseline.name}: {quality} {value:.3f} (95% Wilson {low:.3f}-{high:.3f}) on {len(test)} test rows, "
               f"{metrics['examples_per_s']:.2f} examples/s, ${metrics['cost_per_1k']:.3f} per 1k requests", flush=True)

@@ -1,7 +1,7 @@
 """Benchmark: `expert serve` latency and throughput for a registered classification expert, variants side by side.
 
-    .venv/bin/python scripts/bench_serve.py models:/ticket-router@champion
-    .venv/bin/python scripts/bench_serve.py models:/ticket-router@champion \\
+    .venv/bin/python benchmarks/bench_serve.py models:/ticket-router@champion
+    .venv/bin/python benchmarks/bench_serve.py models:/ticket-router@champion \\
         --variant default= --variant unpacked=--no-pack --variant before@/tmp/b36aeae=
 
 Each variant is `LABEL=SERVE OPTIONS` (options as on the command line, may be
