@@ -6,16 +6,12 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.prep import (
-    Example,
-    check_duplicates,
-    check_rejected_fraction,
-    check_targets,
-    get_field,
-    percentiles,
-    split_examples,
-)
+from pipeline.examples import Example
+from pipeline.prep_report import percentiles
+from pipeline.readers import get_field
 from pipeline.recipe import Recipe
+from pipeline.row_checks import check_duplicates, check_rejected_fraction, check_targets
+from pipeline.splitting import split_examples
 from pipeline.tasks import classification
 
 
@@ -124,7 +120,7 @@ def test_rejected_fraction_limit_summarises_by_reason():
 
 
 def _load(path: Path, **fields):
-    from pipeline.prep import load_examples
+    from pipeline.readers import load_examples
 
     r = Recipe.model_validate({"name": "t", "task": {"type": "classification", "instruction": "x"},
                                "data": {"source": str(path), "fields": {"text": "t", "target": "l", **fields}},
@@ -172,7 +168,7 @@ def test_a_huge_line_is_rejected_unread_in_memory_bounded_by_the_limit(tmp_path)
     """A 10 MB JSONL line used to be parsed and tokenized (4-5 GB) only to be rejected as too long."""
     import tracemalloc
 
-    from pipeline.prep import read_rows
+    from pipeline.readers import read_rows
 
     source = tmp_path / "d.jsonl"
     with source.open("wb") as f:

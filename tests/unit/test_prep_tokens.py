@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline import models
-from pipeline.prep import count_by_segments, measure_tokens, template_segments, truncate_text
+from pipeline.token_count import count_by_segments, measure_tokens, template_segments, truncate_text
 
 TEXTS = [
     "where is my parcel",

@@ -1,0 +1,188 @@
+"""What prep reports about the data it wrote: the fingerprint, `stats.json`, `report.md`, the class plot, the
+console table and the `prep` MLflow run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from pipeline import tracking
+from pipeline.readers import sources_of
+from pipeline.recipe import HF_PREFIX, Recipe
+from pipeline.rundir import RunDir, file_hash
+from pipeline.splitting import SPLITS
+from pipeline.ui import console
+
+REPORT_EXAMPLES = 5
+
+
+def data_fingerprint(recipe: Recipe, split_files: list[Path]) -> str:
+    h = hashlib.sha256(recipe.section_hash("data", "task").encode())
+    for p in split_files:
+        h.update(file_hash(p).encode())
+    return h.hexdigest()
+
+
+def percentiles(values: list[int]) -> dict[str, int]:
+    """p50, p95 (nearest rank) and max of token counts; zeros for no rows."""
+    if not values:
+        return {"p50": 0, "p95": 0, "max": 0}
+    ordered = sorted(values)
+
+    def rank(q: float) -> int:
+        return ordered[max(0, math.ceil(len(ordered) * q) - 1)]
+
+    return {"p50": rank(0.5), "p95": rank(0.95), "max": ordered[-1]}
+
+
+def build_stats(splits, rejected, truncated, recipe: Recipe, fingerprint: str) -> dict[str, Any]:
+    by_reason = Counter(r["reason"] for r in rejected)
+    everything = [e for rows in splits.values() for e in rows]
+    stats: dict[str, Any] = {
+        "rows": {s: len(rows) for s, rows in splits.items()},
+        "rejected": dict(sorted(by_reason.items())),
+        "rejected_total": len(rejected),
+        "duplicates_removed": by_reason["duplicate_exact"] + by_reason["duplicate_normalized"],
+        "leakage_removed": by_reason["leakage"],
+        "truncated": len(truncated),
+        "max_tokens": recipe.data.max_tokens,
+        "max_tokens_policy": recipe.data.max_tokens_policy,
+        "tokens": {
+            name: {"prompt": percentiles([e.prompt_tokens for e in rows]), "answer": percentiles([e.answer_tokens for e in rows])}
+            for name, rows in [("all", everything), *splits.items()]
+        },
+        "fingerprint": fingerprint,
+    }
+    if recipe.task.type == "classification":
+        stats["classes"] = {s: dict(sorted(Counter(e.target for e in rows).items())) for s, rows in splits.items()}
+    return stats
+
+
+def plot_class_distribution(classes: dict[str, dict[str, int]], path: Path) -> None:
+    """Horizontal stacked bars: rows per class, coloured by split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = sorted({label for counts in classes.values() for label in counts})
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.22 * len(labels) + 1)))
+    left = [0] * len(labels)
+    for split in SPLITS:
+        values = [classes[split].get(label, 0) for label in labels]
+        ax.barh(labels, values, left=left, label=split)
+        left = [a + b for a, b in zip(left, values)]
+    ax.invert_yaxis()
+    ax.set_xlabel("rows")
+    ax.set_title("rows per class and split")
+    ax.tick_params(axis="y", labelsize=7 if len(labels) > 30 else 9)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    # fixed metadata so identical data gives an identical file
+    fig.savefig(tmp, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def render_report(recipe: Recipe, stats: dict[str, Any], rejected, truncated) -> str:
+    lines = [f"# prep report: {recipe.name}", "", f"Fingerprint: `{stats['fingerprint']}`", ""]
+    lines += ["## Rows", "", "| split | rows |", "|---|---|"]
+    lines += [f"| {s} | {n} |" for s, n in stats["rows"].items()]
+    lines += [f"| rejected | {stats['rejected_total']} |", ""]
+    lines += [
+        f"Duplicates removed: {stats['duplicates_removed']}; leakage removed: {stats['leakage_removed']}; "
+        f"truncated to data.max_tokens={stats['max_tokens']}: {stats['truncated']} (policy `{stats['max_tokens_policy']}`).",
+        "",
+        "## Token lengths (base model tokenizer, chat template applied)",
+        "",
+        "| split | prompt p50 | prompt p95 | prompt max | answer p50 | answer p95 | answer max |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, t in stats["tokens"].items():
+        p, a = t["prompt"], t["answer"]
+        lines.append(f"| {name} | {p['p50']} | {p['p95']} | {p['max']} | {a['p50']} | {a['p95']} | {a['max']} |")
+    lines.append("")
+    if "classes" in stats:
+        lines += ["## Classes", "", "![rows per class](class_distribution.png)", "", "| class | " + " | ".join(SPLITS) + " |"]
+        lines.append("|---" * (len(SPLITS) + 1) + "|")
+        labels = sorted({label for counts in stats["classes"].values() for label in counts})
+        lines += [f"| {label} | " + " | ".join(str(stats["classes"][s].get(label, 0)) for s in SPLITS) + " |" for label in labels]
+        lines.append("")
+    lines += ["## Rejected rows", ""]
+    if not rejected:
+        lines += ["None.", ""]
+    by_reason: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rejected:
+        by_reason[r["reason"]].append(r)
+    for reason in sorted(by_reason):
+        rows = by_reason[reason]
+        lines.append(f"- **{reason}**: {len(rows)}; e.g. " + "; ".join(f"{r['source']}:{r['line']} ({r['detail']})" for r in rows[:REPORT_EXAMPLES]))
+    if rejected:
+        lines += ["", "Every rejected row is listed in `rejected.jsonl`.", ""]
+    if truncated:
+        lines += ["## Truncated rows", "", f"{len(truncated)} rows had their input cut to fit; all are listed in `truncated.jsonl`.", ""]
+    return "\n".join(lines)
+
+
+def print_stats(stats: dict[str, Any]) -> None:
+    table = Table(title="prep: rows and token lengths (prompt / answer, p50 · p95 · max)")
+    for col in ("split", "rows", "prompt tokens", "answer tokens"):
+        table.add_column(col)
+    for split, n in stats["rows"].items():
+        t = stats["tokens"][split]
+        table.add_row(split, f"{n:,}", _fmt(t["prompt"]), _fmt(t["answer"]))
+    table.add_row("rejected", f"{stats['rejected_total']:,}", "", "")
+    console.print(table)
+    if stats["rejected"]:
+        console.print("rejected by reason: " + ", ".join(f"{k}={v}" for k, v in stats["rejected"].items()))
+    if stats["truncated"]:
+        console.print(f"[yellow]truncated[/] {stats['truncated']} rows to data.max_tokens={stats['max_tokens']} (see prep/truncated.jsonl)")
+
+
+def _fmt(p: dict[str, int]) -> str:
+    return f"{p['p50']} · {p['p95']} · {p['max']}"
+
+
+def log_to_mlflow(recipe: Recipe, run: RunDir, stats: dict[str, Any], out: Path, stage: str) -> str:
+    """A prep MLflow run: data/task params, row and token metrics, the fingerprint as tag and dataset input."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    fingerprint = stats["fingerprint"]
+    tags = {"expert.recipe": recipe.name, "expert.data_fingerprint": fingerprint}
+    with tracking.stage_run(recipe.name, stage, run.path.name, tags) as (mlflow_client, mlflow_run_id):
+        dump = recipe.model_dump(mode="json", by_alias=True)
+        tracking.log_params(mlflow_client, mlflow_run_id, tracking.flatten({"task": dump["task"], "data": dump["data"]}))
+        metrics = {f"rows.{s}": n for s, n in stats["rows"].items()}
+        metrics |= {f"rejected.{reason}": n for reason, n in stats["rejected"].items()}
+        metrics |= {k: stats[k] for k in ("rejected_total", "duplicates_removed", "leakage_removed", "truncated")}
+        for part in ("prompt", "answer"):
+            metrics |= {f"tokens.{part}.{q}": v for q, v in stats["tokens"]["all"][part].items()}
+        tracking.log_metrics(mlflow_client, mlflow_run_id, metrics)
+        sources = {k: str(v) for k, v in sources_of(recipe).items()}
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    name=f"{recipe.name}.{split}",
+                    digest=fingerprint[:32],
+                    source_type="hf" if str(recipe.data.source).startswith(HF_PREFIX) else "local",
+                    source=json.dumps({"uri": str(run.path / stage / f"{split}.jsonl"), "sources": sources}),
+                    schema=json.dumps({"columns": ["id", "text", "target", "prompt", "completion"]}),
+                    profile=json.dumps({"rows": stats["rows"][split], "fingerprint": fingerprint}),
+                ),
+                tags=[InputTag("mlflow.data.context", split)],
+            )
+            for split in SPLITS
+        ]
+        mlflow_client.log_inputs(mlflow_run_id, datasets=inputs)
+        for name in ("stats.json", "report.md", "spec.json", "fewshot.json", "rejected.jsonl", "truncated.jsonl", "class_distribution.png"):
+            if (out / name).is_file():
+                mlflow_client.log_artifact(mlflow_run_id, str(out / name), stage)
+    return mlflow_run_id
