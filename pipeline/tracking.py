@@ -4,19 +4,33 @@ Default store: embedded SQLite (`sqlite:///mlflow.db` in the working
 directory), so nothing needs to be started; `MLFLOW_TRACKING_URI` points at a
 server instead. Telemetry is off. Everything goes through `MlflowClient` with
 batched calls (one HTTP call per metric costs ~100 ms against a server).
+
+`Tracker` carries a training's MLflow run on a background thread: a slow or
+vanished tracking server never stalls or kills training; the run is then
+tagged that its logging is incomplete.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.ui import console
+
+if TYPE_CHECKING:
+    from pipeline.recipe import Recipe
+    from pipeline.rundir import RunDir
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PARAM_LIMIT = 6000  # MLflow's maximum param value length
 BATCH = 100
+MLFLOW_CLOSE_TIMEOUT_S = 60
 
 
 def configure() -> str:
@@ -91,3 +105,121 @@ def stage_run(experiment: str, stage: str, run_dir_id: str, tags: dict[str, str]
         mlflow_client.set_terminated(run_id, "FAILED")
         raise
     mlflow_client.set_terminated(run_id, "FINISHED")
+
+
+class Tracker:
+    """MLflow calls queued to one background thread, so the tracking server never stalls training.
+
+    The first failure (server gone, timeouts) is reported once; later calls are dropped and the
+    run keeps its `expert.logging: incomplete` tag, which only a fully logged run replaces.
+    """
+
+    STAGE = "train"  # one MLflow run per training, continued when the training resumes
+
+    def __init__(self, mlflow_client, run_id: str | None):
+        self.client = mlflow_client
+        self.run_id = run_id
+        self.problem: str | None = None
+        self.dropped = 0
+        self.queue: queue.Queue = queue.Queue()
+        self.monitor = None
+        self.thread = threading.Thread(target=self._work, name="expert-mlflow", daemon=True)
+        if run_id is not None:
+            self.thread.start()
+
+    @classmethod
+    def disabled(cls) -> Tracker:
+        return cls(None, None)
+
+    @classmethod
+    def open(cls, recipe: Recipe, run: RunDir, previous_run_id: str | None) -> Tracker:
+        """Continue the interrupted training's MLflow run, or create one: one MLflow run per training."""
+        mlflow_client = client()
+        run_id = None
+        if previous_run_id:
+            try:
+                mlflow_client.update_run(previous_run_id, status="RUNNING")
+                run_id = previous_run_id
+            except Exception as err:  # deleted or from another server: start a fresh MLflow run
+                console.print(f"[yellow]warning[/]: cannot continue MLflow run {previous_run_id} ({err}); new run")
+        if run_id is None:
+            exp_id = experiment_id(mlflow_client, recipe.name)
+            tags = {
+                "expert.stage": cls.STAGE,
+                "expert.run_dir_id": run.path.name,
+                "expert.recipe": recipe.name,
+                "expert.base_model": recipe.model.base,
+                "expert.logging": "incomplete",
+            }
+            created = mlflow_client.create_run(exp_id, run_name=f"{cls.STAGE} · {recipe.name} · {run.path.name}", tags=tags)
+            run_id = created.info.run_id
+        tracker = cls(mlflow_client, run_id)
+        tracker.monitor = _start_system_metrics(run_id, resumed=previous_run_id == run_id)
+        return tracker
+
+    def submit(self, fn, *args, **kwargs) -> None:
+        if self.run_id is None:
+            return
+        self.queue.put((fn, args, kwargs))
+
+    def submit_artifacts(self, local_dir: Path, artifact_path: str) -> None:
+        if self.run_id is not None:
+            self.queue.put((lambda c, r: c.log_artifacts(r, str(local_dir), artifact_path), (), {}))
+
+    def _work(self) -> None:
+        while True:
+            fn, args, kwargs = self.queue.get()
+            if fn is None:
+                return
+            if self.problem is not None:
+                self.dropped += 1
+                continue
+            try:
+                fn(self.client, self.run_id, *args, **kwargs)
+            except Exception as err:
+                self.problem = f"{type(err).__name__}: {err}"[:300]
+                self.dropped += 1
+                console.print(
+                    f"[yellow]warning[/]: MLflow logging failed ({self.problem}); training goes on, "
+                    "the MLflow run is marked incompletely logged and the run directory keeps everything"
+                )
+
+    def close(self, status: str) -> str | None:
+        """Flush, tag and end the MLflow run within a bounded wait; returns what went wrong, if anything."""
+        if self.run_id is None:
+            return None
+        if self.monitor is not None:
+            try:
+                self.monitor.finish()
+            except Exception:  # system metrics are best effort
+                pass
+        if status == "FINISHED":
+            self.submit(lambda c, r: c.set_tag(r, "expert.logging", "complete") if self.problem is None else None)
+        self.submit(lambda c, r: c.set_terminated(r, status))
+        self.queue.put((None, (), {}))
+        self.thread.join(MLFLOW_CLOSE_TIMEOUT_S)
+        if self.thread.is_alive() and self.problem is None:
+            self.problem = f"the tracking server did not answer within {MLFLOW_CLOSE_TIMEOUT_S}s"
+        if self.problem is not None:
+            console.print(
+                f"[yellow]warning[/]: MLflow run {self.run_id} is incompletely logged "
+                f"({self.dropped} call(s) dropped): {self.problem}"
+            )
+        return self.problem
+
+
+def _start_system_metrics(run_id: str, resumed: bool):
+    """MLflow's CPU/memory/GPU monitor on its own thread; training never depends on it."""
+    try:
+        import logging
+
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=resumed, tracking_uri=configure())
+        monitor.start()
+        return monitor
+    except Exception as err:
+        console.print(f"[yellow]warning[/]: no system metrics ({err})")
+        return None

@@ -18,7 +18,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline import models, predict, serve, train
+from pipeline import models, predict, serving as serve, train_setup
 from pipeline.cli import app
 from pipeline.recipe import Recipe
 from pipeline.rundir import open_run
@@ -69,12 +69,14 @@ def pipeline_run(tiny_model_dir, tmp_path_factory):
 
 def test_expert_run_trains_on_the_gpu_with_the_settings_it_records(pipeline_run):
     run_dir, _, _ = pipeline_run
-    metrics = json.loads((run_dir / "train/metrics.json").read_text())
-    assert metrics["steps"] == 6 and metrics["launch"] == "single"
+    assert json.loads((run_dir / "train/metrics.json").read_text())["steps"] == 6
+    record = json.loads((run_dir / "train/record.json").read_text())
+    assert record["launch"] == "single"
     if DEVICE.type == "cuda":
-        assert metrics["precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-        assert metrics["attention"] in (*models.VARLEN_ATTENTION, "sdpa")
-    assert metrics["padding_free"] == (metrics["attention"] in models.VARLEN_ATTENTION), metrics["padding_free_reason"]
+        assert record["precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+        assert record["attention"] in (*models.VARLEN_ATTENTION, "sdpa")
+    assert record["padding_free"] == (record["attention"] in models.VARLEN_ATTENTION), record["padding_free_reason"]
+    assert json.loads((run_dir / "eval/record.json").read_text())["precision"] == record["precision"]
     verdict = json.loads((run_dir / "eval/verdict.json").read_text())
     assert verdict["decision"] in ("replace", "cascade", "keep_frontier")
     assert (run_dir / "push/registered.json").is_file()
@@ -110,13 +112,13 @@ def test_qlora_through_the_stage_loader_and_sfttrainer(pipeline_run, tmp_path, m
     raw["model"]["quantization"] = "4bit"
     raw["train"].update(max_steps=3, eval_steps=3)
     recipe = Recipe.model_validate(raw)
-    settings = train.training_settings(recipe)
-    config = train.to_sft_config(recipe.train, tmp_path / "checkpoints", recipe.data.max_tokens, settings)
-    _, tokenizer, model = train.load_for_training(recipe, settings, "single", config.device)
+    settings = train_setup.training_settings(recipe)
+    config = train_setup.to_sft_config(recipe.train, tmp_path / "checkpoints", recipe.data.max_tokens, settings)
+    _, tokenizer, model = train_setup.load_for_training(recipe, settings, "single", config.device)
     quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantized and all(m.weight.device == DEVICE for m in quantized)
     before = {id(m): m.weight.detach().clone() for m in quantized}
-    trainer = train.build_trainer(recipe, open_run(run_dir), config, tokenizer, model, [])
+    trainer = train_setup.build_trainer(recipe, open_run(run_dir), config, tokenizer, model, [])
     result = trainer.train()
     assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
     assert any(p.abs().sum() > 0 for n, p in trainer.model.named_parameters() if "lora_B" in n), "the adapter moved"
@@ -193,7 +195,7 @@ def test_the_adapter_written_under_a_sharded_launch_reloads_to_the_loss_training
     from datasets import Dataset
     from trl import SFTTrainer
 
-    from pipeline import evaluate
+    from pipeline import contracts, eval_inference
     from tests.conftest import ROOT
 
     _, recipe_path, env = pipeline_run
@@ -208,13 +210,15 @@ def test_the_adapter_written_under_a_sharded_launch_reloads_to_the_loss_training
     proc = subprocess.run([*accelerate, "-m", "pipeline.cli", "train", str(recipe_file), "--run-dir", str(run_dir)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    metrics = json.loads((run_dir / "train/metrics.json").read_text())
-    assert metrics["launch"] == (launch if DEVICE.type == "cuda" else "single")
+    record = json.loads((run_dir / "train/record.json").read_text())
+    assert record["launch"] == (launch if DEVICE.type == "cuda" else "single")
 
     recipe = Recipe.model_validate(raw)
-    model, tokenizer = evaluate.load_expert(recipe, run_dir / "train/adapter")
+    trained = contracts.read_record(run_dir / "train/record.json", contracts.TrainRecord)
+    model, tokenizer = eval_inference.load_expert(recipe, trained, run_dir / "train/adapter")
     rows = [json.loads(line) for line in (run_dir / "prep/validation.jsonl").read_text().splitlines()]
-    config = train.to_sft_config(recipe.train, tmp_path / "eval", recipe.data.max_tokens, train.training_settings(recipe))
+    config = train_setup.to_sft_config(recipe.train, tmp_path / "eval", recipe.data.max_tokens,
+                                       train_setup.training_settings(recipe))
     validation = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer, train_dataset=validation,
                          eval_dataset=validation)  # only evaluated: the train split is required, never used

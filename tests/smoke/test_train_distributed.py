@@ -67,11 +67,11 @@ def test_two_gloo_processes_train_like_one(tiny_model_dir, tracking_env, tmp_pat
 
 KILL_RANK0_AFTER_STEP = """
 import os, signal, sys
-from pipeline import train
+from pipeline import checkpoints
 def on_step_end(self, args, state, control, **kwargs):
     if state.global_step == {step} and state.is_world_process_zero:
         os.kill(os.getpid(), signal.SIGKILL)
-train.SealCheckpoints.on_step_end = on_step_end
+checkpoints.SealCheckpoints.on_step_end = on_step_end
 from pipeline.cli import app
 sys.argv = ["expert", "train", {recipe!r}, "--run-dir", {run_dir!r}]
 app()
@@ -113,8 +113,9 @@ def test_two_processes_resume_from_the_same_checkpoint(tiny_model_dir, tracking_
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resuming from checkpoint-6" in resumed.stderr
     metrics = json.loads((run_dir / "train/metrics.json").read_text())
-    assert (metrics["steps"], metrics["resumed_from_step"], metrics["processes"]) == (10, 6, 2)
-    assert metrics["launch"] == "ddp"
+    record = json.loads((run_dir / "train/record.json").read_text())
+    assert (metrics["steps"], metrics["resumed_from_step"], record["processes"]) == (10, 6, 2)
+    assert record["launch"] == "ddp"
 
 
 def test_qlora_under_two_gloo_processes(tiny_model_dir, tracking_env, tmp_path):
@@ -126,8 +127,9 @@ def test_qlora_under_two_gloo_processes(tiny_model_dir, tracking_env, tmp_path):
         "train": {**SETTINGS, "max_steps": 4, "eval_steps": 4, "batch_size": 4}})
     proc = torchrun("-m", "pipeline.cli", "train", str(recipe_path), "--run-dir", str(run_dir))
     assert proc.returncode == 0, proc.stderr[-4000:]
-    metrics = json.loads((run_dir / "train/metrics.json").read_text())
-    assert (metrics["steps"], metrics["processes"], metrics["launch"]) == (4, 2, "ddp")
+    record = json.loads((run_dir / "train/record.json").read_text())
+    assert (json.loads((run_dir / "train/metrics.json").read_text())["steps"], record["processes"], record["launch"]) == (
+        4, 2, "ddp")
     adapter = load_file(run_dir / "train/adapter/adapter_model.safetensors")
     assert any("lora_B" in name and tensor.abs().sum() > 0 for name, tensor in adapter.items()), "the adapter moved"
     assert not (run_dir / "train/adapter/training_args.bin").exists(), "no pickle in the adapter"

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from pipeline import models, train
+from pipeline import checkpoints, models
 from pipeline.cli import app
 from tests.conftest import shipped_recipe, write_recipe
 from tests.support.mlflow_server import free_port, server_command
@@ -77,7 +77,7 @@ def test_tracking_server_stopped_mid_run_training_completes(tiny_model_dir, tmp_
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
-    monkeypatch.setattr(train.SealCheckpoints, "on_step_end", stop_server_at_step_3, raising=False)
+    monkeypatch.setattr(checkpoints.SealCheckpoints, "on_step_end", stop_server_at_step_3, raising=False)
     try:
         result = CliRunner().invoke(app, ["train", str(recipe_path), "--run-dir", str(run_dir)])
     finally:

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from pipeline import train
+from pipeline import checkpoints, train
 from pipeline.cli import app
 from pipeline.recipe import load_recipe
 from pipeline.rundir import open_run
@@ -40,11 +40,11 @@ SETTINGS = {
 
 KILL_BETWEEN_CHECKPOINTS = """
 import os, signal
-from pipeline import train
+from pipeline import checkpoints
 def on_step_end(self, args, state, control, **kwargs):
     if state.global_step == {step}:
         os.kill(os.getpid(), signal.SIGKILL)
-train.SealCheckpoints.on_step_end = on_step_end
+checkpoints.SealCheckpoints.on_step_end = on_step_end
 """
 
 KILL_DURING_CHECKPOINT_WRITE = """
@@ -139,7 +139,7 @@ def train_runs_of(client: MlflowClient, run_dir: Path):
 def test_kill_between_checkpoints_then_resume(prepared, reference, tracking_env, tmp_path):
     run_dir = fresh_run(prepared, tmp_path, "killed-between")
     killed_training(prepared[0], run_dir, KILL_BETWEEN_CHECKPOINTS.format(step=7))
-    assert train._step_of(train.latest_complete_checkpoint(run_dir / "train/checkpoints")) == 6
+    assert checkpoints._step_of(checkpoints.latest_complete_checkpoint(run_dir / "train/checkpoints")) == 6
 
     refused = train_cli(prepared[0], run_dir)
     assert refused.exit_code == 2 and "--resume" in refused.output, "plain `train` must not guess"
@@ -163,7 +163,7 @@ def test_kill_during_checkpoint_write_falls_back(prepared, reference, tracking_e
     killed_training(prepared[0], run_dir, KILL_DURING_CHECKPOINT_WRITE.format(step=6))
     half_written = run_dir / "train/checkpoints/checkpoint-6"
     assert (half_written / "adapter_model.safetensors").is_file(), "the kill must land mid-write"
-    assert train.checkpoint_problem(half_written) is not None, "a half-written checkpoint must not look complete"
+    assert checkpoints.checkpoint_problem(half_written) is not None, "a half-written checkpoint must not look complete"
 
     # `expert run` calls the stage with its default, resume=True: it continues on its own after a crash
     train.run(load_recipe(prepared[0]), open_run(run_dir))
@@ -178,7 +178,7 @@ def test_damaged_latest_checkpoint_falls_back_with_warning(prepared, reference, 
     def crash(self, args, state, control, **kwargs):
         if state.global_step == 5:
             raise KeyboardInterrupt  # the user pressed Ctrl-C
-    monkeypatch.setattr(train.SealCheckpoints, "on_step_end", crash, raising=False)
+    monkeypatch.setattr(checkpoints.SealCheckpoints, "on_step_end", crash, raising=False)
     interrupted = train_cli(prepared[0], run_dir)
     assert interrupted.exit_code != 0
     monkeypatch.undo()

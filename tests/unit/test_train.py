@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import models, train
+from pipeline import checkpoints, models, train_setup
 from pipeline.errors import UserError
 from pipeline.recipe import AdapterSection, ModelSection, Recipe, TrainSection
+from pipeline.rundir import RunDir
 from tests.conftest import shipped_recipe
 
 
@@ -54,7 +55,7 @@ def test_precision_the_hardware_cannot_run_is_an_error():
 
 def test_sft_config_sets_every_default_trl_changes(tmp_path):
     section = TrainSection(eval_steps=10, save_steps=20, keep_checkpoints=3, learning_rate=3e-4)
-    config = train.to_sft_config(section, tmp_path, max_tokens=128)
+    config = train_setup.to_sft_config(section, tmp_path, max_tokens=128)
     assert not config.bf16 and not config.fp16
     assert not config.gradient_checkpointing and not config.activation_checkpointing
     assert config.learning_rate == 3e-4
@@ -64,7 +65,7 @@ def test_sft_config_sets_every_default_trl_changes(tmp_path):
     assert config.completion_only_loss and config.max_length == 128
     assert config.logging_nan_inf_filter is False
     assert config.include_num_input_tokens_seen == "non_padding"
-    checkpointed = train.to_sft_config(
+    checkpointed = train_setup.to_sft_config(
         TrainSection(gradient_checkpointing=True), tmp_path, 128, {"precision": "bf16", "padding_free": True}
     )
     assert checkpointed.gradient_checkpointing and checkpointed.bf16 and checkpointed.padding_free
@@ -107,7 +108,7 @@ def test_choose_padding_free(requested, packing, attention, expected):
         assert "block-diagonal mask" in why, "auto says why it stays off under SDPA/eager"
 
 
-def prepared_run(tmp_path: Path, rows: int) -> train.RunDir:
+def prepared_run(tmp_path: Path, rows: int) -> RunDir:
     """A run directory with prep's conversational prompt/completion splits, written by hand."""
     (tmp_path / "prep").mkdir()
     queues = ["billing", "shipping", "account"]
@@ -118,7 +119,7 @@ def prepared_run(tmp_path: Path, rows: int) -> train.RunDir:
                       {"role": "user", "content": f"ticket {i} " + "word " * (i % 7)}]
             lines.append(json.dumps({"prompt": prompt, "completion": [{"role": "assistant", "content": queues[i % 3]}]}))
         (tmp_path / f"prep/{split}.jsonl").write_text("\n".join(lines) + "\n")
-    return train.RunDir(tmp_path)
+    return RunDir(tmp_path)
 
 
 def test_padding_free_trains_through_the_real_sft_trainer(tiny_model_dir, tmp_path):
@@ -127,11 +128,11 @@ def test_padding_free_trains_through_the_real_sft_trainer(tiny_model_dir, tmp_pa
     recipe = Recipe.model_validate(shipped_recipe(
         "ticket-classification", **{"model.base": str(tiny_model_dir), "data.max_tokens": 64,
                                     "train": {"max_steps": 2, "batch_size": 4, "eval_steps": 2, "padding_free": True}}))
-    settings = train.training_settings(recipe)
+    settings = train_setup.training_settings(recipe)
     assert settings["padding_free"] and settings["padding_free_reason"] == "on: train.padding_free is true"
-    config = train.to_sft_config(recipe.train, tmp_path / "checkpoints", recipe.data.max_tokens, settings)
-    _, tokenizer, model = train.load_for_training(recipe, settings, "single", config.device)
-    trainer = train.build_trainer(recipe, prepared_run(tmp_path, 12), config, tokenizer, model, [])
+    config = train_setup.to_sft_config(recipe.train, tmp_path / "checkpoints", recipe.data.max_tokens, settings)
+    _, tokenizer, model = train_setup.load_for_training(recipe, settings, "single", config.device)
+    trainer = train_setup.build_trainer(recipe, prepared_run(tmp_path, 12), config, tokenizer, model, [])
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["input_ids"].shape[0] == 1, "one flattened row per batch"
     assert (batch["position_ids"][0] == 0).sum() == 4, "position ids restart at each of the 4 examples"
@@ -145,12 +146,12 @@ def test_a_row_longer_than_max_tokens_is_named_when_nothing_truncates(tiny_model
     recipe = Recipe.model_validate(shipped_recipe(
         "ticket-classification", **{"model.base": str(tiny_model_dir), "data.max_tokens": 40,
                                     "train": {"max_steps": 1, "batch_size": 2, "padding_free": True}}))
-    settings = train.training_settings(recipe)
-    config = train.to_sft_config(recipe.train, tmp_path / "checkpoints", recipe.data.max_tokens, settings)
+    settings = train_setup.training_settings(recipe)
+    config = train_setup.to_sft_config(recipe.train, tmp_path / "checkpoints", recipe.data.max_tokens, settings)
     assert config.max_length is None
-    _, tokenizer, model = train.load_for_training(recipe, settings, "single", config.device)
+    _, tokenizer, model = train_setup.load_for_training(recipe, settings, "single", config.device)
     with pytest.raises(UserError, match=r"prep/train.jsonl: row\(s\) .*tokens\) are longer than data.max_tokens=40"):
-        train.build_trainer(recipe, prepared_run(tmp_path, 12), config, tokenizer, model, [])
+        train_setup.build_trainer(recipe, prepared_run(tmp_path, 12), config, tokenizer, model, [])
 
 
 def test_padding_free_batches_keep_examples_apart(tiny_model_dir):
@@ -242,7 +243,7 @@ def test_save_steps_must_be_a_multiple_of_eval_steps():
 
 def test_out_of_memory_names_the_knobs():
     recipe = Recipe.model_validate(shipped_recipe("ticket-classification"))
-    advice = train.out_of_memory_advice(recipe)
+    advice = train_setup.out_of_memory_advice(recipe)
     for knob in ("train.batch_size", "data.max_tokens", "model.quantization: 4bit", "train.gradient_checkpointing"):
         assert knob in advice
 
@@ -254,7 +255,7 @@ def sft_trainer(tiny_model_dir: Path, tmp_path: Path, rows: list[dict], max_toke
     tokenizer = models.load_tokenizer(tiny_model_dir)
     model = models.load_base_model(Recipe.model_validate(shipped_recipe("ticket-classification")).model.model_copy(
         update={"base": str(tiny_model_dir)}), tiny_model_dir)
-    config = train.to_sft_config(TrainSection(batch_size=2), tmp_path, max_tokens)
+    config = train_setup.to_sft_config(TrainSection(batch_size=2), tmp_path, max_tokens)
     return SFTTrainer(
         model=model, args=config, train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
@@ -268,7 +269,7 @@ def pair(prompt: str, answer: str, row: int) -> dict:
 def test_prompt_tokens_are_masked_and_answer_tokens_are_not(tiny_model_dir, tmp_path):
     rows = [pair("My card was charged twice", "billing", 1), pair("The app crashes on start", "technical", 2)]
     trainer, tokenizer = sft_trainer(tiny_model_dir, tmp_path, rows)
-    train.check_every_row_has_answer(trainer.train_dataset, 2, "prep/train.jsonl")
+    train_setup.check_every_row_has_answer(trainer.train_dataset, 2, "prep/train.jsonl")
     batch = trainer.data_collator([{k: v for k, v in ex.items() if k != "row"} for ex in trainer.train_dataset])
     for i, answer in enumerate(["billing", "technical"]):
         labels, ids = batch["labels"][i], batch["input_ids"][i]
@@ -285,7 +286,7 @@ def test_an_example_with_no_answer_token_left_is_an_error_naming_it(tiny_model_d
     rows = [pair("short one", "billing", 1), pair(long_prompt, "shipping", 2)]
     trainer, _ = sft_trainer(tiny_model_dir, tmp_path, rows, max_tokens=32)
     with pytest.raises(UserError, match=r"prep/train.jsonl: row\(s\) 2 have no answer token"):
-        train.check_every_row_has_answer(trainer.train_dataset, 2, "prep/train.jsonl")
+        train_setup.check_every_row_has_answer(trainer.train_dataset, 2, "prep/train.jsonl")
 
 
 def make_checkpoint(directory: Path, step: int, seal: bool = True) -> Path:
@@ -294,20 +295,20 @@ def make_checkpoint(directory: Path, step: int, seal: bool = True) -> Path:
     (checkpoint / "adapter_model.safetensors").write_bytes(b"weights" * 100)
     (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     if seal:
-        train.seal_checkpoint(checkpoint)
+        checkpoints.seal_checkpoint(checkpoint)
     return checkpoint
 
 
 def test_seal_detects_incomplete_missing_and_truncated_files(tmp_path):
     good = make_checkpoint(tmp_path, 2)
-    assert train.checkpoint_problem(good) is None
-    assert "incomplete" in train.checkpoint_problem(make_checkpoint(tmp_path, 4, seal=False))
+    assert checkpoints.checkpoint_problem(good) is None
+    assert "incomplete" in checkpoints.checkpoint_problem(make_checkpoint(tmp_path, 4, seal=False))
     truncated = make_checkpoint(tmp_path, 6)
     (truncated / "adapter_model.safetensors").write_bytes(b"weights")
-    assert "adapter_model.safetensors does not match" in train.checkpoint_problem(truncated)
+    assert "adapter_model.safetensors does not match" in checkpoints.checkpoint_problem(truncated)
     missing = make_checkpoint(tmp_path, 8)
     (missing / "trainer_state.json").unlink()
-    assert "trainer_state.json is missing" in train.checkpoint_problem(missing)
+    assert "trainer_state.json is missing" in checkpoints.checkpoint_problem(missing)
 
 
 def test_latest_complete_checkpoint_skips_damaged_ones_newest_first(tmp_path, capsys):
@@ -316,7 +317,7 @@ def test_latest_complete_checkpoint_skips_damaged_ones_newest_first(tmp_path, ca
     damaged = make_checkpoint(tmp_path, 12)
     (damaged / "adapter_model.safetensors").write_bytes(b"")
     make_checkpoint(tmp_path, 14, seal=False)
-    assert train.latest_complete_checkpoint(tmp_path).name == "checkpoint-10"
+    assert checkpoints.latest_complete_checkpoint(tmp_path).name == "checkpoint-10"
     warnings = capsys.readouterr().err
     assert "checkpoint-14 is incomplete" in warnings and "checkpoint-12 is damaged" in warnings
     assert not damaged.exists(), "a damaged checkpoint is removed so nothing resumes from it later"
@@ -325,11 +326,11 @@ def test_latest_complete_checkpoint_skips_damaged_ones_newest_first(tmp_path, ca
 def test_plain_train_refuses_to_guess_between_resume_and_restart(tmp_path):
     inputs = {"a": "1"}
     make_checkpoint(tmp_path, 2)
-    (tmp_path / train.RESUME_STATE).write_text(json.dumps({"inputs": inputs, "mlflow_run_id": "r1"}))
+    (tmp_path / checkpoints.RESUME_STATE).write_text(json.dumps({"inputs": inputs, "mlflow_run_id": "r1"}))
     with pytest.raises(UserError, match="--resume .* or --restart"):
-        train.plan_resume(tmp_path, inputs, None)
-    assert train.plan_resume(tmp_path, inputs, True) == (tmp_path / "checkpoint-2", "r1")
-    assert train.plan_resume(tmp_path, {"a": "changed"}, True) == (None, None), "other inputs: start over"
+        checkpoints.plan_resume(tmp_path, inputs, None)
+    assert checkpoints.plan_resume(tmp_path, inputs, True) == (tmp_path / "checkpoint-2", "r1")
+    assert checkpoints.plan_resume(tmp_path, {"a": "changed"}, True) == (None, None), "other inputs: start over"
     assert not tmp_path.exists()
 
 
