@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -21,6 +21,15 @@ from pipeline.errors import UserError
 PositiveInt = Annotated[int, Field(gt=0, le=1_000_000_000)]
 BatchSize = Annotated[int, Field(gt=0, le=65_536)]
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+
+
+def _shown(text: str) -> dict[str, str]:
+    """A default as the key table shows it, where the literal default (None) says less than what it stands for.
+
+    A field's `description` is the one place its key is documented: the README's key table and
+    `expert validate --explain` are generated from them (pipeline/recipe_docs.py)."""
+    return {"shown_default": text}
 
 
 class Strict(BaseModel):
@@ -28,18 +37,25 @@ class Strict(BaseModel):
 
 
 class TaskSection(Strict):
-    type: Literal["classification", "extraction", "generation"]
-    instruction: str = Field(min_length=1)
-    # classification: an explicit label list, or None to take labels from the data
-    labels: list[str] | None = None
-    # extraction: the JSON Schema every target (and every prediction) must satisfy
-    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
-    # classification: a class with fewer usable rows than this is an error (3 = one per split)
-    min_examples_per_class: PositiveInt = 3
-    # Untuned baselines always get the label list / schema in their system prompt. The expert learns them in
-    # training (and label scoring / constrained decoding enforce them), so by default its prompt is the
-    # instruction alone: BANKING77's 77 labels would add ~570 tokens to every training step and request.
-    spec_in_expert_prompt: bool = False
+    type: Literal["classification", "extraction", "generation"] = Field(
+        description="`classification` (one label per input), `extraction` (a JSON object that satisfies "
+        "`task.schema`) or `generation` (a free-text answer)")
+    instruction: str = Field(min_length=1, description="the system instruction the model sees")
+    labels: list[str] | None = Field(
+        None, json_schema_extra=_shown("from the data"),
+        description="classification: the label set; omitted, the sorted unique labels of the data. Labels are "
+        "normalised (Unicode NFC, surrounding whitespace stripped) and then compared exactly")
+    json_schema: dict[str, Any] | None = Field(
+        None, alias="schema", json_schema_extra=_shown("required for extraction"),
+        description="extraction: the JSON Schema (draft 2020-12) every target and every prediction must satisfy")
+    min_examples_per_class: PositiveInt = Field(
+        3, description="classification: a class with fewer usable rows than this is an error that names it "
+        "(3: one per split)")
+    spec_in_expert_prompt: bool = Field(
+        False, description="also put the label list / schema in the expert's prompt. The untuned baselines always "
+        "get it; the expert learns it in training (and label scoring / constrained decoding enforce it), so by "
+        "default its prompt is the instruction alone: BANKING77's 77 labels would add ~570 tokens to every "
+        "training step and request")
 
     @model_validator(mode="after")
     def _check_type_fields(self) -> TaskSection:
@@ -75,34 +91,38 @@ class TaskSection(Strict):
                     raise ValueError("`labels` has duplicates (after normalisation: stripped, Unicode NFC)")
         return self
 
-
 FieldPath = Annotated[str, Field(min_length=1)]
 
 
 class FieldsSection(Strict):
-    # one field, or several joined by a blank line into the input (e.g. [subject, body])
-    text: FieldPath | Annotated[list[FieldPath], Field(min_length=1)]
-    # classification: the field holding the label; extraction: the field holding the target object,
-    # or a mapping {key: field} that builds it; generation: the field holding the answer text
-    target: FieldPath | Annotated[dict[str, FieldPath], Field(min_length=1)]
-    id: str | None = None
+    text: FieldPath | Annotated[list[FieldPath], Field(min_length=1)] = Field(
+        description="the field holding the input text (dotted paths reach nested fields), or a list of fields "
+        "joined by a blank line into the input, e.g. `[subject, body]`")
+    target: FieldPath | Annotated[dict[str, FieldPath], Field(min_length=1)] = Field(
+        description="classification: the field holding the label; generation: the field holding the answer "
+        "text; extraction: the field holding the target object (an object or a JSON string), or a mapping "
+        "`{key: field}` that builds it, e.g. `{intent: intent, slots: slots}`")
+    id: str | None = Field(
+        None, json_schema_extra=_shown("`<file stem>:<line>`"),
+        description="the field holding a stable example id (ids must be unique)")
 
     def text_fields(self) -> list[str]:
         return [self.text] if isinstance(self.text, str) else list(self.text)
 
 
 class SplitSection(Strict):
-    validation: Fraction = 0.1
-    test: Fraction = 0.2
-    seed: Annotated[int, Field(ge=0, lt=2**32)] = 13
-    stratify: bool = True
+    validation: Fraction = Field(
+        0.1, description="share of `data.source` held out for validation (ignored with `data.validation_source`)")
+    test: Fraction = Field(
+        0.2, description="share of `data.source` held out for test (ignored with `data.test_source`)")
+    seed: Seed = Field(13, description="seed of the split and of the few-shot draw (`data.fewshot`)")
+    stratify: bool = Field(True, description="classification: split each label's rows in the same proportions")
 
     @model_validator(mode="after")
     def _leave_training_data(self) -> SplitSection:
         if self.validation + self.test >= 0.9:
             raise ValueError("validation + test must leave at least 10% of rows for training")
         return self
-
 
 HF_PREFIX = "hf:"
 FILE_TYPES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
@@ -126,65 +146,100 @@ DataSource = Annotated[Path | str, AfterValidator(_check_source)]
 
 
 class DataSection(Strict):
-    source: DataSource
-    # fixed splits the user already has; the rest is split from `source`
-    validation_source: DataSource | None = None
-    test_source: DataSource | None = None
-    fields: FieldsSection
-    split: SplitSection = SplitSection()
-    max_tokens: PositiveInt = 256
-    # what happens to a row longer than max_tokens: reject it, or cut its input text to fit
-    max_tokens_policy: Literal["reject", "truncate"] = "reject"
-    max_rejected_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
-    # examples drawn from train into prep/fewshot.json for prompted baselines
-    fewshot: Annotated[int, Field(ge=0)] = 5
+    source: DataSource = Field(
+        description="`.jsonl`, `.json` (one array of objects, read whole: use `.jsonl` for big data), `.csv`, "
+        "`.tsv`, `.parquet`, or `hf:<dataset id>[:<config>]` (its `train` split, through `datasets`)")
+    validation_source: DataSource | None = Field(
+        None, description="a fixed validation split of your own (same formats; an `hf:` source reads its "
+        "`validation` split); that split is then not carved from `data.source`")
+    test_source: DataSource | None = Field(
+        None, description="a fixed test split of your own (same formats; an `hf:` source reads its `test` "
+        "split); that split is then not carved from `data.source`")
+    fields: FieldsSection = Field(description="which fields of a row hold the input, the target and the id")
+    split: SplitSection = Field(
+        SplitSection(), description="how `data.source` is split into train, validation and test: seeded, "
+        "deterministic, each split in source order")
+    max_tokens: PositiveInt = Field(256, description="limit on the rendered prompt + answer, in base-model tokens")
+    max_tokens_policy: Literal["reject", "truncate"] = Field(
+        "reject", description="a row longer than `data.max_tokens` is rejected (`too_long`) or, with `truncate`, "
+        "its input text is cut to fit (listed in `prep/truncated.jsonl`); counted and reported either way")
+    max_rejected_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        0.05, description="above this share of rejected rows prep fails with exit 2 and a summary by reason")
+    fewshot: Annotated[int, Field(ge=0)] = Field(
+        5, description="examples drawn from train into `prep/fewshot.json` for prompted baselines (`shots`)")
 
 
 class AdapterSection(Strict):
-    # lora, or dora (weight-decomposed LoRA: a learned magnitude per output; slower, sometimes better)
-    method: Literal["lora", "dora"] = "lora"
-    r: PositiveInt = 16
-    alpha: Annotated[float, Field(gt=0)] = 32
-    # no dropout by default: runs of a few epochs or less gain nothing from it, and on a CPU drawing its masks
-    # costs ~20% of each training step (docs/BENCHMARKS.md)
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-    target_modules: str | list[str] = "all-linear"
-    # rank-stabilised scaling alpha/sqrt(r) instead of alpha/r (keeps high ranks learning)
-    rslora: bool = False
+    method: Literal["lora", "dora"] = Field(
+        "lora", description="`lora`, or `dora` (weight-decomposed LoRA: a learned magnitude per output; slower, "
+        "sometimes better)")
+    r: PositiveInt = Field(16, description="LoRA rank")
+    alpha: Annotated[float, Field(gt=0)] = Field(
+        32, description="LoRA scaling: updates are scaled by alpha/r (alpha/sqrt(r) with `rslora`)")
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        0.0, description="LoRA dropout; none by default: runs of a few epochs or less gain nothing from it, and "
+        "on a CPU drawing its masks costs ~20% of each training step (docs/BENCHMARKS.md)")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="modules that get adapters: a list of module names, or `all-linear`")
+    rslora: bool = Field(
+        False, description="rank-stabilised scaling, alpha/sqrt(r) instead of alpha/r (keeps high ranks learning)")
 
 
 class ModelSection(Strict):
-    base: str = Field(min_length=1)
-    adapter: AdapterSection = AdapterSection()
-    quantization: Literal["none", "4bit", "8bit"] = "none"
-    trust_remote_code: bool = False
+    base: str = Field(
+        min_length=1, description="a built-in alias (`smollm2-135m-instruct`), a local model directory, or a "
+        "Hugging Face model id")
+    adapter: AdapterSection = Field(AdapterSection(), description="the (LoRA) adapter trained on the base model")
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="`none`, `4bit` (QLoRA: nf4 with double quantisation) or `8bit` (LLM.int8), through "
+        "bitsandbytes")
+    trust_remote_code: bool = Field(False, description="allow model code from the hub")
 
 
 class TrainSection(Strict):
-    epochs: Annotated[float, Field(gt=0, le=10_000)] = 2
-    max_steps: PositiveInt | None = None
-    batch_size: BatchSize = 8
-    gradient_accumulation: BatchSize = 1
-    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 2.0e-4
-    warmup_ratio: Fraction = 0.05
-    seed: Annotated[int, Field(ge=0, lt=2**32)] = 13
-    logging_steps: PositiveInt = 5
-    # validation loss every N optimizer steps; a checkpoint every save_steps (a multiple of eval_steps)
-    eval_steps: PositiveInt = 50
-    save_steps: PositiveInt | None = None  # default: eval_steps
-    keep_checkpoints: PositiveInt = 2  # the last K complete checkpoints (the best one is kept as well)
-    early_stopping_patience: PositiveInt | None = None  # validations without improvement before stopping
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the GPU or CPU has it, else fp16 (GPU) / fp32
-    gradient_checkpointing: bool = False  # trades ~30% more compute for much less activation memory
-    # each batch flattened into one sequence without padding (examples kept apart by their position ids);
-    # auto: on with a flash-attention kernel (variable-length, no mask), else off (SDPA/eager would need a
-    # block-diagonal mask over the flattened batch, which costs more than length-grouped padding wastes)
-    padding_free: bool | Literal["auto"] = "auto"
-    packing: bool = False  # pack examples into data.max_tokens sequences: batch_size then counts packed sequences
-    # auto on a GPU: flash_attention_3 (flash-attn-3, Hopper), else flash_attention_2 (flash-attn), else sdpa;
-    # on a CPU eager up to data.max_tokens 512 (faster there), sdpa above
-    attention: Literal["auto", "sdpa", "flash_attention_3", "flash_attention_2", "eager"] = "auto"
-    liger_kernels: bool = False  # Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU); a GPU and liger-kernel
+    epochs: Annotated[float, Field(gt=0, le=10_000)] = Field(2, description="passes over the training split")
+    max_steps: PositiveInt | None = Field(
+        None, description="stop after this many optimizer steps (overrides `train.epochs`)")
+    batch_size: BatchSize = Field(
+        8, description="examples per step, per device (with `train.packing`: packed sequences)")
+    gradient_accumulation: BatchSize = Field(1, description="steps accumulated per optimizer update")
+    learning_rate: Annotated[float, Field(gt=0, lt=1)] = Field(
+        2.0e-4, description="peak learning rate (cosine schedule after the warm-up)")
+    warmup_ratio: Fraction = Field(0.05, description="share of the optimizer steps spent warming up")
+    seed: Seed = Field(13, description="training seed (also the data order)")
+    logging_steps: PositiveInt = Field(
+        5, description="log loss, learning rate, grad norm and tokens/s every N steps")
+    eval_steps: PositiveInt = Field(50, description="validation loss every N optimizer steps")
+    save_steps: PositiveInt | None = Field(
+        None, json_schema_extra=_shown("`train.eval_steps`"),
+        description="a checkpoint every N optimizer steps: a multiple of `train.eval_steps`, so that every "
+        "checkpoint has a validation loss to pick the best one by")
+    keep_checkpoints: PositiveInt = Field(
+        2, description="the last K complete checkpoints are kept (and the best one as well)")
+    early_stopping_patience: PositiveInt | None = Field(
+        None, description="stop after this many validations without a better validation loss")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="`auto`: bf16 on GPUs that support it, else fp16; on a CPU bf16 where it has "
+        "AVX512-BF16 or AMX, else fp32. `fp16` needs a GPU. The choice is recorded in train/record.json; eval and "
+        "the registered model load the base in it on any machine")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: ~30% more compute, much less activation "
+        "memory")
+    padding_free: bool | Literal["auto"] = Field(
+        "auto", description="each batch flattened into one sequence without padding (examples kept apart by "
+        "their position ids); `auto`: on with a flash-attention kernel (variable-length, no mask), else off "
+        "(SDPA/eager would need a block-diagonal mask over the flattened batch, which costs more than "
+        "length-grouped padding wastes)")
+    packing: bool = Field(
+        False, description="pack examples into `data.max_tokens`-long sequences (implies padding-free); "
+        "`train.batch_size` then counts packed sequences")
+    attention: Literal["auto", "sdpa", "flash_attention_3", "flash_attention_2", "eager"] = Field(
+        "auto", description="`auto`: on a GPU `flash_attention_3` (the `flash-attn-3` package, Hopper), else "
+        "`flash_attention_2` (`flash-attn`), else `sdpa`; on a CPU `eager` up to `data.max_tokens` 512 "
+        "(measured faster there), `sdpa` above")
+    liger_kernels: bool = Field(
+        False, description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU); needs a GPU and "
+        "`pip install liger-kernel`")
 
     @model_validator(mode="after")
     def _checkpoints_at_validations(self) -> TrainSection:
@@ -195,88 +250,137 @@ class TrainSection(Strict):
             )
         return self
 
-
 class Price(Strict):
-    input: Annotated[float, Field(ge=0)]
-    output: Annotated[float, Field(ge=0)]
+    input: Annotated[float, Field(ge=0)] = Field(description="USD per million input (prompt) tokens")
+    output: Annotated[float, Field(ge=0)] = Field(description="USD per million output (completion) tokens")
 
 
-class BaselineSection(Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    kind: Literal["openai", "base_model", "predictions"]
-    # openai only
-    model: str | None = None
-    base_url: str | None = None
-    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    required: bool = False
-    max_concurrency: PositiveInt = 4
-    timeout_s: Annotated[float, Field(gt=0)] = 60
-    max_retries: Annotated[int, Field(ge=0, le=20)] = 4
-    # extraction: ask the endpoint for its JSON-schema response format instead of parsing JSON from text
-    json_schema_response: bool = False
-    # openai and predictions: dollars per million tokens, for cost per 1,000 requests
-    price_per_mtok: Price | None = None
-    # base_model only: k examples from prep/fewshot.json put before each question
-    shots: Annotated[int, Field(ge=0)] = 0
-    # predictions only: a JSONL file of recorded outputs, {"id", "output"} per line
-    path: Path | None = None
+PricePerMtok = Annotated[Price | None, Field(
+    description="USD per million tokens, `{input, output}`, for the cost per 1,000 requests (recorded "
+    "predictions: from the token counts their file records)")]
+_KIND = "which system the baseline is; it decides which other keys apply"
 
-    @model_validator(mode="after")
-    def _check_kind_fields(self) -> BaselineSection:
-        allowed = {
-            "openai": {"model", "base_url", "api_key_env", "price_per_mtok", "json_schema_response"},
-            "base_model": {"shots"},
-            "predictions": {"path", "price_per_mtok"},
-        }[self.kind]
-        optional = {"model", "base_url", "api_key_env", "price_per_mtok", "json_schema_response", "shots", "path"}
-        # a key counts when it differs from its default, so a dumped recipe (defaults written out) reloads
-        extra = sorted(k for k in optional - allowed if getattr(self, k) != type(self).model_fields[k].default)
-        if extra:
-            raise ValueError(f"{', '.join(extra)} do not apply to {self.kind} baselines; remove them")
-        if self.kind == "openai":
-            if not self.model:
-                raise ValueError("openai baselines need `model` (the model name the endpoint serves)")
-            if not self.api_key_env:
-                raise ValueError(
-                    "openai baselines need `api_key_env`: the NAME of the environment variable holding the key "
-                    "(never the key itself)"
-                )
-        if self.kind == "predictions" and self.path is None:
-            raise ValueError("predictions baselines need `path`: a JSONL file with one {\"id\", \"output\"} per line")
-        return self
+# Every baseline carried every kind's keys before baselines were split by kind, and a dumped recipe (a run
+# directory's recipe.yaml, a registered version's bundle) wrote them all out. Such a key, at the value it was
+# written with there, is dropped from a kind it does not belong to, so those recipes still load; at any other
+# value it is an unknown key of that kind.
+_UNSET_KEYS_OF_OTHER_KINDS: dict[str, Any] = {
+    "model": None, "base_url": None, "api_key_env": None, "required": False, "max_concurrency": 4,
+    "timeout_s": 60, "max_retries": 4, "json_schema_response": False, "price_per_mtok": None, "shots": 0,
+    "path": None,
+}
+
+
+class _Baseline(Strict):
+    name: str = Field(
+        min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
+        description="unique among the baselines and not `expert`; letters, digits, `_`, `.`, `-`")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_unset_keys_of_other_kinds(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items()
+                if k in cls.model_fields or k not in _UNSET_KEYS_OF_OTHER_KINDS or v != _UNSET_KEYS_OF_OTHER_KINDS[k]}
+
+
+class OpenAIBaseline(_Baseline):
+    """Any OpenAI-compatible chat-completions endpoint, through the official SDK, with the baselines' prompt.
+    Successful answers are cached in SQLite (`$EXPERT_CACHE/responses.sqlite`) keyed by endpoint, model, messages
+    and parameters, so re-running eval makes no calls; failures are never cached. The key never reaches the
+    cache, logs, MLflow or the run directory."""
+
+    kind: Literal["openai"] = Field(description=_KIND)
+    model: str = Field(min_length=1, description="the model name the endpoint serves")
+    base_url: str | None = Field(None, json_schema_extra=_shown("OpenAI's"), description="the endpoint")
+    api_key_env: str = Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="the NAME of the environment variable holding the API key (never the key itself)")
+    required: bool = Field(
+        False, description="a missing key is an error instead of skipping the baseline with a message, and so is "
+        "failing on more than `eval.gate.max_baseline_failure_rate` of the test rows (eval exits 2)")
+    max_concurrency: PositiveInt = Field(4, description="requests in flight at once")
+    timeout_s: Annotated[float, Field(gt=0)] = Field(60, description="seconds one request may take")
+    max_retries: Annotated[int, Field(ge=0, le=20)] = Field(
+        4, description="retries of a request, with exponential backoff and jitter (or the server's Retry-After), "
+        "on 429, 5xx, timeouts, connection errors and malformed bodies; other 4xx are not retried")
+    json_schema_response: bool = Field(
+        False, description="extraction: ask the endpoint for its JSON-schema response format instead of parsing "
+        "JSON out of the text")
+    price_per_mtok: PricePerMtok = None
+
+
+class BaseModelBaseline(_Baseline):
+    """The untuned base model with the baselines' prompt (which lists the labels or the schema) and the same
+    inference as the expert (label scoring, or schema-constrained decoding)."""
+
+    kind: Literal["base_model"] = Field(description=_KIND)
+    shots: Annotated[int, Field(ge=0)] = Field(
+        0, description="the first k examples of `prep/fewshot.json` (written by prep, see `data.fewshot`) put "
+        "before each question as user/assistant turns; k > 0 without that file is an error naming the key")
+
+
+class PredictionsBaseline(_Baseline):
+    """Recorded outputs of a system run elsewhere, matched to the examples by id; ids of a split that have no
+    line are an error listing them."""
+
+    kind: Literal["predictions"] = Field(description=_KIND)
+    path: Path = Field(
+        description="a JSONL file with `{\"id\", \"output\"}` per line (`output`: the raw answer text, or the "
+        "object for extraction; optional `input_tokens`, `output_tokens`, `latency_ms`)")
+    price_per_mtok: PricePerMtok = None
+
+
+# one baseline: which class checks it is decided by its `kind`, so a key of another kind is an unknown key
+BaselineSection = Annotated[OpenAIBaseline | BaseModelBaseline | PredictionsBaseline, Field(discriminator="kind")]
+BASELINE_KINDS: dict[str, type[_Baseline]] = {
+    get_args(cls.model_fields["kind"].annotation)[0]: cls for cls in get_args(get_args(BaselineSection)[0])
+}
 
 
 class GateSection(Strict):
-    metric: Literal["accuracy", "macro_f1", "field_exact_match", "exact_match", "valid_json_rate"] = "macro_f1"
-    max_drop_vs_best_baseline: Annotated[float, Field(ge=0)] = 0.02
-    min_value: Annotated[float, Field(ge=0, le=1)] = 0.0
-    # a baseline that failed (no answer after retries) on more than this share of the test rows is no evidence:
-    # the comparison is incomplete and the gate cannot pass. 0: any failed row
-    max_baseline_failure_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
+    metric: Literal["accuracy", "macro_f1", "field_exact_match", "exact_match", "valid_json_rate"] = Field(
+        "macro_f1", description="classification: `accuracy`, `macro_f1`; extraction: `field_exact_match`, "
+        "`exact_match`, `valid_json_rate`; generation: `exact_match`")
+    max_drop_vs_best_baseline: Annotated[float, Field(ge=0)] = Field(
+        0.02, description="the expert may be this much below the best baseline that ran")
+    min_value: Annotated[float, Field(ge=0, le=1)] = Field(0.0, description="and must reach at least this")
+    max_baseline_failure_rate: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.0, description="a baseline that failed (no answer after retries) on more than this share of the test "
+        "rows is no evidence: the comparison is incomplete, the gate cannot pass, the decision is `incomplete`; "
+        "with `required: true` on that baseline eval exits 2. 0: any failed row")
 
 
 class CascadeSection(Strict):
-    """Expert first, the frontier when the expert's confidence is below a threshold chosen on validation."""
-
-    target_metric: Literal["accuracy", "macro_f1", "field_exact_match", "exact_match"] = "accuracy"
-    target: Annotated[float, Field(gt=0, le=1)]
-    # the baseline that answers escalated requests; default: the first openai or predictions baseline
-    frontier: str | None = None
+    target_metric: Literal["accuracy", "macro_f1", "field_exact_match", "exact_match"] = Field(
+        "accuracy", description="the metric the cascade must reach")
+    target: Annotated[float, Field(gt=0, le=1)] = Field(
+        description="the value it must reach; the confidence threshold is chosen on the validation split")
+    frontier: str | None = Field(
+        None, json_schema_extra=_shown("the first openai/predictions baseline"),
+        description="the baseline that answers escalated requests (an openai or predictions baseline)")
 
 
 class EvalSection(Strict):
-    baselines: list[BaselineSection] = []
-    gate: GateSection = GateSection()
-    cascade: CascadeSection | None = None
-    batch_size: BatchSize = 8
-    max_new_tokens: PositiveInt = 128
-    # extraction: JSON-Schema-constrained decoding (every answer parses and validates); false = free greedy decoding
-    constrained_decoding: bool = True
-    # paired bootstrap resamples for the confidence intervals of metric differences
-    bootstrap_samples: Annotated[int, Field(ge=100, le=100_000)] = 2000
-    seed: Annotated[int, Field(ge=0, lt=2**32)] = 13
-    # what an hour of the machine serving the expert costs, for cost per 1,000 requests
-    expert_cost_per_hour: Annotated[float, Field(ge=0)] = 0.10
+    baselines: list[BaselineSection] = Field([], description="the systems the expert is compared with")
+    gate: GateSection = Field(GateSection(), description="what the expert must reach to pass (see 'What eval decides')")
+    cascade: CascadeSection | None = Field(
+        None, description="expert first, the frontier (an openai or predictions baseline) when the expert's "
+        "confidence is below a threshold chosen on the validation split")
+    batch_size: BatchSize = Field(8, description="local inference batch size")
+    max_new_tokens: PositiveInt = Field(
+        128, description="answer length limit, in tokens, for generated answers (generation and extraction; "
+        "classification scores the labels) and frontier calls")
+    constrained_decoding: bool = Field(
+        True, description="extraction: decode under the JSON Schema (every answer parses and validates); "
+        "false = free greedy decoding")
+    bootstrap_samples: Annotated[int, Field(ge=100, le=100_000)] = Field(
+        2000, description="paired bootstrap resamples for the confidence intervals of expert - baseline")
+    seed: Seed = Field(13, description="bootstrap seed")
+    expert_cost_per_hour: Annotated[float, Field(ge=0)] = Field(
+        0.10, description="USD per hour of the machine serving local models (the expert, base_model baselines), "
+        "for cost per 1,000 requests")
 
     @model_validator(mode="after")
     def _unique_names(self) -> EvalSection:
@@ -304,20 +408,23 @@ class EvalSection(Strict):
             return None
         return self.cascade.frontier or next(b.name for b in self.baselines if b.kind in ("openai", "predictions"))
 
-
 class RegistrySection(Strict):
-    # a registered model's name: letters, digits, `_`, `.`, `-` (no path separators; MLflow uses it in URIs)
-    model_name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    model_name: str = Field(
+        min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="registered model name in MLflow: letters, digits, `_`, `.`, `-` (no path separators; MLflow "
+        "puts it in URIs)")
 
 
 class Recipe(Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    task: TaskSection
-    data: DataSection
-    model: ModelSection
-    train: TrainSection = TrainSection()
-    eval: EvalSection = EvalSection()
-    registry: RegistrySection
+    name: str = Field(
+        min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="run folder and MLflow experiment name: letters, digits, `_`, `.`, `-`")
+    task: TaskSection = Field(description="what the expert does")
+    data: DataSection = Field(description="the examples: where they come from, their fields, their split")
+    model: ModelSection = Field(description="the base model and the adapter trained on it")
+    train: TrainSection = Field(TrainSection(), description="the fine-tuning run")
+    eval: EvalSection = Field(EvalSection(), description="the comparison with the baselines, and its gate")
+    registry: RegistrySection = Field(description="where `expert push` registers the expert")
 
     @model_validator(mode="after")
     def _gate_fits_task(self) -> Recipe:
@@ -359,19 +466,74 @@ class Recipe(Strict):
 
 
 def _yaml_path(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("function-after",) and not str(p).startswith("function-")]
+    """A pydantic error location as the YAML path a user edits: validator names dropped, and so is the tag pydantic
+    puts in for a discriminated union (`eval -> baselines -> 0 -> openai -> model`), which no recipe spells."""
+    parts = [str(p) for p in _without_tag(loc) if not str(p).startswith("function-")]
     return " -> ".join(parts) if parts else "(top level)"
+
+
+def _checked_as(loc: tuple[Any, ...]) -> str | None:
+    """The baseline kind an error location was checked as, or None outside a baseline."""
+    return _tag_at(loc)[1]
+
+
+def _tag_at(loc: tuple[Any, ...]) -> tuple[int | None, str | None]:
+    if len(loc) > 3 and tuple(loc[:2]) == ("eval", "baselines") and isinstance(loc[2], int) \
+            and loc[3] in BASELINE_KINDS:
+        return 3, loc[3]
+    return None, None
+
+
+def _without_tag(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    at, _ = _tag_at(loc)
+    return loc if at is None else loc[:at] + loc[at + 1 :]
+
+
+def _field_at(loc: tuple[Any, ...]):
+    """The FieldInfo an error location points at (following the baseline kind it was checked as), or None."""
+    model: Any = Recipe
+    kind_model = BASELINE_KINDS.get(_checked_as(loc) or "")
+    info = None
+    for part in _without_tag(loc):
+        if isinstance(part, int) and kind_model is not None:
+            model = kind_model
+            continue
+        fields = getattr(model, "model_fields", None)
+        if not isinstance(part, str) or fields is None:
+            return None
+        info = next((f for name, f in fields.items() if part in (name, f.alias)), None)
+        if info is None:
+            return None
+        model = next((a for a in (info.annotation, *get_args(info.annotation))
+                      if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return info
 
 
 def format_validation_error(path: Path, err: ValidationError) -> str:
     lines = [f"{path}: {err.error_count()} problem(s) in the recipe:"]
     for e in err.errors():
+        where, kind = _yaml_path(e["loc"]), _checked_as(e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key; remove it or check its spelling (see README, 'Recipe keys')"
+        if e["type"] == "extra_forbidden" and kind is not None:
+            keys = ", ".join(BASELINE_KINDS[kind].model_fields)
+            msg = f"not a key of `kind: {kind}` baselines, which take {keys}; remove it or check its spelling"
+            kind = None  # said already
+        elif e["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling (every key: `expert validate RECIPE --keys`)"
         elif e["type"] == "missing":
-            msg = "required key is missing"
-        lines.append(f"  - {_yaml_path(e['loc'])}: {msg}")
+            info = _field_at(e["loc"])
+            msg = "required key is missing" + (f" for a `kind: {kind}` baseline" if kind is not None else "")
+            msg += f": {info.description}" if info is not None and info.description else ""
+            kind = None
+        elif e["type"] in ("union_tag_not_found", "union_tag_invalid"):
+            key = e["ctx"]["discriminator"].strip("'")
+            where = f"{where} -> {key}"
+            tags = ", ".join(BASELINE_KINDS)
+            msg = (f"required key is missing: one of {tags}" if e["type"] == "union_tag_not_found"
+                   else f"`{e['ctx']['tag']}` is not a baseline {key}; use one of {tags}")
+        if kind is not None:
+            msg += f" (checked as a `kind: {kind}` baseline)"
+        lines.append(f"  - {where}: {msg}")
     return "\n".join(lines)
 
 
@@ -395,8 +557,47 @@ def _unique_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode, deep: bool 
 UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
-def load_recipe(path: Path | str) -> Recipe:
-    """Read, validate and resolve a recipe file.
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`--set key=value` on a recipe mapping: `key` a dotted YAML path (`train.epochs`, list items by index:
+    `eval.baselines.0.model`), `value` parsed as YAML (`3`, `true`, `[a, b]`, `null`). The result is validated
+    like the file, so a wrong key or value is reported with its path."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        parts = key.strip().replace("[", ".").replace("]", "").split(".")
+        if not eq or not all(parts):
+            raise UserError(f"--set {item}: write KEY=VALUE with KEY a dotted recipe key, e.g. --set train.epochs=3")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise UserError(f"--set {item}: the value is not valid YAML: {err}") from None
+        node: Any = out
+        for depth, part in enumerate(parts[:-1]):
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise UserError(f"--set {item}: `{where}`: the list has {len(node)} items; index it 0-{len(node) - 1}")
+                node = node[int(part)]
+            elif isinstance(node, dict):
+                node = node.setdefault(part, {})
+            else:
+                raise UserError(f"--set {item}: `{where}` is a value, not a section")
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise UserError(f"--set {item}: `{key}`: the list has {len(node)} items; index it 0-{len(node) - 1}")
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise UserError(f"--set {item}: `{'.'.join(parts[:-1])}` is a value, not a section")
+    return out
+
+
+def load_recipe(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, validate and resolve a recipe file, with `--set key=value` `overrides` applied before validation.
 
     Relative `data.source`, `data.validation_source` and `data.test_source`
     paths resolve against the recipe file's directory, so a recipe means the
@@ -415,10 +616,12 @@ def load_recipe(path: Path | str) -> Recipe:
         raise UserError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe is a YAML mapping with keys name, task, data, model, registry")
+    raw = apply_overrides(raw, overrides)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
-        raise UserError(format_validation_error(path, err)) from None
+        where = f"{path} with --set {' --set '.join(overrides)}" if overrides else path
+        raise UserError(format_validation_error(where, err)) from None
     resolved = {}
     for key in ("source", "validation_source", "test_source"):
         source = getattr(recipe.data, key)
@@ -426,7 +629,8 @@ def load_recipe(path: Path | str) -> Recipe:
             resolved[key] = (path.parent / source).resolve()
     data = recipe.data.model_copy(update=resolved)
     baselines = [  # recorded predictions files, like data.source, are relative to the recipe file
-        b.model_copy(update={"path": (path.parent / b.path).resolve()}) if b.path and not b.path.is_absolute() else b
+        b.model_copy(update={"path": (path.parent / b.path).resolve()})
+        if isinstance(b, PredictionsBaseline) and not b.path.is_absolute() else b
         for b in recipe.eval.baselines
     ]
     evaluation = recipe.eval.model_copy(update={"baselines": baselines})

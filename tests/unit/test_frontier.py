@@ -10,15 +10,15 @@ import pytest
 
 from pipeline import frontier
 from pipeline.errors import UserError
-from pipeline.recipe import BaselineSection
+from pipeline.recipe import OpenAIBaseline
 from tests.support.openai_server import FakeOpenAIServer, count_tokens
 
 KEY = "sk-unit-secret-0987654321"
 PROMPTS = [[{"role": "system", "content": "Route it."}, {"role": "user", "content": f"message number {i}"}] for i in range(3)]
 
 
-def baseline(base_url: str, **extra) -> BaselineSection:
-    return BaselineSection(name="frontier", kind="openai", model="fake-frontier", base_url=base_url,
+def baseline(base_url: str, **extra) -> OpenAIBaseline:
+    return OpenAIBaseline(name="frontier", kind="openai", model="fake-frontier", base_url=base_url,
                            api_key_env="UNIT_FRONTIER_KEY", max_concurrency=1, **extra)
 
 
@@ -90,7 +90,7 @@ def test_json_schema_response_format_is_requested_when_asked(cache):
 
 def test_concurrent_answers_keep_prompt_order(cache):
     with FakeOpenAIServer(lambda body: body["messages"][-1]["content"].split()[-1], api_key=KEY) as srv:
-        b = BaselineSection(name="f", kind="openai", model="m", base_url=srv.base_url, api_key_env="K", max_concurrency=3)
+        b = OpenAIBaseline(name="f", kind="openai", model="m", base_url=srv.base_url, api_key_env="K", max_concurrency=3)
         rows = frontier.ask_all(b, KEY, PROMPTS, 8, cache=cache)
     assert [r["raw"] for r in rows] == ["0", "1", "2"]
 
@@ -103,7 +103,7 @@ def test_missing_key_skips_or_fails_when_required(monkeypatch):
 
 
 def test_cost_per_1k_from_usage_and_price():
-    price = BaselineSection(name="f", kind="openai", model="m", api_key_env="K",
+    price = OpenAIBaseline(name="f", kind="openai", model="m", api_key_env="K",
                             price_per_mtok={"input": 2.0, "output": 10.0}).price_per_mtok
     rows = [{"raw": "a", "input_tokens": 100, "output_tokens": 10}, {"raw": "b", "input_tokens": 300, "output_tokens": 30},
             {"raw": None, "error": "x", "input_tokens": 0, "output_tokens": 0}]
