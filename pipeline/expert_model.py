@@ -6,8 +6,9 @@ version and knows nothing of label scoring, schemas or the cascade threshold;
 a pyfunc keeps a version small (adapter + tokenizer + spec), answers exactly
 as the eval stage did, and loads without unpickling anything (the model class
 comes from code, weights from safetensors). Loading needs this package
-installed; the base model is resolved from the recorded `model.base` (or from
-the bundled copy when pushed with `--include-base`).
+installed; the base model is the one `train_record.json` names (same revision,
+checked by content hash) or the bundled copy when pushed with `--include-base`,
+loaded in training's precision.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class ExpertModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from peft import PeftModel
 
-        from pipeline import models
+        from pipeline import contracts, models
         from pipeline.recipe import load_recipe
 
         bundle = Path(context.artifacts[BUNDLE])
@@ -57,11 +58,19 @@ class ExpertModel(mlflow.pyfunc.PythonModel):
         cascade_doc = json.loads(cascade.read_text(encoding="utf-8")) if cascade.is_file() else {}
         self.threshold = cascade_doc.get("threshold")
         self.frontier = cascade_doc.get("frontier")  # the baseline that answers escalated requests
+        # the base and precision training used, as train/record.json says (not decided again on this machine)
+        trained = contracts.read_record(bundle / "train_record.json", contracts.TrainRecord)
+        self.precision = trained.precision
         base_dir = bundle / "base"
-        source = base_dir if base_dir.is_dir() else models.resolve_base(self.recipe.model.base)[0]
+        if base_dir.is_dir():
+            if models.weights_hash(base_dir) != trained.base.content_hash:
+                raise ValueError(f"{base_dir}: the bundled base is not the one the adapter was trained on")
+            source = base_dir
+        else:
+            source = models.recorded_base(trained.base)
         self.base_source = source
         self.tokenizer = models.load_tokenizer(bundle / "adapter", self.recipe.model.trust_remote_code)
-        base = models.load_base_model(self.recipe.model, source, models.resolve_precision(self.recipe.train.precision),
+        base = models.load_base_model(self.recipe.model, source, trained.precision,
                                       device_map=models.inference_device_map())
         self.model = PeftModel.from_pretrained(base, bundle / "adapter").eval()
 
@@ -69,7 +78,7 @@ class ExpertModel(mlflow.pyfunc.PythonModel):
         from pipeline import predict
 
         texts = _texts(model_input)
-        prompts = [[{"role": "system", "content": self.system_prompt}, {"role": "user", "content": t}] for t in texts]
+        prompts = [predict.expert_prompt(self.system_prompt, t) for t in texts]  # as `expert serve` builds them
         rows = predict.answer(self.model, self.tokenizer, prompts, self.recipe, self.spec)
         return [
             {

@@ -34,21 +34,12 @@ def expert_card(expert, model_uri: str, fmt: str) -> dict[str, Any]:
         "registered_name": recipe.registry.model_name,
         "task": recipe.task.type,
         "base_model": recipe.model.base,
-        "base_model_source": str(base_source(recipe)),  # what vLLM needs as BASE for --format peft
+        "base_model_source": str(expert.base_source),  # what vLLM needs as BASE for --format peft
         "system_prompt": expert.system_prompt,
         "spec": expert.spec,  # labels (classification) or JSON Schema (extraction)
         "cascade_threshold": expert.threshold,
         "cascade_frontier": expert.frontier,
     }
-
-
-def base_source(recipe) -> Path | str:
-    from pipeline import models
-
-    try:
-        return models.resolve_base(recipe.model.base)[0]
-    except UserError:
-        return recipe.model.base
 
 
 def base_dtype(expert):
@@ -113,7 +104,7 @@ def export(model_uri: str, fmt: Literal["peft", "merged"], out: Path, force: boo
     console.print(f"[green]export[/]: {model_uri} as {fmt} in {out} ({', '.join(files)})")
     name = recipe.registry.model_name
     if fmt == "peft":
-        console.print(f"serve at scale: vllm serve {base_source(recipe)} --enable-lora --lora-modules {name}={out}")
+        console.print(f"serve at scale: vllm serve {expert.base_source} --enable-lora --lora-modules {name}={out}")
     else:
         console.print(f"serve at scale: vllm serve {out} --served-model-name {name}")
     return out

@@ -16,10 +16,12 @@ import importlib.util
 import json
 import os
 import shutil
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 
+from pipeline.contracts import BaseRecord
 from pipeline.errors import UserError
 from pipeline.ui import console
 from pipeline.recipe import AdapterSection, ModelSection
@@ -90,26 +92,87 @@ def write_cache_dir(out_dir: Path, write, marker: str, record: dict[str, Any]) -
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def resolve_base(base: str) -> tuple[Path | str, dict[str, Any]]:
-    """Where to load `model.base` from, and what to record about it (lineage, not weights)."""
+def resolve_base(base: str) -> tuple[Path, BaseRecord]:
+    """Where to load `model.base` from (always a local directory: a hub id is downloaded to its pinned snapshot),
+    and the record that identifies those weights (kind, revision, content hash)."""
     if base in BUILTIN_MODELS:
         gguf = find_builtin_gguf(base)
         digest = file_hash(gguf)
         out_dir = cache_root() / "models" / f"{base}-{digest[:12]}"
         if not (out_dir / CONVERTED_MARKER).is_file():
             convert_gguf(gguf, out_dir)
-        return out_dir, {"kind": "builtin", "alias": base, "file": gguf.name, "sha256": digest}
+        package = BUILTIN_MODELS[base][0].replace("_", "-")
+        return out_dir, BaseRecord(kind="builtin", name=base, location=gguf.name,
+                                   revision=f"{package}=={metadata.version(package)}", content_hash=digest)
     local = Path(base).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise UserError(f"model.base `{base}` is a directory without config.json; point it at a saved model")
-        return local.resolve(), {"kind": "local", "path": str(local.resolve())}
+        return local.resolve(), BaseRecord(kind="local", name=base, location=str(local.resolve()), revision=None,
+                                           content_hash=weights_hash(local))
     if local.suffix or base.startswith((".", "/", "~")):
         raise UserError(
             f"model.base `{base}` is neither a built-in alias ({', '.join(BUILTIN_MODELS)}), "
             "an existing directory, nor a Hugging Face id"
         )
-    return base, {"kind": "hub", "id": base}
+    snapshot = hub_snapshot(base, None)
+    return snapshot, BaseRecord(kind="hub", name=base, location=base, revision=snapshot.name,
+                                content_hash=weights_hash(snapshot))
+
+
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py"]
+
+
+def hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """The local snapshot folder (named by its commit) of a hub model at `revision` (None: the newest)."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
+
+
+def recorded_base(record: BaseRecord) -> Path:
+    """The base an adapter was trained on, as its record names it: the same revision, checked by content hash.
+    Weights that differ from training's are an error, never a silent swap."""
+    if record.kind == "builtin":
+        source, now = resolve_base(record.name)
+        changed = now.content_hash != record.content_hash
+    elif record.kind == "local":
+        source = Path(record.location)
+        if not (source / "config.json").is_file():
+            raise UserError(f"base model {source}: the directory training used is gone; restore it")
+        changed = weights_hash(source) != record.content_hash
+    else:
+        source = hub_snapshot(record.location, record.revision)
+        changed = weights_hash(source) != record.content_hash
+    if changed:
+        raise UserError(f"base model `{record.name}` ({record.location}): its weights are not the ones the adapter "
+                        f"was trained on (content hash {record.content_hash[:12]}); restore them, or train again")
+    return source
+
+
+WEIGHT_PATTERNS = ("config.json", "*.safetensors")
+
+
+def weights_hash(folder: Path) -> str:
+    """sha256 over a model folder's config and safetensors files (names and contents). Each file's digest is
+    cached under `EXPERT_CACHE` by path, size and mtime, so checking a multi-GB base again costs a stat."""
+    cache_path = cache_root() / "file-hashes.json"
+    try:
+        cache = json.loads(cache_path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        cache = {}
+    h = hashlib.sha256()
+    files = sorted({p for pattern in WEIGHT_PATTERNS for p in folder.glob(pattern) if p.is_file()})
+    changed = False
+    for path in files:
+        stat, key = path.stat(), str(path.resolve())
+        if cache.get(key, [None, None])[:2] != [stat.st_size, stat.st_mtime_ns]:
+            cache[key] = [stat.st_size, stat.st_mtime_ns, file_hash(path)]
+            changed = True
+        h.update(path.name.encode() + b"\0" + cache[key][2].encode())
+    if changed:  # entries of files that are gone are dropped, so the cache stays the size of what exists
+        atomic_write_json(cache_path, {k: v for k, v in cache.items() if Path(k).is_file()})
+    return h.hexdigest()
 
 
 PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|endoftext|>", "<pad>", "<unk>", "<|reserved_special_token_0|>")

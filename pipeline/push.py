@@ -22,10 +22,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline import models, tracking
+from pipeline import contracts, models, tracking
+from pipeline.contracts import PushOptions, StageOptions
 from pipeline.errors import UserError
-from pipeline.recipe import Recipe
-from pipeline.rundir import RECIPE_FILE, RunDir, atomic_write_json
+from pipeline.recipe import Recipe, dump_recipe
+from pipeline.rundir import RunDir, atomic_write_json
 from pipeline.ui import console
 
 STAGE = "push"
@@ -42,14 +43,6 @@ def installed(library: str) -> tuple[str, str]:
         if library != "mlflow":
             raise
         return "mlflow-skinny", metadata.version("mlflow-skinny")
-
-
-@dataclass(frozen=True)
-class PushOptions:
-    force: bool = False
-    reason: str | None = None
-    dry_run: bool = False
-    include_base: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,20 +78,25 @@ def decide_promotion(passed: bool, candidate: Candidate, champion: Candidate | N
     return True, f"gate passed and {candidate.metric} {candidate.value:.4f} >= champion v{champion.version} ({champion.value:.4f})"
 
 
+# push bundles the whole recipe into the version, so every key is an input
+RECIPE_KEYS: tuple[str, ...] = ()
+BUNDLED = ["train/adapter", "train/record.json", "train/metrics.json", "prep/spec.json", "eval/verdict.json",
+           "eval/metrics.json", "eval/cascade.json", "eval/report.md", "eval/record.json"]
+
+
 def inputs_of(recipe: Recipe, run: RunDir) -> dict[str, str]:
-    return {
-        "recipe:registry": recipe.section_hash("registry"),
-        "train/adapter": run.output_hash("train", "train/adapter"),
-        "eval/verdict.json": run.output_hash("eval", "eval/verdict.json"),
-        "eval/metrics.json": run.output_hash("eval", "eval/metrics.json"),
-    }
+    inputs = contracts.recipe_inputs(run, STAGE, recipe, RECIPE_KEYS)
+    for rel in BUNDLED:
+        inputs[rel] = run.output_hash(rel.partition("/")[0], rel)
+    return inputs
 
 
-def run(recipe: Recipe, run: RunDir, options: PushOptions = PushOptions()) -> dict[str, Any]:
+def run(recipe: Recipe, run: RunDir, stage_options: StageOptions = StageOptions()) -> dict[str, Any]:
+    options = stage_options.push
     if options.force and not (options.reason and options.reason.strip()):
         raise UserError("--force needs --reason TEXT: the reason is recorded on the version for reviewers")
     inputs = inputs_of(recipe, run)
-    if not (options.force or options.dry_run) and run.is_current(STAGE, inputs):
+    if not (options.force or options.dry_run or STAGE in stage_options.redo) and run.is_current(STAGE, inputs):
         console.print(f"[green]push[/]: up to date in {run.path / STAGE}, skipped")
         return run.stage_record(STAGE)
     verdict = json.loads((run.path / "eval/verdict.json").read_text(encoding="utf-8"))
@@ -116,7 +114,7 @@ def run(recipe: Recipe, run: RunDir, options: PushOptions = PushOptions()) -> di
         )
         return {"dry_run": True, "promote": promote, "why": why}
 
-    with run.attempt(STAGE, inputs):
+    with run.attempt(STAGE, inputs, recipe, RECIPE_KEYS):
         repair_interrupted_push(run, mlflow_client)
         tags = version_tags(recipe, metrics, verdict, fingerprint, manifest)
         tags[PUSH_STATE] = "incomplete"  # set to complete last: a version left incomplete is rolled back
@@ -225,17 +223,17 @@ def save_pyfunc(run: RunDir, tmp: Path, recipe: Recipe, include_base: bool) -> P
 
     bundle = tmp / "bundle"
     shutil.copytree(run.path / "train/adapter", bundle / "adapter")
-    shutil.copy2(run.path / RECIPE_FILE, bundle / "recipe.yaml")
+    # the recipe as this push checked it: every key the stages read is the value they ran with
+    (bundle / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
     shutil.copy2(run.path / "prep/spec.json", bundle / "spec.json")
     for name in ("report.md", "verdict.json", "metrics.json", "cascade.json"):
-        if (run.path / "eval" / name).is_file():
-            shutil.copy2(run.path / "eval" / name, bundle / name)
+        shutil.copy2(run.path / "eval" / name, bundle / name)
     shutil.copy2(run.path / "train/metrics.json", bundle / "train_metrics.json")
+    shutil.copy2(run.path / "train/record.json", bundle / "train_record.json")
+    shutil.copy2(run.path / "eval/record.json", bundle / "eval_record.json")
     if include_base:
-        source, _ = models.resolve_base(recipe.model.base)
-        if not Path(source).is_dir():
-            raise UserError(f"--include-base: model.base `{recipe.model.base}` is a hub id; only local or built-in bases can be bundled")
-        shutil.copytree(source, bundle / "base")
+        trained = contracts.read_record(run.path / "train/record.json", contracts.TrainRecord)
+        shutil.copytree(models.recorded_base(trained.base), bundle / "base")
     model_dir = tmp / ARTIFACT_PATH
     mlflow.pyfunc.save_model(
         path=str(model_dir),

@@ -20,9 +20,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from pipeline.recipe import Recipe
 
 STAGES = ("prep", "train", "eval", "push")
 LOCK_FILE = "run.lock"  # held (flock) by the process working in the run directory
@@ -120,18 +123,35 @@ class RunDir:
 
     def is_current(self, stage: str, inputs: dict[str, str]) -> bool:
         """True when the stage completed with these inputs and its outputs are untouched."""
+        return self.why_stale(stage, inputs) is None
+
+    def why_stale(self, stage: str, inputs: dict[str, str]) -> str | None:
+        """Why the stage would run again with these inputs (None: it is up to date)."""
         rec = self.stage_record(stage)
-        if rec.get("status") != "complete" or rec.get("inputs") != inputs:
-            return False
+        if rec.get("status") != "complete":
+            return f"its status is {rec.get('status', 'not run')}"
+        changed = sorted(k for k in rec.get("inputs", {}).keys() | inputs.keys() if rec["inputs"].get(k) != inputs.get(k))
+        if changed:
+            return f"its inputs changed: {', '.join(changed)}"
         for rel, digest in rec.get("outputs", {}).items():
             p = self.path / rel
             if not p.exists() or tree_hash(p) != digest:
-                return False
-        return True
+                return f"its output {rel} was changed or removed"
+        return None
 
-    def start_stage(self, stage: str, inputs: dict[str, str]) -> None:
+    def start_stage(self, stage: str, inputs: dict[str, str], recipe: Recipe | None = None,
+                    reads: tuple[str, ...] = ()) -> None:
+        """Mark the stage running with its inputs and, when given, the recipe it runs with: `recipe.yaml` then
+        holds the recipe of the latest stage that ran, and the stage's record the hashes of the keys it `reads`."""
+        from pipeline.contracts import recipe_keys
+        from pipeline.recipe import dump_recipe
+
         manifest = self.read_manifest()
         manifest["stages"][stage] = {"status": "running", "started": now_iso(), "inputs": inputs}
+        if recipe is not None:
+            atomic_write_text(self.path / RECIPE_FILE, dump_recipe(recipe))
+            manifest["recipe_hash"] = recipe.recipe_hash()
+            manifest["stages"][stage].update(reads=list(reads), recipe_keys=recipe_keys(recipe, reads))
         # a redone stage makes everything after it stale
         for later in STAGES[STAGES.index(stage) + 1 :]:
             if later in manifest["stages"]:
@@ -154,9 +174,10 @@ class RunDir:
         self.write_manifest(manifest)
 
     @contextmanager
-    def attempt(self, stage: str, inputs: dict[str, str]) -> Iterator[None]:
+    def attempt(self, stage: str, inputs: dict[str, str], recipe: Recipe | None = None,
+                reads: tuple[str, ...] = ()) -> Iterator[None]:
         """Mark the stage running; if the body raises, mark it failed (with the error) and re-raise."""
-        self.start_stage(stage, inputs)
+        self.start_stage(stage, inputs, recipe, reads)
         try:
             yield
         except BaseException as err:

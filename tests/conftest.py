@@ -45,16 +45,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 def shipped_recipe(recipe_file: str, **overrides) -> dict:
-    """A shipped recipe as a dict, with `data.source` made absolute and sections overridden."""
+    """A shipped recipe as a dict, with `data.source` made absolute and keys overridden the way `--set` does
+    (`pipeline.recipe.apply_overrides`): `shipped_recipe("x", **{"train.epochs": 3})`."""
+    from pipeline.recipe import apply_overrides
+
     recipe = yaml.safe_load((ROOT / "recipes" / f"{recipe_file}.yaml").read_text())
     recipe["data"]["source"] = str((ROOT / "recipes" / recipe["data"]["source"]).resolve())
-    for dotted, value in overrides.items():
-        node = recipe
-        *parents, last = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[last] = value
-    return recipe
+    sets = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]  # JSON is YAML
+    return apply_overrides(recipe, sets)
 
 
 def write_recipe(directory: Path, recipe: dict) -> Path:

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.errors import UserError
-from pipeline.evaluate import load_fewshot, load_recorded, baseline_rows
-from pipeline.recipe import BaselineSection, Recipe
+from pipeline.baselines import baseline_rows, load_fewshot, load_recorded
+from pipeline.recipe import PredictionsBaseline, Recipe
 from pipeline.rundir import RunDir
 from pipeline.tasks import classification
 from tests.conftest import shipped_recipe, shipped_rows, write_recipe
@@ -135,7 +135,7 @@ def _recipe(**eval_section) -> Recipe:
 def test_recorded_predictions_missing_ids_are_listed(tmp_path):
     path = tmp_path / "rec.jsonl"
     path.write_text('{"id": "1", "output": "a"}\n{"id": 2, "output": "B"}\n')
-    b = BaselineSection(name="rec", kind="predictions", path=path)
+    b = PredictionsBaseline(name="rec", kind="predictions", path=path)
     splits = {"test": [{"id": "1"}, {"id": "2"}, {"id": "7"}, {"id": "9"}]}
     with pytest.raises(UserError, match=r"2 test example id\(s\) have no recorded output: 7, 9"):
         load_recorded(b, splits, classification, ["a", "b"])
@@ -166,7 +166,7 @@ def test_cascade_recipe_errors_name_their_keys():
         _recipe(cascade={"target": 0.9})
     with pytest.raises(ValueError, match="cascade.frontier `nope`"):
         _recipe(baselines=[{"name": "r", "kind": "predictions", "path": "p.jsonl"}], cascade={"target": 0.9, "frontier": "nope"})
-    with pytest.raises(ValueError, match="shots do not apply to openai"):
+    with pytest.raises(ValueError, match=r"baselines\.0\.openai\.shots\s+Extra inputs are not permitted"):
         _recipe(baselines=[{"name": "f", "kind": "openai", "model": "m", "api_key_env": "K", "shots": 2}])
 
 

@@ -1,6 +1,6 @@
 """The eval gate: pass within max_drop of the best baseline that ran, and above min_value."""
 
-from pipeline.evaluate import gate_verdict
+from pipeline.evidence import gate_verdict
 from pipeline.recipe import Recipe
 
 

@@ -1,0 +1,167 @@
+"""What one stage hands the next: typed records of its decisions, and which recipe keys it read.
+
+A stage decides things that depend on the machine it ran on (the base's revision, precision, attention
+kernel). It writes them to `<stage>/record.json`; later stages and the registered model read that record
+instead of deciding again elsewhere, so eval and serving load the base exactly as training did.
+
+Each stage also names the recipe keys it reads (`RECIPE_KEYS` in its module). The manifest keeps a hash of
+each leaf value under those keys, so a later command can say which keys changed since a stage ran, and refuse
+to build on it (exit 2) rather than mix two recipes in one run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pipeline.errors import UserError
+from pipeline.recipe import Recipe
+from pipeline.rundir import STAGES, RunDir
+
+RECORD = "record.json"
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseRecord(Record):
+    """Which base weights an adapter was trained on: enough to load the same bytes again, or to refuse."""
+
+    kind: Literal["builtin", "local", "hub"]
+    name: str  # `model.base` as the recipe wrote it
+    location: str  # the builtin's GGUF file name, the local directory, or the hub id
+    revision: str | None  # hub: the commit the weights came from; builtin: the shipping package's version
+    content_hash: str  # sha256 over the weight files (builtin: of the GGUF file)
+
+
+class TrainRecord(Record):
+    base: BaseRecord
+    precision: Literal["fp32", "bf16", "fp16"]
+    attention: str
+    padding_free: bool
+    padding_free_reason: str
+    launch: str
+    processes: int
+    adapter_hash: str  # tree hash of train/adapter
+
+
+class EvalRecord(Record):
+    """What eval loaded to produce its numbers: the registered version carries it, and serving matches it."""
+
+    base: BaseRecord
+    precision: Literal["fp32", "bf16", "fp16"]
+    adapter_hash: str
+    device: str
+
+
+def read_record(path: Path, model: type[Record]) -> Any:
+    try:
+        return model.model_validate_json(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; redo the stage that writes it (`expert run --force "
+                        f"{path.parent.name}`)") from None
+    except ValidationError as err:
+        raise UserError(f"{path}: not a {model.__name__} ({err.error_count()} problem(s): "
+                        f"{err.errors()[0]['msg']}); redo the stage that writes it") from None
+
+
+def write_record(path: Path, record: Record) -> None:
+    from pipeline.rundir import atomic_write_text
+
+    atomic_write_text(path, record.model_dump_json(indent=2) + "\n")
+
+
+# -- which recipe keys a stage read ------------------------------------------------------------------------------
+
+
+def _leaves(value: Any, prefix: str) -> dict[str, Any]:
+    """Dotted paths to the leaf values under `prefix`; lists of mappings are indexed (`eval.baselines[0].model`)."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, inner in value.items():
+            out.update(_leaves(inner, f"{prefix}.{key}" if prefix else key))
+        return out
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        out = {}
+        for i, inner in enumerate(value):
+            out.update(_leaves(inner, f"{prefix}[{i}]"))
+        return out
+    return {prefix: value}
+
+
+def recipe_keys(recipe: Recipe, roots: tuple[str, ...]) -> dict[str, str]:
+    """A short hash of every leaf under the dotted `roots` (`("task", "data.max_tokens")`; `()` for the whole
+    recipe), keyed by its dotted path."""
+    doc = recipe.model_dump(mode="json", by_alias=True)
+    picked: dict[str, Any] = {}
+    for root in roots or ("",):
+        node: Any = doc
+        for part in filter(None, root.split(".")):
+            node = node[part]
+        picked.update(_leaves(node, root))
+    return {key: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:16] for key, v in picked.items()}
+
+
+def keys_hash(keys: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
+
+
+def changed_keys(before: dict[str, str], now: dict[str, str]) -> list[str]:
+    """Dotted keys added, removed or changed between two `recipe_keys` results."""
+    return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+
+
+def stale_upstream(run: RunDir, stage: str, recipe: Recipe) -> dict[str, list[str]]:
+    """For each completed stage before `stage`: the recipe keys it read that have changed since it ran."""
+    stale: dict[str, list[str]] = {}
+    for earlier in STAGES[: STAGES.index(stage)]:
+        rec = run.stage_record(earlier)
+        if rec.get("status") == "complete" and "reads" in rec:
+            changed = changed_keys(rec["recipe_keys"], recipe_keys(recipe, tuple(rec["reads"])))
+            if changed:
+                stale[earlier] = changed
+    return stale
+
+
+def recipe_inputs(run: RunDir, stage: str, recipe: Recipe, reads: tuple[str, ...]) -> dict[str, str]:
+    """The recipe part of a stage's input hashes: the keys it reads. Refuses (exit 2, naming the keys) when the
+    recipe changed under an earlier stage this one builds on: its outputs would mix two recipes."""
+    stale = stale_upstream(run, stage, recipe)
+    if stale:
+        first = next(iter(stale))
+        listed = "; ".join(f"{s}: {', '.join(keys)}" for s, keys in stale.items())
+        raise UserError(
+            f"{run.path}: the recipe changed since earlier stages ran ({listed}); `expert {stage}` would build on "
+            f"outputs made with the old values. Redo them with `expert run RECIPE --run-dir {run.path}` (it "
+            f"redoes {first} and what follows), start a new run with `expert run RECIPE --new`, or put the old "
+            "values back"
+        )
+    return reads_entry(recipe, reads)
+
+
+def reads_entry(recipe: Recipe, reads: tuple[str, ...]) -> dict[str, str]:
+    """The input-hash entry of the recipe keys a stage reads."""
+    return {"recipe:" + (",".join(reads) or "*"): keys_hash(recipe_keys(recipe, reads))}
+
+
+@dataclass(frozen=True)
+class PushOptions:
+    force: bool = False  # move @champion regardless of the gate
+    reason: str | None = None  # why force was needed (a version tag)
+    dry_run: bool = False  # say what would happen; register nothing
+    include_base: bool = False  # copy the base weights into the version
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    """What one invocation asks of the stages. Every stage takes the same options and reads what concerns it."""
+
+    redo: frozenset[str] = frozenset()  # stages to run again even when up to date
+    resume: bool | None = True  # train: continue an interrupted training (True), start over (False), or ask (None)
+    push: PushOptions = PushOptions()

@@ -1,0 +1,241 @@
+"""Eval's evidence from the systems' answers: per-system metrics, paired comparisons, the cascade, the verdict,
+and the rows and flat metrics written to disk and MLflow."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from typing import Any
+
+from pipeline import stats
+from pipeline.recipe import Recipe
+
+
+def prediction_rows(examples: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"id": e["id"], "target": e["target"], **r} for e, r in zip(examples, rows, strict=True)]
+
+
+def table_of(examples: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, list]:
+    """Predictions as columns for an MLflow table (objects as JSON text so every cell is a scalar)."""
+    def cell(v):
+        return v if v is None or isinstance(v, (str, int, float, bool)) else json.dumps(v, ensure_ascii=False)
+
+    return {
+        "id": [str(e["id"]) for e in examples],
+        "text": [e.get("text", "") for e in examples],
+        "target": [cell(e["target"]) for e in examples],
+        "prediction": [cell(r["prediction"]) for r in rows],
+        "confidence": [r.get("confidence") for r in rows],
+        "correct": [r["prediction"] == e["target"] for e, r in zip(examples, rows)],
+    }
+
+
+def _percentile_ms(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    low, high = int(k), min(int(k) + 1, len(ordered) - 1)
+    return 1000 * (ordered[low] + (ordered[high] - ordered[low]) * (k - low))
+
+
+def system_metrics(recipe: Recipe, task, spec, examples, rows, costs: dict[str, float | None], name: str) -> dict[str, Any]:
+    m = task.metrics([e["target"] for e in examples], [r["prediction"] for r in rows], spec)
+    latencies = [r["latency_s"] for r in rows if r.get("latency_s") is not None]
+    m["latency_ms_p50"] = _percentile_ms(latencies, 0.5)
+    m["latency_ms_p95"] = _percentile_ms(latencies, 0.95)
+    m["latency_ms_mean"] = 1000 * statistics.fmean(latencies) if latencies else None
+    m["errors"] = sum(1 for r in rows if r.get("error"))
+    m["rows"] = len(rows)
+    m["unparsed_ids"] = [str(e["id"]) for e, r in zip(examples, rows) if r["prediction"] is None]
+    if name in costs:
+        m["cost_per_1k"] = costs[name]
+    else:  # local systems: measured machine seconds per request at the recipe's hourly price
+        m["cost_per_1k"] = 1000 * statistics.fmean(latencies) * recipe.eval.expert_cost_per_hour / 3600
+    if any("attempts" in r for r in rows):
+        m["api_calls"] = sum(r.get("attempts", 0) for r in rows)
+        m["cache_hits"] = sum(1 for r in rows if r.get("cached"))
+        m["retries"] = sum(max(0, r.get("attempts", 0) - 1) for r in rows)
+        m["input_tokens"] = sum(r.get("input_tokens") or 0 for r in rows if r.get("raw") is not None)
+        m["output_tokens"] = sum(r.get("output_tokens") or 0 for r in rows if r.get("raw") is not None)
+    return m
+
+
+def compare_all(recipe: Recipe, spec, golds, outputs) -> dict[str, Any]:
+    """Expert minus each baseline on the gate metric: paired bootstrap 95% interval and McNemar's exact test."""
+    metric = recipe.eval.gate.metric
+    expert = [r["prediction"] for r in outputs["expert"]["test"]]
+    expert_correct = [p == g for p, g in zip(expert, golds)]
+    out = {}
+    for name, by_split in outputs.items():
+        if name == "expert":
+            continue
+        other = [r["prediction"] for r in by_split["test"]]
+        interval = stats.paired_bootstrap(metric, golds, expert, other, spec, recipe.eval.bootstrap_samples,
+                                          recipe.eval.seed)
+        test = stats.mcnemar_exact(expert_correct, [p == g for p, g in zip(other, golds)])
+        out[name] = {"metric": metric, **interval, "mcnemar": {"expert_only_correct": test["a_only"],
+                                                               "baseline_only_correct": test["b_only"],
+                                                               "p_value": test["p_value"]}}
+    return out
+
+
+def cascade_result(recipe: Recipe, spec, splits, outputs, metrics, skipped) -> dict[str, Any]:
+    """Threshold chosen on validation (cheapest meeting the target), curve reported on test."""
+    section = recipe.eval.cascade
+    name = recipe.eval.cascade_frontier()
+    result: dict[str, Any] = {
+        "threshold": None,
+        "target_metric": section.target_metric if section else None,
+        "target": section.target if section else None,
+        "frontier": name,
+        "curve": [],
+        "validation_curve": [],
+        "reason": None,
+    }
+    if section is None:
+        result["reason"] = "no eval.cascade in the recipe"
+        return result
+    if name in skipped:
+        result["reason"] = f"frontier baseline `{name}` was skipped: {skipped[name]}"
+        return result
+    if not splits["validation"]:
+        result["reason"] = "the validation split is empty; set data.split.validation > 0 to choose a threshold"
+        return result
+    answers = [r for split in ("validation", "test") for r in outputs[name][split]]
+    failed = sum(1 for r in answers if r.get("error"))
+    if failed / len(answers) > recipe.eval.gate.max_baseline_failure_rate:
+        result["reason"] = (f"frontier baseline `{name}` failed on {failed} of {len(answers)} validation and test rows; "
+                            "a threshold chosen against answers it did not give proves nothing")
+        return result
+    expert_cost, frontier_cost = metrics["expert"]["cost_per_1k"], metrics[name]["cost_per_1k"]
+
+    def curve(split: str, thresholds: list[float]) -> list[dict[str, Any]]:
+        expert = outputs["expert"][split]
+        return stats.cascade_curve(
+            section.target_metric, [r["target"] for r in splits[split]], [r["prediction"] for r in expert],
+            [r["confidence"] for r in expert], [r["prediction"] for r in outputs[name][split]], spec, thresholds,
+            expert_cost, frontier_cost,
+        )
+
+    thresholds = stats.candidate_thresholds([r["confidence"] for r in outputs["expert"]["validation"]])
+    result["validation_curve"] = curve("validation", thresholds)
+    result["curve"] = curve("test", thresholds)
+    chosen = stats.choose_threshold(result["validation_curve"], section.target)
+    if chosen is None:
+        best = max(p["metric"] for p in result["validation_curve"])
+        result["reason"] = (f"no threshold reaches {section.target_metric} {section.target} on validation "
+                            f"(best {best:.4f}, escalating everything)")
+        return result
+    result["threshold"] = chosen["threshold"]
+    result["validation"] = chosen
+    result["test"] = next(p for p in result["curve"] if p["threshold"] == chosen["threshold"])
+    return result
+
+
+def gate_verdict(recipe: Recipe, metrics: dict[str, Any], skipped: dict[str, str],
+                 comparisons: dict[str, Any] | None = None, cascade: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The gate (expert within `max_drop_vs_best_baseline` of the best baseline and above `min_value`) and a decision.
+
+    `replace` when the gate passes; else `cascade` when a threshold met the
+    cascade target on validation; else `keep_frontier`.
+    """
+    gate = recipe.eval.gate
+    expert = metrics["expert"][gate.metric]
+    baselines = {n: m[gate.metric] for n, m in metrics.items() if n != "expert"}
+    reasons = []
+    incomplete = incomplete_baselines(metrics, gate.max_baseline_failure_rate)
+    best_name, best = (max(baselines.items(), key=lambda kv: kv[1]) if baselines else (None, None))
+    passed = not incomplete
+    for name, failed in incomplete.items():
+        reasons.append(
+            f"comparison incomplete: `{name}` failed on {failed['failed']} of {failed['rows']} test rows "
+            f"(more than eval.gate.max_baseline_failure_rate {gate.max_baseline_failure_rate:g}); its score is no "
+            "evidence, so the gate cannot pass")
+    if expert < gate.min_value:
+        passed = False
+        reasons.append(f"expert {gate.metric} {expert:.4f} is below eval.gate.min_value {gate.min_value}")
+    if best is not None and expert < best - gate.max_drop_vs_best_baseline:
+        passed = False
+        reasons.append(
+            f"expert {gate.metric} {expert:.4f} is more than {gate.max_drop_vs_best_baseline} below "
+            f"`{best_name}` ({best:.4f})"
+        )
+    if best is None:
+        reasons.append("no baseline ran; only eval.gate.min_value was checked")
+    if passed and best is not None:
+        reasons.append(f"expert {gate.metric} {expert:.4f} vs best baseline `{best_name}` {best:.4f}")
+    difference = (comparisons or {}).get(best_name)
+    if difference is not None:
+        reasons.append(
+            f"expert - `{best_name}` {gate.metric}: {difference['difference']:+.4f} "
+            f"(95% CI {difference['ci_low']:+.4f} to {difference['ci_high']:+.4f}; McNemar p={difference['mcnemar']['p_value']:.3g})"
+        )
+    threshold = (cascade or {}).get("threshold")
+    if incomplete:
+        decision = "incomplete"
+    elif passed:
+        decision = "replace"
+    elif threshold is not None:
+        decision = "cascade"
+        test = cascade["test"]
+        reasons.append(
+            f"cascade: escalate when expert confidence < {threshold:.4f}; on test {test['escalation_rate']:.1%} "
+            f"escalated, {cascade['target_metric']} {test['metric']:.4f} (target {cascade['target']})"
+        )
+    else:
+        decision = "keep_frontier"
+        if cascade and cascade.get("reason"):
+            reasons.append(f"no cascade: {cascade['reason']}")
+    return {
+        "passed": passed,
+        "decision": decision,
+        "metric": gate.metric,
+        "expert": expert,
+        "best_baseline": best_name,
+        "best_baseline_value": best,
+        "max_drop_vs_best_baseline": gate.max_drop_vs_best_baseline,
+        "min_value": gate.min_value,
+        "difference_vs_best_baseline": difference,
+        "threshold": threshold,
+        "skipped_baselines": skipped,
+        "incomplete_baselines": incomplete,
+        "failed_rows": {n: m.get("errors", 0) for n, m in metrics.items()},
+        "reasons": reasons,
+    }
+
+
+def incomplete_baselines(metrics: dict[str, Any], max_failure_rate: float) -> dict[str, dict[str, int]]:
+    """Baselines that failed (no answer after retries) on more than `max_failure_rate` of the test rows."""
+    out = {}
+    for name, m in metrics.items():
+        rows, failed = m.get("rows", 0), m.get("errors", 0)
+        if name != "expert" and rows and failed / rows > max_failure_rate:
+            out[name] = {"failed": failed, "rows": rows}
+    return out
+
+
+def verdict_word(verdict: dict[str, Any]) -> str:
+    return "pass" if verdict["passed"] else "fail"
+
+
+def flat_metrics(metrics: dict[str, Any], comparisons: dict[str, Any] | None = None,
+                 cascade: dict[str, Any] | None = None) -> dict[str, float]:
+    out = {}
+    for system, m in metrics.items():
+        for k, v in m.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
+                out[f"{system}.{k}"] = float(v)
+        for field, prf in m.get("field_f1", {}).items():  # extraction: per top-level field
+            out[f"{system}.field_f1.{field}"] = prf["f1"]
+    for name, c in (comparisons or {}).items():
+        for k in ("difference", "ci_low", "ci_high"):
+            out[f"expert_vs_{name}.{k}"] = c[k]
+        out[f"expert_vs_{name}.mcnemar_p"] = c["mcnemar"]["p_value"]
+    if cascade and cascade.get("threshold") is not None:
+        out["cascade.threshold"] = cascade["threshold"]
+        out["cascade.test_escalation_rate"] = cascade["test"]["escalation_rate"]
+        out["cascade.test_metric"] = cascade["test"]["metric"]
+        if cascade["test"]["cost_per_1k"] is not None:
+            out["cascade.test_cost_per_1k"] = cascade["test"]["cost_per_1k"]
+    return out

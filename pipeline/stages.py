@@ -1,0 +1,129 @@
+"""The stage table and `run_pipeline`: every stage, in order, through one signature.
+
+Each stage module has `run(recipe, run, options)` and `inputs_of`; `run_pipeline` calls them in `STAGES`
+order and each one decides for itself whether it is up to date. `plan` says, without running anything, which
+stages would run and why: what `expert run --dry-run` prints.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+from pipeline.contracts import StageOptions, changed_keys, recipe_keys
+from pipeline.errors import UserError
+from pipeline.recipe import Recipe
+from pipeline.rundir import STAGES, RunDir
+from pipeline.ui import console
+
+STAGE_MODULES = {"prep": "pipeline.prep", "train": "pipeline.train", "eval": "pipeline.evaluate", "push": "pipeline.push"}
+assert tuple(STAGE_MODULES) == STAGES
+
+
+def stage_module(stage: str) -> ModuleType:
+    """A stage's module, with library progress bars off (the stages print their own) and MLflow configured."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    from pipeline import tracking
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    tracking.configure()
+    return importlib.import_module(STAGE_MODULES[stage])
+
+
+def check_stages(names: list[str] | tuple[str, ...] | frozenset[str], option: str) -> None:
+    for name in names:
+        if name not in STAGES:
+            raise UserError(f"{option} {name}: unknown stage; use one of {', '.join(STAGES)}")
+
+
+def run_stage(stage: str, recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> dict:
+    return stage_module(stage).run(recipe, run, options)
+
+
+def run_pipeline(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> list[str]:
+    """Every stage in order on one run directory; returns the stages that did work (the rest were up to date)."""
+    check_stages(options.redo, "--force")
+    before = {s: run.stage_record(s).get("ended") for s in STAGES}
+    for stage in STAGES:
+        run_stage(stage, recipe, run, options)
+    return [s for s in STAGES if run.stage_record(s).get("ended") != before[s]]
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    stage: str
+    runs: bool
+    why: str
+
+
+def plan(recipe: Recipe, run: RunDir | None, options: StageOptions = StageOptions()) -> list[PlannedStage]:
+    """Which stages `run_pipeline` would run on `run` (None: a new run) and why. Runs nothing, writes nothing."""
+    check_stages(options.redo, "--force")
+    planned: list[PlannedStage] = []
+    redone: str | None = None  # the first stage that runs: everything after it runs too
+    for stage in STAGES:
+        if run is None:
+            why = "a new run"
+        elif redone is not None:
+            why = f"{redone} runs before it"
+        elif stage in options.redo:
+            why = "--force"
+        else:
+            why = _why_stale(stage, recipe, run)
+        runs = why is not None
+        planned.append(PlannedStage(stage, runs, why or "up to date"))
+        if runs and redone is None:
+            redone = stage
+    return planned
+
+
+def _why_stale(stage: str, recipe: Recipe, run: RunDir) -> str | None:
+    rec = run.stage_record(stage)
+    if rec.get("status") != "complete":
+        return "not run yet" if not rec else f"its status is {rec['status']}"
+    if "reads" in rec:
+        changed = changed_keys(rec["recipe_keys"], recipe_keys(recipe, tuple(rec["reads"])))
+        if changed:
+            return f"recipe keys changed: {', '.join(changed)}"
+    module = importlib.import_module(STAGE_MODULES[stage])
+    inputs = module.inputs_of(recipe) if stage == "prep" else module.inputs_of(recipe, run)
+    return run.why_stale(stage, inputs)
+
+
+def print_plan(planned: list[PlannedStage], run: RunDir | None) -> None:
+    where = run.path if run is not None else "a new run directory"
+    console.print(f"[bold]expert run --dry-run[/] on {where}:")
+    for p in planned:
+        mark = "[bold]run [/]" if p.runs else "[green]skip[/]"
+        console.print(f"  {mark} {p.stage:<5} {p.why}", highlight=False)
+
+
+def print_summary(recipe: Recipe, run: RunDir) -> None:
+    """What `expert run` ends with: expert vs baselines, the verdict, the registered version, where to look."""
+    import json
+
+    from rich.console import Console
+
+    from pipeline.eval_report import summary_table
+    from pipeline.tracking import configure
+
+    def read(rel: str) -> dict:
+        return json.loads((run.path / rel).read_text(encoding="utf-8"))
+
+    metrics, verdict, registered = read("eval/metrics.json"), read("eval/verdict.json"), read("push/registered.json")
+    out = Console(soft_wrap=True)
+    out.print(summary_table(metrics["systems"], metrics["skipped"], recipe.eval.gate.metric))
+    out.print(
+        f"verdict: {'PASS' if verdict['passed'] else 'FAIL'}; registered {registered['model_name']} "
+        f"v{registered['version']} as {', '.join('@' + a for a in registered['aliases'])}"
+    )
+    out.print(f"run directory: {run.path}  (report: {run.path / 'eval/report.md'})")
+    uri = configure()
+    if uri.startswith("sqlite:"):
+        out.print(f"open the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    else:
+        out.print(f"MLflow UI: {uri}")

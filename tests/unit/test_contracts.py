@@ -1,0 +1,76 @@
+"""Recipe keys per stage, the stale-upstream refusal, `--set` overrides and the stage plan, on plain files."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import contracts, stages
+from pipeline.errors import UserError
+from pipeline.recipe import apply_overrides, load_recipe
+from pipeline.rundir import init_run
+from tests.conftest import ROOT
+
+RECIPE = ROOT / "recipes" / "ticket-classification.yaml"
+
+
+def test_recipe_keys_name_leaves_and_index_lists_of_sections():
+    recipe = load_recipe(RECIPE)
+    keys = contracts.recipe_keys(recipe, ("data.max_tokens", "eval"))
+    assert "data.max_tokens" in keys and "eval.gate.metric" in keys
+    assert "eval.baselines[1].model" in keys, "a baseline's own keys are named by its index"
+    assert "task.labels" not in keys
+    assert set(contracts.recipe_keys(recipe, ())) >= {"name", "task.labels", "registry.model_name"}
+
+
+def test_changed_keys_are_exactly_the_edited_ones():
+    recipe = load_recipe(RECIPE)
+    edited = load_recipe(RECIPE, ["train.epochs=5", "eval.baselines.1.model=gpt-5"])
+    before = contracts.recipe_keys(recipe, ("train", "eval"))
+    after = contracts.recipe_keys(edited, ("train", "eval"))
+    assert contracts.changed_keys(before, after) == ["eval.baselines[1].model", "train.epochs"]
+    fewer = load_recipe(RECIPE, ["eval.baselines=[]"])
+    removed = contracts.changed_keys(before, contracts.recipe_keys(fewer, ("train", "eval")))
+    assert "eval.baselines[0].name" in removed and "eval.baselines" in removed
+
+
+def test_a_stage_refuses_when_an_upstream_stage_read_a_key_that_changed(tmp_path):
+    recipe = load_recipe(RECIPE)
+    run = init_run(tmp_path / "run", recipe.name, "", recipe.recipe_hash())
+    run.start_stage("prep", {}, recipe, ("data",))
+    run.finish_stage("prep", [])
+    assert contracts.recipe_inputs(run, "train", recipe, ("train",))  # unchanged: no refusal
+    assert contracts.recipe_inputs(run, "train", load_recipe(RECIPE, ["train.epochs=4"]), ("train",))
+    with pytest.raises(UserError, match=r"prep: data.max_tokens") as err:
+        contracts.recipe_inputs(run, "train", load_recipe(RECIPE, ["data.max_tokens=300"]), ("train",))
+    assert "expert run RECIPE --run-dir" in str(err.value)
+
+
+def test_apply_overrides_parses_yaml_values_and_names_bad_paths():
+    raw = {"train": {"epochs": 2}, "eval": {"baselines": [{"name": "a"}]}}
+    out = apply_overrides(raw, ["train.epochs=3", "train.packing=true", "eval.baselines.0.name=b", "model.base=x"])
+    assert out == {"train": {"epochs": 3, "packing": True}, "eval": {"baselines": [{"name": "b"}]},
+                   "model": {"base": "x"}}
+    assert raw["train"]["epochs"] == 2, "the caller's mapping is not changed"
+    with pytest.raises(UserError, match="index it 0-0"):
+        apply_overrides(raw, ["eval.baselines.3.name=c"])
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        apply_overrides(raw, ["train.epochs"])
+    with pytest.raises(UserError, match="`train.epochs` is a value"):
+        apply_overrides(raw, ["train.epochs.x=1"])
+
+
+def test_an_override_is_validated_like_the_file():
+    with pytest.raises(UserError, match=r"(?s)--set train.epochz=3.*train -> epochz: unknown key"):
+        load_recipe(RECIPE, ["train.epochz=3"])
+    with pytest.raises(UserError, match=r"train -> epochs"):
+        load_recipe(RECIPE, ["train.epochs=-1"])
+
+
+def test_the_plan_of_a_new_run_runs_everything_and_a_forced_stage_redoes_what_follows(tmp_path):
+    recipe = load_recipe(RECIPE)
+    assert [(p.stage, p.runs) for p in stages.plan(recipe, None)] == [(s, True) for s in stages.STAGES]
+    run = init_run(tmp_path / "run", recipe.name, "", recipe.recipe_hash())
+    with pytest.raises(UserError, match="--force deploy: unknown stage"):
+        stages.plan(recipe, run, contracts.StageOptions(redo=frozenset({"deploy"})))
+    planned = stages.plan(recipe, run, contracts.StageOptions())
+    assert planned[0].why == "not run yet" and planned[1].why == "prep runs before it"
