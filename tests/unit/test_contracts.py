@@ -74,3 +74,24 @@ def test_the_plan_of_a_new_run_runs_everything_and_a_forced_stage_redoes_what_fo
         stages.plan(recipe, run, contracts.StageOptions(redo=frozenset({"deploy"})))
     planned = stages.plan(recipe, run, contracts.StageOptions())
     assert planned[0].why == "not run yet" and planned[1].why == "prep runs before it"
+
+
+def test_a_hub_base_is_recorded_at_its_commit_and_reloaded_at_that_revision(tiny_model_dir, tmp_path, monkeypatch):
+    """No hub here: `hub_snapshot` (huggingface_hub's snapshot_download) is replaced by a local snapshot folder
+    named by its commit, as the hub cache names them; what is checked is what the record keeps and asks for."""
+    import shutil
+
+    from pipeline import models
+
+    monkeypatch.setenv("EXPERT_CACHE", str(tmp_path / "cache"))
+    snapshot = tmp_path / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_model_dir, snapshot)
+    asked = []
+    monkeypatch.setattr(models, "hub_snapshot", lambda repo, revision: asked.append((repo, revision)) or snapshot)
+    source, record = models.resolve_base("org/tiny-model")
+    assert source == snapshot and asked == [("org/tiny-model", None)]
+    assert (record.kind, record.location, record.revision) == ("hub", "org/tiny-model", "0123abcd")
+    assert models.recorded_base(record) == snapshot and asked[-1] == ("org/tiny-model", "0123abcd")
+    (snapshot / "config.json").write_text((snapshot / "config.json").read_text().replace("}", ', "x": 1}', 1))
+    with pytest.raises(UserError, match="not the ones the adapter was trained on"):
+        models.recorded_base(record)
