@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,9 @@ from rich.markup import escape
 from pipeline.errors import UserError
 from pipeline.ui import console
 from pipeline.recipe import Recipe, dump_recipe, load_recipe
-from pipeline.rundir import RECIPE_FILE, STAGES, RunDir, atomic_write_text, create_run, init_run, latest_run, open_run
+from pipeline import stages
+from pipeline.contracts import PushOptions, StageOptions
+from pipeline.rundir import STAGES, RunDir, create_run, init_run, latest_run, open_run
 
 def quiet_libraries() -> None:
     """Silence library output a user cannot act on: bitsandbytes' note that an optional hub kernel for 4-bit CPU
@@ -63,6 +64,11 @@ RunsRootOpt = Annotated[
     Path,
     typer.Option("--runs-root", envvar="EXPERT_RUNS_ROOT", help="Where runs live: <runs-root>/<recipe name>/<run id>/."),
 ]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a recipe key: --set train.epochs=3 (dotted path, YAML value). Repeatable.",
+                 show_default=False),
+]
 
 
 # the run-directory locks this command holds: released when the command ends
@@ -96,21 +102,13 @@ def _hold(run: RunDir, command: str) -> RunDir:
     return run
 
 
-def _sync_recipe(run: RunDir, recipe: Recipe) -> None:
-    """The run directory always holds the recipe its latest stage ran with."""
-    atomic_write_text(run.path / RECIPE_FILE, dump_recipe(recipe))
-    manifest = run.read_manifest()
-    manifest["recipe_hash"] = recipe.recipe_hash()
-    run.write_manifest(manifest)
-
-
 def _new_run(recipe: Recipe, runs_root: Path) -> RunDir:
     run = create_run(runs_root, recipe.name, dump_recipe(recipe), recipe.recipe_hash())
     console.print(f"new run: [bold]{run.path}[/]")
     return run
 
 
-def _existing_run(recipe: Recipe, run_dir: Path | None, runs_root: Path, stage: str, sync: bool = True) -> RunDir:
+def _existing_run(recipe: Recipe, run_dir: Path | None, runs_root: Path, stage: str) -> RunDir:
     """`--run-dir`, or the newest run of the recipe whose stage before `stage` is complete: a newer run whose
     prep failed (or was interrupted) must not hide the completed one."""
     if run_dir is not None:
@@ -126,64 +124,61 @@ def _existing_run(recipe: Recipe, run_dir: Path | None, runs_root: Path, stage: 
             console.print(f"[yellow]note[/]: the newest run {newest.path.name} has no completed {needs}; "
                           f"using the newest that has")
         console.print(f"using run: [bold]{run.path}[/]")
-    _hold(run, stage)
-    if sync:
-        _sync_recipe(run, recipe)
-    return run
+    return _hold(run, stage)
 
 
 def _open_or_create(recipe: Recipe, run_dir: Path, command: str) -> RunDir:
     if (run_dir / "manifest.json").is_file():
-        run = _hold(open_run(run_dir), command)
-        _sync_recipe(run, recipe)
-        return run
+        return _hold(open_run(run_dir), command)
     if run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"--run-dir {run_dir}: exists, is not empty and is not a run directory; pick another path")
     return init_run(run_dir, recipe.name, dump_recipe(recipe), recipe.recipe_hash())
 
 
-def _stage_module(stage: str):
-    import importlib
-
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    from pipeline import tracking
-
-    hf_logging.disable_progress_bar()  # our own progress bars say what is happening
-    datasets.disable_progress_bars()
-    tracking.configure()
-    return importlib.import_module({"eval": "pipeline.evaluate"}.get(stage, f"pipeline.{stage}"))
-
-
 @app.command()
-def validate(recipe_path: RecipeArg) -> None:
-    """Check a recipe: every problem is listed with its YAML path."""
+def validate(
+    recipe_path: RecipeArg,
+    overrides: SetOpt = None,
+    keys: Annotated[bool, typer.Option("--keys", help="Print every recipe key: type, default, meaning.")] = False,
+    explain: Annotated[str | None, typer.Option(
+        "--explain", metavar="KEY", show_default=False,
+        help="Explain one key (dotted, e.g. data.split.seed or eval.baselines[0].model): type, default, meaning "
+             "and this recipe's value.")] = None,
+) -> None:
+    """Check a recipe: every problem is listed with its YAML path. --keys / --explain KEY document its keys."""
 
     def body() -> None:
-        recipe = load_recipe(recipe_path)
+        from pipeline import recipe_docs
+
+        found = recipe_docs.lookup(explain) if explain is not None else None  # unknown: exit 2, closest keys named
+        recipe, problem = None, None
+        try:
+            recipe = load_recipe(recipe_path, overrides or ())
+        except UserError as err:  # the docs are printed all the same, then the problems
+            if found is None and not keys:
+                raise
+            problem = err
+        out = Console(soft_wrap=True)  # stdout: the docs can be piped; messages stay on stderr
+        if keys:
+            out.print(recipe_docs.terminal_table())
+        if found is not None:
+            out.print(recipe_docs.explain(found, recipe), markup=False, highlight=False)
+        if problem is not None:
+            raise problem
         console.print(f"[green]ok[/]: {recipe_path} is a valid {recipe.task.type} recipe `{recipe.name}`")
 
     _guarded(body)
 
 
 @app.command()
-def prep(recipe_path: RecipeArg, run_dir: RunDirOpt = None, runs_root: RunsRootOpt = Path("runs")) -> None:
+def prep(recipe_path: RecipeArg, run_dir: RunDirOpt = None, runs_root: RunsRootOpt = Path("runs"),
+         overrides: SetOpt = None) -> None:
     """Stage 1: load, check, split and render the data (starts a new run unless --run-dir)."""
 
     def body() -> None:
-        recipe = load_recipe(recipe_path)
+        recipe = load_recipe(recipe_path, overrides or ())
         run = _hold(_open_or_create(recipe, run_dir, "prep") if run_dir else _new_run(recipe, runs_root), "prep")
-        _stage_module("prep").run(recipe, run)
-
-    _guarded(body)
-
-
-def _later_stage(stage: str, recipe_path: Path, run_dir: Path | None, runs_root: Path) -> None:
-    def body() -> None:
-        recipe = load_recipe(recipe_path)
-        run = _existing_run(recipe, run_dir, runs_root, stage)
-        _stage_module(stage).run(recipe, run)
+        stages.run_stage("prep", recipe, run)
 
     _guarded(body)
 
@@ -193,6 +188,7 @@ def train(
     recipe_path: RecipeArg,
     run_dir: RunDirOpt = None,
     runs_root: RunsRootOpt = Path("runs"),
+    overrides: SetOpt = None,
     resume: Annotated[
         bool | None,
         typer.Option(
@@ -213,21 +209,36 @@ def train(
     """Stage 2: fit the LoRA/QLoRA adapter on the prepared training split."""
 
     def body() -> None:
-        recipe = load_recipe(recipe_path)
-        run = _existing_run(recipe, run_dir, runs_root, "train", sync=not dry_run)
-        train_stage = _stage_module("train")
+        recipe = load_recipe(recipe_path, overrides or ())
+        run = _existing_run(recipe, run_dir, runs_root, "train")
         if dry_run:
-            train_stage.print_plan(recipe, train_stage.plan(recipe, run))
+            stages.stage_module("train")  # library progress bars off and MLflow configured, as for the stage
+            from pipeline import train_plan
+
+            train_plan.print_plan(recipe, train_plan.plan(recipe, run))
             return
-        train_stage.run(recipe, run, resume=resume)
+        stages.run_stage("train", recipe, run, StageOptions(resume=resume))
 
     _guarded(body)
 
 
 @app.command("eval")
-def eval_(recipe_path: RecipeArg, run_dir: RunDirOpt = None, runs_root: RunsRootOpt = Path("runs")) -> None:
+def eval_(recipe_path: RecipeArg, run_dir: RunDirOpt = None, runs_root: RunsRootOpt = Path("runs"),
+          overrides: SetOpt = None) -> None:
     """Stage 3: the expert vs the baselines on the test split; writes the verdict."""
-    _later_stage("eval", recipe_path, run_dir, runs_root)
+
+    def body() -> None:
+        recipe = load_recipe(recipe_path, overrides or ())
+        stages.run_stage("eval", recipe, _existing_run(recipe, run_dir, runs_root, "eval"))
+
+    _guarded(body)
+
+
+ForcePromotionOpt = Annotated[bool, typer.Option("--force", help="Promote to @champion even if the evidence says no.")]
+ReasonOpt = Annotated[str | None, typer.Option("--reason", help="Why --force was needed (recorded as a tag).")]
+IncludeBaseOpt = Annotated[
+    bool, typer.Option("--include-base", help="Copy the base model's weights into the version (default: record it).")
+]
 
 
 @app.command()
@@ -235,22 +246,19 @@ def push(
     recipe_path: RecipeArg,
     run_dir: RunDirOpt = None,
     runs_root: RunsRootOpt = Path("runs"),
-    force: Annotated[bool, typer.Option("--force", help="Promote to @champion even if the evidence says no.")] = False,
-    reason: Annotated[str | None, typer.Option("--reason", help="Why --force was needed (recorded as a tag).")] = None,
+    overrides: SetOpt = None,
+    force: ForcePromotionOpt = False,
+    reason: ReasonOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would happen; register nothing.")] = False,
-    include_base: Annotated[
-        bool, typer.Option("--include-base", help="Copy the base model's weights into the version (default: record it).")
-    ] = False,
+    include_base: IncludeBaseOpt = False,
 ) -> None:
     """Stage 4: register the expert as @challenger; move @champion only on evidence (or --force)."""
 
     def body() -> None:
-        from pipeline.push import PushOptions
-
-        recipe = load_recipe(recipe_path)
+        recipe = load_recipe(recipe_path, overrides or ())
         run = _existing_run(recipe, run_dir, runs_root, "push")
-        options = PushOptions(force=force, reason=reason, dry_run=dry_run, include_base=include_base)
-        _stage_module("push").run(recipe, run, options)
+        options = StageOptions(push=PushOptions(force=force, reason=reason, dry_run=dry_run, include_base=include_base))
+        stages.run_stage("push", recipe, run, options)
 
     _guarded(body)
 
@@ -260,68 +268,49 @@ def run_all(
     recipe_path: RecipeArg,
     run_dir: RunDirOpt = None,
     runs_root: RunsRootOpt = Path("runs"),
+    overrides: SetOpt = None,
     new: Annotated[bool, typer.Option("--new", help="Start a new run even if the latest one matches the recipe.")] = False,
-    force: Annotated[
+    redo: Annotated[
         list[str] | None, typer.Option("--force", help="Redo this stage (and what depends on it). Repeatable.")
     ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Say which stages would run and why; run nothing, write nothing.")
+    ] = False,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="After an interrupted training: start over instead of resuming.")
+    ] = False,
+    promote: Annotated[
+        bool, typer.Option("--force-promotion", help="Promote to @champion even if the evidence says no (needs --reason).")
+    ] = False,
+    reason: ReasonOpt = None,
+    include_base: IncludeBaseOpt = False,
 ) -> None:
     """All stages in order. Resumes the latest run of an unchanged recipe; finished stages are skipped."""
 
     def body() -> None:
-        recipe = load_recipe(recipe_path)
-        for stage in force or []:
-            if stage not in STAGES:
-                raise UserError(f"--force {stage}: unknown stage; use one of {', '.join(STAGES)}")
+        recipe = load_recipe(recipe_path, overrides or ())
+        options = StageOptions(redo=frozenset(redo or ()), resume=not restart,
+                               push=PushOptions(force=promote, reason=reason, include_base=include_base))
+        stages.check_stages(options.redo, "--force")
         if run_dir is not None:
-            run = _open_or_create(recipe, run_dir, "run")
+            run = open_run(run_dir) if (run_dir / "manifest.json").is_file() else None
         else:
             run = None if new else latest_run(runs_root, recipe.name)
-            if run is not None and run.read_manifest().get("recipe_hash") == recipe.recipe_hash():
-                console.print(f"resuming run: [bold]{run.path}[/]")
-            else:
-                run = _new_run(recipe, runs_root)
+            if run is not None and run.read_manifest().get("recipe_hash") != recipe.recipe_hash():
+                run = None  # the recipe changed: a new run, so the old one stays as it was
+        if dry_run:
+            stages.print_plan(stages.plan(recipe, run, options), run)
+            return
+        if run is None:
+            run = _open_or_create(recipe, run_dir, "run") if run_dir is not None else _new_run(recipe, runs_root)
+        else:
+            console.print(f"resuming run: [bold]{run.path}[/]")
         _hold(run, "run")
-        _mark_forced(run, force or [])
-        before = {s: run.stage_record(s).get("ended") for s in STAGES}
-        for stage in STAGES:
-            _stage_module(stage).run(recipe, run)
-        redone = [s for s in STAGES if run.stage_record(s).get("ended") != before[s]]
-        if not redone:
+        if not stages.run_pipeline(recipe, run, options):
             console.print("[green]nothing to do[/]: every stage is complete and its inputs are unchanged.")
-        _print_final_summary(recipe, run)
+        stages.print_summary(recipe, run)
 
     _guarded(body)
-
-
-def _mark_forced(run: RunDir, stages: list[str]) -> None:
-    if not stages:
-        return
-    manifest = run.read_manifest()
-    for stage in stages:
-        if stage in manifest["stages"]:
-            manifest["stages"][stage]["status"] = "forced"
-    run.write_manifest(manifest)
-
-
-def _print_final_summary(recipe: Recipe, run: RunDir) -> None:
-    from pipeline.evaluate import summary_table
-    from pipeline.tracking import configure
-
-    metrics = json.loads((run.path / "eval/metrics.json").read_text(encoding="utf-8"))
-    verdict = json.loads((run.path / "eval/verdict.json").read_text(encoding="utf-8"))
-    registered = json.loads((run.path / "push/registered.json").read_text(encoding="utf-8"))
-    out = Console(soft_wrap=True)
-    out.print(summary_table(metrics["systems"], metrics["skipped"], recipe.eval.gate.metric))
-    out.print(
-        f"verdict: {'PASS' if verdict['passed'] else 'FAIL'}; registered {registered['model_name']} "
-        f"v{registered['version']} as {', '.join('@' + a for a in registered['aliases'])}"
-    )
-    out.print(f"run directory: {run.path}  (report: {run.path / 'eval/report.md'})")
-    uri = configure()
-    if uri.startswith("sqlite:"):
-        out.print(f"open the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
-    else:
-        out.print(f"MLflow UI: {uri}")
 
 
 @app.command("predict")
@@ -337,19 +326,22 @@ def predict_cmd(
     def body() -> None:
         import sys
 
-        from pipeline import registry
+        from pipeline import batch_predict
 
         if input_path == "-":
-            rows = list(registry.read_inputs(sys.stdin, "<stdin>"))
+            rows = list(batch_predict.read_inputs(sys.stdin, "<stdin>"))
         else:
             path = Path(input_path)
             if not path.is_file():
                 raise UserError(f"--input {path}: file not found")
             with path.open(encoding="utf-8") as f:
-                rows = list(registry.read_inputs(f, str(path)))
-        registry.write_jsonl(registry.predict_with_cascade(model_uri, rows, escalate))
+                rows = list(batch_predict.read_inputs(f, str(path)))
+        batch_predict.write_jsonl(batch_predict.predict_with_cascade(model_uri, rows, escalate))
 
     _guarded(body)
+
+
+from pipeline.serving.options import default as _serve_default  # noqa: E402 - serve's defaults live in ServeOptions
 
 
 @app.command()
@@ -359,42 +351,44 @@ def serve(
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     escalate: Annotated[
         bool, typer.Option("--escalate/--no-escalate", help="Send answers under the cascade threshold to the frontier.")
-    ] = True,
+    ] = _serve_default("escalate"),
     frontier_down: Annotated[
         str, typer.Option("--frontier-down", help="When the frontier fails: `flag` (the expert's answer, flagged) or `502`.")
-    ] = "flag",
-    max_batch: Annotated[int, typer.Option(help="Most requests answered in one model call.")] = 16,
+    ] = _serve_default("frontier_down"),
+    max_batch: Annotated[int, typer.Option(help="Most requests answered in one model call.")] = _serve_default("max_batch"),
     batch_wait_ms: Annotated[
         float, typer.Option(help="After the first queued request, wait this long for more (0: batch what queued meanwhile).")
-    ] = 0.0,
-    max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 64 * 1024,
+    ] = _serve_default("batch_wait_ms"),
+    max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = _serve_default("max_body_bytes"),
     max_input_tokens: Annotated[
         int | None, typer.Option(help="Longer input texts get 413. Default: the recipe's data.max_tokens.")
-    ] = None,
-    frontier_retries: Annotated[int, typer.Option(help="Retries per escalated request.")] = 1,
-    frontier_timeout: Annotated[float, typer.Option(help="Seconds per frontier attempt.")] = 10.0,
+    ] = _serve_default("max_input_tokens"),
+    frontier_retries: Annotated[
+        int, typer.Option(help="Retries per escalated request.")
+    ] = _serve_default("frontier_retries"),
+    frontier_timeout: Annotated[
+        float, typer.Option(help="Seconds per frontier attempt.")
+    ] = _serve_default("frontier_timeout_s"),
     merge: Annotated[
         bool, typer.Option("--merge/--no-merge", help="Fold the adapter into the base weights at load (faster).")
-    ] = True,
+    ] = _serve_default("merge"),
     pack: Annotated[
         bool, typer.Option("--pack/--no-pack", help="Keep merged bf16 weights in oneDNN's layout (same answers, faster).")
-    ] = True,
+    ] = _serve_default("pack"),
     lean_forward: Annotated[
         bool, typer.Option("--lean-forward/--no-lean-forward",
                            help="Score labels with a leaner Llama forward pass, q/k/v and gate/up fused (same answers, faster).")
-    ] = True,
+    ] = _serve_default("lean_forward"),
     threads: Annotated[
         int | None, typer.Option(help="CPU threads for the model (default: one per core; 1 helps on a busy machine).")
-    ] = None,
+    ] = _serve_default("threads"),
 ) -> None:
     """Serve a registered expert: OpenAI-compatible /v1/chat/completions, /v1/predict, /health, /metrics."""
 
     def body() -> None:
-        from pipeline import serve as serving
+        from pipeline import serving
 
-        if frontier_down not in ("flag", "502"):
-            raise UserError(f"--frontier-down {frontier_down}: use `flag` or `502`")
-        options = serving.ServeOptions(
+        options = serving.ServeOptions(  # checks its values (a bad --frontier-down, --max-batch 0: exit 2)
             escalate=escalate, frontier_down=frontier_down, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
             max_body_bytes=max_body_bytes, max_input_tokens=max_input_tokens, frontier_retries=frontier_retries,
             frontier_timeout_s=frontier_timeout, merge=merge, pack=pack, lean_forward=lean_forward, threads=threads,
@@ -428,9 +422,9 @@ def compare(
     """Runs or registered versions side by side: metrics, cost, latency, verdict."""
 
     def body() -> None:
-        from pipeline import registry
+        from pipeline.compare import compare_table
 
-        Console(soft_wrap=True).print(registry.compare_table(refs))
+        Console(soft_wrap=True).print(compare_table(refs))
 
     _guarded(body)
 

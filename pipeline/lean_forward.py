@@ -16,6 +16,10 @@ the lean and transformers' forward after it, on probe inputs (`torch.equal`), an
 difference. Only calls shaped like the label scorer's (a 4D float mask, explicit positions, a dynamic cache or
 none) take the lean path; everything else (the prefix pass, two-pass scoring, generation) runs transformers'
 forward, on the fused weights.
+
+This module imports transformers internals, so nothing imports it unconditionally: `pipeline/speedups.py` does,
+when serving asks for it, within the transformers versions it was written against, and falls back to
+transformers' forward (with a note) when it does not import or `install` fails.
 """
 
 from __future__ import annotations
@@ -199,7 +203,8 @@ def _probe_logits(model, forward) -> list[torch.Tensor]:
 
 def install(model) -> str:
     """Fuse the projections and route the label scorer's calls through `lean_forward`, when both are bit-identical
-    here (else the model is left as it was); says what it did."""
+    here (else the model is left as it was); says what it did. An error on the way leaves the model as far
+    installed as it got: `uninstall` undoes that."""
     reason = unsupported(model)
     if reason is not None:
         return f"lean forward pass off: {reason}"
@@ -210,9 +215,22 @@ def install(model) -> str:
     lean = LeanForward(model, model.forward)
     for forward in (lean, model.forward):
         if not all(torch.equal(a, b) for a, b in zip(_probe_logits(model, forward), want)):
-            for layer in model.model.layers:
-                unfuse(layer.self_attn, ATTENTION_PARTS, "qkv_proj")
-                unfuse(layer.mlp, MLP_PARTS, "gate_up_proj")
+            uninstall(model)
             return "lean forward pass off: its logits differ from transformers' on a probe"
     model.forward = lean
     return "lean forward pass on for label scoring, q/k/v and gate/up fused (logits checked bit-identical)"
+
+
+def uninstall(model) -> None:
+    """Undo `install`, or as much of it as happened: transformers' forward back, the projections unfused."""
+    forward = model.__dict__.get("forward")
+    if isinstance(forward, LeanForward):
+        original = forward.original
+        if getattr(original, "__self__", None) is model and getattr(original, "__func__", None) is type(model).forward:
+            del model.forward  # the class's own forward again, not a copy of it bound to the instance
+        else:
+            model.forward = original
+    for layer in getattr(getattr(model, "model", None), "layers", ()):
+        for module, names, fused in ((layer.self_attn, ATTENTION_PARTS, "qkv_proj"), (layer.mlp, MLP_PARTS, "gate_up_proj")):
+            if isinstance(getattr(module, fused, None), FusedLinear):
+                unfuse(module, names, fused)

@@ -21,7 +21,18 @@ from typing import Any
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache
+
+try:  # a cache's layer class, for the cheap private copy of a cached prefix; without it the copy is a deepcopy
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # pragma: no cover - a transformers without it
+    DynamicLayer = None
+
+
+def expert_prompt(system_prompt: str, text: str) -> list[dict[str, str]]:
+    """The messages the expert answers for one text: its own system prompt, then the text as the user's turn
+    (the registered model's `predict` and `expert serve` both build prompts here)."""
+    return [{"role": "system", "content": system_prompt}, {"role": "user", "content": text}]
 
 
 def prompt_texts(tokenizer, prompts: list[list[dict[str, str]]]) -> list[str]:
@@ -70,6 +81,13 @@ class SharedPrefix:
 
     ids: list[int]
     cache: Any
+    misses: int = 0  # calls given this prefix whose prompts did not all start with its ids (they ran their own)
+
+    def starts(self, tokenizer, prompt_text: list[str]) -> bool:
+        """Whether every prompt's tokens start with this prefix's (a text whose first token merges into the
+        template would not)."""
+        n = len(self.ids)
+        return all(tokenizer(p, add_special_tokens=False)["input_ids"][:n] == self.ids for p in prompt_text)
 
 
 # labels whose first token is under this share of the likeliest label-first token are not scored in full
@@ -97,10 +115,18 @@ def shared_prefix(model, tokenizer, prompt_text: list[str], minimum: int = 16) -
     return SharedPrefix(common, model(input_ids=ids, use_cache=True, logits_to_keep=1).cache)
 
 
+def system_prefix(model, tokenizer, system_prompt: str) -> SharedPrefix | None:
+    """The KV cache of the tokens every `expert_prompt` with this system prompt starts with (the system turn and
+    the start of the user's), computed once: a server passes it to `answer` for every request."""
+    texts = prompt_texts(tokenizer, [expert_prompt(system_prompt, "a"), expert_prompt(system_prompt, "b")])
+    return shared_prefix(model, tokenizer, texts)
+
+
 def is_plain_dynamic_cache(cache) -> bool:
     """A `DynamicCache` of plain dynamic layers: each update replaces a layer's tensors (`torch.cat`) and never
     writes into them."""
-    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+    return (DynamicLayer is not None and type(cache) is DynamicCache
+            and all(type(layer) is DynamicLayer for layer in cache.layers))
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -372,17 +398,43 @@ def _score_in_one_pass(model, tokenizer, prompt_text, labels, prefix: SharedPref
     return [[a + b for a, b in zip(f, r)] for f, r in zip(first_host, rest_host)], [0.0] * n_prompts
 
 
+# oneDNN's linear ops that packing uses: private to torch (`torch.ops.mkldnn`), so looked up, never assumed
+PACKING_OPS = ("_reorder_linear_weight", "_linear_pointwise")
+
+
+def _packing_ops():
+    """(reorder, linear) from `torch.ops.mkldnn`; raises AttributeError where this torch build lacks one."""
+    return tuple(getattr(torch.ops.mkldnn, name) for name in PACKING_OPS)
+
+
+def packing_unavailable() -> str | None:
+    """Why `pack_linear_weights` can pack nothing here (no oneDNN, no native bf16, a private op gone); None when
+    it can."""
+    from pipeline.models import cpu_has_native_bf16
+
+    if not torch.backends.mkldnn.is_available():
+        return "this torch build has no oneDNN"
+    if not cpu_has_native_bf16():
+        return "this CPU has no native bf16"
+    try:
+        _packing_ops()
+    except (AttributeError, RuntimeError) as err:
+        return f"this torch build lacks oneDNN's private linear ops ({type(err).__name__}: {err})"
+    return None
+
+
 class PackedBf16Linear(torch.nn.Module):
     """An inference-only `nn.Linear` whose bf16 weight is stored in oneDNN's blocked layout (no `.weight`)."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
+        reorder, self._linear = _packing_ops()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+        self.packed_weight = reorder(linear.weight.detach())
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        return self._linear(x, self.packed_weight, self.bias, "none", [], "")
 
 
 @torch.inference_mode()
@@ -395,11 +447,9 @@ def pack_linear_weights(model) -> int:
     input as it is packed and left as it was if they differ. The LM head is packed too (2.1 vs 4.3 ms per request
     for SmolLM2's 49152-token vocabulary); where it shares its weight with the input embedding, that costs one
     more copy of it (57 MB for SmolLM2-135M). Returns the number of layers packed: 0 where the CPU, build or dtype
-    does not allow it.
+    does not allow it (`packing_unavailable` says why); a layer the private ops fail on is left as it was.
     """
-    from pipeline.models import cpu_has_native_bf16
-
-    if not (torch.backends.mkldnn.is_available() and cpu_has_native_bf16()):
+    if packing_unavailable() is not None:
         return 0
     probe = torch.Generator().manual_seed(0)
     packed = 0
@@ -409,9 +459,13 @@ def pack_linear_weights(model) -> int:
                 continue
             if child.weight.dtype != torch.bfloat16 or child.weight.device.type != "cpu":
                 continue
-            layer = PackedBf16Linear(child)
             x = torch.randn(3, child.in_features, generator=probe).to(torch.bfloat16)
-            if torch.equal(layer(x), torch.nn.functional.linear(x, child.weight, child.bias)):
+            try:
+                layer = PackedBf16Linear(child)
+                same = torch.equal(layer(x), torch.nn.functional.linear(x, child.weight, child.bias))
+            except (RuntimeError, TypeError, AttributeError):  # a private op that changed its signature
+                continue
+            if same:
                 setattr(parent, name, layer)
                 packed += 1
     return packed
@@ -439,12 +493,16 @@ def classify(
     at most that mass. `prune_below=None` scores every label in full. Label
     sets of at most `one_pass_tokens` tokens are scored in full in one forward
     pass with the prompt (`_score_in_one_pass`): nothing to prune, one weight
-    read. A server passes the `prefix` it computed once at start-up (every
-    prompt must start with its tokens); otherwise the prompts' common start is
-    found and run here.
+    read. A server passes the `prefix` it computed once at start-up
+    (`system_prefix`); a call whose prompts do not all start with its tokens
+    counts a miss on it and runs its own. Otherwise the prompts' common start
+    is found and run here.
     """
     out: list[dict[str, Any] | None] = [None] * len(prompts)
     texts = prompt_texts(tokenizer, prompts)
+    if prefix is not None and not prefix.starts(tokenizer, texts):
+        prefix.misses += 1
+        prefix = None
     prefix = prefix or shared_prefix(model, tokenizer, texts)
     order = _shortest_first(texts)
     label_tokens = sum(len(ids) - len(_end_ids(tokenizer)) for ids in _label_ids(tokenizer, labels))
@@ -520,16 +578,24 @@ def parse_generated(rows: list[dict[str, Any]], parse: Callable[[str], Any]) -> 
     return [{**r, "prediction": parse(r["raw"])} for r in rows]
 
 
-def answer(model, tokenizer, prompts, recipe, spec, on_batch: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
-    """The expert's answers as eval measures them and the registered model serves them: one code path for both."""
+def answer(model, tokenizer, prompts, recipe, spec, on_batch: Callable[[int], None] | None = None,
+           prefix: SharedPrefix | None = None, batch_size: int | None = None) -> list[dict[str, Any]]:
+    """The expert's answers as eval measures them, the registered model answers them and `expert serve` serves
+    them: one code path for all three.
+
+    A server passes the cached `prefix` of its system prompt (`system_prefix`; label scoring only) and its
+    micro-batch as `batch_size`; eval and the registered model use `eval.batch_size` and find the prompts'
+    shared prefix per call.
+    """
     from pipeline import tasks
 
+    batch_size = batch_size or recipe.eval.batch_size
     if recipe.task.type == "classification":
-        return classify(model, tokenizer, prompts, spec, recipe.eval.batch_size, on_batch)
+        return classify(model, tokenizer, prompts, spec, batch_size, on_batch, prefix=prefix)
     task = tasks.for_type(recipe.task.type)
     schema = spec if recipe.task.type == "extraction" and recipe.eval.constrained_decoding else None
     generated = generate(
-        model, tokenizer, prompts, recipe.eval.max_new_tokens, recipe.eval.batch_size, on_batch, schema=schema
+        model, tokenizer, prompts, recipe.eval.max_new_tokens, batch_size, on_batch, schema=schema
     )
     return parse_generated(generated, lambda text: task.parse_answer(text, spec))
 

@@ -36,7 +36,6 @@ from pipeline.prep_report import (
     print_stats,
     render_report,
 )
-from pipeline.readers import SURROGATE as SURROGATE  # re-exported: pipeline/serve.py imports it from here
 from pipeline.readers import load_examples, sources_of
 from pipeline.recipe import Recipe
 from pipeline.rundir import RunDir, atomic_write_json, atomic_write_jsonl, atomic_write_text, file_hash

@@ -25,7 +25,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline import serve
+from pipeline import serving as serve
 from pipeline.cli import app
 from tests.conftest import ROOT, shipped_recipe, shipped_rows, write_recipe
 from tests.support.openai_server import FakeOpenAIServer

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline import predict
 from pipeline.models import cpu_has_native_bf16
 from pipeline.predict import (CLOSE_MARGIN, PackedBf16Linear, _private_copy, _score, _score_in_one_pass, _width_groups, classify,
                               generate, pack_linear_weights, prompt_texts, score_labels, shared_prefix)
@@ -299,3 +300,36 @@ def test_a_private_cache_copy_leaves_the_shared_prefix_as_it_was(tiny):
         assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
     copied = _private_copy(prefix.cache)
     assert copied is not prefix.cache and all(a is not b for a, b in zip(copied.layers, prefix.cache.layers))
+
+
+def test_packing_without_its_private_ops_packs_nothing_and_says_why(tiny_model_dir, monkeypatch):
+    """oneDNN's linear ops are private to torch; a build without one (here: renamed) leaves every layer as it was."""
+    monkeypatch.setattr(predict, "PACKING_OPS", ("_reorder_linear_weight_renamed", "_linear_pointwise"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    reason = predict.packing_unavailable()
+    assert reason is not None
+    if torch.backends.mkldnn.is_available() and cpu_has_native_bf16():
+        assert "lacks oneDNN's private linear ops" in reason and "_reorder_linear_weight_renamed" in reason
+    assert pack_linear_weights(model) == 0
+    assert not any(isinstance(m, PackedBf16Linear) for m in model.modules())
+
+
+def test_a_cached_prefix_the_prompts_do_not_start_with_is_a_counted_miss(tiny):
+    """A server's cached system-prompt prefix is used only when every prompt starts with its tokens; otherwise the
+    call runs its own prefix (the answers classify gives without one) and counts a miss."""
+    model, tokenizer = tiny
+    system = "Route the customer message to one support queue: billing, shipping, technical support or account."
+    cached = predict.system_prefix(model, tokenizer, system)
+    assert cached is not None
+    messages = [[{"role": "system", "content": system}, {"role": "user", "content": t}] for t in ("parcel late", "hi")]
+    with_prefix = classify(model, tokenizer, messages, LABELS, 2, prefix=cached)
+    assert cached.misses == 0
+    assert [r["prediction"] for r in with_prefix] == [r["prediction"] for r in classify(model, tokenizer, messages, LABELS, 2)]
+    other = [[{"role": "system", "content": "Another prompt entirely."}, {"role": "user", "content": "parcel late"}]]
+    assert _answers(classify(model, tokenizer, other, LABELS, 1, prefix=cached)) == \
+        _answers(classify(model, tokenizer, other, LABELS, 1))
+    assert cached.misses == 1
+
+
+def _answers(rows):
+    return [(r["prediction"], r["confidence"]) for r in rows]

@@ -15,8 +15,10 @@ from types import SimpleNamespace
 import httpx
 import openai
 import pytest
+from pydantic import TypeAdapter
 
-from pipeline import serve
+from pipeline import cascade
+from pipeline import serving as serve
 from pipeline.recipe import BaselineSection
 from tests.support.openai_server import FakeOpenAIServer
 from tests.support.serve_thread import serving
@@ -54,7 +56,8 @@ class FakeEngine:
 
 
 def fake_expert(base_url: str, threshold: float | None = 0.5):
-    frontier = BaselineSection(name="frontier", kind="openai", model="fake", base_url=base_url, api_key_env="UNIT_KEY")
+    frontier = TypeAdapter(BaselineSection).validate_python(
+        {"name": "frontier", "kind": "openai", "model": "fake", "base_url": base_url, "api_key_env": "UNIT_KEY"})
     recipe = SimpleNamespace(
         task=SimpleNamespace(type="classification"),
         data=SimpleNamespace(max_tokens=20),
@@ -231,6 +234,34 @@ def test_hostile_bodies_are_4xx_and_a_vanished_client_is_no_traceback(frontier_s
         time.sleep(0.5)
         assert httpx.get(f"{url}/health").status_code == 200
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_predict_and_serve_share_one_cascade(monkeypatch):
+    """`expert predict` (`cascade.escalate` over its rows) and `expert serve` ask the frontier the same question and
+    treat its failures alike: an answer that is no label, or an error that echoes the key, leaves the expert's
+    answer flagged with the reason, and the key is in no message."""
+    monkeypatch.setenv("UNIT_KEY", KEY)
+    with FakeOpenAIServer(lambda body: "no idea, sorry", api_key=KEY) as srv:
+        expert = fake_expert(srv.base_url)
+        esc = cascade.escalation(expert.recipe, expert.threshold, expert.frontier, retries=0, timeout_s=2)
+        assert esc.on and KEY not in repr(esc)
+        unsure = {"answer": "billing", "confidence": 0.1, "escalate": True}
+        by_predict = cascade.escalate([unsure], ["unsure charge"], esc, expert)[0]
+        assert by_predict == {**unsure, "escalated": False, "escalation_error": cascade.UNPARSED}
+        assert srv.requests[-1]["messages"] == cascade.baseline_prompt(expert.baseline_system_prompt, "unsure charge")
+
+        service = make_service(srv.base_url)
+        with serving(serve.create_app(service)) as url:
+            by_serve = httpx.post(f"{url}/v1/predict", json={"text": "unsure charge"}).json()
+            assert {k: by_serve[k] for k in by_predict} == by_predict
+            assert srv.requests[-1]["messages"] == srv.requests[-2]["messages"]
+
+            srv.faults += [("echo_auth", 401), ("echo_auth", 401)]
+            by_predict = cascade.escalate([unsure], ["unsure charge"], esc, expert)[0]
+            by_serve = httpx.post(f"{url}/v1/predict", json={"text": "unsure charge"}).json()
+        for row in (by_predict, by_serve):
+            assert "HTTP 401" in row["escalation_error"] and KEY not in row["escalation_error"], row
+            assert row["answer"] == "billing" and row["escalated"] is False
 
 
 class SlowEngine(serve.BatchingEngine):

@@ -1,0 +1,53 @@
+"""`expert predict`: JSONL rows answered by a registered version, through its cascade (`pipeline/cascade.py`).
+
+The version answers through its pyfunc model (`ExpertModel.predict`, i.e. `predict.answer`, as eval measured
+it); rows under its cascade threshold go to the frontier, or come back marked `escalate: true` with why not
+(`escalation_skipped`) or why it failed (`escalation_error`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+from pipeline import cascade
+from pipeline.errors import UserError
+from pipeline.ui import console
+
+
+def read_inputs(source: TextIO, name: str) -> Iterator[dict[str, Any]]:
+    """JSONL rows with a non-empty `text`; a bad line is an error naming it."""
+    for line_no, line in enumerate(source, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{name}:{line_no}: not JSON ({err.msg}); each line must be an object with a `text` field") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise UserError(f"{name}:{line_no}: each line must be a JSON object with a non-empty string `text`")
+        yield row
+
+
+def predict_with_cascade(model_uri: str, rows: list[dict[str, Any]], escalate: bool = True) -> list[dict[str, Any]]:
+    """Expert answers; rows under the version's threshold go to its frontier baseline when a key is set."""
+    from pipeline import registry
+
+    loaded, expert = registry.load_version(model_uri)
+    texts = [r["text"] for r in rows]
+    answers = loaded.predict(texts)
+    esc = cascade.escalation(expert.recipe, expert.threshold, expert.frontier, escalate)
+    out = cascade.escalate([{**row, **answer} for row, answer in zip(rows, answers)], texts, esc, expert)
+    skipped = sum(1 for r in out if "escalation_skipped" in r)
+    if skipped:
+        console.print(f"[yellow]predict[/]: {skipped} row(s) under the threshold marked `escalate` but not sent "
+                      f"({esc.why_off})")
+    return out
+
+
+def write_jsonl(rows: list[dict[str, Any]], out: TextIO | None = None) -> None:
+    out = out or sys.stdout  # looked up at call time: stdout may have been replaced since import
+    for row in rows:
+        out.write(json.dumps(row, ensure_ascii=False) + "\n")

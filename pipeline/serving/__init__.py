@@ -1,0 +1,57 @@
+"""`expert serve`: a registered expert behind an OpenAI-compatible HTTP endpoint, with the cascade built in.
+
+Endpoints (Starlette on uvicorn, both already installed with MLflow 3):
+
+- `POST /v1/chat/completions`: OpenAI chat completions; the last user message
+  is the input, `model` is the registered name; the answer (label, JSON object
+  as text, or generated text) is the assistant message. `stream: true` gets
+  the same answer as server-sent events. Extra top-level field `expert` and
+  headers `X-Expert-*` carry confidence and escalation.
+- `POST /v1/predict`: `{"text": ...}` -> `{"answer", "confidence", ...}`, or
+  `{"texts": [...]}` -> `{"predictions": [...]}`.
+- `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text format).
+
+The modules, in the order a request meets them:
+
+- `options.py`: `ServeOptions`, the one home of serve's defaults (the CLI reads them there).
+- `loading.py`: `load_service` loads the version (`registry.load_version`) on a short-lived thread, merges the
+  adapter and installs the CPU speed-ups through their seam (`pipeline/speedups.py`).
+- `app.py`: `create_app` (Starlette routes; every error an OpenAI-style body) and `run` (uvicorn; SIGTERM
+  drains and exits 0).
+- `service.py`: `Service.answer`, the expert's answer through the cascade (`pipeline/cascade.py`): under the
+  threshold to the frontier on a bounded thread pool; flagged, or 502, when it fails.
+- `engine.py`: `BatchingEngine`, one worker thread that owns the model and answers micro-batches through
+  `predict.answer` (the path eval measured) with the system prompt's prefix cached once.
+- `metrics.py`: `Metrics`, Prometheus text kept by hand.
+
+Importing this package is cheap (the CLI reads `ServeOptions` at start-up): the other names load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from pipeline.serving.options import ServeOptions
+
+_HOMES = {
+    "run": "app", "create_app": "app", "HTTPError": "app", "ENDPOINTS": "app", "MAX_TEXTS_PER_PREDICT": "app",
+    "Service": "service", "BatchingEngine": "engine", "Metrics": "metrics",
+    "load_service": "loading", "prepare": "loading", "registered_name_version": "loading",
+}
+
+__all__ = ["ServeOptions", *_HOMES]
+
+if TYPE_CHECKING:
+    from pipeline.serving.app import ENDPOINTS, MAX_TEXTS_PER_PREDICT, HTTPError, create_app, run
+    from pipeline.serving.engine import BatchingEngine
+    from pipeline.serving.loading import load_service, prepare, registered_name_version
+    from pipeline.serving.metrics import Metrics
+    from pipeline.serving.service import Service
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{home}"), name)

@@ -1,0 +1,112 @@
+"""A loaded version being served: its worker, its cascade and its metrics; the HTTP layer calls `Service.answer`."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline import cascade, tasks
+from pipeline.readers import SURROGATE  # prep's rule for what is text, applied to requests
+from pipeline.serving.app import HTTPError
+from pipeline.serving.engine import BatchingEngine
+from pipeline.serving.metrics import Metrics
+from pipeline.serving.options import ServeOptions
+
+
+@dataclass
+class Service:
+    """A loaded version with its worker, frontier set-up and metrics; the HTTP layer calls `answer`.
+
+    The cascade is `pipeline/cascade.py`'s, as for `expert predict`: the frontier is the version's recorded one
+    (asked with serve's bounded `--frontier-retries`/`--frontier-timeout` on a pool of its `max_concurrency`, no
+    response cache: every escalation is a live answer); a failed escalation comes back flagged, or as 502 with
+    `--frontier-down 502`.
+    """
+
+    expert: Any
+    model_name: str
+    version: str | None
+    model_uri: str
+    options: ServeOptions
+    metrics: Metrics = field(default_factory=Metrics)
+    engine: BatchingEngine | None = None
+    escalation: cascade.Escalation | None = None
+    pool: ThreadPoolExecutor | None = None
+    tokenizer: Any = None  # a copy for the HTTP side: fast tokenizers must not be shared across threads
+
+    def __post_init__(self) -> None:
+        self.tokenizer = copy.deepcopy(self.expert.tokenizer)
+        self.max_input_tokens = self.options.max_input_tokens or self.expert.recipe.data.max_tokens
+        self.task = tasks.for_type(self.expert.recipe.task.type)
+        self.escalation = cascade.escalation(
+            self.expert.recipe, self.expert.threshold, self.expert.frontier, self.options.escalate,
+            retries=self.options.frontier_retries, timeout_s=self.options.frontier_timeout_s)
+        if self.escalation.on:
+            self.pool = ThreadPoolExecutor(max_workers=self.escalation.baseline.max_concurrency,
+                                           thread_name_prefix="frontier")
+        if self.engine is None:
+            self.engine = BatchingEngine(self.expert, self.options, self.metrics)
+
+    @property
+    def escalation_note(self) -> str:
+        return self.escalation.note
+
+    def close(self) -> None:
+        if self.engine:
+            self.engine.close()
+        if self.pool:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok" if self.engine.alive() else "worker stopped",
+            "model": self.model_name,
+            "version": self.version,
+            "task": self.expert.recipe.task.type,
+            "threshold": self.expert.threshold,
+            "escalation": self.escalation.note,
+            "frontier_down": self.options.frontier_down,
+        }
+
+    def check_text(self, text: Any, param: str) -> tuple[str, int]:
+        if not isinstance(text, str) or not text.strip():
+            raise HTTPError(400, f"`{param}` must be a non-empty string", param, "invalid_value")
+        if SURROGATE.search(text):
+            raise HTTPError(400, f"`{param}` holds a lone UTF-16 surrogate (such as \\ud800): not valid Unicode text",
+                            param, "invalid_value")
+        n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if n > self.max_input_tokens:
+            raise HTTPError(413, f"`{param}` is {n} tokens; this expert accepts at most {self.max_input_tokens} "
+                                 "(the recipe's data.max_tokens, or serve --max-input-tokens)", param, "input_too_long")
+        return text, n
+
+    async def answer(self, text: str) -> dict[str, Any]:
+        """The expert's answer; under the threshold, the frontier's (or the flagged fallback)."""
+        row = await asyncio.wrap_future(self.engine.submit(text))
+        threshold = self.expert.threshold
+        out = {**row, "escalate": threshold is not None and row["confidence"] < threshold}
+        if not out["escalate"]:
+            return {**out, "escalated": False}
+        if not self.escalation.on:
+            self.metrics.escalation("not_sent")
+            return cascade.escalate([out], [text], self.escalation, self.expert)[0]
+        loop = asyncio.get_running_loop()
+        out = await loop.run_in_executor(self.pool, lambda: cascade.escalate([out], [text], self.escalation, self.expert)[0])
+        if "escalation_error" not in out:
+            self.metrics.escalation("frontier")
+            return out
+        self.metrics.escalation("failed")
+        if self.options.frontier_down == "502":
+            raise HTTPError(502, f"the answer needed the frontier (confidence {row['confidence']:.4f} < threshold "
+                                 f"{threshold:.4f}) and the frontier failed: {out['escalation_error']}",
+                            code="frontier_unavailable")
+        return out
+
+    def content(self, answer: Any) -> str:
+        if answer is None:
+            return ""
+        return answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False)
