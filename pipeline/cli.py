@@ -17,12 +17,14 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline.errors import UserError
-from pipeline.ui import console
-from pipeline.recipe import Recipe, dump_recipe, load_recipe
 from pipeline import stages
 from pipeline.contracts import PushOptions, StageOptions
+from pipeline.errors import UserError
+from pipeline.recipe import Recipe, dump_recipe, load_recipe
 from pipeline.rundir import STAGES, RunDir, create_run, init_run, latest_run, open_run
+from pipeline.serving.options import default as _serve_default  # serve's defaults live in ServeOptions only
+from pipeline.ui import console
+
 
 def quiet_libraries() -> None:
     """Silence library output a user cannot act on: bitsandbytes' note that an optional hub kernel for 4-bit CPU
@@ -339,9 +341,6 @@ def predict_cmd(
         batch_predict.write_jsonl(batch_predict.predict_with_cascade(model_uri, rows, escalate))
 
     _guarded(body)
-
-
-from pipeline.serving.options import default as _serve_default  # noqa: E402 - serve's defaults live in ServeOptions
 
 
 @app.command()
