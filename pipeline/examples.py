@@ -20,6 +20,8 @@ class Example:
     target: Any
     source: str = ""
     fixed_split: str | None = None  # "validation"/"test" when it came from that split's own source
+    provenance: str = "gold"  # where the target came from: `gold` (the data's own), `log:<model>` (a logged answer)
+    usage: dict[str, int] | None = None  # a logged answer's token counts, as the log reports them
     prompt_tokens: int = 0
     answer_tokens: int = 0
 
@@ -40,10 +42,18 @@ def chat_messages(system: str, text: str, answer: str | None = None) -> list[dic
 
 
 def render(e: Example, system: str, task, spec) -> dict[str, Any]:
-    return {
+    """A split file's row. `provenance` is written for targets that are not the data's own (gold rows leave it
+    out, as does `usage`, a logged answer's token counts), so splits of labeled data, and the fingerprints
+    promotion compares, stay as they were."""
+    row = {
         "id": e.id,
         "text": e.text,
         "target": e.target,
         "prompt": chat_messages(system, e.text),
         "completion": [{"role": "assistant", "content": task.target_text(e.target, spec)}],
     }
+    if e.provenance != "gold":
+        row["provenance"] = e.provenance
+    if e.usage is not None:
+        row["usage"] = e.usage
+    return row

@@ -59,6 +59,8 @@ def build_stats(splits, rejected, truncated, recipe: Recipe, fingerprint: str) -
             for name, rows in [("all", everything), *splits.items()]
         },
         "fingerprint": fingerprint,
+        # where the targets came from, per split: `gold`, `log:<model>`
+        "provenance": {s: dict(sorted(Counter(e.provenance for e in rows).items())) for s, rows in splits.items()},
     }
     if recipe.task.type == "classification":
         stats["classes"] = {s: dict(sorted(Counter(e.target for e in rows).items())) for s, rows in splits.items()}
@@ -110,6 +112,10 @@ def render_report(recipe: Recipe, stats: dict[str, Any], rejected, truncated) ->
         p, a = t["prompt"], t["answer"]
         lines.append(f"| {name} | {p['p50']} | {p['p95']} | {p['max']} | {a['p50']} | {a['p95']} | {a['max']} |")
     lines.append("")
+    sources = sorted({p for counts in stats["provenance"].values() for p in counts})
+    lines += ["## Label sources", "", "| source | " + " | ".join(SPLITS) + " |", "|---" * (len(SPLITS) + 1) + "|"]
+    lines += [f"| {p} | " + " | ".join(str(stats["provenance"][s].get(p, 0)) for s in SPLITS) + " |" for p in sources]
+    lines.append("")
     if "classes" in stats:
         lines += ["## Classes", "", "![rows per class](class_distribution.png)", "", "| class | " + " | ".join(SPLITS) + " |"]
         lines.append("|---" * (len(SPLITS) + 1) + "|")
@@ -141,6 +147,11 @@ def print_stats(stats: dict[str, Any]) -> None:
         table.add_row(split, f"{n:,}", _fmt(t["prompt"]), _fmt(t["answer"]))
     table.add_row("rejected", f"{stats['rejected_total']:,}", "", "")
     console.print(table)
+    sources = Counter()
+    for counts in stats["provenance"].values():
+        sources.update(counts)
+    if set(sources) != {"gold"}:
+        console.print("label sources: " + ", ".join(f"{k}={v:,}" for k, v in sorted(sources.items())))
     if stats["rejected"]:
         console.print("rejected by reason: " + ", ".join(f"{k}={v}" for k, v in stats["rejected"].items()))
     if stats["truncated"]:

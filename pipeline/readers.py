@@ -43,10 +43,6 @@ def get_field(row: dict[str, Any], path: str) -> Any:
 
 # a UTF-16 surrogate in a str: an undecodable byte kept by `surrogateescape` (CSV), or a lone `\ud800`-style JSON
 # escape; either way not Unicode text, which tokenizers refuse
-
-
-# a UTF-16 surrogate in a str: an undecodable byte kept by `surrogateescape` (CSV), or a lone `\ud800`-style JSON
-# escape; either way not Unicode text, which tokenizers refuse
 SURROGATE = re.compile("[\ud800-\udfff]")
 UTF8_BOM = b"\xef\xbb\xbf"
 
@@ -197,6 +193,8 @@ def _source_name(source: Path | str) -> str:
 
 def load_examples(recipe: Recipe, task, key: str, source: Path | str, rejected: list[dict[str, Any]]) -> list[Example]:
     """Read one source into Examples; every unusable row goes to `rejected` with its location and reason."""
+    if recipe.data.format != "table":
+        return load_logged(recipe, task, key, source, rejected)
     fields = recipe.data.fields
     text_fields = fields.text_fields()
     fixed_split = ROLES[key]
@@ -283,3 +281,51 @@ def _has_lone_surrogate(value: Any) -> bool:
     if isinstance(value, list):
         return any(_has_lone_surrogate(v) for v in value)
     return False
+
+
+def load_logged(recipe: Recipe, task, key: str, source: Path, rejected: list[dict[str, Any]]) -> list[Example]:
+    """Read one `chat` or `gateway` log into Examples: the expert's input per `data.input`, the target the logged
+    answer parsed as a frontier baseline's answer is (`task.parse_answer` against the recipe's labels or schema),
+    provenance `log:<model>`. A line of the wrong shape, without an answer, or whose answer does not parse is
+    rejected with its line and why."""
+    from pipeline.log_records import LogRowError, logged_call
+    from pipeline.row_checks import spec_of
+
+    spec = spec_of(recipe, [])
+    fixed_split = ROLES[key]
+    name = _source_name(source)
+    id_prefix = f"{fixed_split}:" if fixed_split else ""
+    examples: list[Example] = []
+
+    def reject(line: int, reason: str, detail: str) -> None:
+        rejected.append({"source": name, "line": line, "reason": reason, "detail": detail})
+
+    try:
+        for line, row, problem in read_rows(source, fixed_split or "train", max_row_bytes(recipe.data.max_tokens)):
+            if row is None:
+                reject(line, problem.split(":")[0], problem)
+                continue
+            try:
+                call = logged_call(row, recipe.data.format, recipe.data.input)
+            except LogRowError as err:
+                reject(line, err.reason, str(err))
+                continue
+            if _has_lone_surrogate([call.text, call.answer]):
+                reject(line, "undecodable", "holds a lone UTF-16 surrogate: not valid Unicode text")
+                continue
+            text = call.text.strip()
+            if not text:
+                reject(line, "empty_text", "the expert's input (per data.input) is empty")
+                continue
+            target = task.parse_answer(call.answer, spec)
+            if target is None:
+                shown = call.answer.strip().replace("\n", " ")
+                reject(line, "unparsable_answer", f"the logged answer is not a {recipe.task.type} target: "
+                       f"{shown[:120]!r}{'...' if len(shown) > 120 else ''}")
+                continue
+            row_id = f"{id_prefix}{Path(name).stem}:{line}"
+            examples.append(Example(row_id, line, text, task.normalize_target(target), name, fixed_split,
+                                    provenance=f"log:{call.model or 'unknown'}", usage=call.usage))
+    except UserError as err:
+        raise UserError(f"data.{key}: {err}") from None
+    return examples

@@ -155,7 +155,18 @@ class DataSection(Strict):
     test_source: DataSource | None = Field(
         None, description="a fixed test split of your own (same formats; an `hf:` source reads its `test` "
         "split); that split is then not carved from `data.source`")
-    fields: FieldsSection = Field(description="which fields of a row hold the input, the target and the id")
+    format: Literal["table", "chat", "gateway"] = Field(
+        "table", description="what a source's rows are: `table` (rows mapped by `data.fields`), `chat` (OpenAI "
+        "fine-tuning JSONL, `{\"messages\": [...]}`: the last assistant turn is the target) or `gateway` (LLM "
+        "gateway logs, `{\"request\": {\"messages\"}, \"response\": {\"choices\", \"usage\", \"model\"}}`: the "
+        "first choice is the target). Logged answers are parsed like a frontier baseline's; unparsable ones are "
+        "rejected with their line")
+    input: Literal["last_user", "conversation"] = Field(
+        "last_user", description="`chat`/`gateway` logs: the expert's input is the last user message before the "
+        "answer, or the whole conversation before it rendered as `role: text` turns (system prompt left out)")
+    fields: FieldsSection | None = Field(
+        None, description="`table` sources: which fields of a row hold the input, the target and the id "
+        "(required there; log formats have their own shape)")
     split: SplitSection = Field(
         SplitSection(), description="how `data.source` is split into train, validation and test: seeded, "
         "deterministic, each split in source order")
@@ -449,7 +460,22 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _fields_fit_task(self) -> Recipe:
-        if isinstance(self.data.fields.target, dict) and self.task.type != "extraction":
+        data = self.data
+        if data.format == "table" and data.fields is None:
+            raise ValueError("data -> fields: required for `table` sources: name the input and target fields")
+        if data.format != "table":
+            if data.fields is not None:
+                raise ValueError(f"data -> fields: `{data.format}` logs have their own shape; remove `fields`")
+            for key in ("source", "validation_source", "test_source"):
+                source = getattr(data, key)
+                if source is not None and (isinstance(source, str) or source.suffix.lower() != ".jsonl"):
+                    raise ValueError(f"data -> {key}: `{data.format}` logs are read from .jsonl files")
+            if self.task.type == "classification" and not self.task.labels:
+                raise ValueError("task -> labels: logged answers are parsed against the label list; list the labels")
+            return self
+        if data.input != "last_user":
+            raise ValueError("data -> input: applies to `chat`/`gateway` logs only; remove it")
+        if isinstance(data.fields.target, dict) and self.task.type != "extraction":
             raise ValueError(
                 "data -> fields -> target: a mapping builds a JSON object and applies to extraction only; "
                 "name one field"

@@ -1,0 +1,100 @@
+"""Frontier traffic as training data: one logged conversation into the expert's input and the frontier's answer.
+
+Two shapes, both one JSON object per line:
+- `chat`: OpenAI's fine-tuning format, `{"messages": [...]}`; the answer is the last assistant turn and the
+  input is what came before it.
+- `gateway`: what LLM gateways export per call, `{"request": {"messages": [...], "model"?},
+  "response": {"choices": [{"message": {...}}], "usage"?, "model"?}}`; the answer is the first choice.
+
+The input is the last user message before the answer (`data.input: last_user`) or the conversation before it
+rendered with roles (`conversation`; the system prompt left out, since the expert has its own). A line that
+does not have that shape raises `LogRowError` with a reason code and what is wrong, so prep rejects it with its
+line like any bad row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+
+class LogRowError(ValueError):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class LoggedCall:
+    text: str  # the expert's input
+    answer: str  # the frontier's answer, as text
+    model: str | None  # the model that answered, when the log says
+    usage: dict[str, int] | None  # token counts the log reports (prompt_tokens, completion_tokens, ...)
+
+
+def _content(message: Any, where: str) -> str:
+    """A message's text: a string, or OpenAI's list of content parts (their `text` parts joined)."""
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise LogRowError("bad_log_shape", f"{where} is not a message with a `role`")
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
+            raise LogRowError("non_text", f"{where} has content parts that are not text (images, audio)")
+        content = "\n".join(texts)
+    if not isinstance(content, str):
+        raise LogRowError("non_text", f"{where} has no text content")
+    return content
+
+
+def expert_input(messages: list[Any], mode: Literal["last_user", "conversation"]) -> str:
+    """The expert's input from the messages before the answer."""
+    if not messages:
+        raise LogRowError("bad_log_shape", "no messages before the answer")
+    turns = [(m.get("role") if isinstance(m, dict) else None, _content(m, f"message {i}")) for i, m in enumerate(messages)]
+    if mode == "last_user":
+        users = [text for role, text in turns if role == "user"]
+        if not users:
+            raise LogRowError("bad_log_shape", "no user message before the answer")
+        return users[-1]
+    return "\n\n".join(f"{role}: {text}" for role, text in turns if role != "system")
+
+
+def _usage(value: Any) -> dict[str, int] | None:
+    if not isinstance(value, dict):
+        return None
+    return {k: v for k, v in value.items() if isinstance(v, int) and not isinstance(v, bool)} or None
+
+
+def read_chat(row: dict[str, Any], mode: Literal["last_user", "conversation"]) -> LoggedCall:
+    messages = row.get("messages")
+    if not isinstance(messages, list):
+        raise LogRowError("bad_log_shape", "`messages` is missing or not a list (chat format: {\"messages\": [...]})")
+    last = messages[-1] if messages else None
+    if not isinstance(last, dict) or last.get("role") != "assistant":
+        raise LogRowError("no_answer", "the last message is not an assistant turn: nothing to learn from")
+    return LoggedCall(expert_input(messages[:-1], mode), _content(last, "the last assistant message"),
+                      row.get("model") if isinstance(row.get("model"), str) else None, None)
+
+
+def read_gateway(row: dict[str, Any], mode: Literal["last_user", "conversation"]) -> LoggedCall:
+    request, response = row.get("request"), row.get("response")
+    if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
+        raise LogRowError("bad_log_shape", "`request.messages` is missing (gateway format: "
+                          "{\"request\": {\"messages\": [...]}, \"response\": {\"choices\": [...]}})")
+    if not isinstance(response, dict):
+        raise LogRowError("no_answer", "`response` is missing: the call failed or was not logged")
+    choices = response.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise LogRowError("no_answer", "`response.choices` is empty: the frontier gave no answer")
+    message = choices[0].get("message")
+    model = response.get("model") if isinstance(response.get("model"), str) else request.get("model")
+    return LoggedCall(expert_input(request["messages"], mode), _content(message, "`response.choices[0].message`"),
+                      model if isinstance(model, str) else None, _usage(response.get("usage")))
+
+
+READERS = {"chat": read_chat, "gateway": read_gateway}
+
+
+def logged_call(row: dict[str, Any], fmt: str, mode: Literal["last_user", "conversation"]) -> LoggedCall:
+    return READERS[fmt](row, mode)
