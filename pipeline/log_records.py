@@ -1,10 +1,13 @@
 """Frontier traffic as training data: one logged conversation into the expert's input and the frontier's answer.
 
-Two shapes, both one JSON object per line:
+Three shapes, each one JSON object per line:
 - `chat`: OpenAI's fine-tuning format, `{"messages": [...]}`; the answer is the last assistant turn and the
   input is what came before it.
 - `gateway`: what LLM gateways export per call, `{"request": {"messages": [...], "model"?},
   "response": {"choices": [{"message": {...}}], "usage"?, "model"?}}`; the answer is the first choice.
+- `openai_batch`: a Batch API output file (`{"custom_id", "response": {"status_code", "body"}, "error"}`) read
+  against its input file (`{"custom_id", "body": {"messages"}}`): each result is a gateway record of its request.
+  Failed results, results without a request and requests without a result are each reported, never dropped.
 
 The input is the last user message before the answer (`data.input: last_user`) or the conversation before it
 rendered with roles (`conversation`; the system prompt left out, since the expert has its own). A line that
@@ -93,8 +96,46 @@ def read_gateway(row: dict[str, Any], mode: Literal["last_user", "conversation"]
                       model if isinstance(model, str) else None, _usage(response.get("usage")))
 
 
+def read_batch_result(row: dict[str, Any], requests: dict[str, tuple[int, dict[str, Any]]],
+                      mode: Literal["last_user", "conversation"]) -> LoggedCall:
+    """One line of a Batch API output file, answered for the request of the same `custom_id`."""
+    custom_id = row.get("custom_id")
+    if not isinstance(custom_id, str):
+        raise LogRowError("bad_log_shape", "`custom_id` is missing (Batch API output: {\"custom_id\", \"response\"})")
+    if row.get("error"):
+        raise LogRowError("batch_failed", f"request {custom_id} failed in the batch: {str(row['error'])[:200]}")
+    response = row.get("response")
+    if not isinstance(response, dict) or response.get("status_code", 200) != 200:
+        status = response.get("status_code") if isinstance(response, dict) else None
+        raise LogRowError("batch_failed", f"request {custom_id} got no answer (status {status})")
+    if custom_id not in requests:
+        raise LogRowError("unmatched", f"custom_id {custom_id} is in no line of data.batch_requests")
+    return read_gateway({"request": requests[custom_id][1], "response": response.get("body")}, mode)
+
+
+def read_batch_requests(rows) -> tuple[dict[str, tuple[int, dict[str, Any]]], list[tuple[int, str, str]]]:
+    """A Batch API input file's (line, request body) by `custom_id`, and its bad lines as (line, reason, detail)."""
+    requests: dict[str, tuple[int, dict[str, Any]]] = {}
+    bad: list[tuple[int, str, str]] = []
+    for line, row, problem in rows:
+        if row is None:
+            bad.append((line, problem.split(":")[0], problem))
+            continue
+        custom_id, body = row.get("custom_id"), row.get("body")
+        if not isinstance(custom_id, str) or not isinstance(body, dict):
+            bad.append((line, "bad_log_shape", "a Batch API request line needs `custom_id` and `body`"))
+        elif custom_id in requests:
+            bad.append((line, "duplicate_id", f"custom_id {custom_id} appears twice; the Batch API needs it unique"))
+        else:
+            requests[custom_id] = (line, body)
+    return requests, bad
+
+
 READERS = {"chat": read_chat, "gateway": read_gateway}
 
 
-def logged_call(row: dict[str, Any], fmt: str, mode: Literal["last_user", "conversation"]) -> LoggedCall:
+def logged_call(row: dict[str, Any], fmt: str, mode: Literal["last_user", "conversation"],
+                requests: dict[str, tuple[int, dict[str, Any]]] | None = None) -> LoggedCall:
+    if fmt == "openai_batch":
+        return read_batch_result(row, requests or {}, mode)
     return READERS[fmt](row, mode)

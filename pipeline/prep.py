@@ -39,7 +39,14 @@ from pipeline.prep_report import (
 from pipeline.readers import load_examples, sources_of
 from pipeline.recipe import Recipe
 from pipeline.rundir import RunDir, atomic_write_json, atomic_write_jsonl, atomic_write_text, file_hash
-from pipeline.row_checks import check_class_counts, check_duplicates, check_rejected_fraction, check_targets, spec_of
+from pipeline.row_checks import (
+    check_class_counts,
+    check_duplicates,
+    check_pii,
+    check_rejected_fraction,
+    check_targets,
+    spec_of,
+)
 from pipeline.splitting import SPLITS, fewshot_examples, split_examples
 from pipeline.token_count import enforce_max_tokens
 from pipeline.ui import console
@@ -69,6 +76,11 @@ def inputs_of(recipe: Recipe) -> dict[str, str]:
                             "(relative paths start at the recipe's folder)")
         else:
             inputs[f"data.{key}"] = file_hash(source)
+    if recipe.data.batch_requests is not None:
+        if not recipe.data.batch_requests.is_file():
+            raise UserError(f"data.batch_requests: {recipe.data.batch_requests} {_not_a_file(recipe.data.batch_requests)}; "
+                            "point it at the Batch API input file")
+        inputs["data.batch_requests"] = file_hash(recipe.data.batch_requests)
     return inputs
 
 
@@ -109,6 +121,7 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
             examples += loaded
         if not examples and not rejected:
             raise UserError(f"data: {', '.join(map(str, sources_of(recipe).values()))} holds no rows; check data.source")
+        examples, pii_found = check_pii(examples, rejected, recipe)  # before anything is written or logged
         spec = spec_of(recipe, examples)
         examples = check_targets(examples, rejected, task, spec)
         examples = check_duplicates(examples, rejected, task, spec)
@@ -133,7 +146,7 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
                                                "baseline_system_prompt": baseline_system})
         atomic_write_json(out / "fewshot.json", fewshot_examples(splits["train"], recipe, task, spec))
         fingerprint = data_fingerprint(recipe, [out / f"{s}.jsonl" for s in SPLITS])
-        stats = build_stats(splits, rejected, truncated, recipe, fingerprint)
+        stats = build_stats(splits, rejected, truncated, recipe, fingerprint, pii_found)
         atomic_write_json(out / "stats.json", stats)
         if recipe.task.type == "classification":
             plot_class_distribution(stats["classes"], out / "class_distribution.png")

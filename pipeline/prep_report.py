@@ -42,7 +42,7 @@ def percentiles(values: list[int]) -> dict[str, int]:
     return {"p50": rank(0.5), "p95": rank(0.95), "max": ordered[-1]}
 
 
-def build_stats(splits, rejected, truncated, recipe: Recipe, fingerprint: str) -> dict[str, Any]:
+def build_stats(splits, rejected, truncated, recipe: Recipe, fingerprint: str, pii_found: Counter) -> dict[str, Any]:
     by_reason = Counter(r["reason"] for r in rejected)
     everything = [e for rows in splits.values() for e in rows]
     stats: dict[str, Any] = {
@@ -61,6 +61,8 @@ def build_stats(splits, rejected, truncated, recipe: Recipe, fingerprint: str) -
         "fingerprint": fingerprint,
         # where the targets came from, per split: `gold`, `log:<model>`
         "provenance": {s: dict(sorted(Counter(e.provenance for e in rows).items())) for s, rows in splits.items()},
+        # data.pii: the policy and what it found, by kind (redacted or rejected; counts, never the values)
+        "pii": {"policy": recipe.data.pii, "found": dict(sorted(pii_found.items()))},
     }
     if recipe.task.type == "classification":
         stats["classes"] = {s: dict(sorted(Counter(e.target for e in rows).items())) for s, rows in splits.items()}
@@ -112,6 +114,10 @@ def render_report(recipe: Recipe, stats: dict[str, Any], rejected, truncated) ->
         p, a = t["prompt"], t["answer"]
         lines.append(f"| {name} | {p['p50']} | {p['p95']} | {p['max']} | {a['p50']} | {a['p95']} | {a['max']} |")
     lines.append("")
+    if stats["pii"]["policy"] != "keep":
+        found = stats["pii"]["found"]
+        lines += ["## Personal data", "", f"`data.pii: {stats['pii']['policy']}`: "
+                  + (", ".join(f"{n} {kind}" for kind, n in found.items()) if found else "none found") + ".", ""]
     sources = sorted({p for counts in stats["provenance"].values() for p in counts})
     lines += ["## Label sources", "", "| source | " + " | ".join(SPLITS) + " |", "|---" * (len(SPLITS) + 1) + "|"]
     lines += [f"| {p} | " + " | ".join(str(stats["provenance"][s].get(p, 0)) for s in SPLITS) + " |" for p in sources]
@@ -152,6 +158,9 @@ def print_stats(stats: dict[str, Any]) -> None:
         sources.update(counts)
     if set(sources) != {"gold"}:
         console.print("label sources: " + ", ".join(f"{k}={v:,}" for k, v in sorted(sources.items())))
+    if stats["pii"]["found"]:
+        console.print(f"personal data ({stats['pii']['policy']}): "
+                      + ", ".join(f"{k}={v:,}" for k, v in stats["pii"]["found"].items()))
     if stats["rejected"]:
         console.print("rejected by reason: " + ", ".join(f"{k}={v}" for k, v in stats["rejected"].items()))
     if stats["truncated"]:

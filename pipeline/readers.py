@@ -288,10 +288,17 @@ def load_logged(recipe: Recipe, task, key: str, source: Path, rejected: list[dic
     answer parsed as a frontier baseline's answer is (`task.parse_answer` against the recipe's labels or schema),
     provenance `log:<model>`. A line of the wrong shape, without an answer, or whose answer does not parse is
     rejected with its line and why."""
-    from pipeline.log_records import LogRowError, logged_call
+    from pipeline.log_records import LogRowError, logged_call, read_batch_requests
     from pipeline.row_checks import spec_of
 
     spec = spec_of(recipe, [])
+    requests: dict[str, tuple[int, dict[str, Any]]] = {}
+    if recipe.data.format == "openai_batch":
+        requests_file = recipe.data.batch_requests
+        requests, bad = read_batch_requests(read_rows(requests_file, "train", max_row_bytes(recipe.data.max_tokens)))
+        for line, reason, detail in bad:
+            rejected.append({"source": requests_file.name, "line": line, "reason": reason, "detail": detail})
+    answered: set[str] = set()
     fixed_split = ROLES[key]
     name = _source_name(source)
     id_prefix = f"{fixed_split}:" if fixed_split else ""
@@ -305,8 +312,10 @@ def load_logged(recipe: Recipe, task, key: str, source: Path, rejected: list[dic
             if row is None:
                 reject(line, problem.split(":")[0], problem)
                 continue
+            if isinstance(row.get("custom_id"), str):
+                answered.add(row["custom_id"])
             try:
-                call = logged_call(row, recipe.data.format, recipe.data.input)
+                call = logged_call(row, recipe.data.format, recipe.data.input, requests)
             except LogRowError as err:
                 reject(line, err.reason, str(err))
                 continue
@@ -328,4 +337,8 @@ def load_logged(recipe: Recipe, task, key: str, source: Path, rejected: list[dic
                                     provenance=f"log:{call.model or 'unknown'}", usage=call.usage))
     except UserError as err:
         raise UserError(f"data.{key}: {err}") from None
+    for custom_id, (line, _) in requests.items():  # a request the batch never answered: reported, not forgotten
+        if custom_id not in answered:
+            rejected.append({"source": recipe.data.batch_requests.name, "line": line, "reason": "no_result",
+                             "detail": f"request {custom_id} has no result in {name}"})
     return examples

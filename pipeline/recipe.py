@@ -155,12 +155,16 @@ class DataSection(Strict):
     test_source: DataSource | None = Field(
         None, description="a fixed test split of your own (same formats; an `hf:` source reads its `test` "
         "split); that split is then not carved from `data.source`")
-    format: Literal["table", "chat", "gateway"] = Field(
+    format: Literal["table", "chat", "gateway", "openai_batch"] = Field(
         "table", description="what a source's rows are: `table` (rows mapped by `data.fields`), `chat` (OpenAI "
-        "fine-tuning JSONL, `{\"messages\": [...]}`: the last assistant turn is the target) or `gateway` (LLM "
+        "fine-tuning JSONL, `{\"messages\": [...]}`: the last assistant turn is the target), `gateway` (LLM "
         "gateway logs, `{\"request\": {\"messages\"}, \"response\": {\"choices\", \"usage\", \"model\"}}`: the "
-        "first choice is the target). Logged answers are parsed like a frontier baseline's; unparsable ones are "
-        "rejected with their line")
+        "first choice is the target) or `openai_batch` (`data.source` an OpenAI Batch API output file, matched by "
+        "`custom_id` to its input file `data.batch_requests`). Logged answers are parsed like a frontier "
+        "baseline's; unparsable ones are rejected with their line")
+    batch_requests: Path | None = Field(
+        None, description="`openai_batch`: the Batch API input file (`{\"custom_id\", \"body\": {\"messages\"}}` "
+        "per line) whose requests `data.source`'s results answer; relative to the recipe's folder")
     input: Literal["last_user", "conversation"] = Field(
         "last_user", description="`chat`/`gateway` logs: the expert's input is the last user message before the "
         "answer, or the whole conversation before it rendered as `role: text` turns (system prompt left out)")
@@ -170,6 +174,20 @@ class DataSection(Strict):
     split: SplitSection = Field(
         SplitSection(), description="how `data.source` is split into train, validation and test: seeded, "
         "deterministic, each split in source order")
+    pii: Literal["keep", "redact", "reject"] = Field(
+        "keep", description="personal data in the rows (`data.pii_kinds`), found before anything is written, sent "
+        "or logged: `redact` replaces each find with a placeholder (`[EMAIL]`) in the input, string targets, ids "
+        "and rejection details; `reject` rejects the row (reason `pii`, the kinds named, the content not); "
+        "`keep` leaves the data as it is. Counts by kind in the prep report")
+    pii_kinds: Annotated[list[Literal["email", "phone", "card", "iban", "ip", "us_ssn", "uk_nino", "de_tax_id"]],
+                         Field(min_length=1)] = Field(
+        ["email", "phone", "card", "iban", "ip"], description="what `data.pii` looks for: `email`, `phone` "
+        "(international format; national format too with `data.pii_region`), `card` (Luhn-checked), `iban` "
+        "(mod-97 checked), `ip` (v4 and v6), and national ids when listed: `us_ssn`, `uk_nino`, `de_tax_id`. "
+        "Names and addresses are not found (see `pipeline/pii.py`)")
+    pii_region: str | None = Field(
+        None, description="`data.pii`: the country (ISO 3166 code, e.g. `US`) whose national-format phone "
+        "numbers are found as well; without it only `+...` numbers are")
     max_tokens: PositiveInt = Field(256, description="limit on the rendered prompt + answer, in base-model tokens")
     max_tokens_policy: Literal["reject", "truncate"] = Field(
         "reject", description="a row longer than `data.max_tokens` is rejected (`too_long`) or, with `truncate`, "
@@ -470,11 +488,18 @@ class Recipe(Strict):
                 source = getattr(data, key)
                 if source is not None and (isinstance(source, str) or source.suffix.lower() != ".jsonl"):
                     raise ValueError(f"data -> {key}: `{data.format}` logs are read from .jsonl files")
+            if (data.format == "openai_batch") != (data.batch_requests is not None):
+                raise ValueError("data -> batch_requests: the Batch API input file goes with `format: openai_batch` "
+                                 "(and only with it)")
+            if data.format == "openai_batch" and (data.validation_source or data.test_source):
+                raise ValueError("data: `openai_batch` reads one output/input pair from data.source and "
+                                 "data.batch_requests; split it with data.split instead of fixed sources")
             if self.task.type == "classification" and not self.task.labels:
                 raise ValueError("task -> labels: logged answers are parsed against the label list; list the labels")
             return self
-        if data.input != "last_user":
-            raise ValueError("data -> input: applies to `chat`/`gateway` logs only; remove it")
+        if data.input != "last_user" or data.batch_requests is not None:
+            key = "input" if data.input != "last_user" else "batch_requests"
+            raise ValueError(f"data -> {key}: applies to log formats only; remove it")
         if isinstance(data.fields.target, dict) and self.task.type != "extraction":
             raise ValueError(
                 "data -> fields -> target: a mapping builds a JSON object and applies to extraction only; "
@@ -649,7 +674,7 @@ def load_recipe(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
         where = f"{path} with --set {' --set '.join(overrides)}" if overrides else path
         raise UserError(format_validation_error(where, err)) from None
     resolved = {}
-    for key in ("source", "validation_source", "test_source"):
+    for key in ("source", "validation_source", "test_source", "batch_requests"):
         source = getattr(recipe.data, key)
         if isinstance(source, Path) and not source.is_absolute():
             resolved[key] = (path.parent / source).resolve()

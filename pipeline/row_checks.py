@@ -135,3 +135,50 @@ def check_class_counts(examples: list[Example], recipe: Recipe, spec) -> None:
             f"task.min_examples_per_class={minimum}: {len(short)} class(es) have too few usable rows: {listed}. "
             "Add examples, remove the class from task.labels (or the data), or lower task.min_examples_per_class."
         )
+
+
+def check_pii(examples: list[Example], rejected: list[dict[str, Any]], recipe: Recipe) -> tuple[list[Example], Counter]:
+    """`data.pii` on every row before anything is written, sent or logged: `redact` replaces personal data in the
+    input, the string leaves of the target and the id; `reject` drops the row as `pii`, naming only the kinds.
+    Rejection details already recorded are redacted too (they may quote a row). Returns the rows and the finds
+    by kind."""
+    from pipeline import pii
+
+    found: Counter = Counter()
+    if recipe.data.pii == "keep":
+        return examples, found
+    kinds, region = recipe.data.pii_kinds, recipe.data.pii_region
+    try:
+        pii.check_kinds(kinds)
+        pii.redact("", kinds, region=region)
+    except ValueError as err:
+        raise UserError(f"data.pii_region: {err}") from None
+
+    def clean(value: Any, counts: Counter) -> Any:
+        if isinstance(value, str):
+            text, n = pii.redact(value, kinds, region=region)
+            counts.update(n)
+            return text
+        if isinstance(value, dict):
+            return {k: clean(v, counts) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v, counts) for v in value]
+        return value
+
+    kept: list[Example] = []
+    for e in examples:
+        counts: Counter = Counter()
+        text, row_id = clean(e.text, counts), clean(e.id, counts)
+        target = e.target if recipe.task.type == "classification" else clean(e.target, counts)
+        found.update(counts)
+        if counts and recipe.data.pii == "reject":
+            rejected.append({"source": e.source, "line": e.line, "id": row_id, "reason": "pii",
+                             "detail": "holds " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))})
+            continue
+        e.text, e.id, e.target = text, row_id, target
+        kept.append(e)
+    for r in rejected:
+        r["detail"] = clean(r["detail"], Counter())
+        if "id" in r:
+            r["id"] = clean(r["id"], Counter())
+    return kept, found

@@ -121,3 +121,39 @@ def test_log_recipes_need_the_labels_and_no_field_mapping(tiny_model_dir, tmp_pa
     recipe = log_recipe(tiny_model_dir, source, "gateway", fields={"text": "a", "target": "b"})
     result = prep(tmp_path, recipe)
     assert result.exit_code == 2 and "remove `fields`" in result.output
+
+
+def test_openai_batch_results_are_matched_to_their_requests_and_failures_reported(tiny_model_dir, tracking_env, tmp_path):
+    requests, results = [], []
+    rows = good_rows()
+    for i, row in enumerate(rows):
+        custom_id = f"req-{i}"
+        requests.append({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+                         "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": row["text"]}]}})
+        body = {"model": "gpt-4o-mini-2024-07-18", "usage": {"prompt_tokens": 20, "completion_tokens": 1},
+                "choices": [{"message": {"role": "assistant", "content": row["label"]}}]}
+        results.append({"id": f"batch_req_{i}", "custom_id": custom_id,
+                        "response": {"status_code": 200, "body": body}, "error": None})
+    requests.append({"custom_id": "req-extra", "body": {"messages": [{"role": "user", "content": "never answered"}]}})
+    requests.append({"custom_id": "req-0", "body": {"messages": []}})  # a repeated custom_id
+    results.reverse()  # the Batch API returns results in any order
+    results.insert(3, {"custom_id": "req-failed", "response": None, "error": {"code": "rate_limit", "message": "x"}})
+    results.insert(7, {"custom_id": "req-ghost", "response": {"status_code": 200, "body": {
+        "choices": [{"message": {"role": "assistant", "content": "billing"}}]}}})
+    results.insert(9, {"custom_id": "req-500", "response": {"status_code": 500, "body": {}}, "error": None})
+    (tmp_path / "input.jsonl").write_text("\n".join(map(json.dumps, requests)) + "\n", encoding="utf-8")
+    (tmp_path / "output.jsonl").write_text("\n".join(map(json.dumps, results)) + "\n", encoding="utf-8")
+    recipe = log_recipe(tiny_model_dir, tmp_path / "output.jsonl", "openai_batch",
+                        batch_requests=str(tmp_path / "input.jsonl"))
+    run_dir = tmp_path / "run"
+    result = prep(tmp_path, recipe, run_dir)
+    assert result.exit_code == 0, result.output
+    rejected = {(r["source"], r["line"]): r["reason"] for r in read_jsonl(run_dir / "prep/rejected.jsonl")}
+    assert rejected == {
+        ("output.jsonl", 4): "batch_failed", ("output.jsonl", 8): "unmatched", ("output.jsonl", 10): "batch_failed",
+        ("input.jsonl", 61): "no_result", ("input.jsonl", 62): "duplicate_id",
+    }
+    kept = [r for s in ("train", "validation", "test") for r in read_jsonl(run_dir / f"prep/{s}.jsonl")]
+    by_text = {r["text"]: r["target"] for r in kept}
+    assert by_text == {row["text"]: row["label"] for row in rows}, "each answer is matched to its own request"
+    assert {r["provenance"] for r in kept} == {"log:gpt-4o-mini-2024-07-18"}
