@@ -429,6 +429,38 @@ def compare(
 
 
 @app.command()
+def audit(
+    logs: Annotated[Path, typer.Argument(help="Gateway logs or a Batch API output file (JSONL with model and usage).")],
+    prices: Annotated[Path, typer.Option("--prices", help="YAML: MODEL: {input: $/Mtok, output: $/Mtok} per model.")],
+    fmt: Annotated[str, typer.Option("--format", help="`gateway` or `openai_batch`.")] = "gateway",
+    run_dir: Annotated[
+        Path | None, typer.Option("--run-dir", help="A run whose eval finished: the same workload with its expert.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Also write the numbers as JSON here.")] = None,
+) -> None:
+    """What a logged workload costs today (requests, tokens, cost per 1,000 requests by model), and with the expert."""
+
+    def body() -> None:
+        from pipeline import audit as auditing
+        from pipeline.rundir import atomic_write_json
+
+        result = auditing.audit_logs(logs, fmt, auditing.read_prices(prices))
+        expert = None
+        if run_dir is not None:
+            today = auditing.report(result, None)["cost_per_1k"]
+            if today is None:
+                raise UserError(f"--run-dir: today's cost is unknown (no price for {', '.join(result.unpriced)}); "
+                                "add them to --prices")
+            expert = auditing.with_expert(today, run_dir)
+        doc = auditing.report(result, expert)
+        auditing.print_report(doc, result)
+        if out is not None:
+            atomic_write_json(out, doc)
+
+    _guarded(body)
+
+
+@app.command()
 def ui(
     host: Annotated[str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless you mean to expose it.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 5000,
