@@ -186,6 +186,25 @@ def prep(recipe_path: RecipeArg, run_dir: RunDirOpt = None, runs_root: RunsRootO
 
 
 @app.command()
+def label(recipe_path: RecipeArg, overrides: SetOpt = None) -> None:
+    """Label the rows without a target with data.teacher, under its budget; the answers are cached for prep."""
+
+    def body() -> None:
+        from pipeline import prep as prep_stage, tasks
+
+        recipe = load_recipe(recipe_path, overrides or ())
+        if recipe.data.teacher is None:
+            raise UserError(f"{recipe_path}: no data.teacher; name the endpoint that labels rows without a target")
+        rejected: list = []
+        _, _, _, _, labelled = prep_stage.read_and_label(recipe, tasks.for_type(recipe.task.type), rejected)
+        if not labelled["rows"]:
+            console.print("label: every row has a target; nothing to label")
+        console.print("label: the answers are cached; `expert prep` (or `expert run`) uses them without paying again")
+
+    _guarded(body)
+
+
+@app.command()
 def train(
     recipe_path: RecipeArg,
     run_dir: RunDirOpt = None,

@@ -24,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline import contracts, models, tasks
+from pipeline import contracts, models, tasks, teacher
 from pipeline.contracts import StageOptions
 from pipeline.errors import UserError
 from pipeline.examples import Example, render
@@ -103,6 +103,26 @@ def _not_a_file(path: Path) -> str:
     return "is not a regular file"
 
 
+def read_and_label(recipe: Recipe, task, rejected: list[dict[str, Any]]):
+    """Every source read, personal data handled, rows without a target labelled by the teacher: what `expert label`
+    runs alone, and prep first. Returns the examples, the spec, the baseline system prompt, the PII finds and
+    the teacher's summary."""
+    examples: list[Example] = []
+    for key, source in sources_of(recipe).items():
+        console.print(f"[bold]prep[/]: reading data.{key} {source}")
+        before = len(rejected)
+        loaded = load_examples(recipe, task, key, source, rejected)
+        console.print(f"  {len(loaded):,} rows read, {len(rejected) - before:,} unreadable or incomplete", highlight=False)
+        examples += loaded
+    if not examples and not rejected:
+        raise UserError(f"data: {', '.join(map(str, sources_of(recipe).values()))} holds no rows; check data.source")
+    examples, pii_found = check_pii(examples, rejected, recipe)  # before anything is written, logged or sent
+    spec = spec_of(recipe, [e for e in examples if e.provenance != "unlabeled"])
+    baseline_system = task.system_prompt(recipe.task.instruction, spec)
+    examples, labelled = teacher.label(examples, rejected, recipe, task, spec, baseline_system)
+    return examples, spec, baseline_system, pii_found, labelled
+
+
 def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> dict[str, Any]:
     inputs = inputs_of(recipe)
     if STAGE not in options.redo and run.is_current(STAGE, inputs):
@@ -112,21 +132,10 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
         task = tasks.for_type(recipe.task.type)
         out = run.stage_dir(STAGE)
         rejected: list[dict[str, Any]] = []
-        examples: list[Example] = []
-        for key, source in sources_of(recipe).items():
-            console.print(f"[bold]prep[/]: reading data.{key} {source}")
-            before = len(rejected)
-            loaded = load_examples(recipe, task, key, source, rejected)
-            console.print(f"  {len(loaded):,} rows read, {len(rejected) - before:,} unreadable or incomplete", highlight=False)
-            examples += loaded
-        if not examples and not rejected:
-            raise UserError(f"data: {', '.join(map(str, sources_of(recipe).values()))} holds no rows; check data.source")
-        examples, pii_found = check_pii(examples, rejected, recipe)  # before anything is written or logged
-        spec = spec_of(recipe, examples)
+        examples, spec, baseline_system, pii_found, labelled = read_and_label(recipe, task, rejected)
         examples = check_targets(examples, rejected, task, spec)
         examples = check_duplicates(examples, rejected, task, spec)
         tokenizer = models.load_tokenizer(*_tokenizer_source(recipe))
-        baseline_system = task.system_prompt(recipe.task.instruction, spec)
         system = baseline_system if recipe.task.spec_in_expert_prompt else recipe.task.instruction
         console.print(f"[bold]prep[/]: measuring {len(examples):,} rows with the base model's tokenizer")
         examples, truncated = enforce_max_tokens(examples, rejected, tokenizer, system, task, spec, recipe)
@@ -146,7 +155,7 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
                                                "baseline_system_prompt": baseline_system})
         atomic_write_json(out / "fewshot.json", fewshot_examples(splits["train"], recipe, task, spec))
         fingerprint = data_fingerprint(recipe, [out / f"{s}.jsonl" for s in SPLITS])
-        stats = build_stats(splits, rejected, truncated, recipe, fingerprint, pii_found)
+        stats = build_stats(splits, rejected, truncated, recipe, fingerprint, pii_found, labelled)
         atomic_write_json(out / "stats.json", stats)
         if recipe.task.type == "classification":
             plot_class_distribution(stats["classes"], out / "class_distribution.png")

@@ -42,7 +42,8 @@ def percentiles(values: list[int]) -> dict[str, int]:
     return {"p50": rank(0.5), "p95": rank(0.95), "max": ordered[-1]}
 
 
-def build_stats(splits, rejected, truncated, recipe: Recipe, fingerprint: str, pii_found: Counter) -> dict[str, Any]:
+def build_stats(splits, rejected, truncated, recipe: Recipe, fingerprint: str, pii_found: Counter,
+                labelled: dict[str, Any]) -> dict[str, Any]:
     by_reason = Counter(r["reason"] for r in rejected)
     everything = [e for rows in splits.values() for e in rows]
     stats: dict[str, Any] = {
@@ -63,6 +64,7 @@ def build_stats(splits, rejected, truncated, recipe: Recipe, fingerprint: str, p
         "provenance": {s: dict(sorted(Counter(e.provenance for e in rows).items())) for s, rows in splits.items()},
         # data.pii: the policy and what it found, by kind (redacted or rejected; counts, never the values)
         "pii": {"policy": recipe.data.pii, "found": dict(sorted(pii_found.items()))},
+        "teacher": labelled,  # data.teacher: rows labelled, failed, cost, agreement with gold
     }
     if recipe.task.type == "classification":
         stats["classes"] = {s: dict(sorted(Counter(e.target for e in rows).items())) for s, rows in splits.items()}
@@ -118,6 +120,18 @@ def render_report(recipe: Recipe, stats: dict[str, Any], rejected, truncated) ->
         found = stats["pii"]["found"]
         lines += ["## Personal data", "", f"`data.pii: {stats['pii']['policy']}`: "
                   + (", ".join(f"{n} {kind}" for kind, n in found.items()) if found else "none found") + ".", ""]
+    taught = stats["teacher"]
+    if taught.get("rows"):
+        agreement = taught["agreement_with_gold"]
+        lines += ["## Teacher", "", f"`{taught['model']}` labelled {taught['labelled']} of {taught['rows']} rows "
+                  f"({taught['failed']} failed, {taught['unparsable']} unparsable) for ${taught['cost_usd']:.4f} "
+                  f"({taught['cached_answers']} answers from the cache; estimated beforehand: "
+                  + ("unknown" if taught["estimated_cost_usd"] is None else f"${taught['estimated_cost_usd']:.4f}") + ")."]
+        if agreement["rows"]:
+            low, high = agreement["interval_95"]
+            lines.append(f"Agreement with gold on {agreement['rows']} gold rows: {agreement['agreement']:.3f} "
+                         f"(Wilson 95% interval {low:.3f}-{high:.3f}).")
+        lines.append("")
     sources = sorted({p for counts in stats["provenance"].values() for p in counts})
     lines += ["## Label sources", "", "| source | " + " | ".join(SPLITS) + " |", "|---" * (len(SPLITS) + 1) + "|"]
     lines += [f"| {p} | " + " | ".join(str(stats["provenance"][s].get(p, 0)) for s in SPLITS) + " |" for p in sources]

@@ -221,11 +221,19 @@ def load_examples(recipe: Recipe, task, key: str, source: Path | str, rejected: 
                 seen_keys.update(row)
             try:
                 parts = [get_field(row, f) for f in text_fields]
-                if isinstance(fields.target, dict):
-                    target = {k: get_field(row, path) for k, path in fields.target.items()}
-                else:
-                    target = get_field(row, fields.target)
                 row_id = str(get_field(row, fields.id)) if fields.id else f"{id_prefix}{Path(name).stem}:{line}"
+                target = unlabeled = None
+                try:
+                    if isinstance(fields.target, dict):
+                        target = {k: get_field(row, path) for k, path in fields.target.items()}
+                    else:
+                        target = get_field(row, fields.target)
+                except KeyError:
+                    if recipe.data.teacher is None:
+                        raise
+                    unlabeled = True
+                if recipe.data.teacher is not None and target in (None, ""):
+                    unlabeled = True  # the teacher labels it
             except KeyError as err:
                 missing[err.args[0]] += 1
                 reject(line, "missing_field", f"field `{err.args[0]}` is missing")
@@ -241,6 +249,9 @@ def load_examples(recipe: Recipe, task, key: str, source: Path | str, rejected: 
                 continue
             if not text:
                 reject(line, "empty_text", f"`{'`, `'.join(text_fields)}` {'is' if len(parts) == 1 else 'are'} empty or whitespace")
+                continue
+            if unlabeled:
+                examples.append(Example(row_id, line, text, None, name, fixed_split, provenance="unlabeled"))
                 continue
             raw_kind = type(target).__name__
             try:

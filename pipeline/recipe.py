@@ -145,6 +145,56 @@ def _check_source(value: Path | str) -> Path | str:
 DataSource = Annotated[Path | str, AfterValidator(_check_source)]
 
 
+class Price(Strict):
+    input: Annotated[float, Field(ge=0)] = Field(description="USD per million input (prompt) tokens")
+    output: Annotated[float, Field(ge=0)] = Field(description="USD per million output (completion) tokens")
+
+
+PricePerMtok = Annotated[Price | None, Field(
+    description="USD per million tokens, `{input, output}`, for the cost per 1,000 requests (recorded "
+    "predictions: from the token counts their file records)")]
+_KIND = "which system the baseline is; it decides which other keys apply"
+
+# Every baseline carried every kind's keys before baselines were split by kind, and a dumped recipe (a run
+# directory's recipe.yaml, a registered version's bundle) wrote them all out. Such a key, at the value it was
+# written with there, is dropped from a kind it does not belong to, so those recipes still load; at any other
+# value it is an unknown key of that kind.
+_UNSET_KEYS_OF_OTHER_KINDS: dict[str, Any] = {
+    "model": None, "base_url": None, "api_key_env": None, "required": False, "max_concurrency": 4,
+    "timeout_s": 60, "max_retries": 4, "json_schema_response": False, "price_per_mtok": None, "shots": 0,
+    "path": None,
+}
+
+
+class TeacherSection(Strict):
+    """An OpenAI-compatible endpoint (a hosted model, or a registered expert behind `expert serve`) that labels the
+    rows whose target is missing, through the frontier baselines' client: retries, concurrency, the response
+    cache, the key read from the environment and never written."""
+
+    model: str = Field(min_length=1, description="the model name the endpoint serves")
+    base_url: str | None = Field(None, description="the endpoint; default OpenAI's")
+    api_key_env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="the NAME of the environment "
+                             "variable holding the key (never the key itself; any value for `expert serve`)")
+    price_per_mtok: Price | None = Field(None, description="dollars per million input and output tokens, for the "
+                                         "estimate before the first call and the budget")
+    max_cost_usd: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="stop labelling once the teacher's answers cost this much (cached answers included, so "
+        "a re-run continues without paying twice); needs `price_per_mtok`")
+    max_concurrency: PositiveInt = Field(4, description="requests in flight at once")
+    timeout_s: Annotated[float, Field(gt=0)] = Field(60, description="seconds per attempt")
+    max_retries: Annotated[int, Field(ge=0, le=20)] = Field(4, description="retries per row (429, 5xx, timeouts, "
+                                                           "malformed answers), with backoff")
+    max_new_tokens: PositiveInt = Field(64, description="most tokens the teacher may answer with")
+    test_labels: bool = Field(False, description="let teacher-labelled rows into the test split (by default the "
+                              "test split holds gold rows only: eval measures against gold)")
+
+    @model_validator(mode="after")
+    def _budget_has_a_price(self) -> TeacherSection:
+        if self.max_cost_usd is not None and self.price_per_mtok is None:
+            raise ValueError("max_cost_usd needs price_per_mtok: the budget is counted in dollars")
+        return self
+
+
 class DataSection(Strict):
     source: DataSource = Field(
         description="`.jsonl`, `.json` (one array of objects, read whole: use `.jsonl` for big data), `.csv`, "
@@ -174,6 +224,9 @@ class DataSection(Strict):
     split: SplitSection = Field(
         SplitSection(), description="how `data.source` is split into train, validation and test: seeded, "
         "deterministic, each split in source order")
+    teacher: TeacherSection | None = Field(
+        None, description="`table` sources: rows whose target is missing, null or empty are labelled by this "
+        "endpoint (`expert label` or prep); each row keeps its provenance (`gold`, `teacher:<model>`)")
     pii: Literal["keep", "redact", "reject"] = Field(
         "keep", description="personal data in the rows (`data.pii_kinds`), found before anything is written, sent "
         "or logged: `redact` replaces each find with a placeholder (`[EMAIL]`) in the input, string targets, ids "
@@ -278,27 +331,6 @@ class TrainSection(Strict):
                 "so that every checkpoint has a validation loss to pick the best one by"
             )
         return self
-
-class Price(Strict):
-    input: Annotated[float, Field(ge=0)] = Field(description="USD per million input (prompt) tokens")
-    output: Annotated[float, Field(ge=0)] = Field(description="USD per million output (completion) tokens")
-
-
-PricePerMtok = Annotated[Price | None, Field(
-    description="USD per million tokens, `{input, output}`, for the cost per 1,000 requests (recorded "
-    "predictions: from the token counts their file records)")]
-_KIND = "which system the baseline is; it decides which other keys apply"
-
-# Every baseline carried every kind's keys before baselines were split by kind, and a dumped recipe (a run
-# directory's recipe.yaml, a registered version's bundle) wrote them all out. Such a key, at the value it was
-# written with there, is dropped from a kind it does not belong to, so those recipes still load; at any other
-# value it is an unknown key of that kind.
-_UNSET_KEYS_OF_OTHER_KINDS: dict[str, Any] = {
-    "model": None, "base_url": None, "api_key_env": None, "required": False, "max_concurrency": 4,
-    "timeout_s": 60, "max_retries": 4, "json_schema_response": False, "price_per_mtok": None, "shots": 0,
-    "path": None,
-}
-
 
 class _Baseline(Strict):
     name: str = Field(
@@ -482,6 +514,8 @@ class Recipe(Strict):
         if data.format == "table" and data.fields is None:
             raise ValueError("data -> fields: required for `table` sources: name the input and target fields")
         if data.format != "table":
+            if data.teacher is not None:
+                raise ValueError("data -> teacher: logs already hold the frontier's answers; remove `teacher`")
             if data.fields is not None:
                 raise ValueError(f"data -> fields: `{data.format}` logs have their own shape; remove `fields`")
             for key in ("source", "validation_source", "test_source"):

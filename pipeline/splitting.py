@@ -25,21 +25,25 @@ def split_examples(examples: list[Example], recipe: Recipe) -> dict[str, list[Ex
     }
     rng = random.Random(split.seed)
     out: dict[str, list[Example]] = {s: [] for s in SPLITS}
-    groups: dict[str, list[Example]] = defaultdict(list)
+    # teacher labels stay out of the test split unless the recipe says so: the test measures against gold
+    teacher_in_test = recipe.data.teacher is not None and recipe.data.teacher.test_labels
+    groups: dict[tuple[bool, str], list[Example]] = defaultdict(list)
     for e in examples:
+        out_of_test = e.provenance.startswith("teacher:") and not teacher_in_test
         if e.fixed_split:
             out[e.fixed_split].append(e)
         elif split.stratify and recipe.task.type == "classification":
-            groups[e.target].append(e)
+            groups[(out_of_test, e.target)].append(e)
         else:
-            groups[""].append(e)
+            groups[(out_of_test, "")].append(e)
     for key in sorted(groups):
         members = sorted(groups[key], key=lambda e: (e.source, e.line))
         rng.shuffle(members)
         n = len(members)
-        n_test, n_val = round(n * fractions["test"]), round(n * fractions["validation"])
+        test_fraction = 0.0 if key[0] else fractions["test"]
+        n_test, n_val = round(n * test_fraction), round(n * fractions["validation"])
         if n >= 3:  # every split gets each class where its count allows
-            n_test = max(n_test, 1 if fractions["test"] else 0)
+            n_test = max(n_test, 1 if test_fraction else 0)
             n_val = max(n_val, 1 if fractions["validation"] else 0)
         out["test"] += members[:n_test]
         out["validation"] += members[n_test : n_test + n_val]
