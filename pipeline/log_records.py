@@ -138,4 +138,6 @@ def logged_call(row: dict[str, Any], fmt: str, mode: Literal["last_user", "conve
                 requests: dict[str, tuple[int, dict[str, Any]]] | None = None) -> LoggedCall:
     if fmt == "openai_batch":
         return read_batch_result(row, requests or {}, mode)
+    if fmt == "mlflow_traces":  # `readers.read_traces` gives each trace the gateway record's shape
+        return read_gateway(row, mode)
     return READERS[fmt](row, mode)

@@ -36,8 +36,8 @@ from pipeline.prep_report import (
     print_stats,
     render_report,
 )
-from pipeline.readers import load_examples, sources_of
-from pipeline.recipe import Recipe
+from pipeline.readers import load_examples, sources_of, traces_digest
+from pipeline.recipe import TRACES_PREFIX, Recipe
 from pipeline.rundir import RunDir, atomic_write_json, atomic_write_jsonl, atomic_write_text, file_hash
 from pipeline.row_checks import (
     check_class_counts,
@@ -69,7 +69,9 @@ RECIPE_KEYS = ("name", "task", "data", "model.base", "model.trust_remote_code")
 def inputs_of(recipe: Recipe) -> dict[str, str]:
     inputs = contracts.reads_entry(recipe, RECIPE_KEYS)
     for key, source in sources_of(recipe).items():
-        if isinstance(source, str):  # hf: a dataset id names its content
+        if isinstance(source, str) and source.startswith(TRACES_PREFIX):  # traces arrive: their ids are the content
+            inputs[f"data.{key}"] = traces_digest(source[len(TRACES_PREFIX):])
+        elif isinstance(source, str):  # hf: a dataset id names its content
             inputs[f"data.{key}"] = source
         elif not source.is_file():
             raise UserError(f"data.{key}: {source} {_not_a_file(source)}; point it at a data file "

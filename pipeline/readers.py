@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.errors import UserError
 from pipeline.examples import Example
-from pipeline.recipe import HF_PREFIX, Recipe
+from pipeline.recipe import HF_PREFIX, TRACES_PREFIX, Recipe
 
 # which split a row belongs to when its source is a fixed split; `source` rows get split
 ROLES = {"source": None, "validation_source": "validation", "test_source": "test"}
@@ -63,6 +63,9 @@ def read_rows(source: Path | str, split: str = "train",
     A JSONL line over `max_line_bytes` is rejected as `too_long` unread: parsing and tokenizing a 10 MB line
     to find it is too long cost gigabytes.
     """
+    if isinstance(source, str) and source.startswith(TRACES_PREFIX):
+        yield from read_traces(source[len(TRACES_PREFIX):])
+        return
     if isinstance(source, str):
         yield from _read_hf(source, split)
         return
@@ -185,6 +188,56 @@ def _read_hf(source: str, split: str) -> Iterator[tuple[int, dict[str, Any] | No
         raise UserError(f"{source}: cannot load split `{split}` with the `datasets` library: {err}") from None
     for i, row in enumerate(dataset, start=1):
         yield i, row, None
+
+
+def _traces(experiment: str) -> Iterator[Any]:
+    """Every trace of an MLflow experiment, oldest first, page by page."""
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import configure
+
+    uri = configure()
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise UserError(f"mlflow-traces:{experiment}: no such experiment on {uri}; set MLFLOW_TRACKING_URI to the "
+                        "server that holds your app's traces")
+    token = None
+    while True:
+        page = client.search_traces(experiment_ids=[found.experiment_id], max_results=500, page_token=token,
+                                    order_by=["timestamp_ms ASC"])
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def traces_digest(experiment: str) -> str:
+    """What a traces source holds now (its trace ids, in order): new traces make prep run again."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for trace in _traces(experiment):
+        h.update(trace.info.trace_id.encode() + b"\0")
+    return h.hexdigest()
+
+
+def read_traces(experiment: str) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """Each trace as a gateway record: the root span's inputs as the request, its outputs as the response (a
+    chat completion, or plain text taken as the answer). Failed traces are yielded with their problem."""
+    for i, trace in enumerate(_traces(experiment), start=1):
+        trace_id = trace.info.trace_id
+        if str(getattr(trace.info.state, "value", trace.info.state)) != "OK":
+            yield i, None, f"trace_failed: trace {trace_id} ended {trace.info.state}"
+            continue
+        try:
+            request, response = json.loads(trace.data.request or "null"), json.loads(trace.data.response or "null")
+        except json.JSONDecodeError as err:
+            yield i, None, f"unparsable: trace {trace_id}'s inputs or outputs are not JSON ({err.msg})"
+            continue
+        if isinstance(response, str):
+            response = {"choices": [{"message": {"role": "assistant", "content": response}}]}
+        yield i, {"request": request, "response": response, "trace_id": trace_id}, None
 
 
 def _source_name(source: Path | str) -> str:
@@ -328,7 +381,7 @@ def load_logged(recipe: Recipe, task, key: str, source: Path, rejected: list[dic
             try:
                 call = logged_call(row, recipe.data.format, recipe.data.input, requests)
             except LogRowError as err:
-                reject(line, err.reason, str(err))
+                reject(line, err.reason, _traced(row, str(err)))
                 continue
             if _has_lone_surrogate([call.text, call.answer]):
                 reject(line, "undecodable", "holds a lone UTF-16 surrogate: not valid Unicode text")
@@ -340,8 +393,8 @@ def load_logged(recipe: Recipe, task, key: str, source: Path, rejected: list[dic
             target = task.parse_answer(call.answer, spec)
             if target is None:
                 shown = call.answer.strip().replace("\n", " ")
-                reject(line, "unparsable_answer", f"the logged answer is not a {recipe.task.type} target: "
-                       f"{shown[:120]!r}{'...' if len(shown) > 120 else ''}")
+                reject(line, "unparsable_answer", _traced(row, f"the logged answer is not a {recipe.task.type} "
+                       f"target: {shown[:120]!r}{'...' if len(shown) > 120 else ''}"))
                 continue
             row_id = f"{id_prefix}{Path(name).stem}:{line}"
             examples.append(Example(row_id, line, text, task.normalize_target(target), name, fixed_split,
@@ -353,3 +406,8 @@ def load_logged(recipe: Recipe, task, key: str, source: Path, rejected: list[dic
             rejected.append({"source": recipe.data.batch_requests.name, "line": line, "reason": "no_result",
                              "detail": f"request {custom_id} has no result in {name}"})
     return examples
+
+
+def _traced(row: dict[str, Any], detail: str) -> str:
+    """A rejection detail that names the MLflow trace, where the row is one (its record number is only an order)."""
+    return f"trace {row['trace_id']}: {detail}" if "trace_id" in row else detail

@@ -125,12 +125,17 @@ class SplitSection(Strict):
         return self
 
 HF_PREFIX = "hf:"
+TRACES_PREFIX = "mlflow-traces:"  # the traces of an MLflow experiment on the configured tracking URI
 FILE_TYPES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
 
 def _check_source(value: Path | str) -> Path | str:
     """A file path (as Path) or `hf:<dataset id>[:<config>]` (kept as str)."""
     text = str(value)
+    if text.startswith(TRACES_PREFIX):
+        if not text[len(TRACES_PREFIX):]:
+            raise ValueError(f"`{text}`: write mlflow-traces:<experiment name>")
+        return text
     if text.startswith(HF_PREFIX):
         dataset_id, _, config = text[len(HF_PREFIX) :].partition(":")
         if not dataset_id or (":" in text[len(HF_PREFIX) :] and not config):
@@ -205,12 +210,14 @@ class DataSection(Strict):
     test_source: DataSource | None = Field(
         None, description="a fixed test split of your own (same formats; an `hf:` source reads its `test` "
         "split); that split is then not carved from `data.source`")
-    format: Literal["table", "chat", "gateway", "openai_batch"] = Field(
+    format: Literal["table", "chat", "gateway", "openai_batch", "mlflow_traces"] = Field(
         "table", description="what a source's rows are: `table` (rows mapped by `data.fields`), `chat` (OpenAI "
         "fine-tuning JSONL, `{\"messages\": [...]}`: the last assistant turn is the target), `gateway` (LLM "
         "gateway logs, `{\"request\": {\"messages\"}, \"response\": {\"choices\", \"usage\", \"model\"}}`: the "
         "first choice is the target) or `openai_batch` (`data.source` an OpenAI Batch API output file, matched by "
-        "`custom_id` to its input file `data.batch_requests`). Logged answers are parsed like a frontier "
+        "`custom_id` to its input file `data.batch_requests`) or `mlflow_traces` (`data.source: mlflow-traces:<experiment>`:"
+        " each trace's inputs `{messages}` and outputs, a chat completion or text, from the configured tracking "
+        "URI). Logged answers are parsed like a frontier "
         "baseline's; unparsable ones are rejected with their line")
     batch_requests: Path | None = Field(
         None, description="`openai_batch`: the Batch API input file (`{\"custom_id\", \"body\": {\"messages\"}}` "
@@ -520,7 +527,11 @@ class Recipe(Strict):
                 raise ValueError(f"data -> fields: `{data.format}` logs have their own shape; remove `fields`")
             for key in ("source", "validation_source", "test_source"):
                 source = getattr(data, key)
-                if source is not None and (isinstance(source, str) or source.suffix.lower() != ".jsonl"):
+                traces = isinstance(source, str) and source.startswith(TRACES_PREFIX)
+                if data.format == "mlflow_traces" and source is not None and not traces:
+                    raise ValueError(f"data -> {key}: `mlflow_traces` reads mlflow-traces:<experiment>")
+                if data.format != "mlflow_traces" and source is not None and (
+                        isinstance(source, str) or source.suffix.lower() != ".jsonl"):
                     raise ValueError(f"data -> {key}: `{data.format}` logs are read from .jsonl files")
             if (data.format == "openai_batch") != (data.batch_requests is not None):
                 raise ValueError("data -> batch_requests: the Batch API input file goes with `format: openai_batch` "
@@ -531,6 +542,9 @@ class Recipe(Strict):
             if self.task.type == "classification" and not self.task.labels:
                 raise ValueError("task -> labels: logged answers are parsed against the label list; list the labels")
             return self
+        for key in ("source", "validation_source", "test_source"):
+            if str(getattr(data, key)).startswith(TRACES_PREFIX):
+                raise ValueError(f"data -> {key}: MLflow traces are read with `format: mlflow_traces`")
         if data.input != "last_user" or data.batch_requests is not None:
             key = "input" if data.input != "last_user" else "batch_requests"
             raise ValueError(f"data -> {key}: applies to log formats only; remove it")

@@ -157,3 +157,43 @@ def test_openai_batch_results_are_matched_to_their_requests_and_failures_reporte
     by_text = {r["text"]: r["target"] for r in kept}
     assert by_text == {row["text"]: row["label"] for row in rows}, "each answer is matched to its own request"
     assert {r["provenance"] for r in kept} == {"log:gpt-4o-mini-2024-07-18"}
+
+
+def test_mlflow_traces_of_an_app_become_examples(tiny_model_dir, tracking_env, tmp_path):
+    """An LLM app traced into a real MLflow server: each trace's inputs and outputs are a logged call."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_env)
+    mlflow.config.enable_async_logging(False)
+    experiment = f"router-app-{tmp_path.name}"
+    mlflow.set_experiment(experiment)
+    rows = good_rows()
+    for i, row in enumerate(rows):
+        with mlflow.start_span(name="route") as span:
+            span.set_inputs({"model": "gpt-4o", "messages": [{"role": "user", "content": row["text"]}]})
+            if i == 10:  # an app that returns plain text is traced with a string output
+                span.set_outputs(row["label"])
+            elif i == 20:
+                span.set_outputs({"choices": [{"message": {"role": "assistant", "content": "no idea"}}]})
+            else:
+                span.set_outputs({"model": "gpt-4o-2024-08-06", "usage": {"prompt_tokens": 9, "completion_tokens": 1},
+                                  "choices": [{"message": {"role": "assistant", "content": row["label"]}}]})
+    mlflow.flush_trace_async_logging()
+    run_dir = tmp_path / "run"
+    recipe = log_recipe(tiny_model_dir, tmp_path / "unused.jsonl", "mlflow_traces")
+    recipe["data"]["source"] = f"mlflow-traces:{experiment}"
+    result = prep(tmp_path, recipe, run_dir)
+    assert result.exit_code == 0, result.output
+    (rejected,) = read_jsonl(run_dir / "prep/rejected.jsonl")
+    assert rejected["reason"] == "unparsable_answer" and rejected["detail"].startswith("trace tr-")
+    assert "'no idea'" in rejected["detail"]
+    kept = {r["text"]: r for s in ("train", "validation", "test") for r in read_jsonl(run_dir / f"prep/{s}.jsonl")}
+    assert len(kept) == 59 and all(kept[r["text"]]["target"] == r["label"] for r in rows if r["text"] in kept)
+    assert kept[rows[10]["text"]]["provenance"] == "log:gpt-4o", "a text output: the model from the request"
+    again = prep(tmp_path, recipe, run_dir)
+    assert "up to date" in again.output, "unchanged traces: prep is skipped"
+    with mlflow.start_span(name="route") as span:
+        span.set_inputs({"messages": [{"role": "user", "content": "one more parcel question"}]})
+        span.set_outputs("shipping")
+    mlflow.flush_trace_async_logging()
+    assert "up to date" not in prep(tmp_path, recipe, run_dir).output, "a new trace is new data"
