@@ -275,3 +275,32 @@ def test_extraction_answers_are_schema_objects_over_http(tiny_model_dir, tmp_pat
                 assert 0 < p["confidence"] <= 1 and p["escalate"] is False
     finally:
         service.close()
+
+
+def test_a_served_expert_is_a_teacher_that_labels_as_it_was_evaluated(version, service, tmp_path, monkeypatch):
+    """`data.teacher` pointed at `expert serve`: the test split's texts, their labels removed, come back labelled
+    with the expert's evaluated answers, over real HTTP through the frontier client."""
+    local = serve.Service(service.expert, MODEL, "1", version.uri, serve.ServeOptions(escalate=False, max_batch=8))
+    evaluated = {r["text"]: version.eval[r["id"]]["prediction"] for r in version.tests}
+    rows = [{"id": r["id"], "text": r["text"], "queue": None if r["text"].strip() in evaluated else r["queue"]}
+            for r in shipped_rows("tickets/tickets.jsonl")]
+    source = tmp_path / "tickets.jsonl"
+    source.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    monkeypatch.setenv("EXPERT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SERVED_TEACHER_KEY", "unused")
+    try:
+        with serving(serve.create_app(local)) as url:
+            recipe = shipped_recipe("ticket-classification", **{
+                "name": "taught-by-expert", "model.base": str(service.expert.base_source),
+                "registry.model_name": "taught-by-expert"})
+            recipe["data"]["source"] = str(source)
+            recipe["data"]["teacher"] = {"model": MODEL, "base_url": f"{url}/v1", "api_key_env": "SERVED_TEACHER_KEY"}
+            run_dir = tmp_path / "run"
+            result = invoke("prep", str(write_recipe(tmp_path, recipe)), "--run-dir", str(run_dir))
+            assert result.exit_code == 0, result.output
+    finally:
+        local.close()
+    taught = [r for s in ("train", "validation") for r in map(json.loads, (run_dir / f"prep/{s}.jsonl").read_text().splitlines())
+              if r.get("provenance") == f"teacher:{MODEL}"]
+    assert len(taught) == len(evaluated)
+    assert all(r["target"] == evaluated[r["text"]] for r in taught), "the teacher's labels are the evaluated answers"
