@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -47,9 +48,13 @@ def api_key(baseline: BaselineSection) -> str | None:
     return None
 
 
-def request_params(baseline: BaselineSection, max_tokens: int, schema: dict[str, Any] | None) -> dict[str, Any]:
-    """Everything sent besides the messages; part of the cache key."""
+def request_params(baseline: BaselineSection, max_tokens: int, schema: dict[str, Any] | None,
+                   logprobs: bool = False) -> dict[str, Any]:
+    """Everything sent besides the messages; part of the cache key. `logprobs` asks for the answer tokens'
+    log-probabilities (answers then carry `confidence`)."""
     params: dict[str, Any] = {"temperature": 0, "max_tokens": max_tokens}
+    if logprobs:
+        params["logprobs"] = True
     if schema is not None and baseline.json_schema_response:
         params["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
     return params
@@ -172,6 +177,7 @@ def ask_all(
     cache: ResponseCache | None = None,
     on_done: Callable[[int], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    logprobs: bool = False,
 ) -> list[dict[str, Any]]:
     """One answer per prompt: raw text, token usage, latency, attempts, cached, or the final error.
 
@@ -183,7 +189,7 @@ def ask_all(
 
     endpoint = baseline.base_url or DEFAULT_ENDPOINT
     client = OpenAI(api_key=key, base_url=endpoint, max_retries=0, timeout=baseline.timeout_s)
-    params = request_params(baseline, max_tokens, schema)
+    params = request_params(baseline, max_tokens, schema, logprobs)
 
     def ask(index_messages: tuple[int, list[dict[str, str]]]) -> dict[str, Any]:
         index, messages = index_messages
@@ -195,7 +201,8 @@ def ask_all(
         else:
             result = _call_with_retries(client, baseline, messages, params, rng, sleep)
             if result.get("error") is None and cache:
-                cache.put(k, {f: result[f] for f in ("raw", "input_tokens", "output_tokens", "latency_s")})
+                cache.put(k, {f: result[f] for f in ("raw", "input_tokens", "output_tokens", "latency_s", "confidence")
+                              if f in result})
         if on_done:
             on_done(1)
         return result
@@ -217,7 +224,7 @@ def _call_with_retries(client, baseline: BaselineSection, messages, params, rng:
             if raw is None:
                 raise ValueError("the response has no message content")
             usage = resp.usage
-            return {
+            answer = {
                 "raw": raw,
                 "input_tokens": usage.prompt_tokens if usage else 0,
                 "output_tokens": usage.completion_tokens if usage else 0,
@@ -225,11 +232,22 @@ def _call_with_retries(client, baseline: BaselineSection, messages, params, rng:
                 "attempts": attempts,
                 "cached": False,
             }
+            if params.get("logprobs"):
+                answer["confidence"] = answer_probability(resp.choices[0])
+            return answer
         except Exception as err:  # noqa: BLE001 - every failure is either retried or recorded for the report
             if not is_retryable(err) or attempts > baseline.max_retries:
                 return {"raw": None, "error": _describe(err, client.api_key), "attempts": attempts, "cached": False,
                         "input_tokens": 0, "output_tokens": 0, "latency_s": time.perf_counter() - started}
             sleep(backoff_s(attempts - 1, err, rng))
+
+
+def answer_probability(choice) -> float | None:
+    """The probability of the whole answer from its tokens' log-probabilities, or None when the endpoint sent none."""
+    content = getattr(getattr(choice, "logprobs", None), "content", None)
+    if not content:
+        return None
+    return math.exp(sum(token.logprob for token in content))
 
 
 def cost_per_1k(price, rows: list[dict[str, Any]]) -> float | None:

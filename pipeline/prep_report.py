@@ -127,6 +127,11 @@ def render_report(recipe: Recipe, stats: dict[str, Any], rejected, truncated) ->
                   f"({taught['failed']} failed, {taught['unparsable']} unparsable) for ${taught['cost_usd']:.4f} "
                   f"({taught['cached_answers']} answers from the cache; estimated beforehand: "
                   + ("unknown" if taught["estimated_cost_usd"] is None else f"${taught['estimated_cost_usd']:.4f}") + ")."]
+        confidence = taught.get("confidence")
+        if confidence and confidence["rows"]:
+            lines.append(f"Teacher confidence (probability of its whole answer, from log-probabilities) on "
+                         f"{confidence['rows']} rows: mean {confidence['mean']:.3f}; {confidence['below_0.5']:.1%} "
+                         f"under 0.5 ({confidence['without_logprobs']} answers came without log-probabilities).")
         if agreement["rows"]:
             low, high = agreement["interval_95"]
             lines.append(f"Agreement with gold on {agreement['rows']} gold rows: {agreement['agreement']:.3f} "

@@ -190,6 +190,8 @@ class TeacherSection(Strict):
     max_retries: Annotated[int, Field(ge=0, le=20)] = Field(4, description="retries per row (429, 5xx, timeouts, "
                                                            "malformed answers), with backoff")
     max_new_tokens: PositiveInt = Field(64, description="most tokens the teacher may answer with")
+    logprobs: bool = Field(False, description="ask for the answer tokens' log-probabilities (OpenAI, vLLM); the "
+                           "report then gives the teacher's confidence (probability of its whole answer)")
     test_labels: bool = Field(False, description="let teacher-labelled rows into the test split (by default the "
                               "test split holds gold rows only: eval measures against gold)")
 

@@ -58,6 +58,15 @@ def wilson_interval(agree: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def confidence_summary(confidences: list[float | None]) -> dict[str, Any]:
+    """The teacher's confidence over the rows it labelled: how many came with log-probabilities, the mean, and
+    the share under 0.5 (labels worth a look)."""
+    known = [c for c in confidences if c is not None]
+    return {"rows": len(known), "without_logprobs": len(confidences) - len(known),
+            "mean": sum(known) / len(known) if known else None,
+            "below_0.5": sum(c < 0.5 for c in known) / len(known) if known else None}
+
+
 def label(examples: list[Example], rejected: list[dict[str, Any]], recipe: Recipe, task, spec,
           baseline_system: str) -> tuple[list[Example], dict[str, Any]]:
     """Label every `unlabeled` example; returns the examples (failed ones moved to `rejected`) and a summary."""
@@ -93,7 +102,8 @@ def label(examples: list[Example], rejected: list[dict[str, Any]], recipe: Recip
                     f"data.teacher.max_cost_usd: the budget (${teacher.max_cost_usd:,.2f}) is spent (${spent:,.4f}) "
                     f"after {labelled:,} of {len(todo):,} rows; every answer is cached, so raising max_cost_usd and "
                     "running again continues without paying for them twice")
-            part = frontier.ask_all(baseline, key, prompts[done: done + chunk], teacher.max_new_tokens, schema, cache)
+            part = frontier.ask_all(baseline, key, prompts[done: done + chunk], teacher.max_new_tokens, schema, cache,
+                                    logprobs=teacher.logprobs)
             answers += part
             spent += sum(answer_cost(a, teacher) for a in part)
             cached += sum(1 for a in part if a.get("cached"))
@@ -101,6 +111,7 @@ def label(examples: list[Example], rejected: list[dict[str, Any]], recipe: Recip
     finally:
         cache.close()
     kept, failed, unparsable = [], 0, 0
+    taught_confidences: list[float | None] = []
     labelled_ids = set()
     for e, answer in zip(todo, answers[: len(todo)]):
         target = task.parse_answer(answer["raw"], spec) if answer.get("raw") is not None else None
@@ -115,6 +126,7 @@ def label(examples: list[Example], rejected: list[dict[str, Any]], recipe: Recip
                              "detail": f"the teacher's answer is not a target: {shown[:120]!r}"})
         else:
             e.target, e.provenance = task.normalize_target(target), f"teacher:{teacher.model}"
+            taught_confidences.append(answer.get("confidence"))
             labelled_ids.add(id(e))
     for e in examples:
         if e.provenance != "unlabeled":
@@ -126,6 +138,7 @@ def label(examples: list[Example], rejected: list[dict[str, Any]], recipe: Recip
         "model": teacher.model, "rows": len(todo), "labelled": len(labelled_ids), "failed": failed,
         "unparsable": unparsable, "estimated_cost_usd": estimate, "cost_usd": round(spent, 6),
         "cached_answers": cached,
+        "confidence": confidence_summary(taught_confidences) if teacher.logprobs else None,
         "agreement_with_gold": {"rows": len(agreeing), "agreement": sum(agreeing) / len(agreeing) if agreeing else None,
                                 "interval_95": [low, high] if agreeing else None},
     }

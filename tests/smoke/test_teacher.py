@@ -4,6 +4,7 @@ under a budget that stops mid-way; the re-run continues and pays for no answer t
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from typer.testing import CliRunner
@@ -95,3 +96,22 @@ def test_without_its_key_the_teacher_is_refused_before_any_call(tiny_model_dir, 
     recipe = write_recipe(tmp_path, teacher_recipe(tiny_model_dir, source, "http://127.0.0.1:9/v1"))
     result = CliRunner().invoke(app, ["label", str(recipe)])
     assert result.exit_code == 2 and "TEACHER_KEY is not set" in result.output
+
+
+def test_the_teachers_confidence_comes_from_its_log_probabilities(tiny_model_dir, tracking_env, tmp_path,
+                                                                  monkeypatch, clean_secret_env):
+    monkeypatch.setenv("TEACHER_KEY", KEY)
+    source = tmp_path / "rows.jsonl"
+    source.write_text("\n".join(json.dumps(r) for r in rows_with_gaps()) + "\n", encoding="utf-8")
+    with FakeOpenAIServer(teacher_answer, api_key=KEY) as server:
+        server.token_logprob = -0.05
+        recipe = write_recipe(tmp_path, teacher_recipe(tiny_model_dir, source, server.base_url, logprobs=True))
+        run_dir = tmp_path / "run"
+        result = CliRunner().invoke(app, ["prep", str(recipe), "--run-dir", str(run_dir)])
+        assert result.exit_code == 0, result.output
+        assert all(r.get("logprobs") is True for r in server.requests)
+    confidence = json.loads((run_dir / "prep/stats.json").read_text())["teacher"]["confidence"]
+    # every answer is "The queue is <label>.": 4 words at -0.05 each
+    assert confidence["rows"] == 39 and confidence["mean"] == pytest.approx(math.exp(-0.2))
+    assert confidence["below_0.5"] == 0.0 and confidence["without_logprobs"] == 0
+    assert "Teacher confidence" in (run_dir / "prep/report.md").read_text()

@@ -18,6 +18,9 @@ chat-completions request:
 * ``("echo_auth", code)``        -> that HTTP status with an error message that
   echoes the request's Authorization header, as some gateways do;
 * ``("empty_choices",)``         -> 200 with an empty ``choices`` list.
+
+A request with ``logprobs: true`` gets each answer word's log-probability
+(``token_logprob``) in ``choices[0].logprobs.content``.
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ class FakeOpenAIServer:
         self.api_key = api_key
         self.requests: list[dict] = []
         self.faults: list = []
+        self.token_logprob = -0.1  # each answer token's log-probability, when a request asks for `logprobs`
         self.base_url: str = ""
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
@@ -149,7 +153,9 @@ class FakeOpenAIServer:
                 {
                     "index": 0,
                     "message": {"role": "assistant", "content": content, "refusal": None},
-                    "logprobs": None,
+                    "logprobs": {"content": [{"token": word, "logprob": self.token_logprob, "bytes": None,
+                                              "top_logprobs": []} for word in content.split()]}
+                    if request.get("logprobs") else None,
                     "finish_reason": "stop",
                 }
             ],
