@@ -23,19 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `pipeline`
 
-from pipeline import baselines, eval_inference, evidence, models, prep, tasks  # noqa: E402
+from pipeline import baselines, eval_inference, evidence, models, prep, stats, tasks  # noqa: E402
 from pipeline.recipe import dump_recipe, load_recipe  # noqa: E402
 from pipeline.rundir import MANIFEST, atomic_write_json, atomic_write_jsonl, init_run, open_run  # noqa: E402
-
-
-def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion: honest near 0 and 1, where the normal approximation is not."""
-    if n == 0:
-        return (math.nan, math.nan)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (centre - half, centre + half)
 
 
 def main() -> None:
@@ -74,7 +64,7 @@ def main() -> None:
         metrics = evidence.system_metrics(recipe, task, spec, test, answers, {}, baseline.name)
         value = metrics[quality]
         if binary:
-            metrics[f"{quality}_wilson95"] = wilson(value * len(test), len(test))
+            metrics[f"{quality}_wilson95"] = stats.wilson_interval(round(value * len(test)), len(test))
         metrics["examples_per_s"] = len(test) / seconds
         results[baseline.name] = metrics
         atomic_write_jsonl(out / "predictions" / f"{baseline.name}.jsonl", evidence.prediction_rows(test, answers))

@@ -21,7 +21,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from pipeline.errors import UserError
-from pipeline.log_records import LogRowError
+from pipeline.log_records import LogRowError, answering_model, batch_response
 from pipeline.readers import read_rows
 from pipeline.recipe import Price
 
@@ -29,17 +29,14 @@ FORMATS = ("gateway", "openai_batch")
 
 
 def usage_of(row: dict[str, Any], fmt: str) -> tuple[str, dict[str, int]]:
-    """The answering model and token usage of one logged call."""
+    """The answering model and token usage of one logged call (the shapes `log_records` reads)."""
     if fmt == "openai_batch":
-        response = row.get("response")
-        if row.get("error") or not isinstance(response, dict) or response.get("status_code", 200) != 200:
-            raise LogRowError("batch_failed", "the request failed in the batch (not billed as an answer)")
-        body = response.get("body") if isinstance(response.get("body"), dict) else {}
-        model, usage = body.get("model"), body.get("usage")
+        _, body = batch_response(row)
+        request, response = None, body
     else:
-        response = row.get("response") if isinstance(row.get("response"), dict) else {}
-        request = row.get("request") if isinstance(row.get("request"), dict) else {}
-        model, usage = response.get("model") or request.get("model"), response.get("usage")
+        request, response = row.get("request"), row.get("response")
+    model = answering_model(request, response)
+    usage = response.get("usage") if isinstance(response, dict) else None
     if not isinstance(model, str):
         raise LogRowError("no_model", "the line names no model")
     if not isinstance(usage, dict) or not all(isinstance(usage.get(k), int) for k in ("prompt_tokens", "completion_tokens")):

@@ -91,14 +91,20 @@ def read_gateway(row: dict[str, Any], mode: Literal["last_user", "conversation"]
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise LogRowError("no_answer", "`response.choices` is empty: the frontier gave no answer")
     message = choices[0].get("message")
-    model = response.get("model") if isinstance(response.get("model"), str) else request.get("model")
     return LoggedCall(expert_input(request["messages"], mode), _content(message, "`response.choices[0].message`"),
-                      model if isinstance(model, str) else None, _usage(response.get("usage")))
+                      answering_model(request, response), _usage(response.get("usage")))
 
 
-def read_batch_result(row: dict[str, Any], requests: dict[str, tuple[int, dict[str, Any]]],
-                      mode: Literal["last_user", "conversation"]) -> LoggedCall:
-    """One line of a Batch API output file, answered for the request of the same `custom_id`."""
+def answering_model(request: Any, response: Any) -> str | None:
+    """The model a logged call names: the response's (dated, what answered), else the request's."""
+    for part in (response, request):
+        if isinstance(part, dict) and isinstance(part.get("model"), str):
+            return part["model"]
+    return None
+
+
+def batch_response(row: dict[str, Any]) -> tuple[str, Any]:
+    """A Batch API output line's `custom_id` and response body; a failed request raises `batch_failed`."""
     custom_id = row.get("custom_id")
     if not isinstance(custom_id, str):
         raise LogRowError("bad_log_shape", "`custom_id` is missing (Batch API output: {\"custom_id\", \"response\"})")
@@ -108,9 +114,16 @@ def read_batch_result(row: dict[str, Any], requests: dict[str, tuple[int, dict[s
     if not isinstance(response, dict) or response.get("status_code", 200) != 200:
         status = response.get("status_code") if isinstance(response, dict) else None
         raise LogRowError("batch_failed", f"request {custom_id} got no answer (status {status})")
+    return custom_id, response.get("body")
+
+
+def read_batch_result(row: dict[str, Any], requests: dict[str, tuple[int, dict[str, Any]]],
+                      mode: Literal["last_user", "conversation"]) -> LoggedCall:
+    """One line of a Batch API output file, answered for the request of the same `custom_id`."""
+    custom_id, body = batch_response(row)
     if custom_id not in requests:
         raise LogRowError("unmatched", f"custom_id {custom_id} is in no line of data.batch_requests")
-    return read_gateway({"request": requests[custom_id][1], "response": response.get("body")}, mode)
+    return read_gateway({"request": requests[custom_id][1], "response": body}, mode)
 
 
 def read_batch_requests(rows) -> tuple[dict[str, tuple[int, dict[str, Any]]], list[tuple[int, str, str]]]:

@@ -150,3 +150,13 @@ def choose_threshold(curve: list[dict[str, Any]], target: float) -> dict[str, An
         return None
     return min(meeting, key=lambda p: (p["cost_per_1k"] if p["cost_per_1k"] is not None else 0.0, p["escalation_rate"],
                                        p["threshold"]))
+
+
+def wilson_interval(agree: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a share `agree`/`n` (95% at z=1.96); (0, 1) when there is nothing to count."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = agree / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))

@@ -11,11 +11,11 @@ agreement with gold is reported with a Wilson 95% interval.
 
 from __future__ import annotations
 
-import math
 import random
 from typing import Any
 
 from pipeline import frontier
+from pipeline.stats import wilson_interval
 from pipeline.cascade import baseline_prompt
 from pipeline.errors import UserError
 from pipeline.examples import Example
@@ -49,15 +49,6 @@ def estimate_cost(prompts: list[list[dict[str, str]]], teacher: TeacherSection, 
     return (tokens_in * price.input + len(prompts) * answer_tokens * price.output) / 1e6
 
 
-def wilson_interval(agree: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (0.0, 1.0)
-    p = agree / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def confidence_summary(confidences: list[float | None]) -> dict[str, Any]:
     """The teacher's confidence over the rows it labelled: how many came with log-probabilities, the mean, and
     the share under 0.5 (labels worth a look)."""
@@ -74,7 +65,8 @@ def label(examples: list[Example], rejected: list[dict[str, Any]], recipe: Recip
     todo = [e for e in examples if e.provenance == "unlabeled"]
     if teacher is None or not todo:
         return examples, {"rows": 0}
-    key = frontier.api_key(as_baseline(teacher))
+    baseline = as_baseline(teacher)
+    key = frontier.api_key(baseline)
     if key is None:
         raise UserError(f"data.teacher.api_key_env: environment variable {teacher.api_key_env} is not set; "
                         "export it (for a teacher behind `expert serve`, any value)")
@@ -88,7 +80,6 @@ def label(examples: list[Example], rejected: list[dict[str, Any]], recipe: Recip
                   f"with {teacher.model}; estimated cost "
                   + ("unknown (no data.teacher.price_per_mtok)" if estimate is None else f"${estimate:,.4f}")
                   + (f", budget ${teacher.max_cost_usd:,.2f}" if teacher.max_cost_usd else ""), highlight=False)
-    baseline = as_baseline(teacher)
     schema = spec if recipe.task.type == "extraction" else None
     cache = frontier.ResponseCache(frontier.default_cache_path())
     spent, cached, done = 0.0, 0, 0
@@ -110,9 +101,8 @@ def label(examples: list[Example], rejected: list[dict[str, Any]], recipe: Recip
             done += len(part)
     finally:
         cache.close()
-    kept, failed, unparsable = [], 0, 0
-    taught_confidences: list[float | None] = []
-    labelled_ids = set()
+    failed, unparsable = 0, 0
+    taught_confidences: list[float | None] = []  # one per labelled row
     for e, answer in zip(todo, answers[: len(todo)]):
         target = task.parse_answer(answer["raw"], spec) if answer.get("raw") is not None else None
         if answer.get("raw") is None:
@@ -127,21 +117,18 @@ def label(examples: list[Example], rejected: list[dict[str, Any]], recipe: Recip
         else:
             e.target, e.provenance = task.normalize_target(target), f"teacher:{teacher.model}"
             taught_confidences.append(answer.get("confidence"))
-            labelled_ids.add(id(e))
-    for e in examples:
-        if e.provenance != "unlabeled":
-            kept.append(e)
+    kept = [e for e in examples if e.provenance != "unlabeled"]
     agreeing = [task.parse_answer(a["raw"], spec) == e.target
                 for e, a in zip(sample, answers[len(todo):]) if a.get("raw") is not None]
     low, high = wilson_interval(sum(agreeing), len(agreeing))
     summary = {
-        "model": teacher.model, "rows": len(todo), "labelled": len(labelled_ids), "failed": failed,
+        "model": teacher.model, "rows": len(todo), "labelled": len(taught_confidences), "failed": failed,
         "unparsable": unparsable, "estimated_cost_usd": estimate, "cost_usd": round(spent, 6),
         "cached_answers": cached,
         "confidence": confidence_summary(taught_confidences) if teacher.logprobs else None,
         "agreement_with_gold": {"rows": len(agreeing), "agreement": sum(agreeing) / len(agreeing) if agreeing else None,
                                 "interval_95": [low, high] if agreeing else None},
     }
-    console.print(f"[green]teacher[/]: labelled {len(labelled_ids):,} of {len(todo):,} rows for ${spent:,.4f} "
+    console.print(f"[green]teacher[/]: labelled {len(taught_confidences):,} of {len(todo):,} rows for ${spent:,.4f} "
                   f"({cached} answers from the cache); {failed} failed, {unparsable} unparsable", highlight=False)
     return kept, summary

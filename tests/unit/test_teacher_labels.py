@@ -7,7 +7,8 @@ import pytest
 from pipeline.examples import Example
 from pipeline.recipe import Recipe, TeacherSection
 from pipeline.splitting import split_examples
-from pipeline.teacher import estimate_cost, wilson_interval
+from pipeline.stats import wilson_interval
+from pipeline.teacher import estimate_cost
 
 
 def test_wilson_interval_matches_the_textbook_values():
