@@ -124,9 +124,15 @@ HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jin
 
 
 def hub_snapshot(repo_id: str, revision: str | None) -> Path:
-    """The local snapshot folder (named by its commit) of a hub model at `revision` (None: the newest)."""
+    """The local snapshot folder (named by its commit) of a hub model at `revision` (None: the newest). A pinned
+    revision already in the cache is used without asking the hub, so serving a version needs no network."""
     from huggingface_hub import snapshot_download
 
+    if revision is not None:
+        try:
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached (huggingface_hub raises several types): download it
+            pass
     return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
 
 

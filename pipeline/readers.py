@@ -190,8 +190,8 @@ def _read_hf(source: str, split: str) -> Iterator[tuple[int, dict[str, Any] | No
         yield i, row, None
 
 
-def _traces(experiment: str) -> Iterator[Any]:
-    """Every trace of an MLflow experiment, oldest first, page by page."""
+def _traces(experiment: str, include_spans: bool = True) -> Iterator[Any]:
+    """Every trace of an MLflow experiment, oldest first, page by page (`include_spans=False`: their info only)."""
     from mlflow import MlflowClient
 
     from pipeline.tracking import configure
@@ -205,7 +205,7 @@ def _traces(experiment: str) -> Iterator[Any]:
     token = None
     while True:
         page = client.search_traces(experiment_ids=[found.experiment_id], max_results=500, page_token=token,
-                                    order_by=["timestamp_ms ASC"])
+                                    order_by=["timestamp_ms ASC"], include_spans=include_spans)
         yield from page
         token = page.token
         if not token:
@@ -217,7 +217,7 @@ def traces_digest(experiment: str) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for trace in _traces(experiment):
+    for trace in _traces(experiment, include_spans=False):  # ids only: the spans are read when prep runs
         h.update(trace.info.trace_id.encode() + b"\0")
     return h.hexdigest()
 
