@@ -221,6 +221,12 @@ def test_the_seam_keeps_off_transformers_releases_it_was_not_written_against(tin
     assert note.startswith("lean forward pass off: transformers 6.0.0 is outside the releases it was written against")
 
 
+def same_answers(rows, reference) -> bool:
+    """The same labels, and confidences within bf16 rounding of the reference's."""
+    return [a for a, _ in rows] == [a for a, _ in reference] and all(
+        c == pytest.approx(r, rel=1e-2, abs=1e-3) for (_, c), (_, r) in zip(rows, reference, strict=True))
+
+
 def served(tiny_model_dir, tmp_path, texts, **options):
     """`expert serve`'s answers (one request at a time over HTTP) for a tiny classification expert loaded the way
     serve loads a version (adapter merged, then the speed-ups through their seam)."""
@@ -255,7 +261,9 @@ def served(tiny_model_dir, tmp_path, texts, **options):
 def test_serving_answers_identically_when_the_lean_pass_and_packing_are_gone(tiny_model_dir, tmp_path, monkeypatch,
                                                                             capsys):
     """The default serve path with both speed-ups, then the same with the lean module failing to import and
-    oneDNN's private op missing: the same answers, bit for bit, and a note for each speed-up left out."""
+    oneDNN's private op missing: the same answers, confidences equal within bf16 rounding (the two paths are
+    different kernels, checked bit-identical only on their install probes), and a note for each speed-up left
+    out."""
     texts = ["my card was charged twice", "where is my parcel? it is late", "I cannot log in", "refund please"]
     fast = served(tiny_model_dir, tmp_path, texts)
     notes = capsys.readouterr().err
@@ -263,11 +271,11 @@ def test_serving_answers_identically_when_the_lean_pass_and_packing_are_gone(tin
 
     rename_a_transformers_internal(monkeypatch)
     monkeypatch.setattr(predict, "PACKING_OPS", ("_reorder_linear_weight_renamed", "_linear_pointwise"))
-    assert served(tiny_model_dir, tmp_path, texts) == fast
+    assert same_answers(served(tiny_model_dir, tmp_path, texts), fast)
     notes = capsys.readouterr().err
     assert "lean forward pass off: it does not import" in notes, notes
     assert "weights not packed for oneDNN" in notes, notes
 
     # and `--no-lean-forward` never imports it at all
-    assert served(tiny_model_dir, tmp_path, texts, lean_forward=False) == fast
+    assert same_answers(served(tiny_model_dir, tmp_path, texts, lean_forward=False), fast)
     assert "lean forward pass" not in capsys.readouterr().err
