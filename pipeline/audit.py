@@ -131,6 +131,8 @@ def with_expert(today_per_1k: float, run_dir: Path) -> dict[str, Any]:
         raise UserError(f"--run-dir {run_dir}: {Path(err.filename).name} is missing; run `expert eval` first") from None
     decision = verdict["decision"]
     expert_per_1k = metrics["systems"]["expert"]["cost_per_1k"]
+    if decision == "route":
+        return routed_cost(today_per_1k, run_dir, metrics)
     if decision == "replace":
         rate = 0.0
     elif decision == "cascade":
@@ -141,6 +143,21 @@ def with_expert(today_per_1k: float, run_dir: Path) -> dict[str, Any]:
     per_1k = expert_per_1k + rate * today_per_1k
     return {"decision": decision, "escalation_rate": rate, "threshold": cascade.get("threshold"),
             "expert_cost_per_1k": expert_per_1k, "cost_per_1k": per_1k,
+            "saving": 1 - per_1k / today_per_1k if today_per_1k else None}
+
+
+def routed_cost(today_per_1k: float, run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """A route's cost per 1,000 of this workload's requests: each tier's eval cost times the share of test
+    requests that reached it, except the last tier, which costs what these logs say the traffic costs today."""
+    route = json.loads((run_dir / "eval/route.json").read_text(encoding="utf-8"))
+    shares = route["options"][route["choose"]]["test"]["shares"]
+    chain = route["chain"]
+    reach = [sum(shares[name] for name in chain[k:]) for k in range(len(chain))]
+    tier_costs = [metrics["systems"][name]["cost_per_1k"] for name in chain[:-1]] + [today_per_1k]
+    per_1k = sum(r * c for r, c in zip(reach, tier_costs))
+    return {"decision": "route", "chain": chain, "thresholds": route["thresholds"],
+            "escalation_rate": 1 - shares[chain[0]], "shares": shares,
+            "expert_cost_per_1k": metrics["systems"]["expert"]["cost_per_1k"], "cost_per_1k": per_1k,
             "saving": 1 - per_1k / today_per_1k if today_per_1k else None}
 
 

@@ -11,7 +11,14 @@ from typing import Any
 from pipeline import frontier
 from pipeline.errors import UserError
 from pipeline.eval_inference import _progress, infer_local
-from pipeline.recipe import BaseModelBaseline, BaselineSection, OpenAIBaseline, PredictionsBaseline, Recipe
+from pipeline.recipe import (
+    BaseModelBaseline,
+    BaselineSection,
+    ExpertBaseline,
+    OpenAIBaseline,
+    PredictionsBaseline,
+    Recipe,
+)
 from pipeline.rundir import RunDir
 from pipeline.ui import console
 
@@ -66,7 +73,36 @@ def run_openai(baseline: OpenAIBaseline, splits: dict[str, Rows], ctx: BaselineC
     return BaselineResult(outputs, frontier.cost_per_1k(baseline.price_per_mtok, outputs["test"]))
 
 
-BY_KIND = {"base_model": run_base_model, "predictions": run_predictions, "openai": run_openai}
+def run_other_expert(baseline: ExpertBaseline, splits: dict[str, Rows], ctx: BaselineContext) -> BaselineResult:
+    """Another run's expert, loaded as its train record says, asked with its own system prompt on these rows."""
+    from pipeline import contracts
+    from pipeline.eval_inference import load_expert
+    from pipeline.examples import chat_messages
+    from pipeline.recipe import load_recipe
+
+    where = f"eval.baselines `{baseline.name}` -> run_dir: {baseline.run_dir}"
+    needed = [baseline.run_dir / p for p in ("recipe.yaml", "train/record.json", "train/adapter", "prep/spec.json")]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise UserError(f"{where}: not a trained run directory ({', '.join(missing)} missing); run `expert train` "
+                        "there first")
+    other = load_recipe(baseline.run_dir / "recipe.yaml")
+    other_spec = json.loads((baseline.run_dir / "prep/spec.json").read_text(encoding="utf-8"))
+    if other.task.type != ctx.recipe.task.type or other_spec["spec"] != ctx.spec:
+        raise UserError(f"{where}: that expert answers another task (its task type or labels/schema differ from "
+                        "this run's prep/spec.json); route only between experts of the same task")
+    system = other_spec["baseline_system_prompt"] if other.task.spec_in_expert_prompt else other.task.instruction
+    trained = contracts.read_record(baseline.run_dir / "train/record.json", contracts.TrainRecord)
+    model, tokenizer = load_expert(other, trained, baseline.run_dir / "train/adapter")
+    return BaselineResult({
+        s: infer_local(model, tokenizer, [{**row, "prompt": chat_messages(system, row["text"])} for row in rows],
+                       other, ctx.spec, f"{baseline.name} ({s})")
+        for s, rows in splits.items()
+    })
+
+
+BY_KIND = {"base_model": run_base_model, "predictions": run_predictions, "openai": run_openai,
+           "expert": run_other_expert}
 
 
 def run_baseline(baseline: BaselineSection, splits: dict[str, Rows], ctx: BaselineContext) -> BaselineResult:
@@ -130,6 +166,10 @@ def load_recorded(baseline: BaselineSection, splits: dict[str, list[dict[str, An
             raise UserError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
         if not isinstance(row, dict) or "id" not in row or "output" not in row:
             raise UserError(f"{path}:{line_no}: each line needs `id` and `output` (the recorded answer)")
+        confidence = row.get("confidence")
+        if confidence is not None and (isinstance(confidence, bool) or not isinstance(confidence, (int, float))
+                                       or not 0 <= confidence <= 1):
+            raise UserError(f"{path}:{line_no}: `confidence` must be a number in [0, 1], got {confidence!r}")
         key = str(row["id"])
         if key in by_id:
             raise UserError(f"{path}:{line_no}: id {key} appears twice; keep one answer per example")
@@ -157,6 +197,7 @@ def recorded_row(row: dict[str, Any], task, spec) -> dict[str, Any]:
         "latency_s": latency / 1000 if isinstance(latency, (int, float)) else None,
         "input_tokens": row.get("input_tokens"),
         "output_tokens": row.get("output_tokens"),
+        "confidence": row.get("confidence"),
     }
 
 
@@ -164,7 +205,7 @@ def ask_frontier(baseline: BaselineSection, key: str, rows, recipe: Recipe, task
     schema = spec if recipe.task.type == "extraction" else None
     with _progress(f"{baseline.name} ({split})", len(rows)) as advance:
         answers = frontier.ask_all(baseline, key, [r["prompt"] for r in rows], recipe.eval.max_new_tokens, schema,
-                                   cache, advance)
+                                   cache, advance, logprobs=getattr(baseline, "logprobs", False))
     failed = sum(1 for a in answers if a.get("error"))
     if failed:
         console.print(f"[yellow]eval[/]: `{baseline.name}` failed on {failed} of {len(rows)} {split} examples "

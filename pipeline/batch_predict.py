@@ -1,8 +1,8 @@
-"""`expert predict`: JSONL rows answered by a registered version, through its cascade (`pipeline/cascade.py`).
+"""`expert predict`: JSONL rows answered by a registered version, through its route or cascade (`pipeline/cascade.py`).
 
 The version answers through its pyfunc model (`ExpertModel.predict`, i.e. `predict.answer`, as eval measured
-it); rows under its cascade threshold go to the frontier, or come back marked `escalate: true` with why not
-(`escalation_skipped`) or why it failed (`escalation_error`).
+it); rows under its threshold climb its tiers (or go to its frontier), or come back marked `escalate: true`
+with why not (`escalation_skipped`) or why no tier answered (`escalation_error`); `tier` says who answered.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def predict_with_cascade(model_uri: str, rows: list[dict[str, Any]], escalate: b
     loaded, expert = registry.load_version(model_uri)
     texts = [r["text"] for r in rows]
     answers = loaded.predict(texts)
-    esc = cascade.escalation(expert.recipe, expert.threshold, expert.frontier, escalate)
+    esc = cascade.escalation(expert.recipe, expert.threshold, expert.frontier, escalate, route=expert.route)
     out = cascade.escalate([{**row, **answer} for row, answer in zip(rows, answers)], texts, esc, expert)
     skipped = sum(1 for r in out if "escalation_skipped" in r)
     if skipped:

@@ -2,15 +2,16 @@
 
 Eval, `expert predict` and `expert serve` share this module:
 
-- `frontier_baseline` and `escalation`: the frontier is the baseline `recipe.eval.cascade_frontier()` names (eval
-  records that name in a version's `cascade.json`); it can be asked live when it is an `openai` baseline whose
-  key is in the environment variable the recipe names. `escalation` says which (with the key, never shown) or
-  why escalation is off.
+- `frontier_baseline` and `escalation`: the tiers above the expert. A version with a route (eval's
+  `verdict.json` `route`: the chain and its thresholds) climbs it; else its cascade's frontier is the baseline
+  `recipe.eval.cascade_frontier()` names (recorded in the version's `cascade.json`). A tier can be asked live
+  when it is an `openai` baseline whose key is in the environment variable the recipe names. `escalation` says
+  which (with the keys, never shown) or why escalation is off.
 - `baseline_prompt`: the messages a baseline is asked: its own system prompt (the instruction with the label
   list or schema) in place of the expert's, then few-shot turns, then the question. Eval's baselines
   (`baselines.baseline_rows`) and every escalated request are built by it.
-- `escalate` and `settle`, the one failure policy: a frontier that fails (an error after its retries, or an
-  answer that does not parse as the task's answer) leaves the expert's answer in place, flagged
+- `escalate`, the one failure policy: a tier that fails (an error after its retries, or an answer that does not
+  parse as the task's answer) passes the request on; when no tier answers, the expert's answer stays, flagged
   (`escalation_error`, scrubbed of secrets); when escalation is off the row says why (`escalation_skipped`).
   `expert predict` writes such rows as they are; `expert serve` answers them, or 502 with `--frontier-down 502`.
   Eval keeps its own record of a failed frontier row (the error, no prediction; `baselines.ask_frontier`), which
@@ -50,66 +51,94 @@ def frontier_baseline(recipe, name: str | None = None) -> BaselineSection | None
 
 
 @dataclass(frozen=True)
+class Tier:
+    """A tier above the expert, asked live: its `openai` baseline and key, and the confidence it must reach to
+    answer (None for the last tier, which answers whatever reaches it)."""
+
+    baseline: BaselineSection
+    key: str = field(repr=False)
+    threshold: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.baseline.name
+
+
+@dataclass(frozen=True)
 class Escalation:
-    """Where answers under the threshold go: the frontier baseline and its key, or nowhere and why (`note`)."""
+    """Where the expert's unsure answers go: the tiers above it, in order, or nowhere and why (`note`)."""
 
     note: str  # "on: below 0.6123 to `frontier` (gpt-4o-mini)" or "off: <why>"
-    baseline: BaselineSection | None = None
-    key: str | None = field(default=None, repr=False)
+    tiers: tuple[Tier, ...] = ()
 
     @property
     def on(self) -> bool:
-        return self.baseline is not None and bool(self.key)
+        return bool(self.tiers)
 
     @property
     def why_off(self) -> str:
         return self.note.removeprefix("off: ")
 
+    @property
+    def max_concurrency(self) -> int:
+        return max((t.baseline.max_concurrency for t in self.tiers), default=1)
+
 
 def escalation(recipe, threshold: float | None, frontier_name: str | None, escalate: bool = True,
-               retries: int | None = None, timeout_s: float | None = None) -> Escalation:
-    """The cascade of a version (its recipe, threshold and recorded frontier). `retries`/`timeout_s` replace the
-    baseline's own (eval's patient settings) where an answer cannot wait, as in serving."""
+               retries: int | None = None, timeout_s: float | None = None,
+               route: dict[str, Any] | None = None) -> Escalation:
+    """The escalation of a version: its route (eval's chain and thresholds, `verdict.json`'s `route`) when it has
+    one, else its cascade (threshold and recorded frontier). Every tier above the expert must be an `openai`
+    baseline whose key is set, or escalation is off and says why: a route with a tier left out is not the route
+    eval measured. `retries`/`timeout_s` replace the baselines' own (eval's patient settings) where an answer
+    cannot wait, as in serving."""
+    if route is not None:
+        chain, thresholds = route["chain"], route["thresholds"]
+        threshold = thresholds[0]
+        above = list(zip(chain[1:], [*thresholds[1:], None]))
+    else:
+        above = [(frontier_name or recipe.eval.cascade_frontier(), None)]
     if threshold is None:
         return Escalation("off: the version has no cascade threshold")
     if not escalate:
         return Escalation("off: --no-escalate")
-    baseline = frontier_baseline(recipe, frontier_name)
-    if baseline is None:
-        return Escalation(f"off: the cascade frontier `{frontier_name or recipe.eval.cascade_frontier()}` "
-                          "is not an openai baseline")
-    key = os.environ.get(baseline.api_key_env or "")
-    if not key:
-        return Escalation(f"off: {baseline.api_key_env} is not set")
     update = {name: value for name, value in (("max_retries", retries), ("timeout_s", timeout_s)) if value is not None}
-    if update:
-        baseline = baseline.model_copy(update=update)
-    return Escalation(f"on: below {threshold:.4f} to `{baseline.name}` ({baseline.model})", baseline, key)
+    tiers = []
+    for name, tier_threshold in above:
+        baseline = frontier_baseline(recipe, name)
+        if baseline is None:
+            what = "route tier" if route is not None else "cascade frontier"
+            return Escalation(f"off: the {what} `{name}` is not an openai baseline: it cannot be asked live")
+        key = os.environ.get(baseline.api_key_env or "")
+        if not key:
+            return Escalation(f"off: {baseline.api_key_env} is not set" + (f" (route tier `{name}`)" if route else ""))
+        tiers.append(Tier(baseline.model_copy(update=update) if update else baseline, key, tier_threshold))
+    if route is None:
+        return Escalation(f"on: below {threshold:.4f} to `{tiers[0].name}` ({tiers[0].baseline.model})", tuple(tiers))
+    steps = " -> ".join(f"`{t.name}` ({t.baseline.model})" + ("" if t.threshold is None else f" >= {t.threshold:.4f}")
+                        for t in tiers)
+    return Escalation(f"on: route `expert` >= {threshold:.4f} -> {steps}", tuple(tiers))
 
 
-def ask(esc: Escalation, texts: list[str], expert) -> list[dict[str, Any]]:
-    """The frontier's reply to each text (`frontier.ask_all`: raw text and usage, or the final error), asked with
-    the version's baseline prompt; extraction sends the schema along."""
+def ask(tier: Tier, texts: list[str], expert) -> list[dict[str, Any]]:
+    """A tier's reply to each text (`frontier.ask_all`: raw text and usage, or the final error), asked with the
+    version's baseline prompt; extraction sends the schema along; tiers with a threshold give log-probabilities."""
     recipe = expert.recipe
     schema = expert.spec if recipe.task.type == "extraction" else None
     prompts = [baseline_prompt(expert.baseline_system_prompt, text) for text in texts]
-    return frontier.ask_all(esc.baseline, esc.key, prompts, recipe.eval.max_new_tokens, schema)
-
-
-def settle(row: dict[str, Any], reply: dict[str, Any], task, spec, key: str | None = None) -> dict[str, Any]:
-    """`row` (the expert's `answer`, marked `escalate`) after the frontier's reply: the frontier's parsed answer
-    (`escalated: true`, the expert's kept as `expert_answer`), or the expert's answer with `escalation_error`."""
-    parsed = task.parse_answer(reply["raw"], spec) if reply.get("raw") is not None else None
-    if parsed is None:
-        return {**row, "escalation_error": frontier.scrub(reply.get("error") or UNPARSED, key)}
-    return {**row, "expert_answer": row["answer"], "answer": parsed, "escalated": True}
+    return frontier.ask_all(tier.baseline, tier.key, prompts, recipe.eval.max_new_tokens, schema,
+                            logprobs=tier.threshold is not None)
 
 
 def escalate(rows: list[dict[str, Any]], texts: list[str], esc: Escalation, expert) -> list[dict[str, Any]]:
-    """Rows (the expert's `answer`, `escalate` when under the threshold) for `texts`: the unsure ones go to the
-    frontier together (at its `max_concurrency`) and are settled; with escalation off they say why
-    (`escalation_skipped`). Every row gets `escalated`."""
-    out = [{**row, "escalated": False} for row in rows]
+    """Rows (the expert's `answer`, `escalate` when under its threshold) for `texts`: the unsure ones climb the
+    tiers together (each at its `max_concurrency`). A tier answers a row when its answer parses and, unless it is
+    the last, its confidence reaches its threshold; otherwise (unsure, unparsable, or failed after its retries)
+    the row passes on. A row no tier answered keeps the expert's answer with `escalation_error` (the last tier's
+    error, scrubbed of secrets). With escalation off the unsure rows say why (`escalation_skipped`). Every row
+    gets `escalated` and `tier` (which system answered); escalated ones `tiers_tried` ({tier, outcome,
+    latency_s}) and the expert's answer as `expert_answer`."""
+    out = [{**row, "escalated": False, "tier": "expert"} for row in rows]
     unsure = [i for i, row in enumerate(out) if row["escalate"]]
     if not unsure:
         return out
@@ -118,7 +147,34 @@ def escalate(rows: list[dict[str, Any]], texts: list[str], esc: Escalation, expe
             out[i]["escalation_skipped"] = esc.why_off
         return out
     task = tasks.for_type(expert.recipe.task.type)
-    replies = ask(esc, [texts[i] for i in unsure], expert)
-    for i, reply in zip(unsure, replies, strict=True):
-        out[i] = settle(out[i], reply, task, expert.spec, esc.key)
+    tried: dict[int, list[dict[str, Any]]] = {i: [] for i in unsure}
+    errors: dict[int, str] = {}
+    pending = unsure
+    for tier in esc.tiers:
+        if not pending:
+            break
+        still = []
+        for i, reply in zip(pending, ask(tier, [texts[i] for i in pending], expert), strict=True):
+            parsed = task.parse_answer(reply["raw"], expert.spec) if reply.get("raw") is not None else None
+            confidence = reply.get("confidence")
+            if parsed is None:
+                outcome = "failed"
+                errors[i] = frontier.scrub(reply.get("error") or UNPARSED, tier.key)
+            elif tier.threshold is not None and (confidence is None or confidence < tier.threshold):
+                outcome = "passed"
+            else:
+                outcome = "answered"
+                out[i] = {**out[i], "expert_answer": out[i]["answer"], "answer": parsed, "escalated": True,
+                          "tier": tier.name}
+            tried[i].append({"tier": tier.name, "outcome": outcome, "latency_s": reply.get("latency_s"),
+                             **({"confidence": confidence} if tier.threshold is not None else {})})
+            if outcome != "answered":
+                still.append(i)
+        pending = still
+    for i in unsure:
+        out[i]["tiers_tried"] = tried[i]
+    for i in pending:
+        last = tried[i][-1]
+        out[i]["escalation_error"] = errors.get(i, UNPARSED) if last["outcome"] == "failed" else (
+            f"no tier was confident enough; the last tier `{last['tier']}` did not answer")
     return out

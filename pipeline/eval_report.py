@@ -12,7 +12,7 @@ from pipeline.recipe import Recipe
 from pipeline.ui import console
 
 
-def write_plots(folder: Path, recipe: Recipe, spec, golds, outputs, calibration, cascade, metrics) -> None:
+def write_plots(folder: Path, recipe: Recipe, spec, golds, outputs, calibration, cascade, metrics, route) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if recipe.task.type == "classification":
         for name, by_split in outputs.items():
@@ -28,6 +28,8 @@ def write_plots(folder: Path, recipe: Recipe, spec, golds, outputs, calibration,
                         "cost_per_1k": metrics["expert"]["cost_per_1k"]}
         plots.cascade_plot(folder / "cascade.png", cascade["curve"], expert_point, frontier_point, cascade.get("test"),
                            metric, cascade["target"])
+    if route.get("test_grid"):
+        plots.route_plot(folder / "route.png", route)
 
 
 def _quality_columns(metrics: dict[str, Any]) -> list[str]:
@@ -40,10 +42,12 @@ def _fmt(v: Any, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
 
-def render_report(recipe: Recipe, metrics, skipped, comparisons, calibration, cascade, verdict, n_test: int) -> str:
+def render_report(recipe: Recipe, metrics, skipped, comparisons, calibration, cascade, verdict, n_test: int,
+                  route) -> str:
     cols = _quality_columns(metrics)
     decision = {"replace": "REPLACE the frontier with the expert", "cascade": "CASCADE: expert first, frontier when unsure",
                 "keep_frontier": "KEEP the frontier",
+                "route": "ROUTE across tiers: " + " -> ".join(route.get("chain") or []),
                 "incomplete": "NONE: the comparison is incomplete (a baseline did not answer)"}[verdict["decision"]]
     lines = [
         f"# Evaluation: {recipe.name}",
@@ -105,6 +109,8 @@ def render_report(recipe: Recipe, metrics, skipped, comparisons, calibration, ca
         for p in cascade["curve"][::step]:
             lines.append(f"| {p['threshold']:.4f} | {p['escalation_rate']:.1%} | {p['metric']:.4f} | "
                          f"{_fmt(p['cost_per_1k'], '.4f')} |")
+    if recipe.eval.routing is not None:
+        lines += ["", "## Routing across tiers", ""] + route_lines(route)
     if recipe.task.type == "classification":
         lines += ["", "## Confusion matrices", ""] + [f"![{n}](plots/confusion_{n}.png)" for n in metrics]
     lines += ["", "## Verdict", ""] + [f"- {r}" for r in verdict["reasons"]]
@@ -124,6 +130,62 @@ def render_report(recipe: Recipe, metrics, skipped, comparisons, calibration, ca
         "",
     ]
     return "\n".join(lines)
+
+
+PARETO_ROWS = 15  # rows of the test Pareto front shown in report.md
+
+
+def route_lines(route: dict[str, Any]) -> list[str]:
+    """report.md's routing section: the chain, the choice and how it was made, the test result against the last
+    tier alone, how often the target holds on resamples, the label mix warning, and the Pareto front on test."""
+    if route.get("target") is None or not route.get("options"):
+        return [f"No route: {route['reason']}."]
+    chain, last = route["chain"], route["chain"][-1]
+    lines = [f"Chain (cheapest first): {' -> '.join(f'`{n}`' for n in chain)}. Target: {route['target_rule']}, "
+             f"chosen on validation, checked on test. Search: {route['search']}.",
+             "", "Confidence per tier: " + "; ".join(f"`{n}`: {src}" for n, src in route["confidence"].items()) + ".",
+             "", f"| choice | thresholds | split | {route['target_metric']} (95% CI) | target held on resamples | "
+             f"cost / 1k | latency p50 / p95 (ms) | shares | cost saving vs `{last}` alone (95% CI) | "
+             f"quality vs `{last}` alone (95% CI) |", "|---" * 10 + "|"]
+    for how, option in route["options"].items():
+        for split in ("validation", "test"):
+            m = option[split]
+            vs = m["vs_last_tier"]
+            saving = ("n/a" if vs["cost_saving"] is None else
+                      f"{vs['cost_saving']:.1%} ({vs['cost_saving_interval_95'][0]:.1%} to "
+                      f"{vs['cost_saving_interval_95'][1]:.1%})")
+            q = vs["quality_difference"]
+            lines.append(
+                f"| {how}{' (the route)' if how == route['choose'] else ''} | "
+                + ", ".join(f"{t:.6g}" for t in option["thresholds"]) + f" | {split} | {m['metric']:.4f} "
+                f"({m['metric_interval_95'][0]:.4f} to {m['metric_interval_95'][1]:.4f}) | "
+                f"{m['target_held_on_resamples']:.0%} | {m['cost_per_1k']:.4f} | {m['latency_ms_p50']:.1f} / "
+                f"{m['latency_ms_p95']:.1f} | " + ", ".join(f"{n} {s:.1%}" for n, s in m["shares"].items()) +
+                f" | {saving} | {q['difference']:+.4f} ({q['ci_low']:+.4f} to {q['ci_high']:+.4f}) |")
+    if route.get("thresholds") is None:
+        lines += ["", f"No route: {route['reason']}."]
+    elif route["holds_on_test"]:
+        lines += ["", f"The `{route['choose']}` choice meets the target on test: the route holds."]
+    else:
+        lines += ["", f"**The `{route['choose']}` choice misses the target on test by {route['missed_by']:.4f}**: "
+                  "the thresholds chosen on validation do not hold, so the decision is not a route."]
+    mix = route.get("label_mix")
+    if mix and mix.get("p_value") is not None:
+        moved = ", ".join(f"`{m['label']}` {m['share_a']:.1%} -> {m['share_b']:.1%}" for m in mix["moved"])
+        lines += ["", f"Label mix, validation vs test: total variation {mix['tvd']:.3f}, chi-squared p = "
+                  f"{mix['p_value']:.2g} (most moved: {moved})."]
+    front = route["test_front"]
+    step = max(1, len(front) // PARETO_ROWS)
+    lines += ["", "![route](plots/route.png)", "", f"Pareto front on test ({len(route['test_grid']):,} threshold "
+              f"combinations evaluated, {len(front)} on the front" + (f", every {step}th shown" if step > 1 else "") +
+              "; all of them are in route.json):", "",
+              f"| thresholds | {route['target_metric']} | cost / 1k | shares |", "|---|---|---|---|"]
+    for p in front[::step]:
+        lines.append("| " + ", ".join(f"{t:.6g}" for t in p["thresholds"]) + f" | {p['metric']:.4f} | "
+                     f"{p['cost_per_1k']:.4f} | " + ", ".join(f"{s:.1%}" for s in p["shares"]) + " |")
+    lines += ["", "Each tier alone on test: " + "; ".join(
+        f"`{n}` {s['metric']:.4f} at {s['cost_per_1k']:.4f} / 1k" for n, s in route["singles"].items()) + "."]
+    return lines
 
 
 def summary_table(metrics: dict[str, Any], skipped: dict[str, str], gate_metric: str) -> Table:

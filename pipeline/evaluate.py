@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pipeline import baselines, contracts, frontier, stats, tasks, tracking
+from pipeline import baselines, contracts, frontier, routing, stats, tasks, tracking
 from pipeline.contracts import StageOptions
 from pipeline.errors import UserError
 from pipeline.eval_inference import infer_local, load_expert, read_split
@@ -36,9 +36,11 @@ from pipeline.ui import console
 STAGE = "eval"
 OUTPUTS = [
     f"{STAGE}/{name}"
-    for name in ("predictions", "plots", "metrics.json", "cascade.json", "report.md", "verdict.json", "record.json")
+    for name in ("predictions", "plots", "metrics.json", "cascade.json", "route.json", "report.md", "verdict.json",
+                 "record.json")
 ]
 FEWSHOT = baselines.FEWSHOT
+LABEL_MIX_P = 0.01  # a chi-squared p-value under this: validation's labels are not mixed like test's
 
 
 # what eval reads of the recipe (precision and the base come from train/record.json, not from `train`)
@@ -53,7 +55,7 @@ def inputs_of(recipe: Recipe, run: RunDir) -> dict[str, str]:
         "train/adapter": run.output_hash("train", "train/adapter"),
         "train/record.json": run.output_hash("train", "train/record.json"),
     }
-    if recipe.eval.cascade is not None:
+    if recipe.eval.tier_names():
         inputs["prep/validation.jsonl"] = run.output_hash("prep", "prep/validation.jsonl")
     if any(b.kind == "base_model" and b.shots for b in recipe.eval.baselines) and (run.path / FEWSHOT).is_file():
         inputs[FEWSHOT] = file_hash(run.path / FEWSHOT)
@@ -61,6 +63,18 @@ def inputs_of(recipe: Recipe, run: RunDir) -> dict[str, str]:
         if b.kind == "predictions" and b.path.is_file():
             inputs[f"predictions:{b.name}"] = file_hash(b.path)
     return inputs
+
+
+def label_mix_warning(splits: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Validation's label mix against test's, with a warning when they differ (thresholds chosen on a split
+    unlike test need not hold there)."""
+    shift = stats.label_mix_shift([r["target"] for r in splits["validation"]], [r["target"] for r in splits["test"]])
+    if shift["p_value"] is not None and shift["p_value"] < LABEL_MIX_P:
+        moved = ", ".join(f"`{m['label']}` {m['share_a']:.1%} -> {m['share_b']:.1%}" for m in shift["moved"])
+        console.print(f"[yellow]eval[/]: the validation split's label mix differs from test's (total variation "
+                      f"{shift['tvd']:.3f}, chi-squared p={shift['p_value']:.2g}; {moved}): thresholds chosen on "
+                      "validation may not hold on test")
+    return shift
 
 
 def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> dict[str, Any]:
@@ -73,9 +87,9 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
         task = tasks.for_type(recipe.task.type)
         spec_doc = json.loads((run.path / "prep/spec.json").read_text(encoding="utf-8"))
         spec, baseline_system = spec_doc["spec"], spec_doc["baseline_system_prompt"]
-        cascade_to = recipe.eval.cascade_frontier()
+        tiers = recipe.eval.tier_names()  # systems that also answer the validation split, to choose thresholds on
         splits = {"test": read_split(run, "test")}
-        if cascade_to is not None:
+        if tiers:
             splits["validation"] = read_split(run, "validation")
         fewshot = baselines.load_fewshot(run, recipe)  # bad inputs fail before any model loads or API call is paid for
         recorded = {b.name: baselines.load_recorded(b, splits, task, spec)
@@ -98,7 +112,7 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
                                             cache)
         try:
             for baseline in recipe.eval.baselines:
-                wanted = splits if baseline.name == cascade_to else {"test": splits["test"]}
+                wanted = splits if baseline.name in tiers else {"test": splits["test"]}
                 result = baselines.run_baseline(baseline, wanted, context)
                 if result.skipped is not None:
                     skipped[baseline.name] = result.skipped
@@ -122,27 +136,35 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
         )
         metrics["expert"]["ece"] = calibration["ece"]
         cascade = cascade_result(recipe, spec, splits, outputs, metrics, skipped)
-        verdict = gate_verdict(recipe, metrics, skipped, comparisons, cascade)
+        route = routing.route_result(recipe, spec, splits, outputs, metrics, skipped)
+        if recipe.eval.routing is not None and recipe.task.type == "classification" and splits["validation"]:
+            route["label_mix"] = label_mix_warning(splits)
+        verdict = gate_verdict(recipe, metrics, skipped, comparisons, cascade, route)
 
         for name, by_split in outputs.items():
             for split, rows in by_split.items():
                 suffix = "" if split == "test" else f".{split}"
                 atomic_write_jsonl(out / "predictions" / f"{name}{suffix}.jsonl", prediction_rows(splits[split], rows))
-        write_plots(out / "plots", recipe, spec, golds, outputs, calibration, cascade, metrics)
+        write_plots(out / "plots", recipe, spec, golds, outputs, calibration, cascade, metrics, route)
         atomic_write_json(out / "metrics.json", {
             "systems": metrics, "skipped": skipped, "test_examples": len(test), "comparisons": comparisons,
             "calibration": calibration,
         })
         atomic_write_json(out / "cascade.json", cascade)
+        if "test_answers" in route:
+            atomic_write_jsonl(out / "predictions" / "route.jsonl", [
+                {"id": e["id"], "target": e["target"], "prediction": answer, "tier": tier}
+                for e, (tier, answer) in zip(splits["test"], route.pop("test_answers"), strict=True)])
+        atomic_write_json(out / "route.json", route)
         atomic_write_json(out / "verdict.json", verdict)
         atomic_write_text(out / "report.md", render_report(recipe, metrics, skipped, comparisons, calibration, cascade,
-                                                           verdict, len(test)))
+                                                           verdict, len(test), route))
 
         tags = {"expert.recipe": recipe.name, "expert.base_model": recipe.model.base, "expert.verdict": verdict_word(verdict),
                 "expert.decision": verdict["decision"]}
         with tracking.stage_run(recipe.name, STAGE, run.path.name, tags) as (mlflow_client, mlflow_run_id):
             tracking.log_params(mlflow_client, mlflow_run_id, tracking.flatten(recipe.model_dump(mode="json", by_alias=True)))
-            tracking.log_metrics(mlflow_client, mlflow_run_id, flat_metrics(metrics, comparisons, cascade))
+            tracking.log_metrics(mlflow_client, mlflow_run_id, flat_metrics(metrics, comparisons, cascade, route))
             mlflow_client.log_artifacts(mlflow_run_id, str(out), "eval")
             for name, by_split in outputs.items():
                 mlflow_client.log_table(mlflow_run_id, table_of(splits["test"], by_split["test"]),

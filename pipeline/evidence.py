@@ -134,11 +134,13 @@ def cascade_result(recipe: Recipe, spec, splits, outputs, metrics, skipped) -> d
 
 
 def gate_verdict(recipe: Recipe, metrics: dict[str, Any], skipped: dict[str, str],
-                 comparisons: dict[str, Any] | None = None, cascade: dict[str, Any] | None = None) -> dict[str, Any]:
+                 comparisons: dict[str, Any] | None = None, cascade: dict[str, Any] | None = None,
+                 route: dict[str, Any] | None = None) -> dict[str, Any]:
     """The gate (expert within `max_drop_vs_best_baseline` of the best baseline and above `min_value`) and a decision.
 
-    `replace` when the gate passes; else `cascade` when a threshold met the
-    cascade target on validation; else `keep_frontier`.
+    `replace` when the gate passes; else `route` when thresholds chosen on validation also meet the routing
+    target on test (a route chosen on validation that misses on test is no route: the reasons say by how much);
+    else `cascade` when a threshold met the cascade target on validation; else `keep_frontier`.
     """
     gate = recipe.eval.gate
     expert = metrics["expert"][gate.metric]
@@ -172,10 +174,29 @@ def gate_verdict(recipe: Recipe, metrics: dict[str, Any], skipped: dict[str, str
             f"(95% CI {difference['ci_low']:+.4f} to {difference['ci_high']:+.4f}; McNemar p={difference['mcnemar']['p_value']:.3g})"
         )
     threshold = (cascade or {}).get("threshold")
+    route_holds = bool(route and route.get("thresholds") is not None and route["holds_on_test"])
+    if route and route.get("thresholds") is not None:
+        test = route["options"][route["choose"]]["test"]
+        saving = test["vs_last_tier"]["cost_saving"]
+        chain = " -> ".join(f"{n} (>= {t:.6g})" for n, t in zip(route["chain"], route["thresholds"]))
+        reasons.append(
+            f"route {chain} -> {route['chain'][-1]}: on test {route['target_metric']} {test['metric']:.4f} "
+            f"(target {route['target']:.4f}, " + ("met" if route_holds else f"MISSED by {route['missed_by']:.4f}") +
+            f"), cost / 1k {test['cost_per_1k']:.4f}" +
+            (f", {saving:.1%} below `{route['chain'][-1]}` alone" if saving is not None else ""))
+        others = {how: o for how, o in route["options"].items() if how != route["choose"]}
+        for how, other in others.items():
+            if not route_holds and other["test"]["meets_target"]:
+                reasons.append(f"the `{how}` choice (eval.routing.choose: {how}) meets the target on test: "
+                               f"{other['test']['metric']:.4f} at cost / 1k {other['test']['cost_per_1k']:.4f}")
+    elif route and route.get("reason") and route.get("chain"):
+        reasons.append(f"no route: {route['reason']}")
     if incomplete:
         decision = "incomplete"
     elif passed:
         decision = "replace"
+    elif route_holds:
+        decision = "route"
     elif threshold is not None:
         decision = "cascade"
         test = cascade["test"]
@@ -185,7 +206,7 @@ def gate_verdict(recipe: Recipe, metrics: dict[str, Any], skipped: dict[str, str
         )
     else:
         decision = "keep_frontier"
-        if cascade and cascade.get("reason"):
+        if cascade and cascade.get("reason") and recipe.eval.routing is None:
             reasons.append(f"no cascade: {cascade['reason']}")
     return {
         "passed": passed,
@@ -198,6 +219,9 @@ def gate_verdict(recipe: Recipe, metrics: dict[str, Any], skipped: dict[str, str
         "min_value": gate.min_value,
         "difference_vs_best_baseline": difference,
         "threshold": threshold,
+        "route": ({"chain": route["chain"], "thresholds": route["thresholds"], "target": route["target"],
+                   "target_metric": route["target_metric"], "holds_on_test": route["holds_on_test"]}
+                  if route and route.get("thresholds") is not None else None),
         "skipped_baselines": skipped,
         "incomplete_baselines": incomplete,
         "failed_rows": {n: m.get("errors", 0) for n, m in metrics.items()},
@@ -220,7 +244,7 @@ def verdict_word(verdict: dict[str, Any]) -> str:
 
 
 def flat_metrics(metrics: dict[str, Any], comparisons: dict[str, Any] | None = None,
-                 cascade: dict[str, Any] | None = None) -> dict[str, float]:
+                 cascade: dict[str, Any] | None = None, route: dict[str, Any] | None = None) -> dict[str, float]:
     out = {}
     for system, m in metrics.items():
         for k, v in m.items():
@@ -232,6 +256,19 @@ def flat_metrics(metrics: dict[str, Any], comparisons: dict[str, Any] | None = N
         for k in ("difference", "ci_low", "ci_high"):
             out[f"expert_vs_{name}.{k}"] = c[k]
         out[f"expert_vs_{name}.mcnemar_p"] = c["mcnemar"]["p_value"]
+    if route and route.get("thresholds") is not None:
+        test = route["options"][route["choose"]]["test"]
+        for i, t in enumerate(route["thresholds"]):
+            out[f"route.threshold.{route['chain'][i]}"] = t
+        out["route.test_metric"] = test["metric"]
+        out["route.test_cost_per_1k"] = test["cost_per_1k"]
+        out["route.test_latency_ms_p50"] = test["latency_ms_p50"]
+        out["route.test_latency_ms_p95"] = test["latency_ms_p95"]
+        for name, share in test["shares"].items():
+            out[f"route.test_share.{name}"] = share
+        if test["vs_last_tier"]["cost_saving"] is not None:
+            out["route.test_cost_saving"] = test["vs_last_tier"]["cost_saving"]
+        out["route.test_quality_vs_last_tier"] = test["vs_last_tier"]["quality_difference"]["difference"]
     if cascade and cascade.get("threshold") is not None:
         out["cascade.threshold"] = cascade["threshold"]
         out["cascade.test_escalation_rate"] = cascade["test"]["escalation_rate"]

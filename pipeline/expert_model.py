@@ -4,7 +4,7 @@ Why pyfunc with "models from code" and a bundle artifact rather than the
 `transformers` flavour: the flavour would copy the base weights into every
 version and knows nothing of label scoring, schemas or the cascade threshold;
 a pyfunc keeps a version small (adapter + tokenizer + spec), answers exactly
-as the eval stage did, and loads without unpickling anything (the model class
+as the eval stage did (with its cascade threshold, or its route's chain and thresholds), and loads without unpickling anything (the model class
 comes from code, weights from safetensors). Loading needs this package
 installed; the base model is the one `train_record.json` names (same revision,
 checked by content hash) or the bundled copy when pushed with `--include-base`,
@@ -58,6 +58,11 @@ class ExpertModel(mlflow.pyfunc.PythonModel):
         cascade_doc = json.loads(cascade.read_text(encoding="utf-8")) if cascade.is_file() else {}
         self.threshold = cascade_doc.get("threshold")
         self.frontier = cascade_doc.get("frontier")  # the baseline that answers escalated requests
+        # a route (eval's chain and thresholds) replaces the cascade: the expert's threshold is the route's first
+        verdict = bundle / "verdict.json"
+        self.route = json.loads(verdict.read_text(encoding="utf-8")).get("route") if verdict.is_file() else None
+        if self.route is not None:
+            self.threshold, self.frontier = self.route["thresholds"][0], None
         # the base and precision training used, as train/record.json says (not decided again on this machine)
         trained = contracts.read_record(bundle / "train_record.json", contracts.TrainRecord)
         self.precision = trained.precision

@@ -92,3 +92,34 @@ def cascade_plot(path: Path, curve: list[dict[str, Any]], expert: dict[str, Any]
     ax.set_title("cascade on the test split")
     ax.legend(fontsize=8)
     _save(plt, fig, path)
+
+
+def route_plot(path: Path, route: dict[str, Any]) -> None:
+    """Every threshold combination's cost and quality on test (grey), their Pareto front, each tier alone and the
+    chosen point(s), with the target."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    grid = route["test_grid"]
+    ax.scatter([p["cost_per_1k"] for p in grid], [p["metric"] for p in grid], s=6, color="lightgrey",
+               label=f"{len(grid):,} threshold combinations")
+    front = route["test_front"]
+    ax.plot([p["cost_per_1k"] for p in front], [p["metric"] for p in front], color="tab:blue", label="Pareto front")
+    for (name, single), marker in zip(route["singles"].items(), ["s", "D", "^", "v", "P"]):
+        ax.scatter(single["cost_per_1k"], single["metric"], marker=marker, s=60, zorder=3, label=f"{name} alone")
+    for how, option in route.get("options", {}).items():
+        test = option["test"]
+        ax.scatter(test["cost_per_1k"], test["metric"], marker="*" if how == route["choose"] else "X", s=160,
+                   edgecolor="black", color="gold" if how == route["choose"] else "white", zorder=4,
+                   label=f"{how} choice" + (" (the route)" if how == route["choose"] else ""))
+    ax.axhline(route["target"], linestyle=":", color="grey", label=f"target {route['target']:.3f}")
+    costs = [p["cost_per_1k"] for p in grid] + [s["cost_per_1k"] for s in route["singles"].values()]
+    if min(costs) > 0:
+        ax.set_xscale("log")
+    else:  # a free tier (recorded answers without a price): log-like, with 0 on the axis
+        ax.set_xscale("symlog", linthresh=max(min((c for c in costs if c > 0), default=1e-3), 1e-6))
+        ax.set_xlim(left=0)
+    ax.set_xlabel("cost per 1,000 requests ($)")
+    ax.set_ylabel(route["target_metric"])
+    ax.set_title(" -> ".join(route["chain"]) + " (test split)")
+    ax.legend(fontsize=7, loc="lower right")
+    _save(plt, fig, path)

@@ -18,9 +18,11 @@ from pipeline.readers import sources_of
 from pipeline.recipe import HF_PREFIX, Recipe
 from pipeline.rundir import RunDir, file_hash
 from pipeline.splitting import SPLITS
+from pipeline.stats import label_mix_shift
 from pipeline.ui import console
 
 REPORT_EXAMPLES = 5
+LABEL_MIX_P = 0.01  # chi-squared p-value under which two splits' label mixes are reported as different
 
 
 def data_fingerprint(recipe: Recipe, split_files: list[Path]) -> str:
@@ -68,6 +70,9 @@ def build_stats(splits, rejected, truncated, recipe: Recipe, fingerprint: str, p
     }
     if recipe.task.type == "classification":
         stats["classes"] = {s: dict(sorted(Counter(e.target for e in rows).items())) for s, rows in splits.items()}
+        # thresholds and checkpoints chosen on validation hold on test only if the two look alike
+        stats["label_mix"] = {f"{a}_vs_test": label_mix_shift([e.target for e in splits[a]], [e.target for e in splits["test"]])
+                              for a in ("train", "validation") if splits[a] and splits["test"]}
     return stats
 
 
@@ -147,6 +152,11 @@ def render_report(recipe: Recipe, stats: dict[str, Any], rejected, truncated) ->
         labels = sorted({label for counts in stats["classes"].values() for label in counts})
         lines += [f"| {label} | " + " | ".join(str(stats["classes"][s].get(label, 0)) for s in SPLITS) + " |" for label in labels]
         lines.append("")
+        for pair, shift in stats.get("label_mix", {}).items():
+            if shift["p_value"] is not None:
+                lines.append(f"Label mix, {pair.replace('_', ' ')}: total variation {shift['tvd']:.3f}, chi-squared "
+                             f"p = {shift['p_value']:.2g}" + (" (**differs**)" if shift["p_value"] < LABEL_MIX_P else "") + ".")
+        lines.append("")
     lines += ["## Rejected rows", ""]
     if not rejected:
         lines += ["None.", ""]
@@ -180,6 +190,12 @@ def print_stats(stats: dict[str, Any]) -> None:
     if stats["pii"]["found"]:
         console.print(f"personal data ({stats['pii']['policy']}): "
                       + ", ".join(f"{k}={v:,}" for k, v in stats["pii"]["found"].items()))
+    for pair, shift in stats.get("label_mix", {}).items():
+        if shift["p_value"] is not None and shift["p_value"] < LABEL_MIX_P:
+            moved = ", ".join(f"{m['label']} {m['share_a']:.1%} -> {m['share_b']:.1%}" for m in shift["moved"])
+            console.print(f"[yellow]label mix[/]: {pair.replace('_', ' ')} differ (total variation {shift['tvd']:.3f}, "
+                          f"chi-squared p={shift['p_value']:.2g}; {moved}): what is chosen on one may not hold on "
+                          "the other", highlight=False)
     if stats["rejected"]:
         console.print("rejected by reason: " + ", ".join(f"{k}={v}" for k, v in stats["rejected"].items()))
     if stats["truncated"]:

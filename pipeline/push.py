@@ -286,6 +286,9 @@ def version_tags(recipe: Recipe, metrics, verdict, fingerprint: str, manifest) -
         tags[f"incomplete_baseline.{name}"] = f"failed on {failed['failed']} of {failed['rows']} test rows"
     threshold = verdict.get("threshold")
     tags["cascade_threshold"] = "none" if threshold is None else f"{threshold:.4f}"
+    route = verdict.get("route")
+    tags["route"] = "none" if route is None else " -> ".join(
+        f"{name} >= {t:.4f}" for name, t in zip(route["chain"], route["thresholds"])) + f" -> {route['chain'][-1]}"
     return tags
 
 

@@ -167,7 +167,7 @@ _KIND = "which system the baseline is; it decides which other keys apply"
 _UNSET_KEYS_OF_OTHER_KINDS: dict[str, Any] = {
     "model": None, "base_url": None, "api_key_env": None, "required": False, "max_concurrency": 4,
     "timeout_s": 60, "max_retries": 4, "json_schema_response": False, "price_per_mtok": None, "shots": 0,
-    "path": None,
+    "path": None, "logprobs": False, "run_dir": None,
 }
 
 
@@ -378,6 +378,9 @@ class OpenAIBaseline(_Baseline):
     json_schema_response: bool = Field(
         False, description="extraction: ask the endpoint for its JSON-schema response format instead of parsing "
         "JSON out of the text")
+    logprobs: bool = Field(
+        False, description="ask for the answer tokens' log-probabilities: the probability of the whole answer is "
+        "this baseline's confidence (needed for a routing tier before the last)")
     price_per_mtok: PricePerMtok = None
 
 
@@ -398,12 +401,23 @@ class PredictionsBaseline(_Baseline):
     kind: Literal["predictions"] = Field(description=_KIND)
     path: Path = Field(
         description="a JSONL file with `{\"id\", \"output\"}` per line (`output`: the raw answer text, or the "
-        "object for extraction; optional `input_tokens`, `output_tokens`, `latency_ms`)")
+        "object for extraction; optional `input_tokens`, `output_tokens`, `latency_ms`, and `confidence` in [0, 1] "
+        "for a routing tier before the last)")
     price_per_mtok: PricePerMtok = None
 
 
+class ExpertBaseline(_Baseline):
+    """Another expert of this task, from its run directory (its recipe, `train/record.json` and adapter): asked
+    with its own instruction on this run's rows, locally, so it has a confidence and can be a routing tier."""
+
+    kind: Literal["expert"] = Field(description=_KIND)
+    run_dir: Path = Field(description="a run directory whose train stage finished; relative to the recipe's "
+                          "folder. Its labels (or schema) must be this task's")
+
+
 # one baseline: which class checks it is decided by its `kind`, so a key of another kind is an unknown key
-BaselineSection = Annotated[OpenAIBaseline | BaseModelBaseline | PredictionsBaseline, Field(discriminator="kind")]
+BaselineSection = Annotated[OpenAIBaseline | BaseModelBaseline | PredictionsBaseline | ExpertBaseline,
+                            Field(discriminator="kind")]
 BASELINE_KINDS: dict[str, type[_Baseline]] = {
     get_args(cls.model_fields["kind"].annotation)[0]: cls for cls in get_args(get_args(BaselineSection)[0])
 }
@@ -432,12 +446,49 @@ class CascadeSection(Strict):
         description="the baseline that answers escalated requests (an openai or predictions baseline)")
 
 
+class RoutingTarget(Strict):
+    metric: Literal["accuracy", "macro_f1", "field_exact_match", "exact_match"] = Field(
+        "accuracy", description="the metric the route must reach")
+    value: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        None, description="the value it must reach (give this or `below_last`)")
+    below_last: Annotated[float, Field(ge=0, lt=1)] | None = Field(
+        None, description="or: the last tier's own validation quality minus this, e.g. 0.01 for \"frontier "
+        "quality minus 0.01\"")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> RoutingTarget:
+        if (self.value is None) == (self.below_last is None):
+            raise ValueError("give exactly one of `value` (a fixed target) or `below_last` (the last tier's "
+                             "validation quality minus this)")
+        return self
+
+
+class RoutingSection(Strict):
+    tiers: Annotated[list[str], Field(min_length=2)] = Field(
+        description="the chain, cheapest first: `expert`, then names of `eval.baselines`; each tier but the last "
+        "answers when its confidence reaches its threshold, the last answers whatever reaches it. Tiers before "
+        "the last need a confidence: local models (the expert, `expert`/`base_model` baselines) have one, an "
+        "`openai` baseline needs `logprobs: true`, recorded predictions a `confidence` per line")
+    target: RoutingTarget = Field(description="the quality the route must reach, chosen on validation, "
+                                  "checked on test")
+    choose: Literal["point", "margin"] = Field(
+        "point", description="`point`: the cheapest thresholds whose validation quality meets the target; "
+        "`margin`: the cheapest whose bootstrap 95% lower bound of validation quality does (holds more often, "
+        "costs more). Both are reported")
+    max_candidates: Annotated[int, Field(ge=3, le=1000)] = Field(
+        41, description="three tiers or more: candidate thresholds per tier (quantiles of its validation "
+        "confidences); every combination is tried. Two tiers: every distinct confidence (exact)")
+
+
 class EvalSection(Strict):
     baselines: list[BaselineSection] = Field([], description="the systems the expert is compared with")
     gate: GateSection = Field(GateSection(), description="what the expert must reach to pass (see 'What eval decides')")
     cascade: CascadeSection | None = Field(
         None, description="expert first, the frontier (an openai or predictions baseline) when the expert's "
         "confidence is below a threshold chosen on the validation split")
+    routing: RoutingSection | None = Field(
+        None, description="route across tiers (expert, mid tier, frontier), thresholds chosen together on the "
+        "validation split (see 'Routing across tiers'); replaces `cascade`, the two-tier case")
     batch_size: BatchSize = Field(8, description="local inference batch size")
     max_new_tokens: PositiveInt = Field(
         128, description="answer length limit, in tokens, for generated answers (generation and extraction; "
@@ -470,7 +521,33 @@ class EvalSection(Strict):
                 )
             if wanted is None and not external:
                 raise ValueError("cascade needs an openai or predictions baseline to escalate to; add one to baselines")
+        if self.routing is not None:
+            self._check_tiers(self.routing.tiers)
         return self
+
+    def _check_tiers(self, tiers: list[str]) -> None:
+        if self.cascade is not None:
+            raise ValueError("give `cascade` or `routing`, not both: a cascade is the two-tier route "
+                             "`routing: {tiers: [expert, <frontier>]}`")
+        by_name = {b.name: b for b in self.baselines}
+        unknown = [t for t in tiers if t != "expert" and t not in by_name]
+        if unknown:
+            raise ValueError(f"routing.tiers: {', '.join(unknown)} not a baseline name; use `expert` or one of: "
+                             f"{', '.join(by_name) or '(no baselines defined)'}")
+        if len(set(tiers)) != len(tiers) or tiers[0] != "expert":
+            raise ValueError("routing.tiers: each system once, `expert` first (the chain climbs from the expert, "
+                             "cheapest first)")
+        for name in tiers[:-1]:
+            b = by_name.get(name)
+            if b is not None and b.kind == "openai" and not b.logprobs:
+                raise ValueError(f"routing.tiers: `{name}` answers before the last tier, so it needs a confidence: "
+                                 f"set `logprobs: true` on that baseline (its endpoint must return log-probabilities)")
+
+    def tier_names(self) -> list[str]:
+        """Systems eval also runs on the validation split (the cascade's frontier, every routing tier)."""
+        if self.routing is not None:
+            return list(self.routing.tiers)
+        return [name for name in (self.cascade_frontier(),) if name is not None]
 
     def cascade_frontier(self) -> str | None:
         """Name of the baseline escalated requests go to, or None without a cascade."""
@@ -729,9 +806,11 @@ def load_recipe(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
         if isinstance(source, Path) and not source.is_absolute():
             resolved[key] = (path.parent / source).resolve()
     data = recipe.data.model_copy(update=resolved)
-    baselines = [  # recorded predictions files, like data.source, are relative to the recipe file
+    baselines = [  # recorded predictions files and other experts' runs, like data.source, are relative to the recipe
         b.model_copy(update={"path": (path.parent / b.path).resolve()})
-        if isinstance(b, PredictionsBaseline) and not b.path.is_absolute() else b
+        if isinstance(b, PredictionsBaseline) and not b.path.is_absolute() else
+        b.model_copy(update={"run_dir": (path.parent / b.run_dir).resolve()})
+        if isinstance(b, ExpertBaseline) and not b.run_dir.is_absolute() else b
         for b in recipe.eval.baselines
     ]
     evaluation = recipe.eval.model_copy(update={"baselines": baselines})

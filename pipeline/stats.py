@@ -160,3 +160,21 @@ def wilson_interval(agree: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def label_mix_shift(labels_a: list[Any], labels_b: list[Any], top: int = 3) -> dict[str, Any]:
+    """How differently two splits' labels are mixed: total variation distance (half the summed share gaps), the
+    chi-squared test of homogeneity, and the labels whose share moved most. Thresholds chosen on a split that
+    does not look like test need not hold on test."""
+    from scipy.stats import chi2_contingency
+
+    names = sorted({str(x) for x in labels_a} | {str(x) for x in labels_b})
+    a = np.array([sum(str(x) == n for x in labels_a) for n in names], dtype=float)
+    b = np.array([sum(str(x) == n for x in labels_b) for n in names], dtype=float)
+    if not a.sum() or not b.sum():
+        return {"tvd": None, "p_value": None, "moved": []}
+    share_a, share_b = a / a.sum(), b / b.sum()
+    p_value = float(chi2_contingency(np.stack([a, b]))[1]) if len(names) > 1 else 1.0
+    order = np.argsort(-np.abs(share_a - share_b))[:top]
+    return {"tvd": float(0.5 * np.abs(share_a - share_b).sum()), "p_value": p_value,
+            "moved": [{"label": names[i], "share_a": float(share_a[i]), "share_b": float(share_b[i])} for i in order]}

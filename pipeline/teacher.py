@@ -12,6 +12,7 @@ agreement with gold is reported with a Wilson 95% interval.
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
 from pipeline import frontier
@@ -85,6 +86,7 @@ def label(examples: list[Example], rejected: list[dict[str, Any]], recipe: Recip
     spent, cached, done = 0.0, 0, 0
     answers: list[dict[str, Any]] = []
     chunk = teacher.max_concurrency * 8
+    started, shown = time.perf_counter(), 0
     try:
         while done < len(rows):
             if teacher.max_cost_usd is not None and spent >= teacher.max_cost_usd:
@@ -99,6 +101,12 @@ def label(examples: list[Example], rejected: list[dict[str, Any]], recipe: Recip
             spent += sum(answer_cost(a, teacher) for a in part)
             cached += sum(1 for a in part if a.get("cached"))
             done += len(part)
+            if done - shown >= max(chunk, len(rows) // 10) or done == len(rows):  # a line every ~10%
+                shown = done
+                rate = done / max(time.perf_counter() - started, 1e-9)
+                console.print(f"teacher: {done:,}/{len(rows):,} rows, {rate:.1f}/s, ${spent:,.4f} so far"
+                              + (f", ETA {(len(rows) - done) / rate / 60:.0f} min" if done < len(rows) else ""),
+                              highlight=False)
     finally:
         cache.close()
     failed, unparsable = 0, 0

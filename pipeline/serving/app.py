@@ -48,6 +48,7 @@ def escalation_headers(rows: list[dict[str, Any]]) -> dict[str, str]:
         headers["X-Expert-Escalation-Failed"] = "true"
     if len(rows) == 1:
         headers["X-Expert-Confidence"] = f"{rows[0]['confidence']:.6f}"
+        headers["X-Expert-Tier"] = rows[0].get("tier", "expert")
     return headers
 
 

@@ -17,6 +17,8 @@ class Metrics:
         self.requests: dict[tuple[str, str], int] = {}
         self.errors: dict[tuple[str, str], int] = {}
         self.escalations: dict[str, int] = {}  # outcome -> count
+        self.tiers: dict[tuple[str, str], int] = {}  # (tier, outcome) -> count
+        self.tier_latency: dict[str, list[float]] = {}  # tier -> [bucket counts..., sum, count]
         self.latency: dict[str, list[float]] = {}  # endpoint -> [bucket counts..., sum, count]
         self.batches: list[float] = [0.0] * (len(BATCH_BUCKETS) + 2)
         self.queue_depth = 0
@@ -42,6 +44,14 @@ class Metrics:
         with self._lock:
             self.escalations[outcome] = self.escalations.get(outcome, 0) + 1
 
+    def tier(self, name: str, outcome: str, seconds: float | None) -> None:
+        """A tier's outcome for one request (`answered`, `passed` on, `failed`) and the time it took."""
+        with self._lock:
+            self.tiers[(name, outcome)] = self.tiers.get((name, outcome), 0) + 1
+            if seconds is not None:
+                hist = self.tier_latency.setdefault(name, [0.0] * (len(LATENCY_BUCKETS) + 2))
+                self._observe(hist, LATENCY_BUCKETS, seconds)
+
     def batch(self, size: int) -> None:
         with self._lock:
             self._observe(self.batches, BATCH_BUCKETS, size)
@@ -57,10 +67,19 @@ class Metrics:
                     "# TYPE expert_errors_total counter"]
             out += [f'expert_errors_total{{endpoint="{e}",code="{c}"}} {n}' for (e, c), n in sorted(self.errors.items())]
             out += ["# HELP expert_escalations_total Answers under the cascade threshold, by outcome: "
-                    "frontier (answered by the frontier), failed (frontier error; expert answer flagged or 502), "
+                    "frontier (answered by the last tier), <tier> (answered by that middle tier), failed (no tier "
+                    "answered; expert answer flagged or 502), "
                     "not_sent (no frontier configured or escalation off).",
                     "# TYPE expert_escalations_total counter"]
             out += [f'expert_escalations_total{{outcome="{o}"}} {n}' for o, n in sorted(self.escalations.items())]
+            out += ["# HELP expert_tier_requests_total Requests each tier saw, by outcome: answered, passed (unsure: "
+                    "on to the next tier), failed (an error or an unparsable answer: passed on).",
+                    "# TYPE expert_tier_requests_total counter"]
+            out += [f'expert_tier_requests_total{{tier="{t}",outcome="{o}"}} {n}' for (t, o), n in sorted(self.tiers.items())]
+            out += ["# HELP expert_tier_duration_seconds Time each tier took per request (the expert: queue and "
+                    "model; an API tier: its call, retries included).", "# TYPE expert_tier_duration_seconds histogram"]
+            for name, hist in sorted(self.tier_latency.items()):
+                out += _histogram_lines("expert_tier_duration_seconds", f'tier="{name}"', LATENCY_BUCKETS, hist)
             out += ["# HELP expert_request_duration_seconds Request latency, from body read to response.",
                     "# TYPE expert_request_duration_seconds histogram"]
             for endpoint, hist in sorted(self.latency.items()):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,10 +45,10 @@ class Service:
         self.task = tasks.for_type(self.expert.recipe.task.type)
         self.escalation = cascade.escalation(
             self.expert.recipe, self.expert.threshold, self.expert.frontier, self.options.escalate,
-            retries=self.options.frontier_retries, timeout_s=self.options.frontier_timeout_s)
+            retries=self.options.frontier_retries, timeout_s=self.options.frontier_timeout_s,
+            route=getattr(self.expert, "route", None))
         if self.escalation.on:
-            self.pool = ThreadPoolExecutor(max_workers=self.escalation.baseline.max_concurrency,
-                                           thread_name_prefix="frontier")
+            self.pool = ThreadPoolExecutor(max_workers=self.escalation.max_concurrency, thread_name_prefix="frontier")
         if self.engine is None:
             self.engine = BatchingEngine(self.expert, self.options, self.metrics)
 
@@ -68,6 +69,7 @@ class Service:
             "version": self.version,
             "task": self.expert.recipe.task.type,
             "threshold": self.expert.threshold,
+            "route": getattr(self.expert, "route", None),
             "escalation": self.escalation.note,
             "frontier_down": self.options.frontier_down,
         }
@@ -85,24 +87,30 @@ class Service:
         return text, n
 
     async def answer(self, text: str) -> dict[str, Any]:
-        """The expert's answer; under the threshold, the frontier's (or the flagged fallback)."""
+        """The expert's answer; under its threshold, the first tier above it that answers (or the flagged
+        fallback). Each tier's outcome and latency go to /metrics."""
+        started = time.perf_counter()
         row = await asyncio.wrap_future(self.engine.submit(text))
         threshold = self.expert.threshold
         out = {**row, "escalate": threshold is not None and row["confidence"] < threshold}
+        self.metrics.tier("expert", "passed" if out["escalate"] else "answered", time.perf_counter() - started)
         if not out["escalate"]:
-            return {**out, "escalated": False}
+            return {**out, "escalated": False, "tier": "expert"}
         if not self.escalation.on:
             self.metrics.escalation("not_sent")
             return cascade.escalate([out], [text], self.escalation, self.expert)[0]
         loop = asyncio.get_running_loop()
         out = await loop.run_in_executor(self.pool, lambda: cascade.escalate([out], [text], self.escalation, self.expert)[0])
+        for step in out["tiers_tried"]:
+            self.metrics.tier(step["tier"], step["outcome"], step["latency_s"])
         if "escalation_error" not in out:
-            self.metrics.escalation("frontier")
+            self.metrics.escalation(out["tier"] if self.escalation.tiers[-1].name != out["tier"] else "frontier")
             return out
         self.metrics.escalation("failed")
         if self.options.frontier_down == "502":
-            raise HTTPError(502, f"the answer needed the frontier (confidence {row['confidence']:.4f} < threshold "
-                                 f"{threshold:.4f}) and the frontier failed: {out['escalation_error']}",
+            what = "the frontier failed" if len(self.escalation.tiers) == 1 else "no tier above the expert answered"
+            raise HTTPError(502, f"the answer needed the tiers above the expert (confidence {row['confidence']:.4f} < "
+                                 f"threshold {threshold:.4f}) and {what}: {out['escalation_error']}",
                             code="frontier_unavailable")
         return out
 

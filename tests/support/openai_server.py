@@ -87,7 +87,9 @@ class FakeOpenAIServer:
         self.api_key = api_key
         self.requests: list[dict] = []
         self.faults: list = []
-        self.token_logprob = -0.1  # each answer token's log-probability, when a request asks for `logprobs`
+        # each answer token's log-probability, when a request asks for `logprobs`: a number, or a function of
+        # (request, answer) for answers whose confidence differs
+        self.token_logprob: float | Callable[[dict, str], float] = -0.1
         self.base_url: str = ""
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
@@ -143,6 +145,7 @@ class FakeOpenAIServer:
         )
         prompt_tokens = max(prompt_tokens, 1)
         completion_tokens = max(count_tokens(content), 1)
+        logprob = self.token_logprob(request, content) if callable(self.token_logprob) else self.token_logprob
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion",
@@ -153,7 +156,7 @@ class FakeOpenAIServer:
                 {
                     "index": 0,
                     "message": {"role": "assistant", "content": content, "refusal": None},
-                    "logprobs": {"content": [{"token": word, "logprob": self.token_logprob, "bytes": None,
+                    "logprobs": {"content": [{"token": word, "logprob": logprob, "bytes": None,
                                               "top_logprobs": []} for word in content.split()]}
                     if request.get("logprobs") else None,
                     "finish_reason": "stop",

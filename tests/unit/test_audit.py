@@ -69,6 +69,18 @@ def test_batch_output_and_the_cost_with_an_expert(tmp_path):
     assert doc["cost_per_1k"] == pytest.approx(today) and doc["unusable_by_reason"] == {"batch_failed": 1}
     assert doc["with_expert"]["cost_per_1k"] == pytest.approx(0.02 + 0.25 * today)
     assert doc["with_expert"]["saving"] == pytest.approx(1 - (0.02 + 0.25 * today) / today)
+    # a route: expert, then a mid tier at its eval cost, then today's traffic cost for what reaches the last tier
+    (run / "verdict.json").write_text(json.dumps({"decision": "route"}))
+    (run / "metrics.json").write_text(json.dumps({"systems": {"expert": {"cost_per_1k": 0.02},
+                                                              "mid": {"cost_per_1k": 0.5}}}))
+    (run / "route.json").write_text(json.dumps({"chain": ["expert", "mid", "frontier"], "thresholds": [0.9, 0.7],
+                                                "choose": "point", "options": {"point": {"test": {"shares": {
+                                                    "expert": 0.6, "mid": 0.3, "frontier": 0.1}}}}}))
+    result, doc = audit(tmp_path, tmp_path / "out.jsonl", "--format", "openai_batch", "--run-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    routed = 0.02 + 0.4 * 0.5 + 0.1 * today
+    assert doc["with_expert"]["cost_per_1k"] == pytest.approx(routed)
+    assert doc["with_expert"]["escalation_rate"] == pytest.approx(0.4) and "route" in result.output
     (run / "verdict.json").write_text(json.dumps({"decision": "keep_frontier"}))
     result, doc = audit(tmp_path, tmp_path / "out.jsonl", "--format", "openai_batch", "--run-dir", tmp_path / "run")
     assert doc["with_expert"]["cost_per_1k"] is None and "keep_frontier" in result.output

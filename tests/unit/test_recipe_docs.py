@@ -70,7 +70,7 @@ def test_table_rows_name_type_default_and_kinds():
     assert rows["task.schema"].default == "required for extraction"  # the shown default, not `none`
     assert rows["eval.cascade.target"].default == "required with `eval.cascade`"
     assert rows["train.padding_free"].type == "bool | `auto`"
-    assert rows["eval.baselines[].kind"].type == "`openai` | `base_model` | `predictions`"
+    assert rows["eval.baselines[].kind"].type == "`openai` | `base_model` | `predictions` | `expert`"
     assert rows["eval.baselines[].shots"].meaning.startswith("base_model only: ")
     assert rows["eval.baselines[].price_per_mtok.input"].kinds == ("openai", "predictions")
     assert rows["eval.baselines[].name"].kinds == () and rows["eval.baselines[].name"].default == "required"

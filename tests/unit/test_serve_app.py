@@ -247,7 +247,9 @@ def test_predict_and_serve_share_one_cascade(monkeypatch):
         assert esc.on and KEY not in repr(esc)
         unsure = {"answer": "billing", "confidence": 0.1, "escalate": True}
         by_predict = cascade.escalate([unsure], ["unsure charge"], esc, expert)[0]
-        assert by_predict == {**unsure, "escalated": False, "escalation_error": cascade.UNPARSED}
+        tried = by_predict.pop("tiers_tried")
+        assert by_predict == {**unsure, "escalated": False, "tier": "expert", "escalation_error": cascade.UNPARSED}
+        assert [(t["tier"], t["outcome"]) for t in tried] == [("frontier", "failed")]
         assert srv.requests[-1]["messages"] == cascade.baseline_prompt(expert.baseline_system_prompt, "unsure charge")
 
         service = make_service(srv.base_url)
@@ -333,3 +335,83 @@ def test_a_version_loads_on_a_thread_that_is_gone_before_serving(monkeypatch):
     with pytest.raises(UserError, match="no such version: models:/x/1"):  # load errors still reach the caller
         serve.load_service("models:/x/1", serve.ServeOptions())
     assert len(seen) == 1 and seen[0] is not threading.current_thread() and not seen[0].is_alive()
+
+
+def routed_expert(mid_url: str, frontier_url: str):
+    """`fake_expert` with a route: expert (>= 0.5) -> mid (>= 0.8, from its log-probabilities) -> frontier."""
+    expert = fake_expert(frontier_url)
+    mid = TypeAdapter(BaselineSection).validate_python(
+        {"name": "mid", "kind": "openai", "model": "mid-model", "base_url": mid_url, "api_key_env": "UNIT_KEY",
+         "logprobs": True})
+    expert.recipe.eval.baselines = [mid, *expert.recipe.eval.baselines]
+    expert.route = {"chain": ["expert", "mid", "frontier"], "thresholds": [0.5, 0.8]}
+    expert.threshold, expert.frontier = 0.5, None
+    return expert
+
+
+def test_serve_and_predict_climb_the_route_tier_by_tier(monkeypatch):
+    """Unsure requests climb: the mid tier answers when its answer's probability reaches 0.8, else (unsure, or
+    failed) the request passes to the frontier; when the frontier fails too the expert's answer comes back
+    flagged. Every response says which tier answered; /metrics counts each tier's outcomes and latency."""
+    monkeypatch.setenv("UNIT_KEY", KEY)
+    with FakeOpenAIServer(lambda body: "shipping", api_key=KEY) as mid, \
+            FakeOpenAIServer(lambda body: "technical", api_key=KEY) as top:
+        # the mid tier is sure (p = e^-0.01) of texts about parcels, unsure (p = e^-1) of the rest
+        mid.token_logprob = lambda request, answer: -0.01 if "parcel" in request["messages"][-1]["content"] else -1.0
+        expert = routed_expert(mid.base_url, top.base_url)
+        esc = cascade.escalation(expert.recipe, expert.threshold, expert.frontier, retries=0, timeout_s=2,
+                                 route=expert.route)
+        assert esc.on and [t.name for t in esc.tiers] == ["mid", "frontier"] and "route `expert` >= 0.5000" in esc.note
+        assert KEY not in repr(esc)
+        service = serve.Service(expert, "unit-expert", "3", "models:/unit-expert@champion",
+                                serve.ServeOptions(frontier_retries=0, frontier_timeout_s=2), engine=FakeEngine())
+        with serving(serve.create_app(service)) as url:
+            def ask(text):
+                response = httpx.post(f"{url}/v1/predict", json={"text": text})
+                return response.json(), response.headers
+
+            sure, headers = ask("a refund please")
+            assert sure["tier"] == "expert" and headers["x-expert-tier"] == "expert" and mid.requests == []
+            by_mid, headers = ask("unsure parcel question")
+            assert (by_mid["tier"], by_mid["answer"], by_mid["expert_answer"]) == ("mid", "shipping", "shipping")
+            assert headers["x-expert-tier"] == "mid" and top.requests == [] and mid.requests[-1]["logprobs"] is True
+            by_top, _ = ask("unsure invoice question")
+            assert by_top["tier"] == "frontier" and by_top["answer"] == "technical"
+            assert [(t["tier"], t["outcome"]) for t in by_top["tiers_tried"]] == [("mid", "passed"), ("frontier", "answered")]
+            assert "logprobs" not in top.requests[-1], "the last tier needs no confidence"
+            mid.faults.append(("status", 500, {}))  # no retries in serving here: the mid tier fails, the request passes on
+            passed_on, _ = ask("unsure parcel again")
+            assert passed_on["tier"] == "frontier"
+            assert [t["outcome"] for t in passed_on["tiers_tried"]] == ["failed", "answered"]
+            mid.faults.append(("status", 500, {}))
+            top.faults.append(("status", 500, {}))
+            flagged, headers = ask("unsure parcel a third time")
+            assert flagged["tier"] == "expert" and flagged["answer"] == "shipping" and "HTTP 500" in flagged["escalation_error"]
+            assert headers["x-expert-escalation-failed"] == "true"
+            metrics = httpx.get(f"{url}/metrics").text
+        for line in ('expert_tier_requests_total{tier="expert",outcome="answered"} 1',
+                     'expert_tier_requests_total{tier="expert",outcome="passed"} 4',
+                     'expert_tier_requests_total{tier="mid",outcome="answered"} 1',
+                     'expert_tier_requests_total{tier="mid",outcome="passed"} 1',
+                     'expert_tier_requests_total{tier="mid",outcome="failed"} 2',
+                     'expert_tier_requests_total{tier="frontier",outcome="answered"} 2',
+                     'expert_tier_requests_total{tier="frontier",outcome="failed"} 1',
+                     'expert_tier_duration_seconds_count{tier="mid"} 4',
+                     'expert_escalations_total{outcome="mid"} 1', 'expert_escalations_total{outcome="frontier"} 2',
+                     'expert_escalations_total{outcome="failed"} 1'):
+            assert line in metrics, line
+        # `expert predict` climbs the same tiers with the same answers
+        rows = [{"answer": "shipping", "confidence": 0.1, "escalate": True}] * 2
+        by_predict = cascade.escalate(rows, ["unsure parcel question", "unsure invoice question"], esc, expert)
+        assert [(r["tier"], r["answer"]) for r in by_predict] == [("mid", "shipping"), ("frontier", "technical")]
+
+
+def test_a_route_with_a_tier_that_cannot_be_asked_live_is_off_and_says_why(monkeypatch):
+    expert = routed_expert("http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1")
+    monkeypatch.delenv("UNIT_KEY", raising=False)
+    esc = cascade.escalation(expert.recipe, expert.threshold, None, route=expert.route)
+    assert not esc.on and esc.why_off == "UNIT_KEY is not set (route tier `mid`)"
+    expert.route = {"chain": ["expert", "recorded", "frontier"], "thresholds": [0.5, 0.8]}
+    monkeypatch.setenv("UNIT_KEY", KEY)
+    esc = cascade.escalation(expert.recipe, expert.threshold, None, route=expert.route)
+    assert not esc.on and "route tier `recorded` is not an openai baseline" in esc.why_off
