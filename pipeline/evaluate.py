@@ -119,7 +119,7 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
                     console.print(f"[yellow]eval[/]: baseline `{baseline.name}` skipped: {result.skipped}")
                     continue
                 outputs[baseline.name] = result.outputs
-                if baseline.kind != "base_model":  # a base model is priced by machine time, like the expert
+                if baseline.kind not in ("base_model", "expert"):  # local models: priced by machine time
                     costs[baseline.name] = result.cost_per_1k
         finally:
             if cache is not None:

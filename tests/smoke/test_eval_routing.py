@@ -134,3 +134,53 @@ def test_three_tiers_chosen_together_on_validation_and_measured_on_test(tiny_mod
     assert eval_run.data.metrics["route.threshold.mid"] == route["thresholds"][1]
     version = client.get_model_version("ticket-router", "1")
     assert version.tags["route"].startswith("expert >= ") and version.tags["route"].endswith("-> frontier")
+
+
+def test_another_expert_and_recorded_answers_as_tiers(tiny_model_dir, tracking_env, tmp_path):
+    """A route with no API at all: this run's expert, a sibling expert from another run directory (loaded as its
+    train record says, asked with its own instruction, so it has a confidence) and recorded frontier answers
+    with token counts and a price. A run directory that is not trained is an error naming the key."""
+    rows = shipped_rows("tickets/tickets.jsonl")
+    recorded = tmp_path / "recorded.jsonl"
+    recorded.write_text("".join(json.dumps({"id": r["id"], "output": r["queue"], "input_tokens": 120,
+                                            "output_tokens": 2}) + "\n" for r in rows))
+    runner = CliRunner()
+    train = {"max_steps": 2, "batch_size": 8, "learning_rate": 1e-3, "logging_steps": 1}
+    sibling = write_recipe(tmp_path, shipped_recipe("ticket-classification", **{
+        "name": "sibling", "model.base": str(tiny_model_dir), "train": {**train, "seed": 7, "learning_rate": 5e-2}}))
+    for step in ("prep", "train"):
+        result = runner.invoke(app, [step, str(sibling), "--run-dir", str(tmp_path / "sibling")])
+        assert result.exit_code == 0, result.output
+
+    def routed(run_dir: str):
+        return shipped_recipe("ticket-classification", **{
+            "name": "routed-offline", "model.base": str(tiny_model_dir), "train": train,
+            "eval.baselines": [{"name": "sibling", "kind": "expert", "run_dir": run_dir},
+                               {"name": "recorded", "kind": "predictions", "path": str(recorded),
+                                "price_per_mtok": {"input": 2.5, "output": 10.0}}],
+            "eval.routing": {"tiers": ["expert", "sibling", "recorded"], "target": {"value": 0.9}, "choose": "margin"},
+            "eval.bootstrap_samples": 200})
+
+    untrained = write_recipe(tmp_path, routed(str(tmp_path / "nowhere")))
+    run_dir = tmp_path / "run"
+    for step in ("prep", "train"):
+        assert runner.invoke(app, [step, str(untrained), "--run-dir", str(run_dir)]).exit_code == 0
+    result = runner.invoke(app, ["eval", str(untrained), "--run-dir", str(run_dir)])
+    assert result.exit_code == 2 and "eval.baselines `sibling` -> run_dir" in result.output
+    assert "not a trained run directory" in result.output
+
+    recipe = write_recipe(tmp_path, routed(str(tmp_path / "sibling")))
+    result = runner.invoke(app, ["run", str(recipe), "--run-dir", str(tmp_path / "run2")])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "run2/eval"
+    sibling_rows = [json.loads(line) for line in (out / "predictions/sibling.validation.jsonl").read_text().splitlines()]
+    assert sibling_rows and all(0 < r["confidence"] <= 1 for r in sibling_rows)
+    ours = [json.loads(line) for line in (out / "predictions/expert.validation.jsonl").read_text().splitlines()]
+    assert max(abs(a["confidence"] - b["confidence"]) for a, b in zip(ours, sibling_rows)) > 1e-3, \
+        "the sibling is a different model (another seed and learning rate), not this run's expert again"
+    route = json.loads((out / "route.json").read_text())
+    assert route["chain"] == ["expert", "sibling", "recorded"] and route["choose"] == "margin"
+    assert route["confidence"]["sibling"] == "that expert's answer probability"
+    assert route["options"]["margin"]["validation"]["metric"] >= 0.9 and route["thresholds"] is not None
+    metrics = json.loads((out / "metrics.json").read_text())["systems"]
+    assert metrics["recorded"]["cost_per_1k"] > metrics["expert"]["cost_per_1k"] > 0
