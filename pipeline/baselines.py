@@ -210,4 +210,8 @@ def ask_frontier(baseline: BaselineSection, key: str, rows, recipe: Recipe, task
     if failed:
         console.print(f"[yellow]eval[/]: `{baseline.name}` failed on {failed} of {len(rows)} {split} examples "
                       "after retries; they count as wrong (see the report)")
-    return [{**a, "prediction": task.parse_answer(a["raw"], spec) if a["raw"] is not None else None} for a in answers]
+    out = []
+    for a in answers:
+        prediction, confidence = frontier.parsed_answer(a, lambda raw: task.parse_answer(raw, spec))
+        out.append({**a, "prediction": prediction, **({"confidence": confidence} if "samples" in a else {})})
+    return out

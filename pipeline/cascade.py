@@ -122,12 +122,13 @@ def escalation(recipe, threshold: float | None, frontier_name: str | None, escal
 
 def ask(tier: Tier, texts: list[str], expert) -> list[dict[str, Any]]:
     """A tier's reply to each text (`frontier.ask_all`: raw text and usage, or the final error), asked with the
-    version's baseline prompt; extraction sends the schema along; tiers with a threshold give log-probabilities."""
+    version's baseline prompt; extraction sends the schema along; a tier with a threshold is asked for its
+    log-probabilities or its k samples, as its baseline says."""
     recipe = expert.recipe
     schema = expert.spec if recipe.task.type == "extraction" else None
     prompts = [baseline_prompt(expert.baseline_system_prompt, text) for text in texts]
     return frontier.ask_all(tier.baseline, tier.key, prompts, recipe.eval.max_new_tokens, schema,
-                            logprobs=tier.threshold is not None)
+                            logprobs=tier.threshold is not None and tier.baseline.logprobs)
 
 
 def escalate(rows: list[dict[str, Any]], texts: list[str], esc: Escalation, expert) -> list[dict[str, Any]]:
@@ -155,8 +156,7 @@ def escalate(rows: list[dict[str, Any]], texts: list[str], esc: Escalation, expe
             break
         still = []
         for i, reply in zip(pending, ask(tier, [texts[i] for i in pending], expert), strict=True):
-            parsed = task.parse_answer(reply["raw"], expert.spec) if reply.get("raw") is not None else None
-            confidence = reply.get("confidence")
+            parsed, confidence = frontier.parsed_answer(reply, lambda raw: task.parse_answer(raw, expert.spec))
             if parsed is None:
                 outcome = "failed"
                 errors[i] = frontier.scrub(reply.get("error") or UNPARSED, tier.key)

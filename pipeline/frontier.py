@@ -55,6 +55,8 @@ def request_params(baseline: BaselineSection, max_tokens: int, schema: dict[str,
     params: dict[str, Any] = {"temperature": 0, "max_tokens": max_tokens}
     if logprobs:
         params["logprobs"] = True
+    if getattr(baseline, "samples", 1) > 1:  # k sampled answers in one request: their agreement is the confidence
+        params.update(n=baseline.samples, temperature=baseline.sample_temperature)
     if schema is not None and baseline.json_schema_response:
         params["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
     return params
@@ -201,8 +203,8 @@ def ask_all(
         else:
             result = _call_with_retries(client, baseline, messages, params, rng, sleep)
             if result.get("error") is None and cache:
-                cache.put(k, {f: result[f] for f in ("raw", "input_tokens", "output_tokens", "latency_s", "confidence")
-                              if f in result})
+                cache.put(k, {f: result[f] for f in ("raw", "input_tokens", "output_tokens", "latency_s", "confidence",
+                                                     "samples") if f in result})
         if on_done:
             on_done(1)
         return result
@@ -234,6 +236,8 @@ def _call_with_retries(client, baseline: BaselineSection, messages, params, rng:
             }
             if params.get("logprobs"):
                 answer["confidence"] = answer_probability(resp.choices[0])
+            if params.get("n", 1) > 1:
+                answer["samples"] = [choice.message.content for choice in resp.choices]
             return answer
         except Exception as err:  # noqa: BLE001 - every failure is either retried or recorded for the report
             if not is_retryable(err) or attempts > baseline.max_retries:
@@ -248,6 +252,23 @@ def answer_probability(choice) -> float | None:
     if not content:
         return None
     return math.exp(sum(token.logprob for token in content))
+
+
+def parsed_answer(answer: dict[str, Any], parse: Callable[[str], Any]) -> tuple[Any, float | None]:
+    """An endpoint's answer parsed, with its confidence: the log-probability one, or, for `samples` > 1, the most
+    common parsed sample (first seen wins a tie) and the share of samples agreeing with it; (None, None) when
+    nothing parses."""
+    if answer.get("raw") is None:
+        return None, None
+    samples = answer.get("samples")
+    if not samples:
+        return parse(answer["raw"]), answer.get("confidence")
+    parsed = [parse(raw) for raw in samples if raw is not None]
+    keys = [json.dumps(p, sort_keys=True, ensure_ascii=False) for p in parsed if p is not None]
+    if not keys:
+        return None, None
+    top = max(dict.fromkeys(keys), key=keys.count)
+    return json.loads(top), keys.count(top) / len(samples)
 
 
 def cost_per_1k(price, rows: list[dict[str, Any]]) -> float | None:

@@ -167,7 +167,7 @@ _KIND = "which system the baseline is; it decides which other keys apply"
 _UNSET_KEYS_OF_OTHER_KINDS: dict[str, Any] = {
     "model": None, "base_url": None, "api_key_env": None, "required": False, "max_concurrency": 4,
     "timeout_s": 60, "max_retries": 4, "json_schema_response": False, "price_per_mtok": None, "shots": 0,
-    "path": None, "logprobs": False, "run_dir": None,
+    "path": None, "logprobs": False, "run_dir": None, "samples": 1, "sample_temperature": 1.0,
 }
 
 
@@ -381,6 +381,18 @@ class OpenAIBaseline(_Baseline):
     logprobs: bool = Field(
         False, description="ask for the answer tokens' log-probabilities: the probability of the whole answer is "
         "this baseline's confidence (needed for a routing tier before the last)")
+    samples: Annotated[int, Field(ge=1, le=20)] = Field(
+        1, description="k > 1: ask for k answers in one request (`n`, at `sample_temperature`); the most common "
+        "parsed answer is the answer and the share of samples agreeing with it the confidence (for a routing tier "
+        "whose endpoint gives no log-probabilities; output tokens cost k times)")
+    sample_temperature: Annotated[float, Field(gt=0, le=2)] = Field(
+        1.0, description="the sampling temperature when `samples` > 1")
+
+    @model_validator(mode="after")
+    def _one_confidence(self) -> OpenAIBaseline:
+        if self.logprobs and self.samples > 1:
+            raise ValueError("give `logprobs: true` or `samples` > 1, not both: each is a way to a confidence")
+        return self
     price_per_mtok: PricePerMtok = None
 
 
@@ -468,7 +480,7 @@ class RoutingSection(Strict):
         description="the chain, cheapest first: `expert`, then names of `eval.baselines`; each tier but the last "
         "answers when its confidence reaches its threshold, the last answers whatever reaches it. Tiers before "
         "the last need a confidence: local models (the expert, `expert`/`base_model` baselines) have one, an "
-        "`openai` baseline needs `logprobs: true`, recorded predictions a `confidence` per line")
+        "`openai` baseline needs `logprobs: true` or `samples: k`, recorded predictions a `confidence` per line")
     target: RoutingTarget = Field(description="the quality the route must reach, chosen on validation, "
                                   "checked on test")
     choose: Literal["point", "margin"] = Field(
@@ -539,9 +551,10 @@ class EvalSection(Strict):
                              "cheapest first)")
         for name in tiers[:-1]:
             b = by_name.get(name)
-            if b is not None and b.kind == "openai" and not b.logprobs:
+            if b is not None and b.kind == "openai" and not b.logprobs and b.samples == 1:
                 raise ValueError(f"routing.tiers: `{name}` answers before the last tier, so it needs a confidence: "
-                                 f"set `logprobs: true` on that baseline (its endpoint must return log-probabilities)")
+                                 "set `logprobs: true` on that baseline (when its endpoint returns log-probabilities) "
+                                 "or `samples: k` (k > 1: the agreement of k sampled answers)")
 
     def tier_names(self) -> list[str]:
         """Systems eval also runs on the validation split (the cascade's frontier, every routing tier)."""

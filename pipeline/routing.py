@@ -215,7 +215,11 @@ def tier_answers(name: str, rows: list[dict[str, Any]], cost_per_1k: float | Non
 def confidence_source(name: str, recipe) -> str:
     if name == "expert":
         return "the expert's answer probability (label scoring or the decoded sequence)"
-    kind = next(b.kind for b in recipe.eval.baselines if b.name == name)
+    baseline = next(b for b in recipe.eval.baselines if b.name == name)
+    kind = baseline.kind
+    if kind == "openai" and baseline.samples > 1:
+        return (f"agreement of {baseline.samples} sampled answers (temperature {baseline.sample_temperature:g}): "
+                "the share agreeing with the most common one")
     return {"openai": "token log-probabilities from the endpoint (probability of the whole answer)",
             "predictions": "the recorded `confidence` per line",
             "base_model": "the base model's answer probability", "expert": "that expert's answer probability"}[kind]

@@ -20,7 +20,8 @@ chat-completions request:
 * ``("empty_choices",)``         -> 200 with an empty ``choices`` list.
 
 A request with ``logprobs: true`` gets each answer word's log-probability
-(``token_logprob``) in ``choices[0].logprobs.content``.
+(``token_logprob``) in ``choices[0].logprobs.content``; one with ``n: k`` gets k
+choices, the responder called once for each.
 """
 
 from __future__ import annotations
@@ -245,9 +246,15 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
                     raise ValueError(f"unknown fault {fault!r}")
 
             try:
-                content = server.responder(body)
+                contents = [str(server.responder(body)) for _ in range(int(body.get("n") or 1))]
             except Exception as exc:  # surface responder bugs as a 500
                 return self._send_json(500, _error_body(500, f"responder failed: {exc!r}"))
-            self._send_json(200, server.completion_body(body, str(content)))
+            reply = server.completion_body(body, contents[0])
+            if len(contents) > 1:  # `n` samples: one choice each, usage counting all of them
+                reply["choices"] = [{**server.completion_body(body, c)["choices"][0], "index": i}
+                                    for i, c in enumerate(contents)]
+                reply["usage"]["completion_tokens"] = sum(max(count_tokens(c), 1) for c in contents)
+                reply["usage"]["total_tokens"] = reply["usage"]["prompt_tokens"] + reply["usage"]["completion_tokens"]
+            self._send_json(200, reply)
 
     return Handler

@@ -140,6 +140,8 @@ TOP = {"name": "top", "kind": "predictions", "path": "top.jsonl"}
     ({"tiers": ["mid", "expert", "top"], "target": {"value": 0.9}}, [MID, TOP], "`expert` first"),
     ({"tiers": ["expert", "mid", "top"], "target": {"value": 0.9}}, [{**MID, "logprobs": False}, TOP],
      "set `logprobs: true`"),
+    ({"tiers": ["expert", "mid", "top"], "target": {"value": 0.9}}, [{**MID, "samples": 3}, TOP],
+     "give `logprobs: true` or `samples` > 1, not both"),
     ({"tiers": ["expert", "top"], "target": {"value": 0.9, "below_last": 0.01}}, [TOP], "exactly one of `value`"),
     ({"tiers": ["expert", "top"], "target": {}}, [TOP], "exactly one of `value`"),
 ])
@@ -190,3 +192,23 @@ def test_a_route_is_the_decision_only_when_it_holds_on_test(tmp_path, holds):
     else:
         assert verdict["decision"] == "keep_frontier" and "MISSED by 0.0800" in text
         assert "the `margin` choice (eval.routing.choose: margin) meets the target on test" in text
+
+
+def test_eval_reads_a_sampled_tier_s_confidence_as_the_agreement_of_its_samples(tmp_path, monkeypatch):
+    """A routing tier with `samples: 4` over real HTTP, as eval asks it: the majority answer and its share."""
+    from pipeline.baselines import ask_frontier
+    from pipeline.recipe import OpenAIBaseline
+    from pipeline.tasks import classification
+    from tests.conftest import shipped_recipe, write_recipe
+    from tests.support.openai_server import FakeOpenAIServer
+
+    votes = iter(["billing", "technical", "billing", "billing"] + ["technical"] * 4)
+    monkeypatch.setenv("MID_KEY", "sk-unit")
+    recipe = load_recipe(write_recipe(tmp_path, shipped_recipe("ticket-classification")))
+    with FakeOpenAIServer(lambda body: next(votes), api_key="sk-unit") as srv:
+        tier = OpenAIBaseline(**{**MID, "logprobs": False, "samples": 4, "base_url": srv.base_url, "max_concurrency": 1})
+        rows = [{"prompt": [{"role": "user", "content": t}]} for t in ("first", "second")]
+        out = ask_frontier(tier, "sk-unit", rows, recipe, classification, ["billing", "technical"], None, "validation")
+    assert [(r["prediction"], r["confidence"]) for r in out] == [("billing", 0.75), ("technical", 1.0)]
+    assert all(r["output_tokens"] == 4 for r in out), "usage counts every sample"
+    assert srv.requests[0]["n"] == 4

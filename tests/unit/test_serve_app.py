@@ -415,3 +415,27 @@ def test_a_route_with_a_tier_that_cannot_be_asked_live_is_off_and_says_why(monke
     monkeypatch.setenv("UNIT_KEY", KEY)
     esc = cascade.escalation(expert.recipe, expert.threshold, None, route=expert.route)
     assert not esc.on and "route tier `recorded` is not an openai baseline" in esc.why_off
+
+
+def test_a_tier_without_logprobs_is_confident_by_the_agreement_of_k_samples(monkeypatch):
+    """`samples: 5`: one request with n=5; the most common parsed answer answers, the share agreeing is the
+    confidence, against the tier's threshold; the last tier is asked plainly."""
+    monkeypatch.setenv("UNIT_KEY", KEY)
+    answers = iter(["shipping", "shipping", "Shipping.", "billing", "shipping",   # 4 of 5 agree: 0.8
+                    "billing", "technical", "shipping", "billing", "nonsense"])   # 2 of 5: 0.4
+    with FakeOpenAIServer(lambda body: next(answers), api_key=KEY) as mid, \
+            FakeOpenAIServer(lambda body: "technical", api_key=KEY) as top:
+        expert = routed_expert(mid.base_url, top.base_url)
+        mid_tier = expert.recipe.eval.baselines[0].model_copy(update={"logprobs": False, "samples": 5})
+        expert.recipe.eval.baselines[0] = mid_tier
+        esc = cascade.escalation(expert.recipe, expert.threshold, None, retries=0, timeout_s=2, route=expert.route)
+        rows = [{"answer": "billing", "confidence": 0.1, "escalate": True}]
+        first = cascade.escalate(rows, ["unsure one"], esc, expert)[0]
+        second = cascade.escalate(rows, ["unsure two"], esc, expert)[0]
+    assert mid.requests[0]["n"] == 5 and mid.requests[0]["temperature"] == 1.0 and "logprobs" not in mid.requests[0]
+    assert (first["tier"], first["answer"]) == ("mid", "shipping")
+    assert first["tiers_tried"] == [{"tier": "mid", "outcome": "answered", "confidence": 0.8,
+                                     "latency_s": first["tiers_tried"][0]["latency_s"]}]
+    assert (second["tier"], second["answer"]) == ("frontier", "technical")
+    assert second["tiers_tried"][0]["confidence"] == 0.4 and second["tiers_tried"][0]["outcome"] == "passed"
+    assert "n" not in top.requests[0]
