@@ -107,6 +107,7 @@ def test_three_tiers_chosen_together_on_validation_and_measured_on_test(tiny_mod
     if failed[0]["id"] in by_id:
         assert by_id[failed[0]["id"]]["tier"] != "mid"
     assert len(route["test_grid"]) > 100 and route["test_front"]
+    assert 0 <= route["label_mix"]["tvd"] <= 1 and route["label_mix"]["p_value"] > 0.01, "stratified splits look alike"
 
     verdict = json.loads((out / "verdict.json").read_text())
     assert verdict["route"]["chain"] == route["chain"] and verdict["route"]["thresholds"] == route["thresholds"]

@@ -339,3 +339,20 @@ def test_expert_prompt_is_the_instruction_and_baselines_get_the_labels(tiny_mode
     spec = json.loads((tmp_path / "full/prep/spec.json").read_text())
     assert spec["system_prompt"] == spec["baseline_system_prompt"]
     assert read_jsonl(tmp_path / "full/prep/train.jsonl")[0]["prompt"][0]["content"] == spec["baseline_system_prompt"]
+
+
+def test_a_test_split_mixed_unlike_train_is_reported(tiny_model_dir, tracking_env, tmp_path):
+    """A fixed test source that is almost all one class: prep warns that what is chosen on the other splits may
+    not hold on test, and stats.json/report.md carry the comparison."""
+    source, test_source = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in good_rows(90)))
+    fixed = [{"id": f"t{i}", "text": f"test question number {i} about a refund", "label": "returns" if i else "billing"}
+             for i in range(30)]
+    test_source.write_text("".join(json.dumps(r) + "\n" for r in fixed))
+    result = prep(tmp_path, recipe_for(tiny_model_dir, source, test_source=str(test_source)), tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert "label mix: train vs test differ" in " ".join(result.output.split())
+    mix = json.loads((tmp_path / "run/prep/stats.json").read_text())["label_mix"]
+    assert mix["train_vs_test"]["p_value"] < 0.01 and mix["train_vs_test"]["tvd"] > 0.5
+    assert mix["train_vs_test"]["moved"][0]["label"] == "returns"
+    assert "(**differs**)" in (tmp_path / "run/prep/report.md").read_text()
