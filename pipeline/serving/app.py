@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sys
 import threading
 import time
@@ -50,6 +51,15 @@ def escalation_headers(rows: list[dict[str, Any]]) -> dict[str, str]:
         headers["X-Expert-Confidence"] = f"{rows[0]['confidence']:.6f}"
         headers["X-Expert-Tier"] = rows[0].get("tier", "expert")
     return headers
+
+
+def answer_logprobs(content: str, row: dict[str, Any]) -> dict[str, Any] | None:
+    """`logprobs: true`: the answer as one entry whose log-probability is the log of its confidence, so an OpenAI
+    client that multiplies token probabilities (a teacher, a routing tier) gets the answer's probability. An
+    escalated answer is another system's: its confidence is not the expert's, so it gets none."""
+    if row.get("escalated") or not row.get("confidence"):
+        return None
+    return {"content": [{"token": content, "logprob": math.log(row["confidence"]), "bytes": None, "top_logprobs": []}]}
 
 
 async def read_json(request, limit: int) -> Any:
@@ -139,6 +149,7 @@ def create_app(service: Service):
         text, prompt_tokens = service.check_text(last_user_text(body.get("messages")), "messages")
         row = await service.answer(text)
         content = service.content(row["answer"])
+        logprobs = answer_logprobs(content, row) if body.get("logprobs") is True else None
         completion_tokens = len(service.tokenizer(content, add_special_tokens=False)["input_ids"]) if content else 0
         created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex[:24]}"
         extra = {"version": service.version, **row}
@@ -149,7 +160,8 @@ def create_app(service: Service):
         if body.get("stream"):
             def chunk(delta: dict, finish: str | None, more: dict | None = None) -> str:
                 doc = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": service.model_name,
-                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **(more or {})}
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                    "logprobs": logprobs if delta else None}], **(more or {})}
                 return f"data: {json.dumps(doc, ensure_ascii=False)}\n\n"
 
             async def events():
@@ -162,7 +174,7 @@ def create_app(service: Service):
             "id": cid, "object": "chat.completion", "created": created, "model": service.model_name,
             "system_fingerprint": None,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": None},
-                         "finish_reason": "stop", "logprobs": None}],
+                         "finish_reason": "stop", "logprobs": logprobs}],
             "usage": usage,
             "expert": extra,
         }, headers=headers)

@@ -439,3 +439,23 @@ def test_a_tier_without_logprobs_is_confident_by_the_agreement_of_k_samples(monk
     assert (second["tier"], second["answer"]) == ("frontier", "technical")
     assert second["tiers_tried"][0]["confidence"] == 0.4 and second["tiers_tried"][0]["outcome"] == "passed"
     assert "n" not in top.requests[0]
+
+
+def test_served_answers_carry_their_confidence_as_logprobs_when_asked(frontier_server):
+    """An OpenAI client asking `logprobs: true` (a teacher, a routing tier) reads the expert's confidence back
+    through `frontier.answer_probability`; without the flag, or for an escalated answer, there are none."""
+    import math
+
+    from pipeline import frontier
+
+    service = make_service(frontier_server.base_url)
+    with serving(serve.create_app(service)) as url:
+        messages = [{"role": "user", "content": "where is my parcel"}]
+        sure = client(url).chat.completions.create(model="unit-expert", messages=messages, logprobs=True)
+        plain = client(url).chat.completions.create(model="unit-expert", messages=messages)
+        escalated = client(url).chat.completions.create(
+            model="unit-expert", messages=[{"role": "user", "content": "unsure parcel"}], logprobs=True)
+    assert sure.choices[0].logprobs.content[0].logprob == math.log(0.9)
+    assert abs(frontier.answer_probability(sure.choices[0]) - 0.9) < 1e-12
+    assert plain.choices[0].logprobs is None
+    assert escalated.expert["escalated"] is True and escalated.choices[0].logprobs is None
