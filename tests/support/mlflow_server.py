@@ -91,7 +91,9 @@ def mlflow_server(workdir: Path, timeout: float = 180) -> Iterator[str]:
     uri = f"http://127.0.0.1:{port}"
     log_path = workdir / LOG_NAME
     env = dict(os.environ)
-    env.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1", PYTHONUNBUFFERED="1")
+    # no job runner: its six huey consumers (~270 MB each) serve MLflow's GenAI jobs, which no test uses
+    env.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1", PYTHONUNBUFFERED="1",
+               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     # A tracking URI inherited from the test environment must not redirect the
     # server's own client-side code paths.
     env.pop("MLFLOW_TRACKING_URI", None)
