@@ -98,8 +98,9 @@ def report(routed: Path) -> None:
                   f"{q['ci_high']:+.3f}) |")
     for name, single in route["singles"].items():
         m = metrics[name]
-        print(f"| {name} alone | test | {single['metric']:.3f} | | ${single['cost_per_1k']:.4f} | "
-              f"{m['latency_ms_p50']:.0f} / {m['latency_ms_p95']:.0f} | | | |")
+        latency = ("not recorded" if m["latency_ms_p50"] is None else
+                   f"{m['latency_ms_p50']:.0f} / {m['latency_ms_p95']:.0f}")
+        print(f"| {name} alone | test | {single['metric']:.3f} | | ${single['cost_per_1k']:.4f} | {latency} | | | |")
     print(f"\nroute holds on test: {route.get('holds_on_test')}; label mix validation vs test: "
           f"{route.get('label_mix')}")
 
