@@ -46,6 +46,7 @@ def test_three_tiers_chosen_together_on_validation_and_measured_on_test(tiny_mod
         mid.faults += [("status", 500, {})] * 2  # max_retries 1: the first request fails for good
         recipe = shipped_recipe("ticket-classification", **{
             "name": "routed-tickets",
+            "registry.model_name": "routed-tickets",  # the MLflow server is the session's: a name of its own
             "model.base": str(tiny_model_dir),
             "train": {"max_steps": 2, "batch_size": 8, "learning_rate": 1e-3, "logging_steps": 1},
             "eval.baselines": [
@@ -67,7 +68,9 @@ def test_three_tiers_chosen_together_on_validation_and_measured_on_test(tiny_mod
         texts = [r["text"] for r in rows[:12]]
         inputs = tmp_path / "inputs.jsonl"
         inputs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-        predicted = runner.invoke(app, ["predict", "models:/ticket-router/1", "--input", str(inputs)])
+        registered = json.loads((tmp_path / "run/push/registered.json").read_text())
+        uri = f"models:/{registered['model_name']}/{registered['version']}"
+        predicted = runner.invoke(app, ["predict", uri, "--input", str(inputs)])
         assert predicted.exit_code == 0, predicted.output
     answered = [json.loads(line) for line in predicted.stdout.splitlines() if line.startswith("{")]
     assert len(answered) == len(texts)
@@ -133,7 +136,7 @@ def test_three_tiers_chosen_together_on_validation_and_measured_on_test(tiny_mod
                                       "tags.`expert.stage` = 'eval'"), key=lambda r: r.info.start_time)
     assert eval_run.data.metrics["route.test_cost_saving"] == vs["cost_saving"]
     assert eval_run.data.metrics["route.threshold.mid"] == route["thresholds"][1]
-    version = client.get_model_version("ticket-router", "1")
+    version = client.get_model_version(registered["model_name"], registered["version"])
     assert version.tags["route"].startswith("expert >= ") and version.tags["route"].endswith("-> frontier")
 
 
@@ -155,7 +158,8 @@ def test_another_expert_and_recorded_answers_as_tiers(tiny_model_dir, tracking_e
 
     def routed(run_dir: str):
         return shipped_recipe("ticket-classification", **{
-            "name": "routed-offline", "model.base": str(tiny_model_dir), "train": train,
+            "name": "routed-offline", "registry.model_name": "routed-offline", "model.base": str(tiny_model_dir),
+            "train": train,
             "eval.baselines": [{"name": "sibling", "kind": "expert", "run_dir": run_dir},
                                {"name": "recorded", "kind": "predictions", "path": str(recorded),
                                 "price_per_mtok": {"input": 2.5, "output": 10.0}}],
