@@ -173,8 +173,6 @@ def escalate(rows: list[dict[str, Any]], texts: list[str], esc: Escalation, expe
         pending = still
     for i in unsure:
         out[i]["tiers_tried"] = tried[i]
-    for i in pending:
-        last = tried[i][-1]
-        out[i]["escalation_error"] = errors.get(i, UNPARSED) if last["outcome"] == "failed" else (
-            f"no tier was confident enough; the last tier `{last['tier']}` did not answer")
+    for i in pending:  # the last tier answers whatever parses, so a row still pending failed there
+        out[i]["escalation_error"] = errors[i]
     return out

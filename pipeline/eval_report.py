@@ -171,9 +171,8 @@ def route_lines(route: dict[str, Any]) -> list[str]:
                   "the thresholds chosen on validation do not hold, so the decision is not a route."]
     mix = route.get("label_mix")
     if mix and mix.get("p_value") is not None:
-        moved = ", ".join(f"`{m['label']}` {m['share_a']:.1%} -> {m['share_b']:.1%}" for m in mix["moved"])
         lines += ["", f"Label mix, validation vs test: total variation {mix['tvd']:.3f}, chi-squared p = "
-                  f"{mix['p_value']:.2g} (most moved: {moved})."]
+                  f"{mix['p_value']:.2g} (most moved: {stats.moved_labels(mix)})."]
     front = route["test_front"]
     step = max(1, len(front) // PARETO_ROWS)
     lines += ["", "![route](plots/route.png)", "", f"Pareto front on test ({len(route['test_grid']):,} threshold "

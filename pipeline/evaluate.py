@@ -40,7 +40,6 @@ OUTPUTS = [
                  "record.json")
 ]
 FEWSHOT = baselines.FEWSHOT
-LABEL_MIX_P = 0.01  # a chi-squared p-value under this: validation's labels are not mixed like test's
 
 
 # what eval reads of the recipe (precision and the base come from train/record.json, not from `train`)
@@ -69,11 +68,10 @@ def label_mix_warning(splits: dict[str, list[dict[str, Any]]]) -> dict[str, Any]
     """Validation's label mix against test's, with a warning when they differ (thresholds chosen on a split
     unlike test need not hold there)."""
     shift = stats.label_mix_shift([r["target"] for r in splits["validation"]], [r["target"] for r in splits["test"]])
-    if shift["p_value"] is not None and shift["p_value"] < LABEL_MIX_P:
-        moved = ", ".join(f"`{m['label']}` {m['share_a']:.1%} -> {m['share_b']:.1%}" for m in shift["moved"])
+    if stats.label_mix_differs(shift):
         console.print(f"[yellow]eval[/]: the validation split's label mix differs from test's (total variation "
-                      f"{shift['tvd']:.3f}, chi-squared p={shift['p_value']:.2g}; {moved}): thresholds chosen on "
-                      "validation may not hold on test")
+                      f"{shift['tvd']:.3f}, chi-squared p={shift['p_value']:.2g}; {stats.moved_labels(shift)}): "
+                      "thresholds chosen on validation may not hold on test")
     return shift
 
 

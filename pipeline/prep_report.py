@@ -18,11 +18,10 @@ from pipeline.readers import sources_of
 from pipeline.recipe import HF_PREFIX, Recipe
 from pipeline.rundir import RunDir, file_hash
 from pipeline.splitting import SPLITS
-from pipeline.stats import label_mix_shift
+from pipeline.stats import label_mix_differs, label_mix_shift, moved_labels
 from pipeline.ui import console
 
 REPORT_EXAMPLES = 5
-LABEL_MIX_P = 0.01  # chi-squared p-value under which two splits' label mixes are reported as different
 
 
 def data_fingerprint(recipe: Recipe, split_files: list[Path]) -> str:
@@ -155,7 +154,7 @@ def render_report(recipe: Recipe, stats: dict[str, Any], rejected, truncated) ->
         for pair, shift in stats.get("label_mix", {}).items():
             if shift["p_value"] is not None:
                 lines.append(f"Label mix, {pair.replace('_', ' ')}: total variation {shift['tvd']:.3f}, chi-squared "
-                             f"p = {shift['p_value']:.2g}" + (" (**differs**)" if shift["p_value"] < LABEL_MIX_P else "") + ".")
+                             f"p = {shift['p_value']:.2g}" + (" (**differs**)" if label_mix_differs(shift) else "") + ".")
         lines.append("")
     lines += ["## Rejected rows", ""]
     if not rejected:
@@ -191,10 +190,9 @@ def print_stats(stats: dict[str, Any]) -> None:
         console.print(f"personal data ({stats['pii']['policy']}): "
                       + ", ".join(f"{k}={v:,}" for k, v in stats["pii"]["found"].items()))
     for pair, shift in stats.get("label_mix", {}).items():
-        if shift["p_value"] is not None and shift["p_value"] < LABEL_MIX_P:
-            moved = ", ".join(f"{m['label']} {m['share_a']:.1%} -> {m['share_b']:.1%}" for m in shift["moved"])
+        if label_mix_differs(shift):
             console.print(f"[yellow]label mix[/]: {pair.replace('_', ' ')} differ (total variation {shift['tvd']:.3f}, "
-                          f"chi-squared p={shift['p_value']:.2g}; {moved}): what is chosen on one may not hold on "
+                          f"chi-squared p={shift['p_value']:.2g}; {moved_labels(shift)}): what is chosen on one may not hold on "
                           "the other", highlight=False)
     if stats["rejected"]:
         console.print("rejected by reason: " + ", ".join(f"{k}={v}" for k, v in stats["rejected"].items()))

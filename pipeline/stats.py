@@ -162,6 +162,18 @@ def wilson_interval(agree: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+LABEL_MIX_P = 0.01  # a chi-squared p-value under this: two splits' labels are reported as mixed differently
+
+
+def label_mix_differs(shift: dict[str, Any]) -> bool:
+    return shift["p_value"] is not None and shift["p_value"] < LABEL_MIX_P
+
+
+def moved_labels(shift: dict[str, Any]) -> str:
+    """The labels whose share moved most, as text: "`a` 3.0% -> 18.0%, ..."."""
+    return ", ".join(f"`{m['label']}` {m['share_a']:.1%} -> {m['share_b']:.1%}" for m in shift["moved"])
+
+
 def label_mix_shift(labels_a: list[Any], labels_b: list[Any], top: int = 3) -> dict[str, Any]:
     """How differently two splits' labels are mixed: total variation distance (half the summed share gaps), the
     chi-squared test of homogeneity, and the labels whose share moved most. Thresholds chosen on a split that
