@@ -25,8 +25,6 @@ import numpy as np
 
 from pipeline import stats
 
-PER_EXAMPLE = ("accuracy", "field_exact_match", "exact_match", "valid_json_rate")
-
 
 @dataclass(frozen=True)
 class TierAnswers:
