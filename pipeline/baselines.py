@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline import frontier
@@ -74,31 +75,53 @@ def run_openai(baseline: OpenAIBaseline, splits: dict[str, Rows], ctx: BaselineC
 
 
 def run_other_expert(baseline: ExpertBaseline, splits: dict[str, Rows], ctx: BaselineContext) -> BaselineResult:
-    """Another run's expert, loaded as its train record says, asked with its own system prompt on these rows."""
-    from pipeline import contracts
-    from pipeline.eval_inference import load_expert
+    """Another expert (a run directory's, loaded as its train record says, or a registered version's, loaded as
+    `expert predict` loads it), asked with its own system prompt on these rows."""
     from pipeline.examples import chat_messages
-    from pipeline.recipe import load_recipe
 
-    where = f"eval.baselines `{baseline.name}` -> run_dir: {baseline.run_dir}"
-    needed = [baseline.run_dir / p for p in ("recipe.yaml", "train/record.json", "train/adapter", "prep/spec.json")]
-    missing = [str(p) for p in needed if not p.exists()]
-    if missing:
-        raise UserError(f"{where}: not a trained run directory ({', '.join(missing)} missing); run `expert train` "
-                        "there first")
-    other = load_recipe(baseline.run_dir / "recipe.yaml")
-    other_spec = json.loads((baseline.run_dir / "prep/spec.json").read_text(encoding="utf-8"))
-    if other.task.type != ctx.recipe.task.type or other_spec["spec"] != ctx.spec:
+    if baseline.version is not None:
+        where = f"eval.baselines `{baseline.name}` -> version: {baseline.version}"
+        other, other_spec, system, model, tokenizer = _registered_expert(baseline.version, where)
+    else:
+        where = f"eval.baselines `{baseline.name}` -> run_dir: {baseline.run_dir}"
+        other, other_spec, system, model, tokenizer = _run_dir_expert(baseline.run_dir, where)
+    if other.task.type != ctx.recipe.task.type or other_spec != ctx.spec:
         raise UserError(f"{where}: that expert answers another task (its task type or labels/schema differ from "
                         "this run's prep/spec.json); route only between experts of the same task")
-    system = other_spec["baseline_system_prompt"] if other.task.spec_in_expert_prompt else other.task.instruction
-    trained = contracts.read_record(baseline.run_dir / "train/record.json", contracts.TrainRecord)
-    model, tokenizer = load_expert(other, trained, baseline.run_dir / "train/adapter")
     return BaselineResult({
         s: infer_local(model, tokenizer, [{**row, "prompt": chat_messages(system, row["text"])} for row in rows],
                        other, ctx.spec, f"{baseline.name} ({s})")
         for s, rows in splits.items()
     })
+
+
+def _run_dir_expert(run_dir: Path, where: str):
+    """(recipe, spec, system prompt, model, tokenizer) of a trained run directory."""
+    from pipeline import contracts
+    from pipeline.eval_inference import load_expert
+    from pipeline.recipe import load_recipe
+
+    needed = [run_dir / p for p in ("recipe.yaml", "train/record.json", "train/adapter", "prep/spec.json")]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise UserError(f"{where}: not a trained run directory ({', '.join(missing)} missing); run `expert train` "
+                        "there first")
+    other = load_recipe(run_dir / "recipe.yaml")
+    spec_doc = json.loads((run_dir / "prep/spec.json").read_text(encoding="utf-8"))
+    trained = contracts.read_record(run_dir / "train/record.json", contracts.TrainRecord)
+    model, tokenizer = load_expert(other, trained, run_dir / "train/adapter")
+    return other, spec_doc["spec"], spec_doc["system_prompt"], model, tokenizer
+
+
+def _registered_expert(model_uri: str, where: str):
+    """(recipe, spec, system prompt, model, tokenizer) of a registered version, from its bundle."""
+    from pipeline import registry
+
+    try:
+        _, version = registry.load_version(model_uri)
+    except UserError as err:
+        raise UserError(f"{where}: {err}") from None
+    return version.recipe, version.spec, version.system_prompt, version.model, version.tokenizer
 
 
 BY_KIND = {"base_model": run_base_model, "predictions": run_predictions, "openai": run_openai,

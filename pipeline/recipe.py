@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -167,7 +168,7 @@ _KIND = "which system the baseline is; it decides which other keys apply"
 _UNSET_KEYS_OF_OTHER_KINDS: dict[str, Any] = {
     "model": None, "base_url": None, "api_key_env": None, "required": False, "max_concurrency": 4,
     "timeout_s": 60, "max_retries": 4, "json_schema_response": False, "price_per_mtok": None, "shots": 0,
-    "path": None, "logprobs": False, "run_dir": None, "samples": 1, "sample_temperature": 1.0,
+    "path": None, "logprobs": False, "run_dir": None, "version": None, "samples": 1, "sample_temperature": 1.0,
 }
 
 
@@ -419,12 +420,24 @@ class PredictionsBaseline(_Baseline):
 
 
 class ExpertBaseline(_Baseline):
-    """Another expert of this task, from its run directory (its recipe, `train/record.json` and adapter): asked
-    with its own instruction on this run's rows, locally, so it has a confidence and can be a routing tier."""
+    """Another expert of this task, from its run directory (its recipe, `train/record.json` and adapter) or a
+    registered version: asked with its own instruction on this run's rows, locally, so it has a confidence and
+    can be a routing tier."""
 
     kind: Literal["expert"] = Field(description=_KIND)
-    run_dir: Path = Field(description="a run directory whose train stage finished; relative to the recipe's "
-                          "folder. Its labels (or schema) must be this task's")
+    run_dir: Path | None = Field(None, description="a run directory whose train stage finished; relative to the "
+                                 "recipe's folder. Its labels (or schema) must be this task's. Give this or `version`")
+    version: str | None = Field(None, description="a registered version, `models:/NAME/N` or `models:/NAME@ALIAS`, "
+                                "loaded from the MLflow registry as `expert predict` loads it. Give this or `run_dir`")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.run_dir is None) == (self.version is None):
+            raise ValueError("give exactly one of `run_dir` (a trained run directory) and `version` "
+                             "(models:/NAME/N or models:/NAME@ALIAS)")
+        if self.version is not None and not re.fullmatch(r"models:/[^/@]+(/\d+|@.+)", self.version):
+            raise ValueError(f"version `{self.version}`: write models:/NAME/N or models:/NAME@ALIAS")
+        return self
 
 
 # one baseline: which class checks it is decided by its `kind`, so a key of another kind is an unknown key
@@ -823,7 +836,7 @@ def load_recipe(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
         b.model_copy(update={"path": (path.parent / b.path).resolve()})
         if isinstance(b, PredictionsBaseline) and not b.path.is_absolute() else
         b.model_copy(update={"run_dir": (path.parent / b.run_dir).resolve()})
-        if isinstance(b, ExpertBaseline) and not b.run_dir.is_absolute() else b
+        if isinstance(b, ExpertBaseline) and b.run_dir is not None and not b.run_dir.is_absolute() else b
         for b in recipe.eval.baselines
     ]
     evaluation = recipe.eval.model_copy(update={"baselines": baselines})

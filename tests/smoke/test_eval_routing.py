@@ -9,6 +9,7 @@ frontier alone, and the verdict, report, plot and MLflow metrics say so.
 from __future__ import annotations
 
 import json
+import shutil
 import zlib
 
 from mlflow import MlflowClient
@@ -189,3 +190,25 @@ def test_another_expert_and_recorded_answers_as_tiers(tiny_model_dir, tracking_e
     assert route["options"]["margin"]["validation"]["metric"] >= 0.9 and route["thresholds"] is not None
     metrics = json.loads((out / "metrics.json").read_text())["systems"]
     assert metrics["recorded"]["cost_per_1k"] > metrics["expert"]["cost_per_1k"] > 0
+
+    # a registered version as a tier: run2's expert, pushed above, loaded from the registry and asked on the same
+    # validation rows, answers as run2's own expert did there (same weights, same rows; within a tolerance)
+    registered = json.loads((tmp_path / "run2/push/registered.json").read_text())
+    uri = f"models:/{registered['model_name']}/{registered['version']}"
+
+    def with_version(version: str):
+        doc = routed(str(tmp_path / "sibling"))
+        doc["eval"]["baselines"][0] = {"name": "sibling", "kind": "expert", "version": version}
+        return write_recipe(tmp_path, doc)
+
+    shutil.copytree(tmp_path / "run2", tmp_path / "run3", ignore=shutil.ignore_patterns("run.lock"))
+    result = runner.invoke(app, ["eval", str(with_version("models:/no-such-expert/1")), "--run-dir",
+                                 str(tmp_path / "run3")])
+    assert result.exit_code == 2 and "eval.baselines `sibling` -> version: models:/no-such-expert/1" in result.output
+    result = runner.invoke(app, ["eval", str(with_version(uri)), "--run-dir", str(tmp_path / "run3")])
+    assert result.exit_code == 0, result.output
+    as_version = [json.loads(line) for line in
+                  (tmp_path / "run3/eval/predictions/sibling.validation.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in as_version] == [r["id"] for r in ours]
+    assert max(abs(a["confidence"] - b["confidence"]) for a, b in zip(ours, as_version)) < 1e-3
+    assert json.loads((tmp_path / "run3/eval/route.json").read_text())["chain"] == ["expert", "sibling", "recorded"]

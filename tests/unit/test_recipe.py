@@ -211,6 +211,9 @@ def test_baselines_are_checked_by_their_kind(tmp_path):
     ({**OPENAI, "price_per_mtok": {"input": 1}}, "0 -> price_per_mtok -> output: required key is missing"),
     ({"name": "x"}, "eval -> baselines -> 0 -> kind: required key is missing: one of openai, base_model, predictions"),
     ({"name": "x", "kind": "frontier"}, "0 -> kind: `frontier` is not a baseline kind; use one of openai"),
+    ({"name": "e", "kind": "expert"}, "eval -> baselines -> 0: give exactly one of `run_dir`"),
+    ({"name": "e", "kind": "expert", "run_dir": "r", "version": "models:/e/1"}, "0: give exactly one of `run_dir`"),
+    ({"name": "e", "kind": "expert", "version": "e/1"}, "version `e/1`: write models:/NAME/N or models:/NAME@ALIAS"),
 ])
 def test_baseline_errors_name_the_yaml_path_and_the_kind(tmp_path, baseline, expected):
     """pydantic puts the union's tag in the location (eval -> baselines -> 0 -> openai -> shots); the message names
