@@ -2,13 +2,16 @@
 
     .venv/bin/python benchmarks/routing_real.py runs/teacher-student/student-gold \\
         --mid runs/teacher-student/student-teacher --work runs/routing-banking77 [--frontier-accuracy 0.95]
+    .venv/bin/python benchmarks/routing_real.py runs/snips-route/expert --mid runs/snips-route/mid \\
+        --work runs/routing-snips --metric field_exact_match
 
 No frontier API is reachable here, so the frontier tier is recorded predictions made up for the run's
-validation and test rows: the gold label with probability `--frontier-accuracy` (seeded), else another label
-drawn uniformly, with token counts of the prompt a frontier baseline is sent (the instruction with the label
-list, ~4 characters per token) and a price (`--price-in`/`--price-out`, dollars per million tokens; GPT-4o's
+validation and test rows: the gold answer with probability `--frontier-accuracy` (seeded), else a wrong one
+(classification: another label drawn uniformly; extraction: the gold object with its intent or one slot
+wrong), with token counts of the prompt a frontier baseline is sent (the instruction with the label list or
+schema, ~4 characters per token) and a price (`--price-in`/`--price-out`, dollars per million tokens; GPT-4o's
 list price by default). The run directory is copied to `<work>/routed` and `expert eval` runs there with
-`eval.routing` (tiers expert -> mid -> frontier, target: the frontier's validation accuracy minus
+`eval.routing` (tiers expert -> mid -> frontier, target: the frontier's validation `--metric` minus
 `--below-last`), so the original run is untouched. Prints the route's table from `eval/route.json`.
 """
 
@@ -32,18 +35,42 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def recorded_frontier(run: Path, accuracy: float, out: Path) -> None:
-    """Made-up frontier answers for every validation and test row of `run`, right with probability `accuracy`."""
+    """Made-up frontier answers for every validation and test row of `run`, right with probability `accuracy`
+    (the whole answer: label, or extracted object); a wrong one is `wrong_label` or `wrong_object`."""
     spec_doc = json.loads((run / "prep/spec.json").read_text(encoding="utf-8"))
-    labels, system = spec_doc["spec"], spec_doc["baseline_system_prompt"]
+    spec, system = spec_doc["spec"], spec_doc["baseline_system_prompt"]
     rng = random.Random(SEED)
     lines = []
     for split in ("validation", "test"):
         for row in read_jsonl(run / f"prep/{split}.jsonl"):
+            gold = row["target"]
             right = rng.random() < accuracy
-            answer = row["target"] if right else rng.choice([x for x in labels if x != row["target"]])
+            if right:
+                answer = gold
+            else:
+                answer = wrong_label(gold, spec, rng) if isinstance(spec, list) else wrong_object(gold, spec, rng)
+            text = answer if isinstance(answer, str) else json.dumps(answer)
             lines.append({"id": row["id"], "output": answer, "input_tokens": (len(system) + len(row["text"])) // 4 + 8,
-                          "output_tokens": len(answer) // 4 + 1})
+                          "output_tokens": len(text) // 4 + 1})
     out.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+
+
+def wrong_label(gold: str, labels: list[str], rng: random.Random) -> str:
+    """Another label, drawn uniformly."""
+    return rng.choice([x for x in labels if x != gold])
+
+
+def wrong_object(gold: dict, schema: dict, rng: random.Random) -> dict:
+    """The gold {intent, slots} with one field wrong, each as likely: another intent (uniformly), or the slots
+    with one slot dropped (a made-up `extra` slot added when there is none), as a frontier's typical miss."""
+    wrong = json.loads(json.dumps(gold))
+    if rng.random() < 0.5:
+        wrong["intent"] = rng.choice([x for x in schema["properties"]["intent"]["enum"] if x != gold["intent"]])
+    elif wrong["slots"]:
+        del wrong["slots"][rng.choice(sorted(wrong["slots"]))]
+    else:
+        wrong["slots"] = {"extra": "it"}
+    return wrong
 
 
 def main() -> None:
@@ -56,6 +83,8 @@ def main() -> None:
     parser.add_argument("--price-out", type=float, default=10.0)
     parser.add_argument("--below-last", type=float, default=0.01)
     parser.add_argument("--choose", choices=["point", "margin"], default="point")
+    parser.add_argument("--metric", default="accuracy", help="the routing target's metric (field_exact_match for "
+                        "SNIPS)")
     args = parser.parse_args()
     work = args.work.resolve()
     routed = work / "routed"
@@ -67,7 +96,7 @@ def main() -> None:
                  {"name": "frontier", "kind": "predictions", "path": str(frontier),
                   "price_per_mtok": {"input": args.price_in, "output": args.price_out}}]
     routing = {"tiers": ["expert", "mid-expert", "frontier"], "choose": args.choose,
-               "target": {"metric": "accuracy", "below_last": args.below_last}}
+               "target": {"metric": args.metric, "below_last": args.below_last}}
     command = EXPERT + ["eval", str(routed / "recipe.yaml"), "--run-dir", str(routed),
                         "--set", f"eval.baselines={json.dumps(baselines)}", "--set", f"eval.routing={json.dumps(routing)}"]
     print("$ " + " ".join(command), flush=True)
@@ -80,8 +109,9 @@ def report(routed: Path) -> None:
     route = json.loads((routed / "eval/route.json").read_text(encoding="utf-8"))
     metrics = json.loads((routed / "eval/metrics.json").read_text(encoding="utf-8"))["systems"]
     print(f"\ntarget: {route['target_rule']}; search: {route['search']}\n")
-    print("| system | split | accuracy (95% CI) | target held on resamples | cost / 1k | p50 / p95 ms | shares | "
-          "saving vs frontier alone (95% CI) | accuracy vs frontier alone (95% CI) |")
+    metric = route["target_metric"]
+    print(f"| system | split | {metric} (95% CI) | target held on resamples | cost / 1k | p50 / p95 ms | shares | "
+          f"saving vs frontier alone (95% CI) | {metric} vs frontier alone (95% CI) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for how, option in route["options"].items():
         for split in ("validation", "test"):

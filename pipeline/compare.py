@@ -1,22 +1,32 @@
 """`expert compare`: run directories and registered versions side by side (metrics, verdict, data fingerprint).
 
-Reads what eval wrote (a run's `eval/metrics.json`, `eval/verdict.json`) and what push tagged on a version; never
-needs the training data or a model.
+Reads what eval wrote: a run's `eval/metrics.json` and `eval/verdict.json`, or the same files in a registered
+version's bundle; never needs the training data or a model. The metric names and values are the ones eval logged
+to its MLflow run (`evidence.flat_metrics`), so the table and the UI say the same thing.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from pipeline import tracking
 from pipeline.errors import UserError
+from pipeline.evidence import flat_metrics
+
+
+def _summary(label: str, metrics_doc: dict[str, Any], verdict: dict[str, Any], fingerprint: str) -> dict[str, Any]:
+    return {"label": label, "metrics": flat_metrics(metrics_doc["systems"], metrics_doc.get("comparisons")),
+            "verdict": "pass" if verdict["passed"] else "fail", "decision": verdict.get("decision", "?"),
+            "fingerprint": fingerprint}
 
 
 def describe_item(ref: str) -> dict[str, Any]:
     """Summary of a run directory or a registered version (`models:/name/3`, `models:/name@champion`)."""
     if ref.startswith("models:/"):
+        from mlflow.artifacts import download_artifacts
         from mlflow.exceptions import MlflowException
 
         body = ref.removeprefix("models:/")
@@ -30,19 +40,24 @@ def describe_item(ref: str) -> dict[str, Any]:
                 version = client.get_model_version(name, number)
         except (MlflowException, ValueError):
             raise UserError(f"{ref}: no such registered version; use models:/NAME/VERSION or models:/NAME@ALIAS") from None
-        metrics = {k.removeprefix("metric."): float(v) for k, v in version.tags.items() if k.startswith("metric.")}
-        return {"label": f"{name} v{version.version}", "metrics": metrics, "verdict": version.tags.get("verdict", "?"),
-                "fingerprint": version.tags.get("data_fingerprint", "")}
+        docs = {}
+        where = client.get_model_version_download_uri(name, version.version)  # its logged model's storage
+        with tempfile.TemporaryDirectory() as tmp:
+            for doc in ("metrics.json", "verdict.json"):  # the bundle's copies of eval's files
+                try:
+                    path = download_artifacts(artifact_uri=f"{where}/artifacts/bundle/{doc}", dst_path=tmp)
+                except MlflowException as err:
+                    raise UserError(f"{ref}: its bundle has no {doc} ({err.message})") from None
+                docs[doc] = json.loads(Path(path).read_text(encoding="utf-8"))
+        return _summary(f"{name} v{version.version}", docs["metrics.json"], docs["verdict.json"],
+                        version.tags.get("data_fingerprint", ""))
     run = Path(ref)
     metrics_file, verdict_file = run / "eval/metrics.json", run / "eval/verdict.json"
     if not metrics_file.is_file():
         raise UserError(f"{ref}: neither a models:/ URI nor a run directory with eval/metrics.json")
-    systems = json.loads(metrics_file.read_text())["systems"]
-    metrics = {f"{s}.{k}": float(v) for s, m in systems.items() for k, v in m.items() if isinstance(v, (int, float))}
-    verdict = json.loads(verdict_file.read_text())
     manifest = json.loads((run / "manifest.json").read_text())
-    return {"label": run.name, "metrics": metrics, "verdict": "pass" if verdict["passed"] else "fail",
-            "fingerprint": manifest["stages"]["prep"].get("fingerprint", "")}
+    return _summary(run.name, json.loads(metrics_file.read_text()), json.loads(verdict_file.read_text()),
+                    manifest["stages"]["prep"].get("fingerprint", ""))
 
 
 def compare_table(refs: list[str]):
@@ -50,10 +65,11 @@ def compare_table(refs: list[str]):
 
     items = [describe_item(r) for r in refs]
     table = Table(title="compare")
-    table.add_column("metric")
+    table.add_column("metric (as logged to the eval run in MLflow)")
     for item in items:
         table.add_column(item["label"], justify="right")
     table.add_row("verdict", *(i["verdict"] for i in items))
+    table.add_row("decision", *(i["decision"] for i in items))
     table.add_row("data fingerprint", *(i["fingerprint"][:12] for i in items))
     keys = sorted({k for i in items for k in i["metrics"]}, key=lambda k: (not k.startswith("expert."), k))
     for key in keys:

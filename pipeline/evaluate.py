@@ -6,15 +6,19 @@ frontier and the expert also get `<system>.validation.jsonl`), `metrics.json`
 interval and McNemar test of the expert against each baseline, calibration),
 `cascade.json` (threshold chosen on validation, curve on test), `verdict.json`
 (`replace`, `cascade` or `keep_frontier`, with the gate), `plots/*.png` and
-`report.md`. Everything is logged to MLflow, predictions also as tables.
+`report.md`, `timings.json` (the stage's seconds and MLflow logging's share). Everything is logged to MLflow:
+the test and validation splits and the adapter's logged model as the run's inputs, the expert's metrics against
+that model and the test dataset, one trace per test example (`pipeline/eval_traces.py`), and the verdict as the
+run's description.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
-from pipeline import baselines, contracts, frontier, routing, stats, tasks, tracking
+from pipeline import baselines, contracts, eval_traces, frontier, routing, stats, tasks, tracking
 from pipeline.contracts import StageOptions
 from pipeline.errors import UserError
 from pipeline.eval_inference import infer_local, load_expert, read_split
@@ -22,11 +26,11 @@ from pipeline.eval_report import print_summary, render_report, write_plots
 from pipeline.evidence import (
     cascade_result,
     compare_all,
+    evidence_markdown,
     flat_metrics,
     gate_verdict,
     prediction_rows,
     system_metrics,
-    table_of,
     verdict_word,
 )
 from pipeline.recipe import Recipe
@@ -37,7 +41,7 @@ STAGE = "eval"
 OUTPUTS = [
     f"{STAGE}/{name}"
     for name in ("predictions", "plots", "metrics.json", "cascade.json", "route.json", "report.md", "verdict.json",
-                 "record.json")
+                 "record.json", "timings.json")
 ]
 FEWSHOT = baselines.FEWSHOT
 
@@ -81,6 +85,7 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
         console.print(f"[green]eval[/]: up to date in {run.path / STAGE}, skipped")
         return run.stage_record(STAGE)
     with run.attempt(STAGE, inputs, recipe, RECIPE_KEYS):
+        stage_started = time.perf_counter()
         out = run.stage_dir(STAGE)
         task = tasks.for_type(recipe.task.type)
         spec_doc = json.loads((run.path / "prep/spec.json").read_text(encoding="utf-8"))
@@ -160,13 +165,24 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
 
         tags = {"expert.recipe": recipe.name, "expert.base_model": recipe.model.base, "expert.verdict": verdict_word(verdict),
                 "expert.decision": verdict["decision"]}
-        with tracking.stage_run(recipe.name, STAGE, run.path.name, tags) as (mlflow_client, mlflow_run_id):
+        logging_started = time.perf_counter()
+        model_id = run.stage_record("train").get("mlflow_model_id")  # the adapter's logged model, if train made one
+        with tracking.stage_run(recipe.name, STAGE, run, tags) as (mlflow_client, mlflow_run_id):
             tracking.log_params(mlflow_client, mlflow_run_id, tracking.flatten(recipe.model_dump(mode="json", by_alias=True)))
-            tracking.log_metrics(mlflow_client, mlflow_run_id, flat_metrics(metrics, comparisons, cascade, route))
+            datasets = tracking.log_split_inputs(mlflow_client, mlflow_run_id, recipe, run, list(splits), model_id)
+            flat = flat_metrics(metrics, comparisons, cascade, route)
+            expert_keys = {k for k in flat if k.startswith("expert.")}  # the logged model's, measured on test
+            tracking.log_metrics(mlflow_client, mlflow_run_id, {k: v for k, v in flat.items() if k in expert_keys},
+                                 model_id=model_id, dataset=datasets["test"])
+            tracking.log_metrics(mlflow_client, mlflow_run_id, {k: v for k, v in flat.items() if k not in expert_keys})
             mlflow_client.log_artifacts(mlflow_run_id, str(out), "eval")
-            for name, by_split in outputs.items():
-                mlflow_client.log_table(mlflow_run_id, table_of(splits["test"], by_split["test"]),
-                                        f"eval/tables/{name}.json")
+            eval_traces.log_examples(tracking.configure(), mlflow_client.get_run(mlflow_run_id).info.experiment_id,
+                                     mlflow_run_id, test, {name: by_split["test"] for name, by_split in outputs.items()})
+            tracking.set_description(mlflow_client, mlflow_run_id, evidence_markdown(recipe, metrics, verdict, len(test)))
+        logging_seconds = time.perf_counter() - logging_started
+        stage_seconds = time.perf_counter() - stage_started
+        atomic_write_json(out / "timings.json", {"stage_s": stage_seconds, "mlflow_logging_s": logging_seconds,
+                                                 "mlflow_logging_share": logging_seconds / stage_seconds})
         print_summary(metrics, skipped, verdict, recipe.eval.gate.metric)
         required = [b.name for b in recipe.eval.baselines if b.kind == "openai" and b.required and b.name in verdict["incomplete_baselines"]]
         if required:  # everything above is written for inspection; the stage stays unfinished, so a rerun redoes it

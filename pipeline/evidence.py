@@ -3,7 +3,6 @@ and the rows and flat metrics written to disk and MLflow."""
 
 from __future__ import annotations
 
-import json
 import statistics
 from typing import Any
 
@@ -13,21 +12,6 @@ from pipeline.recipe import Recipe
 
 def prediction_rows(examples: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"id": e["id"], "target": e["target"], **r} for e, r in zip(examples, rows, strict=True)]
-
-
-def table_of(examples: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, list]:
-    """Predictions as columns for an MLflow table (objects as JSON text so every cell is a scalar)."""
-    def cell(v):
-        return v if v is None or isinstance(v, (str, int, float, bool)) else json.dumps(v, ensure_ascii=False)
-
-    return {
-        "id": [str(e["id"]) for e in examples],
-        "text": [e.get("text", "") for e in examples],
-        "target": [cell(e["target"]) for e in examples],
-        "prediction": [cell(r["prediction"]) for r in rows],
-        "confidence": [r.get("confidence") for r in rows],
-        "correct": [r["prediction"] == e["target"] for e, r in zip(examples, rows)],
-    }
 
 
 def _percentile_ms(values: list[float], q: float) -> float | None:
@@ -276,3 +260,21 @@ def flat_metrics(metrics: dict[str, Any], comparisons: dict[str, Any] | None = N
         if cascade["test"]["cost_per_1k"] is not None:
             out["cascade.test_cost_per_1k"] = cascade["test"]["cost_per_1k"]
     return out
+
+
+def evidence_markdown(recipe: Recipe, metrics: dict[str, Any], verdict: dict[str, Any], test_rows: int) -> str:
+    """The verdict and its evidence in a few Markdown lines: the eval run's description in the MLflow UI, the
+    registered version's (push adds the promotion), and what `expert compare` prints under its table."""
+    gate = verdict["metric"]
+    lines = [f"**Decision: {verdict['decision']}** (gate {'passed' if verdict['passed'] else 'failed'} on `{gate}`, "
+             f"{test_rows} test examples of `{recipe.name}`, expert on `{recipe.model.base}`)", ""]
+    lines += [f"- {reason}" for reason in verdict["reasons"]]
+    lines += ["", f"| system | {gate} | cost / 1k requests | latency p50 |", "|---|---|---|---|"]
+    for name, m in sorted(metrics.items(), key=lambda item: item[0] != "expert"):
+        cost = "-" if m.get("cost_per_1k") is None else f"${m['cost_per_1k']:.4f}"
+        latency = "-" if m.get("latency_ms_p50") is None else f"{m['latency_ms_p50']:.0f} ms"
+        value = m.get(gate)
+        lines.append(f"| {name} | {'-' if value is None else f'{value:.4f}'} | {cost} | {latency} |")
+    for name, why in (verdict.get("skipped_baselines") or {}).items():
+        lines.append(f"\n`{name}` did not run: {why}")
+    return "\n".join(lines)

@@ -20,6 +20,8 @@ from typing import Any
 import mlflow.pyfunc
 
 BUNDLE = "bundle"
+# where the adapter lies in a logged model: train uploads it there, push adds the rest of the pyfunc around it
+ADAPTER_PATH = f"artifacts/{BUNDLE}/adapter"
 
 
 def _texts(model_input: Any) -> list[str]:

@@ -4,7 +4,6 @@ console table and the `prep` MLflow run."""
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from collections import Counter, defaultdict
@@ -14,8 +13,7 @@ from typing import Any
 from rich.table import Table
 
 from pipeline import tracking
-from pipeline.readers import sources_of
-from pipeline.recipe import HF_PREFIX, Recipe
+from pipeline.recipe import Recipe
 from pipeline.rundir import RunDir, file_hash
 from pipeline.splitting import SPLITS
 from pipeline.stats import label_mix_differs, label_mix_shift, moved_labels
@@ -206,11 +204,9 @@ def _fmt(p: dict[str, int]) -> str:
 
 def log_to_mlflow(recipe: Recipe, run: RunDir, stats: dict[str, Any], out: Path, stage: str) -> str:
     """A prep MLflow run: data/task params, row and token metrics, the fingerprint as tag and dataset input."""
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
     fingerprint = stats["fingerprint"]
     tags = {"expert.recipe": recipe.name, "expert.data_fingerprint": fingerprint}
-    with tracking.stage_run(recipe.name, stage, run.path.name, tags) as (mlflow_client, mlflow_run_id):
+    with tracking.stage_run(recipe.name, stage, run, tags) as (mlflow_client, mlflow_run_id):
         dump = recipe.model_dump(mode="json", by_alias=True)
         tracking.log_params(mlflow_client, mlflow_run_id, tracking.flatten({"task": dump["task"], "data": dump["data"]}))
         metrics = {f"rows.{s}": n for s, n in stats["rows"].items()}
@@ -219,22 +215,7 @@ def log_to_mlflow(recipe: Recipe, run: RunDir, stats: dict[str, Any], out: Path,
         for part in ("prompt", "answer"):
             metrics |= {f"tokens.{part}.{q}": v for q, v in stats["tokens"]["all"][part].items()}
         tracking.log_metrics(mlflow_client, mlflow_run_id, metrics)
-        sources = {k: str(v) for k, v in sources_of(recipe).items()}
-        inputs = [
-            DatasetInput(
-                Dataset(
-                    name=f"{recipe.name}.{split}",
-                    digest=fingerprint[:32],
-                    source_type="hf" if str(recipe.data.source).startswith(HF_PREFIX) else "local",
-                    source=json.dumps({"uri": str(run.path / stage / f"{split}.jsonl"), "sources": sources}),
-                    schema=json.dumps({"columns": ["id", "text", "target", "prompt", "completion"]}),
-                    profile=json.dumps({"rows": stats["rows"][split], "fingerprint": fingerprint}),
-                ),
-                tags=[InputTag("mlflow.data.context", split)],
-            )
-            for split in SPLITS
-        ]
-        mlflow_client.log_inputs(mlflow_run_id, datasets=inputs)
+        tracking.log_split_inputs(mlflow_client, mlflow_run_id, recipe, run, list(SPLITS))
         for name in ("stats.json", "report.md", "spec.json", "fewshot.json", "rejected.jsonl", "truncated.jsonl", "class_distribution.png"):
             if (out / name).is_file():
                 mlflow_client.log_artifact(mlflow_run_id, str(out / name), stage)

@@ -25,8 +25,9 @@ from typing import Any
 from pipeline import contracts, models, tracking
 from pipeline.contracts import PushOptions, StageOptions
 from pipeline.errors import UserError
+from pipeline.evidence import evidence_markdown, flat_metrics
 from pipeline.recipe import Recipe, dump_recipe
-from pipeline.rundir import RunDir, atomic_write_json
+from pipeline.rundir import RunDir, atomic_write_json, tree_hash
 from pipeline.ui import console
 
 STAGE = "push"
@@ -122,7 +123,7 @@ def run(recipe: Recipe, run: RunDir, stage_options: StageOptions = StageOptions(
         if options.force:
             tags["forced_reason"] = options.reason
         run_tags = {"expert.recipe": recipe.name, "expert.base_model": recipe.model.base}
-        with tracking.stage_run(recipe.name, STAGE, run.path.name, run_tags) as (
+        with tracking.stage_run(recipe.name, STAGE, run, run_tags) as (
             mlflow_client,
             mlflow_run_id,
         ):
@@ -130,16 +131,21 @@ def run(recipe: Recipe, run: RunDir, stage_options: StageOptions = StageOptions(
             atomic_write_json(run.stage_dir(STAGE) / PENDING, {
                 "model_name": name, "mlflow_run_id": mlflow_run_id,
                 "previous_aliases": current_aliases(mlflow_client, name, aliases)})
+            model_id = adapter_model(mlflow_client, run, recipe, manifest, mlflow_run_id)
             with tempfile.TemporaryDirectory() as tmp:
-                model_dir = save_pyfunc(run, Path(tmp), recipe, options.include_base)
-                mlflow_client.log_artifacts(mlflow_run_id, str(model_dir), ARTIFACT_PATH)
+                model_dir, bundle_hash = save_pyfunc(run, Path(tmp), recipe, options.include_base)
+                model_id = pyfunc_model(mlflow_client, model_id, model_dir, bundle_hash, run, recipe, metrics,
+                                        mlflow_run_id)
             mlflow_client.log_artifacts(mlflow_run_id, str(run.path / "eval"), "eval")  # report renders in the UI
-            source = f"{mlflow_client.get_run(mlflow_run_id).info.artifact_uri}/{ARTIFACT_PATH}"
+            mlflow_client.log_dict(mlflow_run_id, version_provenance(recipe, metrics, verdict, manifest, model_id),
+                                   PROVENANCE)
+            source = f"models:/{model_id}"
             if not mlflow_client.search_registered_models(filter_string=f"name = '{name}'"):
                 mlflow_client.create_registered_model(name, description=f"Expert for recipe `{recipe.name}`")
             version = mlflow_client.create_model_version(
-                name, source=source, run_id=mlflow_run_id, tags=tags, description=describe(recipe, metrics, verdict, why)
-            )
+                name, source=source, run_id=mlflow_run_id, tags=tags,
+                description=describe(recipe, run, metrics, verdict, why), model_id=model_id)
+            tracking.link_version_to_model(mlflow_client, model_id, name, version.version)
             for alias in aliases:
                 mlflow_client.set_registered_model_alias(name, alias, version.version)
             tracking.log_metrics(mlflow_client, mlflow_run_id, {"model_version": float(version.version)})
@@ -156,6 +162,8 @@ def run(recipe: Recipe, run: RunDir, stage_options: StageOptions = StageOptions(
 
 
 PENDING = "pending.json"  # in push/: written before a version is created, removed once it is complete
+BUNDLE_TAG = "expert.bundle_hash"  # on a logged model: the bundle its pyfunc holds (a version's content never changes)
+PROVENANCE = "version_provenance.json"  # in the push run's artifacts: what the short version tags leave out
 PUSH_STATE = "push_state"  # version tag: `incomplete` until every alias and tag is set, then `complete`
 
 
@@ -211,18 +219,58 @@ def current_champion(mlflow_client, name: str) -> Candidate | None:
         return None
     tags = version.tags
     metric = tags.get("gate_metric", "")
-    value = tags.get(f"metric.expert.{metric}")
+    value = tags.get("gate_value", tags.get(f"metric.expert.{metric}"))  # versions pushed before had metric.* tags
     if value is None:
         return Candidate(version.version, metric, float("-inf"), tags.get("data_fingerprint", ""))
     return Candidate(version.version, metric, float(value), tags.get("data_fingerprint", ""))
 
 
-def save_pyfunc(run: RunDir, tmp: Path, recipe: Recipe, include_base: bool) -> Path:
-    """Assemble the bundle and save it as a pyfunc model directory (MLmodel + code + artifacts)."""
+def adapter_model(mlflow_client, run: RunDir, recipe: Recipe, manifest, push_run_id: str) -> str:
+    """The logged model train made of the adapter; made now when train's MLflow logging could not."""
+    train = manifest["stages"]["train"]
+    return train.get("mlflow_model_id") or new_adapter_model(mlflow_client, run, recipe,
+                                                             train.get("mlflow_run_id") or push_run_id)
+
+
+def new_adapter_model(mlflow_client, run: RunDir, recipe: Recipe, source_run_id: str) -> str:
+    """A logged model of the run's adapter (uploaded), an output of `source_run_id` (the train run, if any)."""
+    from pipeline.train import adapter_params
+
+    trained = contracts.read_record(run.path / "train/record.json", contracts.TrainRecord)
+    steps = json.loads((run.path / "train/metrics.json").read_text(encoding="utf-8"))["steps"]
+    logged: dict[str, str] = {}
+    tracking.log_adapter_model(mlflow_client, source_run_id, run.path / "train/adapter", recipe.registry.model_name,
+                               adapter_params(recipe, trained.base, trained.model_dump(), steps), logged)
+    return logged["model_id"]
+
+
+def pyfunc_model(mlflow_client, model_id: str, model_dir: Path, bundle_hash: str, run: RunDir, recipe: Recipe,
+                 metrics, push_run_id: str) -> str:
+    """The logged model this version is registered from: the adapter's, with the pyfunc added around it. Pushed
+    before with the same bundle: as it is. With another bundle (a new eval of the same adapter, `--include-base`):
+    a new logged model of the same adapter, the expert's test metrics logged against it too, because a registered
+    version's files must never change under it."""
+    held = mlflow_client.get_logged_model(model_id).tags.get(BUNDLE_TAG)
+    if held == bundle_hash:
+        return model_id
+    if held is not None:
+        model_id = new_adapter_model(mlflow_client, run, recipe,
+                                     run.stage_record("train").get("mlflow_run_id") or push_run_id)
+        test = tracking.split_dataset(recipe, run, "test")
+        expert = {k: v for k, v in flat_metrics(metrics["systems"]).items() if k.startswith("expert.")}
+        tracking.log_metrics(mlflow_client, push_run_id, expert, model_id=model_id, dataset=test)
+    mlflow_client.log_model_artifacts(model_id, str(model_dir))
+    mlflow_client.set_logged_model_tags(model_id, {BUNDLE_TAG: bundle_hash})
+    return model_id
+
+
+def save_pyfunc(run: RunDir, tmp: Path, recipe: Recipe, include_base: bool) -> tuple[Path, str]:
+    """Assemble the bundle and save it as a pyfunc model directory (MLmodel + code + artifacts), less the adapter
+    (its logged model holds it, where the bundle reads it); returns the directory and the bundle's hash."""
     import mlflow.pyfunc
 
     bundle = tmp / "bundle"
-    shutil.copytree(run.path / "train/adapter", bundle / "adapter")
+    bundle.mkdir()
     # the recipe as this push checked it: every key the stages read is the value they ran with
     (bundle / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
     shutil.copy2(run.path / "prep/spec.json", bundle / "spec.json")
@@ -242,7 +290,7 @@ def save_pyfunc(run: RunDir, tmp: Path, recipe: Recipe, include_base: bool) -> P
         pip_requirements=[f"{distribution}=={version}" for distribution, version in map(installed, LIBRARIES)]
         + [f"expert-pipeline=={metadata.version('expert-pipeline')}"],
     )
-    return model_dir
+    return model_dir, tree_hash(bundle)
 
 
 def git_commit() -> str:
@@ -256,55 +304,55 @@ def git_commit() -> str:
 
 
 def version_tags(recipe: Recipe, metrics, verdict, fingerprint: str, manifest) -> dict[str, str]:
+    """The short set of tags a reviewer scans on the version page (and push's promotion reads); the rest of the
+    version's provenance is `version_provenance` (one JSON artifact)."""
+    gate = verdict["metric"]
+    route = verdict.get("route")
+    threshold = verdict.get("threshold")
     tags = {
         "verdict": "pass" if verdict["passed"] else "fail",
-        "gate_metric": verdict["metric"],
+        "decision": verdict.get("decision", ""),
+        "gate_metric": gate,
+        "gate_value": f"{metrics['systems']['expert'][gate]:.4f}",
         "data_fingerprint": fingerprint,
-        "recipe_hash": recipe.recipe_hash(),
         "recipe": recipe.name,
-        "task": recipe.task.type,
         "base_model": recipe.model.base,
-        "base_model.lineage": json.dumps(manifest["stages"]["train"].get("base_model", {}), sort_keys=True),
         "run_dir_id": manifest["run_id"],
-        "train_mlflow_run_id": manifest["stages"]["train"].get("mlflow_run_id", ""),
-        "eval_mlflow_run_id": manifest["stages"]["eval"].get("mlflow_run_id", ""),
-        "git_commit": git_commit(),
-        "python": platform.python_version(),
+        "cascade_threshold": "none" if threshold is None else f"{threshold:.4f}",
+        "route": "none" if route is None else " -> ".join(
+            f"{name} >= {t:.4f}" for name, t in zip(route["chain"], route["thresholds"])) + f" -> {route['chain'][-1]}",
+        "provenance": f"{PROVENANCE} in the push run's artifacts",
     }
-    tags.update({f"lib.{lib}": installed(lib)[1] for lib in LIBRARIES})
-    for system, m in metrics["systems"].items():
-        for key, value in m.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                tags[f"metric.{system}.{key}"] = f"{value:.4f}"
-    for baseline, c in (metrics.get("comparisons") or {}).items():
-        tags[f"difference.expert_minus.{baseline}"] = (
-            f"{c['metric']} {c['difference']:+.4f} (95% CI {c['ci_low']:+.4f} to {c['ci_high']:+.4f}; "
-            f"McNemar p={c['mcnemar']['p_value']:.3g})"
-        )
-    tags["decision"] = verdict.get("decision", "")
-    for name, failed in (verdict.get("incomplete_baselines") or {}).items():
-        tags[f"incomplete_baseline.{name}"] = f"failed on {failed['failed']} of {failed['rows']} test rows"
-    threshold = verdict.get("threshold")
-    tags["cascade_threshold"] = "none" if threshold is None else f"{threshold:.4f}"
-    route = verdict.get("route")
-    tags["route"] = "none" if route is None else " -> ".join(
-        f"{name} >= {t:.4f}" for name, t in zip(route["chain"], route["thresholds"])) + f" -> {route['chain'][-1]}"
+    incomplete = verdict.get("incomplete_baselines") or {}
+    if incomplete:  # a comparison with holes is what a reviewer must see first
+        tags["incomplete_baselines"] = "; ".join(f"{name}: failed on {failed['failed']} of {failed['rows']} test rows"
+                                                 for name, failed in incomplete.items())
     return tags
 
 
-def describe(recipe: Recipe, metrics, verdict, promotion: str) -> str:
-    expert = metrics["systems"]["expert"]
-    gate = verdict["metric"]
-    best = verdict["best_baseline"]
-    vs = f" vs `{best}` {verdict['best_baseline_value']:.3f}" if best else ""
-    comparison = (metrics.get("comparisons") or {}).get(best or "")
-    interval = (
-        f" (difference {comparison['difference']:+.3f}, 95% CI {comparison['ci_low']:+.3f} to {comparison['ci_high']:+.3f})"
-        if comparison else ""
-    )
-    decision = f" Decision: {verdict['decision']}." if verdict.get("decision") else ""
-    return (
-        f"{recipe.task.type} expert for `{recipe.name}` on `{recipe.model.base}` "
-        f"(LoRA r={recipe.model.adapter.r}). {gate} {expert[gate]:.3f}{vs}{interval}; "
-        f"gate {'passed' if verdict['passed'] else 'failed'}.{decision} Promotion: {promotion}."
-    )
+def version_provenance(recipe: Recipe, metrics, verdict, manifest, model_id: str) -> dict[str, Any]:
+    """Everything else a version is traced by: the recipe hash, the base's lineage, the stages' MLflow runs and
+    logged model, code and library versions, every system's metrics and the comparisons."""
+    train, evaluation = manifest["stages"]["train"], manifest["stages"]["eval"]
+    return {
+        "recipe_hash": recipe.recipe_hash(),
+        "task": recipe.task.type,
+        "base_model_lineage": train.get("base_model", {}),
+        "train_mlflow_run_id": train.get("mlflow_run_id", ""),
+        "eval_mlflow_run_id": evaluation.get("mlflow_run_id", ""),
+        "mlflow_model_id": model_id,
+        "git_commit": git_commit(),
+        "python": platform.python_version(),
+        "libraries": {lib: installed(lib)[1] for lib in LIBRARIES},
+        "metrics": metrics["systems"],
+        "comparisons": metrics.get("comparisons") or {},
+        "incomplete_baselines": {name: f"failed on {failed['failed']} of {failed['rows']} test rows"
+                                 for name, failed in (verdict.get("incomplete_baselines") or {}).items()},
+    }
+
+
+def describe(recipe: Recipe, run: RunDir, metrics, verdict, promotion: str) -> str:
+    """The version's description: eval's evidence (the same Markdown as the eval run's) and the promotion."""
+    return (f"{evidence_markdown(recipe, metrics['systems'], verdict, metrics['test_examples'])}\n\n"
+            f"**Promotion:** {promotion}\n\nRun directory `{run.path.name}`; LoRA r={recipe.model.adapter.r}.")
+

@@ -50,9 +50,19 @@ def client():
     return MlflowClient(tracking_uri=configure())
 
 
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(mlflow_client, name: str) -> str:
+    """The recipe's experiment, marked as model development: without the mark, MLflow's UI infers GenAI from the
+    eval runs' traces and opens the experiment on an empty GenAI overview instead of its runs."""
     exp = mlflow_client.get_experiment_by_name(name)
-    return exp.experiment_id if exp else mlflow_client.create_experiment(name)
+    if exp is None:
+        return mlflow_client.create_experiment(name, tags=EXPERIMENT_KIND)
+    if not exp.tags.get("mlflow.experimentKind"):  # an experiment made before, or by hand: a kind set by a user stays
+        for key, value in EXPERIMENT_KIND.items():
+            mlflow_client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
@@ -80,25 +90,104 @@ def log_params(mlflow_client, run_id: str, params: dict[str, str]) -> None:
         mlflow_client.log_batch(run_id, params=items[i : i + BATCH])
 
 
-def log_metrics(mlflow_client, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+def log_metrics(mlflow_client, run_id: str, metrics: dict[str, float], step: int = 0, model_id: str | None = None,
+                dataset=None) -> None:
+    """Batched metrics; with `model_id` and `dataset` (an `mlflow.entities.Dataset`) they are the logged model's,
+    measured on that dataset, as MLflow 3's model page shows them."""
     import time
 
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
-    items = [Metric(k, float(v), ts, step) for k, v in sorted(metrics.items())]
+    linked: dict[str, Any] = {"model_id": model_id}
+    if dataset is not None:
+        linked |= {"dataset_name": dataset.name, "dataset_digest": dataset.digest}
+    items = [Metric(k, float(v), ts, step, **linked) for k, v in sorted(metrics.items())]
     for i in range(0, len(items), BATCH):
         mlflow_client.log_batch(run_id, metrics=items[i : i + BATCH])
 
 
+def split_dataset(recipe: Recipe, run: RunDir, split: str):
+    """A prep split as an MLflow dataset (name, digest of its file, where it is, its row count): what a run used,
+    linked as its input so the UI shows which data each number was measured on. Only the path is logged, never
+    the rows."""
+    from mlflow.entities import Dataset
+
+    from pipeline.rundir import file_hash
+
+    path = run.path / "prep" / f"{split}.jsonl"
+    with path.open("rb") as rows:
+        count = sum(1 for line in rows if line.strip())
+    return Dataset(name=f"{recipe.name}.{split}", digest=file_hash(path)[:12], source_type="local",
+                   source=json.dumps({"uri": str(path)}),
+                   schema=json.dumps({"mlflow_colspec": [{"name": c, "type": "string"}
+                                                          for c in ("id", "text", "target", "prompt", "completion")]}),
+                   profile=json.dumps({"num_rows": count}))
+
+
+def log_split_inputs(mlflow_client, run_id: str, recipe: Recipe, run: RunDir, splits: list[str],
+                     model_id: str | None = None) -> dict[str, Any]:
+    """Link the prep splits a stage read (and the logged model it evaluated) as the MLflow run's inputs; returns
+    the datasets by split."""
+    from mlflow.entities import DatasetInput, InputTag, LoggedModelInput
+
+    datasets = {split: split_dataset(recipe, run, split) for split in splits}
+    mlflow_client.log_inputs(
+        run_id, datasets=[DatasetInput(d, tags=[InputTag("mlflow.data.context", s)]) for s, d in datasets.items()],
+        models=[LoggedModelInput(model_id)] if model_id else None)
+    return datasets
+
+
+def log_adapter_model(mlflow_client, run_id: str, adapter_dir: Path, name: str, params: dict[str, str],
+                      into: dict[str, str]) -> None:
+    """The trained adapter as an MLflow 3 logged model, an output of its train run; `into["model_id"]` gets its
+    id. Eval logs its metrics against it; push adds the rest of the pyfunc model around the adapter and registers
+    the version from it (`models:/<model_id>`, the only source MLflow's UI links back to its model). The adapter
+    goes where the pyfunc bundle reads it (`expert_model.ADAPTER_PATH`), so it is stored once."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    from pipeline.expert_model import ADAPTER_PATH
+
+    experiment = mlflow_client.get_run(run_id).info.experiment_id
+    model = mlflow_client.create_logged_model(experiment, name=name, source_run_id=run_id, params=params,
+                                              model_type="LoRA adapter")
+    mlflow_client.log_model_artifacts(model.model_id, str(adapter_dir), ADAPTER_PATH)
+    mlflow_client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    mlflow_client.log_outputs(run_id, [LoggedModelOutput(model.model_id, 0)])
+    into["model_id"] = model.model_id
+
+
+def link_version_to_model(mlflow_client, model_id: str, name: str, version: str) -> None:
+    """Name the registered version on its logged model (the `mlflow.modelVersions` tag, as
+    `mlflow.register_model` sets it), so the model's page links to the version as the version's links to it."""
+    tag = "mlflow.modelVersions"
+    existing = json.loads(mlflow_client.get_logged_model(model_id).tags.get(tag) or "[]")
+    mlflow_client.set_logged_model_tags(model_id, {tag: json.dumps(existing + [{"name": name, "version": version}])})
+
+
+def set_description(mlflow_client, run_id: str, markdown: str) -> None:
+    """The run's description in the UI (MLflow keeps it in the `mlflow.note.content` tag)."""
+    mlflow_client.set_tag(run_id, "mlflow.note.content", markdown)
+
+
+def _epoch_ms(iso: str) -> int:
+    from datetime import datetime
+
+    return int(datetime.fromisoformat(iso).timestamp() * 1000)
+
+
 @contextmanager
-def stage_run(experiment: str, stage: str, run_dir_id: str, tags: dict[str, str]) -> Iterator[tuple[Any, str]]:
-    """An MLflow run for one stage of one run directory, ended FAILED if the body raises."""
+def stage_run(experiment: str, stage: str, run: RunDir, tags: dict[str, str]) -> Iterator[tuple[Any, str]]:
+    """An MLflow run for one stage of one run directory, ended FAILED if the body raises. It is created when the
+    stage's work is done (nothing reaches MLflow before there is something to log) but starts when the stage
+    started (the manifest's `started`), so the UI shows how long the stage really took."""
     mlflow_client = client()
     exp_id = experiment_id(mlflow_client, experiment)
-    all_tags = {"expert.stage": stage, "expert.run_dir_id": run_dir_id, **tags}
-    run = mlflow_client.create_run(exp_id, run_name=f"{stage} · {experiment} · {run_dir_id}", tags=all_tags)
-    run_id = run.info.run_id
+    all_tags = {"expert.stage": stage, "expert.run_dir_id": run.path.name, **tags}
+    started = run.stage_record(stage).get("started")
+    created = mlflow_client.create_run(exp_id, run_name=f"{stage} · {experiment} · {run.path.name}", tags=all_tags,
+                                       start_time=_epoch_ms(started) if started else None)
+    run_id = created.info.run_id
     try:
         yield mlflow_client, run_id
     except BaseException:
@@ -161,10 +250,6 @@ class Tracker:
         if self.run_id is None:
             return
         self.queue.put((fn, args, kwargs))
-
-    def submit_artifacts(self, local_dir: Path, artifact_path: str) -> None:
-        if self.run_id is not None:
-            self.queue.put((lambda c, r: c.log_artifacts(r, str(local_dir), artifact_path), (), {}))
 
     def _work(self) -> None:
         while True:

@@ -132,7 +132,9 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
                 "resumed_from_step": _step_of(resume_from) if resume_from else 0,
             }
             tracker.submit(tracking.log_metrics, {f"final_{k}": v for k, v in metrics.items() if v is not None})
-            tracker.submit_artifacts(out / "adapter", "adapter")
+            logged: dict[str, str] = {}  # the adapter's MLflow logged model, once the tracker has created it
+            tracker.submit(tracking.log_adapter_model, out / "adapter", recipe.registry.model_name,
+                           adapter_params(recipe, base, settings, result.global_step), logged)
             logging_problem = tracker.close("FINISHED")
             atomic_write_json(
                 out / "metrics.json",
@@ -153,5 +155,13 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
             f"[green]train[/]: {result.global_step} steps in {seconds:.0f}s, train loss {result.training_loss:.4f}, "
             f"validation loss {eval_loss:.4f} (best checkpoint: step {best_step(trainer)})"
         )
-        run.finish_stage(STAGE, OUTPUTS, mlflow_run_id=tracker.run_id)
+        run.finish_stage(STAGE, OUTPUTS, mlflow_run_id=tracker.run_id, mlflow_model_id=logged.get("model_id"))
     return run.stage_record(STAGE)
+
+
+def adapter_params(recipe: Recipe, base, settings: dict[str, Any], steps: int) -> dict[str, str]:
+    """What the logged model's page lists: the base it adapts and how it was trained."""
+    adapter = recipe.model.adapter
+    return {"base_model": recipe.model.base, "base_revision": str(base.revision), "method": adapter.method,
+            "r": str(adapter.r), "alpha": str(adapter.alpha), "precision": str(settings["precision"]),
+            "steps": str(steps)}

@@ -17,7 +17,7 @@ from pipeline.cli import app
 from pipeline.errors import UserError
 from pipeline.baselines import baseline_rows, load_fewshot, load_recorded
 from pipeline.recipe import PredictionsBaseline, Recipe
-from pipeline.rundir import RunDir
+from pipeline.rundir import RunDir, file_hash
 from pipeline.tasks import classification
 from tests.conftest import shipped_recipe, shipped_rows, write_recipe
 from tests.support.openai_server import FakeOpenAIServer
@@ -115,10 +115,38 @@ def test_eval_stage_with_cascade_recorded_and_few_shot_baselines(tiny_model_dir,
     assert latest.data.tags["expert.decision"] == "cascade"
     assert latest.data.metrics["expert_vs_frontier.ci_high"] == pytest.approx(vs["ci_high"])
     assert "cascade.threshold" in latest.data.metrics
-    artifacts = {a.path for a in client.list_artifacts(latest.info.run_id, "eval/tables")}
-    assert "eval/tables/frontier.json" in artifacts
-    table = json.loads(open(client.download_artifacts(latest.info.run_id, "eval/tables/expert.json", str(tmp_path))).read())
-    assert len(table["data"]) == n_test
+    # the MLflow 3 evidence: the splits and the adapter's logged model as inputs, the expert's metrics against
+    # that model and the test dataset, a real duration, the verdict as the description, a trace per test example
+    inputs = {d.dataset.name: d.dataset.digest for d in latest.inputs.dataset_inputs}
+    assert inputs == {"eval-cascade.test": file_hash(run_dir / "prep/test.jsonl")[:12],
+                      "eval-cascade.validation": file_hash(run_dir / "prep/validation.jsonl")[:12]}
+    model_id = json.loads((run_dir / "manifest.json").read_text())["stages"]["train"]["mlflow_model_id"]
+    assert [m.model_id for m in client.get_run(latest.info.run_id).inputs.model_inputs] == [model_id]
+    model_metrics = {m.key: m for m in client.get_logged_model(model_id).metrics}
+    assert model_metrics["expert.accuracy"].value == pytest.approx(systems["expert"]["accuracy"])
+    assert model_metrics["expert.accuracy"].dataset_name == "eval-cascade.test"
+    assert "frontier.accuracy" not in model_metrics, "only the expert's numbers are the model's"
+    timings = json.loads((out / "timings.json").read_text())
+    assert (latest.info.end_time - latest.info.start_time) / 1000 >= timings["stage_s"] - 1.5
+    assert latest.data.tags["mlflow.note.content"].startswith(f"**Decision: cascade** (gate failed on `macro_f1`, {n_test} test examples")
+    traces = client.search_traces(locations=[exp.experiment_id], run_id=latest.info.run_id, max_results=500)
+    assert len(traces) == n_test
+    expert_rows = {r["id"]: r for r in map(json.loads, (out / "predictions/expert.jsonl").read_text().splitlines())}
+    frontier_rows = {r["id"]: r for r in map(json.loads, (out / "predictions/frontier.jsonl").read_text().splitlines())}
+    split_with_frontier = 0
+    for trace in traces:
+        example_id = trace.info.trace_metadata["expert.example_id"]
+        row = expert_rows[example_id]
+        got = {a.name: a.value for a in trace.info.assessments}
+        assert got["target"] == row["target"] and got["expert_correct"] == (row["prediction"] == row["target"])
+        assert got["expert_confidence"] == pytest.approx(row["confidence"], abs=1e-5)
+        assert json.loads(trace.info.response_preview)["frontier"] == frontier_rows[example_id]["prediction"]
+        assert got["disagreement"] == (got["expert_correct"] != got["frontier_correct"]
+                                       or got["expert_correct"] != got["recorded_correct"]
+                                       or got["expert_correct"] != got["base-2-shot_correct"])
+        split_with_frontier += got["expert_correct"] != got["frontier_correct"]
+        assert SECRET not in json.dumps(trace.to_dict())
+    assert split_with_frontier == vs["mcnemar"]["baseline_only_correct"] + vs["mcnemar"]["expert_only_correct"] > 0
     for path in run_dir.rglob("*"):
         if path.is_file() and path.suffix in {".json", ".jsonl", ".md"}:
             assert SECRET not in path.read_text(), f"secret leaked into {path}"

@@ -69,7 +69,7 @@ def test_a_frontier_that_never_answers_lets_nothing_replace_it(tiny_model_dir, t
     assert client.get_registered_model("evidence").aliases == {"challenger": "1"}, "@champion does not move"
     tags = client.get_model_version("evidence", "1").tags
     assert tags["decision"] == "incomplete"
-    assert tags["incomplete_baseline.frontier"] == f"failed on {n_test} of {n_test} test rows"
+    assert tags["incomplete_baselines"] == f"frontier: failed on {n_test} of {n_test} test rows"
 
 
 def test_a_required_frontier_that_fails_stops_eval_with_exit_2(tiny_model_dir, trained):

@@ -120,7 +120,9 @@ def test_full_loop(recipe_name, tiny_model_dir, tracking_env, tmp_path, monkeypa
     assert version.tags["data_fingerprint"] == manifest["stages"]["prep"]["fingerprint"]
     assert version.tags["verdict"] == "fail"
     assert version.tags["base_model"] == str(tiny_model_dir)
-    assert len(version.tags["recipe_hash"]) == 64
+    provenance = json.loads(open(client.download_artifacts(version.run_id, "version_provenance.json",
+                                                           str(tmp_path))).read())
+    assert len(provenance["recipe_hash"]) == 64
     assert "champion" not in client.get_registered_model(model_name).aliases, "a failed gate must not promote"
 
     everything = all_text_of_runs(client, experiment.experiment_id) + json.dumps(version.tags) + version.description

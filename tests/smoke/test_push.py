@@ -60,7 +60,7 @@ def test_promotion_force_dry_run_and_pyfunc(tiny_model_dir, tracking_env, tmp_pa
     assert second != first
     v1, v2 = client.get_model_version(MODEL, "1"), client.get_model_version(MODEL, "2")
     assert v1.tags["data_fingerprint"] == v2.tags["data_fingerprint"]
-    assert v1.tags["metric.expert.accuracy"] == v2.tags["metric.expert.accuracy"]
+    assert v1.tags["gate_metric"] == "accuracy" and v1.tags["gate_value"] == v2.tags["gate_value"]
     assert client.get_registered_model(MODEL).aliases == {"challenger": "2", "champion": "2"}
 
     # a failing gate: challenger moves, champion stays
@@ -85,8 +85,12 @@ def test_promotion_force_dry_run_and_pyfunc(tiny_model_dir, tracking_env, tmp_pa
     assert client.get_registered_model(MODEL).aliases == {"challenger": "4", "champion": "4"}
     forced = client.get_model_version(MODEL, "4")
     assert forced.tags["forced_reason"] == "approved by on-call, ticket 42"
-    assert forced.tags["lib.transformers"] and forced.tags["git_commit"]
-    assert "Promotion: forced" in forced.description
+    assert len(forced.tags) <= 16, "a short set of tags; the rest is one JSON artifact"
+    provenance = json.loads(open(client.download_artifacts(forced.run_id, "version_provenance.json", str(tmp_path))).read())
+    assert provenance["libraries"]["transformers"] and provenance["git_commit"]
+    assert provenance["metrics"]["expert"]["accuracy"] == pytest.approx(float(forced.tags["gate_value"]), abs=1e-4)
+    assert forced.source == f"models:/{provenance['mlflow_model_id']}", "registered from the adapter's logged model"
+    assert forced.description.startswith("**Decision: ") and "**Promotion:** forced" in forced.description
 
     # the champion loads as a pyfunc and answers exactly as the eval stage did
     eval_rows = [json.loads(line) for line in (failing / "eval/predictions/expert.jsonl").read_text().splitlines()]
@@ -109,6 +113,11 @@ def test_promotion_force_dry_run_and_pyfunc(tiny_model_dir, tracking_env, tmp_pa
     with_base = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/5", dst_path=str(tmp_path / "v5")))
     assert next(with_base.rglob("base/config.json")).is_file()
     assert next(with_base.rglob("base/model.safetensors")).is_file()
+    # the same adapter pushed with another bundle is another logged model: version 4 is as it was
+    v4, v5 = client.get_model_version(MODEL, "4"), client.get_model_version(MODEL, "5")
+    assert v4.source != v5.source and v4.source.startswith("models:/m-")
+    again = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/4", dst_path=str(tmp_path / "v4")))
+    assert not list(again.rglob("base")) and next(again.rglob("adapter_model.safetensors")).is_file()
 
 
 def test_predict_and_compare_commands(tiny_model_dir, tracking_env, tmp_path, clean_secret_env):
@@ -130,7 +139,13 @@ def test_predict_and_compare_commands(tiny_model_dir, tracking_env, tmp_path, cl
     assert failed.exit_code == 2 and f"{bad}:2" in failed.output
 
     table = invoke("compare", str(run_dir), "models:/smoke-predict/1")
-    assert "expert.accuracy" in table.output and "smoke-predict v1" in table.output
+    assert "smoke-predict v1" in table.output
+    # the same names and numbers as the eval run's MLflow metrics, for the run directory and for the version
+    eval_run = MlflowClient(tracking_env).get_run(
+        json.loads((run_dir / "manifest.json").read_text())["stages"]["eval"]["mlflow_run_id"])
+    for key in ("expert.accuracy", "expert.macro_f1", "expert.cost_per_1k"):
+        row = next(line for line in table.output.splitlines() if f" {key} " in line)
+        assert row.count(f"{eval_run.data.metrics[key]:.4f}") == 2, row
 
 
 def test_predict_escalates_unsure_rows_to_the_frontier(tiny_model_dir, tracking_env, tmp_path, monkeypatch, clean_secret_env):
