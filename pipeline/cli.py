@@ -494,7 +494,8 @@ def ui(
     if not uri.startswith("sqlite:"):
         console.print(f"MLFLOW_TRACKING_URI points at a server; open {uri} in a browser")
         return
-    console.print(f"MLflow UI on http://{host}:{port} (Ctrl-C stops it)")
+    console.print(f"MLflow UI on http://{host}:{port} (Ctrl-C stops it); an experiment's runs: "
+                  f"http://{host}:{port}/#/experiments/<id>/runs?workflowType=machine_learning")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     raise typer.Exit(subprocess.call(cmd))
 

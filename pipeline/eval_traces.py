@@ -23,6 +23,8 @@ from typing import Any
 
 SOURCE_ID = "expert-eval"
 TRACE_NAME = "eval example"
+# the UI's traces filter (URL-encoded `ASSESSMENT::=::true::disagreement`): examples the decision turns on
+DISAGREEMENT_FILTER = "ASSESSMENT%3A%3A%3D%3A%3Atrue%3A%3Adisagreement"
 HTTP_WORKERS = 4  # concurrent start_trace requests against a tracking server (a local SQLite file takes one)
 
 

@@ -124,6 +124,27 @@ def print_summary(recipe: Recipe, run: RunDir) -> None:
     out.print(f"run directory: {run.path}  (report: {run.path / 'eval/report.md'})")
     uri = configure()
     if uri.startswith("sqlite:"):
-        out.print(f"open the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+        out.print(f"open the MLflow UI: `expert ui` (mlflow ui --backend-store-uri {uri} --port 5000), then:")
+        uri = "http://127.0.0.1:5000"
     else:
-        out.print(f"MLflow UI: {uri}")
+        out.print("MLflow UI:")
+    for what, link in review_links(uri, recipe.name, run, registered).items():
+        out.print(f"  {what}: {link}")
+
+
+def review_links(ui: str, experiment: str, run: RunDir, registered: dict) -> dict[str, str]:
+    """Where a reviewer looks, as MLflow UI links: the experiment's runs (with MLflow's model-training view: a
+    bare experiment link opens a GenAI overview), the eval run's per-example results and its disagreements,
+    the registered version."""
+    from pipeline.eval_traces import DISAGREEMENT_FILTER
+    from pipeline.tracking import client
+
+    found = client().get_experiment_by_name(experiment)
+    if found is None:
+        return {}
+    view = "workflowType=machine_learning"
+    runs = f"{ui}/#/experiments/{found.experiment_id}/runs"
+    examples = f"{runs}/{run.stage_record('eval')['mlflow_run_id']}/evaluations?{view}"
+    return {"runs": f"{runs}?{view}", "eval examples": examples,
+            "where the expert and a baseline disagree": f"{examples}&filter={DISAGREEMENT_FILTER}",
+            "registered version": f"{ui}/#/models/{registered['model_name']}/versions/{registered['version']}"}
