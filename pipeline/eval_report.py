@@ -162,6 +162,7 @@ def route_lines(route: dict[str, Any]) -> list[str]:
                 f"{m['target_held_on_resamples']:.0%} | {m['cost_per_1k']:.4f} | {m['latency_ms_p50']:.1f} / "
                 f"{m['latency_ms_p95']:.1f} | " + ", ".join(f"{n} {s:.1%}" for n, s in m["shares"].items()) +
                 f" | {saving} | {q['difference']:+.4f} ({q['ci_low']:+.4f} to {q['ci_high']:+.4f}) |")
+    lines += [f"\n`{how}`: {why}." for how, why in (route.get("unmet") or {}).items()]
     if route.get("thresholds") is None:
         lines += ["", f"No route: {route['reason']}."]
     elif route["holds_on_test"]:

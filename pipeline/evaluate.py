@@ -176,6 +176,7 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
                                  model_id=model_id, dataset=datasets["test"])
             tracking.log_metrics(mlflow_client, mlflow_run_id, {k: v for k, v in flat.items() if k not in expert_keys})
             mlflow_client.log_artifacts(mlflow_run_id, str(out), "eval")
+            console.print(f"eval: logging {len(test):,} per-example results to MLflow (one trace each)")
             eval_traces.log_examples(tracking.configure(), mlflow_client.get_run(mlflow_run_id).info.experiment_id,
                                      mlflow_run_id, test, {name: by_split["test"] for name, by_split in outputs.items()})
             tracking.set_description(mlflow_client, mlflow_run_id, evidence_markdown(recipe, metrics, verdict, len(test)))

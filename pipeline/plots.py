@@ -97,6 +97,8 @@ def cascade_plot(path: Path, curve: list[dict[str, Any]], expert: dict[str, Any]
 def route_plot(path: Path, route: dict[str, Any]) -> None:
     """Every threshold combination's cost and quality on test (grey), their Pareto front, each tier alone and the
     chosen point(s), with the target."""
+    from matplotlib.ticker import NullFormatter
+
     plt = _figure()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     grid = route["test_grid"]
@@ -118,6 +120,7 @@ def route_plot(path: Path, route: dict[str, Any]) -> None:
     else:  # a free tier (recorded answers without a price): log-like, with 0 on the axis
         ax.set_xscale("symlog", linthresh=max(min((c for c in costs if c > 0), default=1e-3), 1e-6))
         ax.set_xlim(left=0)
+    ax.xaxis.set_minor_formatter(NullFormatter())  # a span under a decade labels its minor ticks, overlapping
     ax.set_xlabel("cost per 1,000 requests ($)")
     ax.set_ylabel(route["target_metric"])
     ax.set_title(" -> ".join(route["chain"]) + " (test split)")

@@ -270,9 +270,11 @@ def route_result(recipe, spec, splits, outputs, metrics, skipped) -> dict[str, A
     chosen = {"point": cheapest(grid, target),
               "margin": cheapest_with_margin(grid, target, metric, golds["validation"], tiers["validation"], spec,
                                              samples, seed)}
-    result["options"] = {}
+    result["options"], result["unmet"] = {}, {}
     for how, point in chosen.items():
         if point is None:
+            result["unmet"][how] = (f"no thresholds reach {metric} {target:.4f} on validation" +
+                                    (" with their lower 95% bound" if how == "margin" else ""))
             continue
         on = {split: measure(metric, golds[split], tiers[split], spec, point["thresholds"], target, samples, seed)
               for split in ("validation", "test")}

@@ -104,6 +104,7 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
                 params["base_model.lineage"] = base.model_dump_json()
                 params.update({f"train.{k}.resolved": v for k, v in settings.items()})
                 tracker.submit(tracking.log_params, params)
+                tracker.submit(tracking.log_split_inputs, recipe, run, ["train", "validation"])
             callbacks: list[TrainerCallback] = [ProgressAndTracking(tracker), SealCheckpoints()]
             if recipe.train.early_stopping_patience:
                 callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stopping_patience))

@@ -84,6 +84,7 @@ def test_three_tiers_chosen_together_on_validation_and_measured_on_test(tiny_mod
 
     out = run_dir / "eval"
     route = json.loads((out / "route.json").read_text())
+    assert set(route["options"]) | set(route["unmet"]) == {"point", "margin"}, "each choice is a route or says why not"
     assert route["chain"] == ["expert", "mid", "frontier"] and route["reason"] is None
     assert "log-probabilities" in route["confidence"]["mid"]
     assert route["target"] == 1.0 - 0.05, "the oracle frontier scores 1.0 on validation"

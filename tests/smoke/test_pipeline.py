@@ -112,6 +112,10 @@ def test_full_loop(recipe_name, tiny_model_dir, tracking_env, tmp_path, monkeypa
     train_run = runs["train"]
     assert train_run.data.params["model.adapter.r"] == "16"
     assert "final_train_loss" in train_run.data.metrics
+    assert {d.dataset.name for d in train_run.inputs.dataset_inputs} == {f"{recipe_name}.train",
+                                                                         f"{recipe_name}.validation"}
+    assert [o.model_id for o in client.get_run(train_run.info.run_id).outputs.model_outputs] == \
+        [manifest["stages"]["train"]["mlflow_model_id"]], "the adapter is the train run's logged model"
     assert len(client.get_metric_history(train_run.info.run_id, "loss")) == 4
     assert runs["eval"].data.metrics[f"frontier.{metric}"] == 1.0
     assert f"expert.{metric}" in runs["eval"].data.metrics
