@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pipeline import baselines, contracts, eval_traces, frontier, routing, stats, tasks, tracking
@@ -129,45 +130,52 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
                 cache.close()
 
         test = splits["test"]
-        golds = [row["target"] for row in test]
-        metrics = {name: system_metrics(recipe, task, spec, test, by_split["test"], costs, name)
-                   for name, by_split in outputs.items()}
-        comparisons = compare_all(recipe, spec, golds, outputs)
-        calibration = stats.calibration(
-            [r["confidence"] for r in outputs["expert"]["test"]],
-            [r["prediction"] == g for r, g in zip(outputs["expert"]["test"], golds)],
-        )
-        metrics["expert"]["ece"] = calibration["ece"]
-        cascade = cascade_result(recipe, spec, splits, outputs, metrics, skipped)
-        route = routing.route_result(recipe, spec, splits, outputs, metrics, skipped)
-        if recipe.eval.routing is not None and recipe.task.type == "classification" and splits["validation"]:
-            route["label_mix"] = label_mix_warning(splits)
-        verdict = gate_verdict(recipe, metrics, skipped, comparisons, cascade, route)
-
-        for name, by_split in outputs.items():
-            for split, rows in by_split.items():
-                suffix = "" if split == "test" else f".{split}"
-                atomic_write_jsonl(out / "predictions" / f"{name}{suffix}.jsonl", prediction_rows(splits[split], rows))
-        write_plots(out / "plots", recipe, spec, golds, outputs, calibration, cascade, metrics, route)
-        atomic_write_json(out / "metrics.json", {
-            "systems": metrics, "skipped": skipped, "test_examples": len(test), "comparisons": comparisons,
-            "calibration": calibration,
-        })
-        atomic_write_json(out / "cascade.json", cascade)
-        if "test_answers" in route:
-            atomic_write_jsonl(out / "predictions" / "route.jsonl", [
-                {"id": e["id"], "target": e["target"], "prediction": answer, "tier": tier}
-                for e, (tier, answer) in zip(splits["test"], route.pop("test_answers"), strict=True)])
-        atomic_write_json(out / "route.json", route)
-        atomic_write_json(out / "verdict.json", verdict)
-        atomic_write_text(out / "report.md", render_report(recipe, metrics, skipped, comparisons, calibration, cascade,
-                                                           verdict, len(test), route))
-
-        tags = {"expert.recipe": recipe.name, "expert.base_model": recipe.model.base, "expert.verdict": verdict_word(verdict),
-                "expert.decision": verdict["decision"]}
-        logging_started = time.perf_counter()
         model_id = run.stage_record("train").get("mlflow_model_id")  # the adapter's logged model, if train made one
-        with tracking.stage_run(recipe.name, STAGE, run, tags) as (mlflow_client, mlflow_run_id):
+        tags = {"expert.recipe": recipe.name, "expert.base_model": recipe.model.base}
+        with tracking.stage_run(recipe.name, STAGE, run, tags) as (mlflow_client, mlflow_run_id), \
+                ThreadPoolExecutor(1) as background:
+            # one trace per test example, uploaded while the evidence is computed: they need only the answers
+            console.print(f"eval: logging {len(test):,} per-example results to MLflow (one trace each)")
+            examples = background.submit(
+                eval_traces.log_examples, tracking.configure(), mlflow_client.get_run(mlflow_run_id).info.experiment_id,
+                mlflow_run_id, test, {name: by_split["test"] for name, by_split in outputs.items()})
+            golds = [row["target"] for row in test]
+            metrics = {name: system_metrics(recipe, task, spec, test, by_split["test"], costs, name)
+                       for name, by_split in outputs.items()}
+            comparisons = compare_all(recipe, spec, golds, outputs)
+            calibration = stats.calibration(
+                [r["confidence"] for r in outputs["expert"]["test"]],
+                [r["prediction"] == g for r, g in zip(outputs["expert"]["test"], golds)],
+            )
+            metrics["expert"]["ece"] = calibration["ece"]
+            cascade = cascade_result(recipe, spec, splits, outputs, metrics, skipped)
+            route = routing.route_result(recipe, spec, splits, outputs, metrics, skipped)
+            if recipe.eval.routing is not None and recipe.task.type == "classification" and splits["validation"]:
+                route["label_mix"] = label_mix_warning(splits)
+            verdict = gate_verdict(recipe, metrics, skipped, comparisons, cascade, route)
+
+            for name, by_split in outputs.items():
+                for split, rows in by_split.items():
+                    suffix = "" if split == "test" else f".{split}"
+                    atomic_write_jsonl(out / "predictions" / f"{name}{suffix}.jsonl", prediction_rows(splits[split], rows))
+            write_plots(out / "plots", recipe, spec, golds, outputs, calibration, cascade, metrics, route)
+            atomic_write_json(out / "metrics.json", {
+                "systems": metrics, "skipped": skipped, "test_examples": len(test), "comparisons": comparisons,
+                "calibration": calibration,
+            })
+            atomic_write_json(out / "cascade.json", cascade)
+            if "test_answers" in route:
+                atomic_write_jsonl(out / "predictions" / "route.jsonl", [
+                    {"id": e["id"], "target": e["target"], "prediction": answer, "tier": tier}
+                    for e, (tier, answer) in zip(splits["test"], route.pop("test_answers"), strict=True)])
+            atomic_write_json(out / "route.json", route)
+            atomic_write_json(out / "verdict.json", verdict)
+            atomic_write_text(out / "report.md", render_report(recipe, metrics, skipped, comparisons, calibration, cascade,
+                                                               verdict, len(test), route))
+
+            logging_started = time.perf_counter()
+            mlflow_client.set_tag(mlflow_run_id, "expert.verdict", verdict_word(verdict))
+            mlflow_client.set_tag(mlflow_run_id, "expert.decision", verdict["decision"])
             tracking.log_params(mlflow_client, mlflow_run_id, tracking.flatten(recipe.model_dump(mode="json", by_alias=True)))
             datasets = tracking.log_split_inputs(mlflow_client, mlflow_run_id, recipe, run, list(splits), model_id)
             flat = flat_metrics(metrics, comparisons, cascade, route)
@@ -176,10 +184,8 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
                                  model_id=model_id, dataset=datasets["test"])
             tracking.log_metrics(mlflow_client, mlflow_run_id, {k: v for k, v in flat.items() if k not in expert_keys})
             mlflow_client.log_artifacts(mlflow_run_id, str(out), "eval")
-            console.print(f"eval: logging {len(test):,} per-example results to MLflow (one trace each)")
-            eval_traces.log_examples(tracking.configure(), mlflow_client.get_run(mlflow_run_id).info.experiment_id,
-                                     mlflow_run_id, test, {name: by_split["test"] for name, by_split in outputs.items()})
             tracking.set_description(mlflow_client, mlflow_run_id, evidence_markdown(recipe, metrics, verdict, len(test)))
+            examples.result()  # what is left of the upload, if the evidence was quicker
         logging_seconds = time.perf_counter() - logging_started
         stage_seconds = time.perf_counter() - stage_started
         atomic_write_json(out / "timings.json", {"stage_s": stage_seconds, "mlflow_logging_s": logging_seconds,
