@@ -284,8 +284,10 @@ def test_prep_is_logged_to_mlflow_with_fingerprint_and_dataset_inputs(tiny_model
     assert logged.data.params["data.max_tokens"] == "96"
     inputs = {d.tags[0].value: d.dataset for d in logged.inputs.dataset_inputs}
     assert set(inputs) == {"train", "validation", "test"}
-    assert all(d.digest == record["fingerprint"][:32] for d in inputs.values())
-    assert json.loads(inputs["test"].profile)["rows"] == stats["rows"]["test"]
+    for split, dataset in inputs.items():  # each split is its own dataset: its file's hash, as the manifest has it
+        assert dataset.name == f"prep-mlflow.{split}"
+        assert dataset.digest == record["outputs"][f"prep/{split}.jsonl"][:12]
+        assert json.loads(dataset.profile)["num_rows"] == stats["rows"][split]
     artifacts = {a.path for a in client.list_artifacts(record["mlflow_run_id"], "prep")}
     assert {"prep/report.md", "prep/stats.json", "prep/class_distribution.png", "prep/fewshot.json"} <= artifacts
 
