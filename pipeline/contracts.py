@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pipeline.errors import UserError
 from pipeline.recipe import Recipe
 from pipeline.rundir import STAGES, RunDir
+from pipeline.runtime import BEFORE_RECORDED, Runtime
 
 RECORD = "record.json"
 
@@ -46,6 +47,7 @@ class TrainRecord(Record):
     attention: str
     padding_free: bool
     padding_free_reason: str
+    lm_head: str = "every position"  # which positions the loss's LM head scored (records before it: every one)
     launch: str
     processes: int
     adapter_hash: str  # tree hash of train/adapter
@@ -58,6 +60,7 @@ class EvalRecord(Record):
     precision: Literal["fp32", "bf16", "fp16"]
     adapter_hash: str
     device: str
+    runtime: Runtime = BEFORE_RECORDED  # how the expert ran (adapter merged or not, speed-ups); serving matches it
 
 
 def read_record(path: Path, model: type[Record]) -> Any:

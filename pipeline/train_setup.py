@@ -16,14 +16,15 @@ from typing import Any
 
 from transformers import PrinterCallback, TrainerCallback
 
-from pipeline import distributed, models
+from pipeline import distributed, models, train_speedups
 from pipeline.errors import UserError
 from pipeline.recipe import Recipe, TrainSection
 from pipeline.rundir import RunDir
 
 
 def training_settings(recipe: Recipe) -> dict[str, Any]:
-    """The hardware-dependent choices (precision, attention kernel, padding-free and why), before anything loads."""
+    """The hardware-dependent choices (precision, attention kernel, padding-free and why, which positions the LM
+    head scores), before anything loads."""
     import torch
 
     if recipe.train.liger_kernels:
@@ -33,11 +34,13 @@ def training_settings(recipe: Recipe) -> dict[str, Any]:
             raise UserError("train.liger_kernels: needs a GPU and `pip install liger-kernel`; set it to false here")
     attention = models.resolve_attention(recipe.train.attention, recipe.data.max_tokens)
     padding_free, why = models.choose_padding_free(recipe.train.padding_free, recipe.train.packing, attention)
+    lm_head = train_speedups.lm_head_positions(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     return {
         "precision": models.resolve_precision(recipe.train.precision),
         "attention": attention,
         "padding_free": padding_free,
         "padding_free_reason": why,
+        "lm_head": lm_head,
     }
 
 
