@@ -96,8 +96,9 @@ def run_other_expert(baseline: ExpertBaseline, splits: dict[str, Rows], ctx: Bas
 
 
 def _run_dir_expert(run_dir: Path, where: str):
-    """(recipe, spec, system prompt, model, tokenizer) of a trained run directory."""
-    from pipeline import contracts
+    """(recipe, spec, system prompt, model, tokenizer) of a trained run directory, run as its own eval ran it
+    (the runtime eval and serving share, where that run has no eval yet)."""
+    from pipeline import contracts, runtime
     from pipeline.eval_inference import load_expert
     from pipeline.recipe import load_recipe
 
@@ -110,17 +111,22 @@ def _run_dir_expert(run_dir: Path, where: str):
     spec_doc = json.loads((run_dir / "prep/spec.json").read_text(encoding="utf-8"))
     trained = contracts.read_record(run_dir / "train/record.json", contracts.TrainRecord)
     model, tokenizer = load_expert(other, trained, run_dir / "train/adapter")
+    record = run_dir / "eval" / contracts.RECORD
+    evaluated = contracts.read_record(record, contracts.EvalRecord).runtime if record.is_file() else None
+    model, _ = runtime.prepare(model, other, runtime.adapter_for(model, other, None, evaluated))
     return other, spec_doc["spec"], spec_doc["system_prompt"], model, tokenizer
 
 
 def _registered_expert(model_uri: str, where: str):
-    """(recipe, spec, system prompt, model, tokenizer) of a registered version, from its bundle."""
-    from pipeline import registry
+    """(recipe, spec, system prompt, model, tokenizer) of a registered version, from its bundle, run as it was
+    evaluated (`pipeline/runtime.py`), as `expert serve` would run it."""
+    from pipeline import registry, runtime
 
     try:
         _, version = registry.load_version(model_uri)
     except UserError as err:
         raise UserError(f"{where}: {err}") from None
+    runtime.prepare_expert(version)
     return version.recipe, version.spec, version.system_prompt, version.model, version.tokenizer
 
 

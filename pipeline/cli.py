@@ -388,8 +388,15 @@ def serve(
         float, typer.Option(help="Seconds per frontier attempt.")
     ] = _serve_default("frontier_timeout_s"),
     merge: Annotated[
-        bool, typer.Option("--merge/--no-merge", help="Fold the adapter into the base weights at load (faster).")
+        bool | None, typer.Option("--merge/--no-merge",
+                                  help="Fold the adapter into the base weights at load, or keep it separate. Default: "
+                                       "as the version was evaluated; the other is refused without "
+                                       "--allow-unevaluated-runtime.")
     ] = _serve_default("merge"),
+    allow_unevaluated_runtime: Annotated[
+        bool, typer.Option(help="Serve with --merge/--no-merge other than the version was evaluated with (its "
+                                "answers and confidences then differ from the evaluated ones in the last digits).")
+    ] = _serve_default("allow_unevaluated_runtime"),
     pack: Annotated[
         bool, typer.Option("--pack/--no-pack", help="Keep merged bf16 weights in oneDNN's layout (same answers, faster).")
     ] = _serve_default("pack"),
@@ -410,6 +417,7 @@ def serve(
             escalate=escalate, frontier_down=frontier_down, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
             max_body_bytes=max_body_bytes, max_input_tokens=max_input_tokens, frontier_retries=frontier_retries,
             frontier_timeout_s=frontier_timeout, merge=merge, pack=pack, lean_forward=lean_forward, threads=threads,
+            allow_unevaluated_runtime=allow_unevaluated_runtime,
         )
         serving.run(model_uri, host, port, options)
 

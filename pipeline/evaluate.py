@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pipeline import baselines, contracts, eval_traces, frontier, routing, stats, tasks, tracking
+from pipeline import baselines, contracts, eval_traces, frontier, routing, runtime, stats, tasks, tracking
 from pipeline.contracts import StageOptions
 from pipeline.errors import UserError
 from pipeline.eval_inference import infer_local, load_expert, read_split
@@ -105,35 +105,43 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
         skipped: dict[str, str] = {}
         trained = contracts.read_record(run.path / "train/record.json", contracts.TrainRecord)
         model, tokenizer = load_expert(recipe, trained, run.path / "train/adapter")
-        contracts.write_record(out / contracts.RECORD, contracts.EvalRecord(
-            base=trained.base, precision=trained.precision, adapter_hash=tree_hash(run.path / "train/adapter"),
-            device=str(model.device)))
-        outputs["expert"] = {s: infer_local(model, tokenizer, rows, recipe, spec, f"expert ({s})")
-                             for s, rows in splits.items()}
         needs_api = any(b.kind == "openai" for b in recipe.eval.baselines)
         cache = frontier.ResponseCache(frontier.default_cache_path()) if needs_api else None
         context = baselines.BaselineContext(recipe, task, spec, baseline_system, fewshot, model, tokenizer, recorded,
                                             cache)
-        try:
-            for baseline in recipe.eval.baselines:
-                wanted = splits if baseline.name in tiers else {"test": splits["test"]}
-                result = baselines.run_baseline(baseline, wanted, context)
-                if result.skipped is not None:
-                    skipped[baseline.name] = result.skipped
-                    console.print(f"[yellow]eval[/]: baseline `{baseline.name}` skipped: {result.skipped}")
-                    continue
-                outputs[baseline.name] = result.outputs
-                if baseline.kind not in ("base_model", "expert"):  # local models: priced by machine time
-                    costs[baseline.name] = result.cost_per_1k
-        finally:
-            if cache is not None:
-                cache.close()
-
         test = splits["test"]
         model_id = run.stage_record("train").get("mlflow_model_id")  # the adapter's logged model, if train made one
         tags = {"expert.recipe": recipe.name, "expert.base_model": recipe.model.base}
         with tracking.stage_run(recipe.name, STAGE, run, tags) as (mlflow_client, mlflow_run_id), \
                 ThreadPoolExecutor(1) as background:
+            outputs["expert"] = {}  # first: reports and traces list the expert before its baselines
+            try:  # the baselines first: the base-model ones need the adapter separate, and the expert runs merged
+                for baseline in recipe.eval.baselines:
+                    wanted = splits if baseline.name in tiers else {"test": splits["test"]}
+                    result = baselines.run_baseline(baseline, wanted, context)
+                    if result.skipped is not None:
+                        skipped[baseline.name] = result.skipped
+                        console.print(f"[yellow]eval[/]: baseline `{baseline.name}` skipped: {result.skipped}")
+                        continue
+                    outputs[baseline.name] = result.outputs
+                    if baseline.kind not in ("base_model", "expert"):  # local models: priced by machine time
+                        costs[baseline.name] = result.cost_per_1k
+            finally:
+                if cache is not None:
+                    cache.close()
+
+            # the expert as `expert serve` will run it (adapter merged where it can be, the bit-identical speed-ups),
+            # after the base-model baselines, which need the adapter separate to switch it off
+            model, ran_as = runtime.prepare(model, recipe, runtime.adapter_for(model, recipe, None, None))
+            for note in ran_as.speedups:
+                console.print(f"eval: {note}")
+            contracts.write_record(out / contracts.RECORD, contracts.EvalRecord(
+                base=trained.base, precision=trained.precision, adapter_hash=tree_hash(run.path / "train/adapter"),
+                device=str(model.device), runtime=ran_as))
+
+            for split, rows in splits.items():
+                outputs["expert"][split] = infer_local(model, tokenizer, rows, recipe, spec, f"expert ({split})")
+
             # one trace per test example, uploaded while the evidence is computed: they need only the answers
             console.print(f"eval: logging {len(test):,} per-example results to MLflow (one trace each)")
             examples = background.submit(

@@ -80,10 +80,17 @@ class ExpertModel(mlflow.pyfunc.PythonModel):
         base = models.load_base_model(self.recipe.model, source, trained.precision,
                                       device_map=models.inference_device_map())
         self.model = PeftModel.from_pretrained(base, bundle / "adapter").eval()
+        # how eval ran it (`pipeline/runtime.py`): the first answer, or `expert serve` with its options, prepares it
+        record = bundle / "eval_record.json"
+        self.evaluated_runtime = (contracts.read_record(record, contracts.EvalRecord).runtime if record.is_file()
+                                  else None)
+        self.runtime = None  # until prepared (`runtime.prepare_expert`); `expert export` writes it as loaded
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        from pipeline import predict
+        from pipeline import predict, runtime
 
+        if self.runtime is None:
+            runtime.prepare_expert(self)
         texts = _texts(model_input)
         prompts = [predict.expert_prompt(self.system_prompt, t) for t in texts]  # as `expert serve` builds them
         rows = predict.answer(self.model, self.tokenizer, prompts, self.recipe, self.spec)

@@ -118,6 +118,8 @@ def run(recipe: Recipe, run: RunDir, stage_options: StageOptions = StageOptions(
     with run.attempt(STAGE, inputs, recipe, RECIPE_KEYS):
         repair_interrupted_push(run, mlflow_client)
         tags = version_tags(recipe, metrics, verdict, fingerprint, manifest)
+        evaluated = contracts.read_record(run.path / "eval" / contracts.RECORD, contracts.EvalRecord)
+        tags["runtime"] = f"adapter {evaluated.runtime.adapter}"  # what eval ran; serving runs the same
         tags[PUSH_STATE] = "incomplete"  # set to complete last: a version left incomplete is rolled back
         tags["promotion"] = why
         if options.force:

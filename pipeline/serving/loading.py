@@ -1,11 +1,11 @@
-"""Loading a version for `expert serve`: on a short-lived thread, adapter merged, CPU speed-ups through their seam."""
+"""Loading a version for `expert serve`: on a short-lived thread, prepared as it was evaluated (`pipeline/runtime.py`)."""
 
 from __future__ import annotations
 
 import threading
 from typing import Any
 
-from pipeline import registry, speedups
+from pipeline import registry, runtime
 from pipeline.registry import registered_name_version  # noqa: F401 - part of this package's names
 from pipeline.serving.options import ServeOptions
 from pipeline.ui import console
@@ -50,11 +50,13 @@ def _load_service(model_uri: str, options: ServeOptions):
 
 
 def prepare(expert, options: ServeOptions) -> None:
-    """A loaded version made ready to serve, with the same answers: the adapter folded into the base (less work per
-    token; not for a quantized base), then the CPU speed-ups asked for (`pipeline/speedups.py`), each noted."""
-    merged = options.merge and expert.recipe.model.quantization == "none" and hasattr(expert.model, "merge_and_unload")
-    if merged:
-        expert.model = expert.model.merge_and_unload().eval()
-    for note in speedups.install(expert.model, expert.recipe.task.type, lean=options.lean_forward,
-                                 pack=merged and options.pack):
+    """A loaded version made ready to serve as it was evaluated (`pipeline/runtime.py`): the adapter merged or
+    separate as eval ran it (other options refused unless allowed), then the bit-identical speed-ups asked for."""
+    notes = runtime.prepare_expert(expert, options.merge, options.lean_forward, options.pack,
+                                   options.allow_unevaluated_runtime)
+    evaluated = getattr(expert, "evaluated_runtime", None)
+    console.print(f"serving with the adapter {expert.runtime.adapter}"
+                  + (", as evaluated" if evaluated is not None and evaluated.adapter == expert.runtime.adapter
+                     else ", NOT as evaluated (--allow-unevaluated-runtime)" if evaluated is not None else ""))
+    for note in notes:
         console.print(note)

@@ -20,7 +20,8 @@ class ServeOptions:
     max_input_tokens: int | None = None  # longer texts get 413; default: the recipe's data.max_tokens
     frontier_retries: int = 1  # retries per escalated request (serving cannot wait like eval)
     frontier_timeout_s: float = 10.0
-    merge: bool = True  # fold the LoRA weights into the base at load: same answers, less work per token
+    merge: bool | None = None  # fold the LoRA weights into the base at load, or not; None: as eval ran the version
+    allow_unevaluated_runtime: bool = False  # serve a merge choice the version was not evaluated with
     pack: bool = True  # after merging, keep bf16 weights in oneDNN's layout: bit-identical answers, ~1.3x faster
     lean_forward: bool = True  # Llama label scoring: fused projections, no transformers plumbing; bit-identical, ~12% faster
     threads: int | None = None  # torch CPU threads for the model; default: torch's (one per core)

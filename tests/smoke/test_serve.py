@@ -126,6 +126,31 @@ def test_openai_client_gets_eval_answers_and_unsure_ones_escalate(version, servi
         strict.close()
 
 
+def test_the_version_records_its_evaluated_runtime_and_serving_refuses_another(version, service):
+    """Eval ran the expert merged (the tiny base is full precision); the version says so, serve runs it so, and
+    `--no-merge` is refused unless allowed, with the reason."""
+    from mlflow import MlflowClient
+
+    run_dir = max((version.tmp / "runs" / "smoke-serve").iterdir())
+    record = json.loads((run_dir / "eval/record.json").read_text())
+    assert record["runtime"]["adapter"] == "merged"
+    assert service.expert.evaluated_runtime.adapter == "merged" and service.expert.runtime.adapter == "merged"
+    tags = MlflowClient().get_model_version(MODEL, "1").tags
+    assert tags["runtime"] == "adapter merged"
+    refused = CliRunner().invoke(app, ["serve", version.uri, "--no-merge", "--port", "1"])
+    assert refused.exit_code == 2, refused.output
+    assert "evaluated with its adapter merged" in refused.output and "--allow-unevaluated-runtime" in refused.output
+    allowed = serve.load_service(version.uri, serve.ServeOptions(merge=False, allow_unevaluated_runtime=True,
+                                                                 escalate=False))
+    try:
+        assert allowed.expert.runtime.adapter == "separate"
+        row = version.tests[0]
+        answer = allowed.engine.submit(row["text"]).result(timeout=60)
+        assert answer["confidence"] == pytest.approx(version.eval[row["id"]]["confidence"], abs=1e-3)
+    finally:
+        allowed.close()
+
+
 def test_bounded_load_concurrent_clients_no_errors(version, service):
     """8 clients for 3 s: every request answered, latencies reported, and requests were batched."""
     local = serve.Service(service.expert, MODEL, "1", version.uri, serve.ServeOptions(escalate=False, max_batch=8))
