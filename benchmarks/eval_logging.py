@@ -10,9 +10,15 @@ SQLite store and against a local `mlflow server`; with `--shipped RECIPE`, also 
 baselines (`recipes/banking77.yaml`: the base model zero-shot and 8-shot, ~20 min here) against the server. Eval writes
 `eval/timings.json` (the stage's seconds, MLflow logging's seconds: params, datasets, metrics, artifacts, one
 trace per test example, the description); the script prints both and their ratio. Each eval also runs once
-with the per-example traces switched off, side by side, and the script prints what the traces add to the stage's
-wall time: they upload while the expert answers, so the time eval waits for them understates their cost where
-the tracking server shares eval's cores.
+with the per-example traces switched off, one after the other (on this shared machine such pairs move by tens
+of seconds either way).
+
+    .venv/bin/python benchmarks/eval_logging.py runs/teacher-student/student-gold --work runs/eval-logging \\
+        --interleaved
+
+measures the traces in one process instead (`interleaved`): the expert's inference on eval's runtime, the
+upload of as many traces alone, and both at once, chunk by chunk in rotating order, against SQLite and a local
+`mlflow server`.
 """
 
 from __future__ import annotations

@@ -129,6 +129,8 @@ def build_trainer(recipe: Recipe, run: RunDir, config, tokenizer, model, callbac
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # the progress bar and MLflow carry the logs
+    if (config.bf16 or config.fp16) and recipe.model.quantization == "none" and recipe.model.adapter.method == "lora":
+        train_speedups.skip_lora_input_casts(trainer.model)  # autocast casts them back: same numbers, no copies
     check_every_row_has_answer(trainer.train_dataset, len(train_rows), "prep/train.jsonl")
     check_every_row_has_answer(trainer.eval_dataset, len(val_rows), "prep/validation.jsonl")
     if config.max_length is None:  # TRL did not truncate (padding-free without packing)

@@ -1,4 +1,5 @@
-"""Training's CPU speed-up that reaches past TRL's public API: the LM head scores only the answer's positions.
+"""Training's speed-ups that change no number: the LM head scores only the answer's positions on a CPU, and LoRA
+layers under autocast stop casting their input to fp32 and back.
 
 TRL's SFTTrainer takes its loss from a fused LM head (`trl.trainer.utils.add_fused_lm_head`): the vocabulary is
 projected in tiles and folded into log-probabilities without building the logits. On CUDA and XPU it projects
@@ -66,3 +67,20 @@ def lm_head_positions(device) -> str:
         console.print(f"[yellow]train[/]: {why_not}")
     chooses_compact = getattr(utils, "_use_triton", None)
     return ANSWER_ONLY if chooses_compact is not None and chooses_compact(device) else EVERY_POSITION
+
+
+def skip_lora_input_casts(model) -> int:
+    """Under bf16/fp16 autocast, a LoRA layer casts its half-precision input to its fp32 weights' dtype before the
+    adapter's products, and autocast casts it straight back to half precision for them: two copies of every
+    adapted layer's input (and of its gradient) for the same numbers, since half -> fp32 -> half is exact. PEFT's
+    `cast_input_dtype_enabled` (public, set by `peft.helpers.disable_input_dtype_casting`) turns that cast off.
+    Plain LoRA on a full-precision base only: DoRA's and the quantized layers' forwards do more with the input.
+    Returns how many layers were changed."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    changed = 0
+    for module in model.modules():
+        if type(module) is LoraLinear and not module.lora_variant and module.cast_input_dtype_enabled:
+            module.cast_input_dtype_enabled = False
+            changed += 1
+    return changed

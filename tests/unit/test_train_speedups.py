@@ -78,3 +78,37 @@ def test_an_unchecked_trl_release_keeps_trls_head(monkeypatch, version):
     monkeypatch.setattr(utils, "_use_triton", lambda device: False)
     assert "outside the releases" in train_speedups.compact_lm_head_on_cpu()
     assert train_speedups.lm_head_positions(torch.device("cpu")) == train_speedups.EVERY_POSITION
+
+
+def _bf16_lora_model():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).to(torch.bfloat16)
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+
+
+def _autocast_step(model, ids):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as profile:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    casts = sum(e.count for e in profile.key_averages() if e.key == "aten::_to_copy")
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, casts
+
+
+def test_lora_layers_under_autocast_skip_the_round_trip_casts_with_the_same_loss_and_gradients():
+    model = _bf16_lora_model()
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}, "PEFT's fp32 adapters"
+    ids = torch.randint(0, 256, (2, 16))
+    loss, grads, casts = _autocast_step(model, ids)
+    assert train_speedups.skip_lora_input_casts(model) == 2 * 7, "every adapted linear layer of both blocks"
+    fewer_loss, fewer_grads, fewer_casts = _autocast_step(model, ids)
+    assert fewer_casts < casts, (fewer_casts, casts)
+    assert torch.allclose(fewer_loss, loss, rtol=1e-6, atol=0), "half -> fp32 -> half is exact: the same numbers"
+    for name, grad in grads.items():
+        assert torch.allclose(fewer_grads[name], grad, rtol=1e-5, atol=1e-7), name
+    assert train_speedups.skip_lora_input_casts(model) == 0, "idempotent"
