@@ -19,7 +19,8 @@ LEAN_TRANSFORMERS = ((5, 20), (6, 0))
 LEAN_MODULE = "pipeline.lean_forward"
 
 
-def _release(version: str) -> tuple[int, int]:
+def release(version: str) -> tuple[int, int]:
+    """(major, minor) of a library's version string; (0, 0) when it does not parse."""
     from packaging.version import InvalidVersion, Version
 
     try:
@@ -35,7 +36,7 @@ def install_lean_forward(model) -> str:
     import transformers
 
     low, high = LEAN_TRANSFORMERS
-    if not low <= _release(transformers.__version__) < high:
+    if not low <= release(transformers.__version__) < high:
         return (f"lean forward pass off: transformers {transformers.__version__} is outside the releases it was "
                 f"written against ({low[0]}.{low[1]} to before {high[0]}.{high[1]}); transformers' forward is used")
     try:

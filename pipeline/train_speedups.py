@@ -19,20 +19,12 @@ behaviour and the note says so.
 
 from __future__ import annotations
 
+from pipeline.speedups import release
+
 # the TRL releases the fused head's `_use_triton` choice was read in and checked against: [from, to)
 TRL_RELEASES = ((1, 10), (2, 0))
 ANSWER_ONLY = "answer positions"
 EVERY_POSITION = "every position"
-
-
-def _release(version: str) -> tuple[int, int]:
-    from packaging.version import InvalidVersion, Version
-
-    try:
-        release = Version(version).release
-    except InvalidVersion:
-        return (0, 0)
-    return (release + (0, 0))[:2]
 
 
 def compact_lm_head_on_cpu() -> str | None:
@@ -42,7 +34,7 @@ def compact_lm_head_on_cpu() -> str | None:
     from trl.trainer import utils
 
     low, high = TRL_RELEASES
-    if not low <= _release(trl.__version__) < high:
+    if not low <= release(trl.__version__) < high:
         return (f"TRL {trl.__version__} is outside the releases the answer-only LM head was checked "
                                 f"against ({low[0]}.{low[1]} to before {high[0]}.{high[1]}); it scores every position")
     chooses_compact = getattr(utils, "_use_triton", None)
