@@ -1,7 +1,7 @@
 """What eval's MLflow logging costs: its share of `expert eval`'s wall time, measured in the same eval run.
 
     .venv/bin/python benchmarks/eval_logging.py runs/teacher-student/student-gold --work runs/eval-logging \\
-        [--shipped recipes/banking77.yaml]
+        [--shipped recipes/banking77.yaml [--shipped-only]]
 
 Copies a trained run directory (BANKING77's: 1,002 test rows) and runs `expert eval` on the copy: with the
 expert and a recorded frontier (the gold label on 95% of the rows, another label elsewhere;
@@ -125,6 +125,8 @@ def main() -> None:
     parser.add_argument("run", type=Path, help="a trained run directory")
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--shipped", type=Path, help="a shipped recipe: also eval with its baselines")
+    parser.add_argument("--shipped-only", action="store_true",
+                        help="with --shipped: only that eval, with its traces, against the default SQLite store")
     parser.add_argument("--interleaved", action="store_true",
                         help="measure the upload against the expert's inference in one process, chunk by chunk in "
                              "turn (instead of whole evals, whose pairs this shared machine makes too noisy)")
@@ -139,6 +141,14 @@ def main() -> None:
     recorded = [{"name": "frontier", "kind": "predictions", "path": str(frontier),
                  "price_per_mtok": {"input": 2.5, "output": 10.0}}]
     measured: dict = {}
+    if args.shipped_only:
+        shipped = yaml.safe_load(args.shipped.read_text(encoding="utf-8"))["eval"]["baselines"]
+        r = eval_once(trained, work, "sqlite", {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work}/shipped.db"},
+                      shipped)
+        print(f"| {r['eval']} | {r['test_rows']:,} | {r['stage_s']:.1f} s | MLflow logging waited for "
+              f"{r['mlflow_logging_s']:.2f} s | {r['mlflow_logging_share']:.2%} |")
+        (work / "shipped.json").write_text(json.dumps(r, indent=2), encoding="utf-8")
+        return
     if args.interleaved:
         runs = [("sqlite", f"sqlite:///{work}/interleaved.db", 1)]
         with mlflow_server(work / "server") as uri:
