@@ -43,7 +43,7 @@ def main() -> None:
     prompts = [row["prompt"] for row in read_split(open_run(run), "test")[:args.rows]]
     before, tokenizer = load_expert(recipe, trained, run / "train/adapter")
     now, _ = load_expert(recipe, trained, run / "train/adapter")
-    now, ran_as = runtime.prepare(now, recipe, runtime.adapter_for(now, recipe, None, None))
+    now, ran_as = runtime.prepare(now, recipe)
     systems = {"before (adapter separate)": before, f"now (adapter {ran_as.adapter}, speed-ups)": now}
     seconds = {name: [] for name in systems}
     answers = {}

@@ -82,7 +82,7 @@ def interleaved(trained: Path, uri: str, chunks: int, chunk_rows: int, http_work
     recipe = load_recipe(trained / "recipe.yaml")
     record = contracts.read_record(trained / "train/record.json", contracts.TrainRecord)
     model, tokenizer = load_expert(recipe, record, trained / "train/adapter")
-    model, _ = runtime.prepare(model, recipe, runtime.adapter_for(model, recipe, None, None))
+    model, _ = runtime.prepare(model, recipe)
     spec = json.loads((trained / "prep/spec.json").read_text(encoding="utf-8"))["spec"]
     test = read_split(open_run(trained), "test")
     client = mlflow.MlflowClient(uri)

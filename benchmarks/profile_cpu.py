@@ -137,7 +137,7 @@ def load_expert_as(run_dir: Path, recipe_path: Path, prepared: bool):
     trained = contracts.read_record(run_dir / "train/record.json", contracts.TrainRecord)
     model, tokenizer = load_expert(recipe, trained, run_dir / "train/adapter")
     if prepared:
-        model, _ = runtime.prepare(model, recipe, runtime.adapter_for(model, recipe, None, None))
+        model, _ = runtime.prepare(model, recipe)
     return recipe, model, tokenizer
 
 

@@ -111,8 +111,7 @@ def _run_dir_expert(run_dir: Path, where: str):
     spec_doc = json.loads((run_dir / "prep/spec.json").read_text(encoding="utf-8"))
     trained = contracts.read_record(run_dir / "train/record.json", contracts.TrainRecord)
     model, tokenizer = load_expert(other, trained, run_dir / "train/adapter")
-    record = run_dir / "eval" / contracts.RECORD
-    evaluated = contracts.read_record(record, contracts.EvalRecord).runtime if record.is_file() else None
+    evaluated = contracts.evaluated_runtime(run_dir / "eval" / contracts.RECORD)
     model, _ = runtime.prepare(model, other, runtime.adapter_for(model, other, None, evaluated))
     return other, spec_doc["spec"], spec_doc["system_prompt"], model, tokenizer
 

@@ -63,6 +63,12 @@ class EvalRecord(Record):
     runtime: Runtime = BEFORE_RECORDED  # how the expert ran (adapter merged or not, speed-ups); serving matches it
 
 
+def evaluated_runtime(path: Path) -> Runtime | None:
+    """The runtime an eval record (`eval/record.json`, a version's `eval_record.json`) says the expert ran on; None
+    where there is no record."""
+    return read_record(path, EvalRecord).runtime if path.is_file() else None
+
+
 def read_record(path: Path, model: type[Record]) -> Any:
     try:
         return model.model_validate_json(path.read_text(encoding="utf-8"))

@@ -133,7 +133,7 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
 
             # the expert as `expert serve` will run it (adapter merged where it can be, the bit-identical speed-ups),
             # after the base-model baselines, which need the adapter separate to switch it off
-            model, ran_as = runtime.prepare(model, recipe, runtime.adapter_for(model, recipe, None, None))
+            model, ran_as = runtime.prepare(model, recipe)
             for note in ran_as.speedups:
                 console.print(f"eval: {note}")
             contracts.write_record(out / contracts.RECORD, contracts.EvalRecord(

@@ -81,9 +81,7 @@ class ExpertModel(mlflow.pyfunc.PythonModel):
                                       device_map=models.inference_device_map())
         self.model = PeftModel.from_pretrained(base, bundle / "adapter").eval()
         # how eval ran it (`pipeline/runtime.py`): the first answer, or `expert serve` with its options, prepares it
-        record = bundle / "eval_record.json"
-        self.evaluated_runtime = (contracts.read_record(record, contracts.EvalRecord).runtime if record.is_file()
-                                  else None)
+        self.evaluated_runtime = contracts.evaluated_runtime(bundle / "eval_record.json")
         self.runtime = None  # until prepared (`runtime.prepare_expert`); `expert export` writes it as loaded
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:

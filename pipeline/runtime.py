@@ -59,9 +59,12 @@ def adapter_for(model, recipe: Recipe, merge: bool | None, evaluated: Runtime | 
     return adapter
 
 
-def prepare(model, recipe: Recipe, adapter: str, lean: bool = True, pack: bool = True) -> tuple[Any, Runtime]:
-    """The model made ready to answer with `adapter` (`adapter_for`) and the speed-ups asked for; the runtime it
-    got. Packing needs merged weights (a PEFT layer is not a plain linear layer)."""
+def prepare(model, recipe: Recipe, adapter: str | None = None, lean: bool = True,
+            pack: bool = True) -> tuple[Any, Runtime]:
+    """The model made ready to answer with `adapter` (`adapter_for`; default: merged where it can be, as eval runs
+    it) and the speed-ups asked for; the runtime it got. Packing needs merged weights (a PEFT layer is not a plain
+    linear layer)."""
+    adapter = adapter or adapter_for(model, recipe, None, None)
     if adapter == MERGED:
         model = model.merge_and_unload()
     model.eval()

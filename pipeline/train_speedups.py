@@ -35,8 +35,8 @@ def compact_lm_head_on_cpu() -> str | None:
 
     low, high = TRL_RELEASES
     if not low <= release(trl.__version__) < high:
-        return (f"TRL {trl.__version__} is outside the releases the answer-only LM head was checked "
-                                f"against ({low[0]}.{low[1]} to before {high[0]}.{high[1]}); it scores every position")
+        return (f"TRL {trl.__version__} is outside the releases the answer-only LM head was checked against "
+                f"({low[0]}.{low[1]} to before {high[0]}.{high[1]}); it scores every position")
     chooses_compact = getattr(utils, "_use_triton", None)
     if chooses_compact is None:
         return f"TRL {trl.__version__} has no `_use_triton` choice to extend; it scores every position"

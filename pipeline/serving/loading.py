@@ -55,8 +55,12 @@ def prepare(expert, options: ServeOptions) -> None:
     notes = runtime.prepare_expert(expert, options.merge, options.lean_forward, options.pack,
                                    options.allow_unevaluated_runtime)
     evaluated = getattr(expert, "evaluated_runtime", None)
-    console.print(f"serving with the adapter {expert.runtime.adapter}"
-                  + (", as evaluated" if evaluated is not None and evaluated.adapter == expert.runtime.adapter
-                     else ", NOT as evaluated (--allow-unevaluated-runtime)" if evaluated is not None else ""))
+    if evaluated is None:
+        how = ""  # a model without an eval record (tests build such)
+    elif evaluated.adapter == expert.runtime.adapter:
+        how = ", as evaluated"
+    else:
+        how = f", NOT as evaluated (adapter {evaluated.adapter}; --allow-unevaluated-runtime)"
+    console.print(f"serving with the adapter {expert.runtime.adapter}{how}")
     for note in notes:
         console.print(note)
