@@ -3,7 +3,10 @@
 From gateway logs or a Batch API output file (both report the answering model and its token usage) and a price
 table (dollars per million input and output tokens per model; a model matches its longest listed prefix, so
 `gpt-4o-mini` prices `gpt-4o-mini-2024-07-18`): requests, tokens and cost per model, and cost per 1,000
-requests. Lines without usage or without a price are counted and reported, never priced as zero. Given a run
+requests. Lines without usage or without a price are counted and reported, never priced as zero. A number that
+cannot be a bill (a negative, fractional, non-finite or absurdly large token count; a negative or non-finite
+price; a model priced twice in the prices file) stops the audit with exit 2 naming the line or the key, since
+any total it went into would be wrong. Given a run
 directory whose eval finished, the same workload with the expert: the expert's own cost per 1,000 requests plus
 the share the eval's decision escalates (none for `replace`, the test escalation rate at the cascade threshold
 for `cascade`) at today's frontier price.
@@ -12,6 +15,7 @@ for `cascade`) at today's frontier price.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +27,32 @@ from pydantic import TypeAdapter, ValidationError
 from pipeline.errors import UserError
 from pipeline.log_records import LogRowError, answering_model, batch_response
 from pipeline.readers import read_rows
-from pipeline.recipe import Price
+from pipeline.recipe import Price, UniqueKeyLoader
 
 FORMATS = ("gateway", "openai_batch")
+# the most tokens one logged call can report: 2^53 is where floats stop counting whole tokens, and no call comes
+# near it (the longest contexts are ~10^7), so a count above it is a corrupted log, not a workload
+MAX_TOKENS_PER_CALL = 2**53
+USAGE_FIELDS = ("prompt_tokens", "completion_tokens")
+
+
+class BadNumber(ValueError):
+    """A token count a bill cannot be made of; the audit stops on it (`audit_logs`)."""
+
+
+def token_count(usage: dict[str, Any], field: str) -> int:
+    value = usage[field]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadNumber(f"usage.{field} is {value!r}, not a whole number of tokens")
+    if not 0 <= value <= MAX_TOKENS_PER_CALL:
+        shown = f"a {len(str(abs(value)))}-digit number" if abs(value) > 10**18 else f"{value:,}"
+        raise BadNumber(f"usage.{field} is {shown}, outside 0 to 2^53 tokens")
+    return value
 
 
 def usage_of(row: dict[str, Any], fmt: str) -> tuple[str, dict[str, int]]:
-    """The answering model and token usage of one logged call (the shapes `log_records` reads)."""
+    """The answering model and token usage of one logged call (the shapes `log_records` reads). A line without
+    usage raises `LogRowError` (counted as unusable); one whose counts cannot be tokens raises `BadNumber`."""
     if fmt == "openai_batch":
         _, body = batch_response(row)
         request, response = None, body
@@ -39,14 +62,16 @@ def usage_of(row: dict[str, Any], fmt: str) -> tuple[str, dict[str, int]]:
     usage = response.get("usage") if isinstance(response, dict) else None
     if not isinstance(model, str):
         raise LogRowError("no_model", "the line names no model")
-    if not isinstance(usage, dict) or not all(isinstance(usage.get(k), int) for k in ("prompt_tokens", "completion_tokens")):
+    if not isinstance(usage, dict) or not all(usage.get(k) is not None for k in USAGE_FIELDS):
         raise LogRowError("no_usage", "the line reports no prompt_tokens/completion_tokens")
-    return model, {"input": usage["prompt_tokens"], "output": usage["completion_tokens"]}
+    return model, {"input": token_count(usage, "prompt_tokens"), "output": token_count(usage, "completion_tokens")}
 
 
 def read_prices(path: Path) -> dict[str, Price]:
+    """The prices file: `MODEL: {input, output}` in $/Mtok, each finite and not negative, each model once (YAML
+    would keep the last of two silently)."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except FileNotFoundError:
         raise UserError(f"--prices {path}: file not found") from None
     except yaml.YAMLError as err:
@@ -95,6 +120,7 @@ def audit_logs(source: Path, fmt: str, prices: dict[str, Price]) -> Audit:
     if not source.is_file():
         raise UserError(f"{source}: file not found")
     result = Audit()
+    bad_numbers: list[str] = []
     for line, row, problem in read_rows(source):
         if row is None:
             result.bad_lines.append({"line": line, "reason": problem.split(":")[0], "detail": problem})
@@ -103,6 +129,9 @@ def audit_logs(source: Path, fmt: str, prices: dict[str, Price]) -> Audit:
             model, usage = usage_of(row, fmt)
         except LogRowError as err:
             result.bad_lines.append({"line": line, "reason": err.reason, "detail": str(err)})
+            continue
+        except BadNumber as err:
+            bad_numbers.append(f"line {line}: {err}")
             continue
         cost = result.by_model[model]
         cost.requests += 1
@@ -115,6 +144,12 @@ def audit_logs(source: Path, fmt: str, prices: dict[str, Price]) -> Audit:
                 result.unpriced.append(model)
         elif cost.cost_usd is not None:
             cost.cost_usd += (usage["input"] * price.input + usage["output"] * price.output) / 1e6
+            if not math.isfinite(cost.cost_usd):
+                bad_numbers.append(f"line {line}: the cost of {model} overflows (its price times its tokens)")
+    if bad_numbers:
+        raise UserError(f"{source}: {len(bad_numbers)} line(s) report token counts no bill can be made of; "
+                        + "; ".join(bad_numbers[:5]) + ("; ..." if len(bad_numbers) > 5 else "")
+                        + ". Fix or remove those lines (a log with them is corrupted) and audit again")
     if not result.by_model:
         raise UserError(f"{source}: no line with a model and token usage ({len(result.bad_lines)} unusable); "
                         f"is it a `{fmt}` file?")

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-from pipeline import cascade
+from pipeline import cascade, json_depth
 from pipeline.errors import UserError
 from pipeline.ui import console
 
@@ -23,7 +23,9 @@ def read_inputs(source: TextIO, name: str) -> Iterator[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json_depth.loads(line)
+        except json_depth.TooDeep as err:
+            raise UserError(f"{name}:{line_no}: {err}; each line must be an object with a `text` field") from None
         except json.JSONDecodeError as err:
             raise UserError(f"{name}:{line_no}: not JSON ({err.msg}); each line must be an object with a `text` field") from None
         if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():

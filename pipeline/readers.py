@@ -3,7 +3,8 @@
 `read_rows` streams .jsonl, .csv/.tsv, .json, .parquet and `hf:` sources, each
 row with its line (text files) or 1-based record number, and yields a row that
 cannot be read with its problem instead of stopping; bytes that are not UTF-8
-text are found here, before any tokenizer sees them. `load_examples` maps rows
+text are found here, before any tokenizer sees them, and so is JSON nested too deep to parse safely
+(`json_depth`: a `too_deep` line; a .json source that deep is refused whole). `load_examples` maps rows
 through `data.fields` and rejects incomplete or unusable ones with a reason code.
 """
 
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline import json_depth
 from pipeline.errors import UserError
 from pipeline.examples import Example
 from pipeline.recipe import HF_PREFIX, TRACES_PREFIX, Recipe
@@ -96,9 +98,12 @@ def _read_jsonl(source: Path, max_line_bytes: int) -> Iterator[tuple[int, dict[s
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw.decode("utf-8"))
+                row = json_depth.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as err:
                 yield line_no, None, f"undecodable: not UTF-8 (byte {err.start})"
+                continue
+            except json_depth.TooDeep as err:
+                yield line_no, None, f"too_deep: {err}"
                 continue
             except json.JSONDecodeError as err:
                 yield line_no, None, f"unparsable: {err.msg} (column {err.colno})"
@@ -144,9 +149,11 @@ def _read_delimited(source: Path, delimiter: str) -> Iterator[tuple[int, dict[st
 
 def _read_json(source: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
     try:
-        data = json.loads(source.read_bytes().removeprefix(UTF8_BOM).decode("utf-8"))
+        data = json_depth.loads(source.read_bytes().removeprefix(UTF8_BOM).decode("utf-8"))
     except UnicodeDecodeError as err:
         raise UserError(f"{source} is not UTF-8 (byte {err.start}); re-encode it as UTF-8") from None
+    except json_depth.TooDeep as err:
+        raise UserError(f"{source}: {err}; a row is an object of fields, the file one array of rows") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{source}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
     if not isinstance(data, list):
@@ -231,7 +238,11 @@ def read_traces(experiment: str) -> Iterator[tuple[int, dict[str, Any] | None, s
             yield i, None, f"trace_failed: trace {trace_id} ended {trace.info.state}"
             continue
         try:
-            request, response = json.loads(trace.data.request or "null"), json.loads(trace.data.response or "null")
+            request = json_depth.loads(trace.data.request or "null")
+            response = json_depth.loads(trace.data.response or "null")
+        except json_depth.TooDeep as err:
+            yield i, None, f"too_deep: trace {trace_id}'s inputs or outputs: {err}"
+            continue
         except json.JSONDecodeError as err:
             yield i, None, f"unparsable: trace {trace_id}'s inputs or outputs are not JSON ({err.msg})"
             continue

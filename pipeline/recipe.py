@@ -152,8 +152,9 @@ DataSource = Annotated[Path | str, AfterValidator(_check_source)]
 
 
 class Price(Strict):
-    input: Annotated[float, Field(ge=0)] = Field(description="USD per million input (prompt) tokens")
-    output: Annotated[float, Field(ge=0)] = Field(description="USD per million output (completion) tokens")
+    input: Annotated[float, Field(ge=0, allow_inf_nan=False)] = Field(description="USD per million input (prompt) tokens")
+    output: Annotated[float, Field(ge=0, allow_inf_nan=False)] = Field(
+        description="USD per million output (completion) tokens")
 
 
 PricePerMtok = Annotated[Price | None, Field(

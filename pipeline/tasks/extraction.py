@@ -11,13 +11,16 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
+from pipeline import json_depth
 from pipeline.tasks.metrics import mean
 
 
 def normalize_target(raw: Any) -> dict[str, Any]:
     if isinstance(raw, str):
         try:
-            raw = json.loads(raw)
+            raw = json_depth.loads(raw)
+        except json_depth.TooDeep as err:
+            raise ValueError(f"target is {err}") from None
         except json.JSONDecodeError as err:
             raise ValueError(f"target is a string but not JSON: {err.msg}") from None
     if not isinstance(raw, dict):
@@ -48,7 +51,12 @@ def system_prompt(instruction: str, spec: dict[str, Any]) -> str:
 
 
 def parse_answer(text: str, spec: dict[str, Any]) -> dict[str, Any] | None:
-    """The first JSON object in the text if it satisfies the schema, else None."""
+    """The first JSON object in the text if it satisfies the schema, else None (also for an answer nested deeper
+    than `json_depth.MAX_DEPTH`, which neither the parser nor the validator could walk)."""
+    try:
+        json_depth.check_depth(text)
+    except json_depth.TooDeep:
+        return None
     start = text.find("{")
     while start != -1:
         try:

@@ -93,3 +93,63 @@ def test_bad_prices_and_formats_exit_2_naming_the_problem(tmp_path):
     assert result.exit_code == 2 and "gpt-4o -> input" in result.output
     result, _ = audit(tmp_path, tmp_path / "logs.jsonl", "--format", "chat")
     assert result.exit_code == 2 and "gateway, openai_batch" in result.output
+
+
+@pytest.mark.parametrize("usage, named", [
+    ({"prompt_tokens": -1_000_000_000, "completion_tokens": 10}, "usage.prompt_tokens is -1,000,000,000"),
+    ({"prompt_tokens": 100, "completion_tokens": 10**400}, "usage.completion_tokens is a 401-digit number"),
+    ({"prompt_tokens": 2**53 + 1, "completion_tokens": 1}, "usage.prompt_tokens is 9,007,199,254,740,993, outside 0 to 2^53"),
+    ({"prompt_tokens": "1e400", "completion_tokens": 1}, "usage.prompt_tokens is '1e400', not a whole number"),
+    ({"prompt_tokens": True, "completion_tokens": 1}, "usage.prompt_tokens is True, not a whole number"),
+    ({"prompt_tokens": 12.5, "completion_tokens": 1}, "usage.prompt_tokens is 12.5, not a whole number"),
+])
+def test_token_counts_no_bill_can_be_made_of_exit_2_naming_the_line(tmp_path, usage, named):
+    bad = gateway("gpt-4o", 1, 1)
+    bad["response"]["usage"] = usage
+    write_logs(tmp_path / "logs.jsonl", [gateway("gpt-4o", 100, 10)] * 3 + [bad])
+    result, _ = audit(tmp_path, tmp_path / "logs.jsonl")
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "logs.jsonl" in output and f"line 4: {named}" in output
+
+
+@pytest.mark.parametrize("literal", ["1e400", "-1e400", "NaN", "Infinity"])
+def test_non_finite_token_counts_written_as_json_numbers_exit_2(tmp_path, literal):
+    good = json.dumps(gateway("gpt-4o", 100, 10))
+    write_logs(tmp_path / "logs.jsonl", [good, good.replace('"prompt_tokens": 100', f'"prompt_tokens": {literal}')])
+    result, _ = audit(tmp_path, tmp_path / "logs.jsonl")
+    assert result.exit_code == 2 and "line 2: usage.prompt_tokens is" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("prices, named", [
+    ("gpt-4o: {input: 2.5, output: 10}\ngpt-4o-mini: {input: 1, output: 1}\ngpt-4o: {input: 0, output: 0}\n",
+     "key `gpt-4o` is given twice (lines 1 and 3)"),
+    ("gpt-4o: {input: .inf, output: 10}\n", "gpt-4o -> input"),
+    ("gpt-4o: {input: 2.5, output: .nan}\n", "gpt-4o -> output"),
+    ("gpt-4o: {input: 2.5, output: -.inf}\n", "gpt-4o -> output"),
+])
+def test_prices_that_are_not_finite_or_given_twice_exit_2_naming_the_key(tmp_path, prices, named):
+    write_logs(tmp_path / "logs.jsonl", [gateway("gpt-4o", 100, 10)])
+    (tmp_path / "prices.yaml").write_text(prices)
+    result = CliRunner().invoke(app, ["audit", str(tmp_path / "logs.jsonl"), "--prices", str(tmp_path / "prices.yaml")])
+    assert result.exit_code == 2, result.output
+    assert "prices.yaml" in result.output and named in " ".join(result.output.split())
+
+
+def test_a_cost_that_overflows_exits_2_naming_the_line(tmp_path):
+    write_logs(tmp_path / "logs.jsonl", [gateway("gpt-4o", 100, 10), gateway("gpt-4o", 2**53, 0)])
+    (tmp_path / "prices.yaml").write_text("gpt-4o: {input: 1.0e+300, output: 1}\n")
+    result = CliRunner().invoke(app, ["audit", str(tmp_path / "logs.jsonl"), "--prices", str(tmp_path / "prices.yaml")])
+    assert result.exit_code == 2 and "line 2: the cost of gpt-4o overflows" in " ".join(result.output.split())
+
+
+def test_a_line_nested_200000_deep_is_one_unusable_line_not_a_crash(tmp_path):
+    deep = '{"request": ' + "[" * 200_000 + "]" * 200_000 + "}"
+    write_logs(tmp_path / "logs.jsonl", [gateway("gpt-4o", 100, 10), deep, gateway("gpt-4o", 100, 10)])
+    result, doc = audit(tmp_path, tmp_path / "logs.jsonl")
+    assert result.exit_code == 0, result.output
+    assert doc["requests"] == 2 and doc["unusable_by_reason"] == {"too_deep": 1}
+    assert "line 2: too_deep: JSON nested deeper than 100 levels" in " ".join(result.output.split())
+    write_logs(tmp_path / "logs.jsonl", [deep])  # nothing usable left: a user error, not a RecursionError
+    result, _ = audit(tmp_path, tmp_path / "logs.jsonl")
+    assert result.exit_code == 2 and "no line with a model and token usage" in " ".join(result.output.split())
