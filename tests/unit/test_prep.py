@@ -1,5 +1,6 @@
 """Prep's pure parts: field lookup, rejection rules, deterministic stratified splits, percentiles."""
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -199,3 +200,57 @@ def test_a_source_that_is_not_a_file_says_what_it_is(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(UserError, match="is a named pipe"):
         inputs_of(r.model_copy(update={"data": r.data.model_copy(update={"source": fifo})}))
+
+
+DEEP = "[" * 200_000 + "]" * 200_000  # under 1 MiB; json.loads alone ends in RecursionError on it
+
+
+@pytest.mark.parametrize("fmt, good, deep", [
+    ("table", '{"t": "fine", "l": "a"}', '{"t": "deep", "l": ' + DEEP + "}"),
+    ("chat", json.dumps({"messages": [{"role": "user", "content": "fine"}, {"role": "assistant", "content": "a"}]}),
+     '{"messages": ' + DEEP + "}"),
+    ("gateway", json.dumps({"request": {"messages": [{"role": "user", "content": "fine"}]},
+                            "response": {"choices": [{"message": {"role": "assistant", "content": "a"}}]}}),
+     '{"request": {"messages": [{"role": "user", "content": "x"}]}, "response": ' + DEEP + "}"),
+])
+def test_a_line_nested_200000_deep_is_rejected_with_its_line_in_every_jsonl_format(tmp_path, fmt, good, deep):
+    from pipeline.readers import load_examples
+
+    source = tmp_path / "d.jsonl"
+    source.write_text("\n".join([good, deep, good.replace("fine", "also fine")]) + "\n")
+    assert source.stat().st_size < 2**20
+    data = {"source": str(source), "format": fmt} | ({"fields": {"text": "t", "target": "l"}} if fmt == "table" else {})
+    r = Recipe.model_validate({"name": "t", "task": {"type": "classification", "instruction": "x", "labels": ["a", "b"]},
+                               "data": data, "model": {"base": "m"}, "registry": {"model_name": "m"}})
+    rejected: list[dict] = []
+    kept = load_examples(r, classification, "source", source, rejected)
+    assert [e.text for e in kept] == ["fine", "also fine"]
+    assert [(x["source"], x["line"], x["reason"]) for x in rejected] == [("d.jsonl", 2, "too_deep")]
+    assert "JSON nested deeper than 100 levels" in rejected[0]["detail"]
+
+
+def test_a_json_source_nested_200000_deep_is_a_user_error_naming_the_file(tmp_path):
+    source = tmp_path / "d.json"
+    source.write_text('[{"t": "fine", "l": "a"}, {"t": "deep", "l": ' + DEEP + "}]")
+    with pytest.raises(UserError, match=r"data.source: .*d.json: JSON nested deeper than 100 levels"):
+        _load(source)
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting_and_the_limit_is_exact():
+    from pipeline import json_depth
+
+    assert json_depth.loads('{"t": "' + "[{" * 5000 + '\\"]"}') == {"t": "[{" * 5000 + '"]'}
+    at_limit = "[" * 100 + "]" * 100
+    assert json_depth.loads(at_limit) == json.loads(at_limit)
+    with pytest.raises(json_depth.TooDeep, match="deeper than 100 levels"):
+        json_depth.loads("[" + at_limit + "]")
+    with pytest.raises(json.JSONDecodeError, match="4300 digits"):  # json's own ValueError, as a parse error
+        json_depth.loads('{"n": ' + "9" * 5000 + "}")
+
+
+def test_an_extraction_target_or_answer_nested_too_deep_is_refused_not_a_crash():
+    from pipeline.tasks import extraction
+
+    with pytest.raises(ValueError, match="target is JSON nested deeper than 100 levels"):
+        extraction.normalize_target('{"a": ' + DEEP + "}")
+    assert extraction.parse_answer('Here: {"a": ' + DEEP + "}", {"type": "object"}) is None
