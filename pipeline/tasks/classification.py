@@ -1,5 +1,8 @@
 """Classification: the answer is exactly one label from a fixed set.
 
+An answer counts as a label only when it is nothing but that label (`parse_answer`); a sentence that mentions
+one is unparsable, wherever the answer comes from (the expert, a baseline, a routing tier, the teacher, a log).
+
 Labels are normalised by one rule, applied everywhere (recipe labels and data
 alike): Unicode NFC, surrounding whitespace stripped, integers written as
 text; then compared exactly (case and inner spaces count).
@@ -41,18 +44,27 @@ def system_prompt(instruction: str, spec: list[str]) -> str:
     return f"{instruction}\nAnswer with exactly one of these labels and nothing else: {', '.join(spec)}."
 
 
+# what may surround a label in an answer that is still only that label: quotes or backticks, a final period
+_WRAPPERS = "\"'`\u201c\u201d\u2018\u2019"
+
+
 def parse_answer(text: str, spec: list[str]) -> str | None:
-    """Map a free-text answer to a label: exact, then case-insensitive, then the longest label inside the text."""
-    answer = text.strip().strip(".\"'` ")
-    if answer in spec:
-        return answer
-    by_lower = {label.lower(): label for label in spec}
-    if answer.lower() in by_lower:
-        return by_lower[answer.lower()]
-    lowered = text.lower()
-    for label in sorted(spec, key=len, reverse=True):
-        if label.lower() in lowered:
-            return label
+    """The label an answer is, or None when it is not exactly one label.
+
+    The answer, stripped of surrounding whitespace, quotes or backticks and one final period, must equal a label
+    (Unicode NFC), exactly or else ignoring case when only one label matches that way. Anything more is not a
+    label: "Technically, this is a shipping issue" and "Not billing. It is returns." are unparsable (None),
+    never the label they mention, since a label found inside a sentence is as often denied as meant.
+    """
+    answer = unicodedata.normalize("NFC", text).strip().strip(_WRAPPERS).strip()
+    candidates = dict.fromkeys([answer, answer.removesuffix(".").rstrip().strip(_WRAPPERS).strip()])
+    for candidate in candidates:
+        if candidate in spec:
+            return candidate
+    for candidate in candidates:
+        matches = [label for label in spec if label.casefold() == candidate.casefold()]
+        if len(matches) == 1:
+            return matches[0]
     return None
 
 

@@ -7,6 +7,7 @@ extra whitespace variation), so training teaches one spelling of each answer.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from jsonschema import Draft202012Validator
@@ -50,23 +51,28 @@ def system_prompt(instruction: str, spec: dict[str, Any]) -> str:
     )
 
 
+# an answer may come wrapped in a markdown code block (```json ... ```), the way chat models write JSON
+_FENCE = re.compile(r"\A```[A-Za-z0-9_-]*[ \t]*\n(.*)\n[ \t]*```\Z", re.DOTALL)
+
+
 def parse_answer(text: str, spec: dict[str, Any]) -> dict[str, Any] | None:
-    """The first JSON object in the text if it satisfies the schema, else None (also for an answer nested deeper
-    than `json_depth.MAX_DEPTH`, which neither the parser nor the validator could walk)."""
+    """The answer as an object when it is exactly one JSON object that satisfies the schema, else None.
+
+    Surrounding whitespace and one markdown code block around the object are allowed; any other text is not
+    ("Not {...}. It is {...}" would otherwise be read as the object it denies). An answer nested deeper than
+    `json_depth.MAX_DEPTH`, which neither the parser nor the validator could walk, is None too."""
+    answer = text.strip()
+    fenced = _FENCE.match(answer)
+    if fenced:
+        answer = fenced.group(1).strip()
+    if not answer.startswith("{"):
+        return None
     try:
-        json_depth.check_depth(text)
-    except json_depth.TooDeep:
+        obj = json_depth.loads(answer)
+    except (json_depth.TooDeep, json.JSONDecodeError):
         return None
-    start = text.find("{")
-    while start != -1:
-        try:
-            obj, _ = json.JSONDecoder().raw_decode(text[start:])
-        except json.JSONDecodeError:
-            start = text.find("{", start + 1)
-            continue
-        if isinstance(obj, dict) and check_target(obj, spec) is None:
-            return obj
-        return None
+    if isinstance(obj, dict) and check_target(obj, spec) is None:
+        return obj
     return None
 
 

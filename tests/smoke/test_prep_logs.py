@@ -39,8 +39,9 @@ def write_log(path: Path, fmt: str) -> dict[int, str]:
     make = chat_line if fmt == "chat" else gateway_line
     lines, planted = [], {}
     for i, row in enumerate(good_rows()):
-        # the frontier answers in its own words; the label parser maps them as for a frontier baseline
-        lines.append(json.dumps(make(row["text"], f"Queue: {row['label'].upper()}.")))
+        # the frontier answers with the label in its own case and punctuation; the label parser maps it as for a
+        # frontier baseline
+        lines.append(json.dumps(make(row["text"], f"`{row['label'].upper()}`.")))
         if i % 12 == 5:
             kind = list(BAD)[len(planted)]
             bad = make(f"bad line {i}", "billing")
@@ -84,7 +85,7 @@ def test_logs_become_examples_and_bad_lines_are_named(fmt, tiny_model_dir, track
     by_text = {r["text"]: r for r in rows}
     for row in good_rows():
         kept = by_text[row["text"]]  # the input is the user's message alone, not the system prompt
-        assert kept["target"] == row["label"], "`Queue: BILLING.` parses to billing, as a frontier answer would"
+        assert kept["target"] == row["label"], "`BILLING`. parses to billing, as a frontier answer would"
     model = "gpt-4o-mini" if fmt == "chat" else "gpt-4o-2024-08-06"  # the answering model, from the response
     assert {r["provenance"] for r in rows} == {f"log:{model}"}
     if fmt == "gateway":  # the response's token counts are kept with the row

@@ -36,7 +36,7 @@ def teacher_answer(body: dict) -> str:
     if text.startswith(UNPARSABLE + " "):
         return "I am not sure."
     row = next(r for r in good_rows() if r["text"] == text)
-    return f"The queue is {row['label']}."
+    return f"{row['label']}."
 
 
 def teacher_recipe(tiny_model_dir, source, base_url: str, **teacher) -> dict:
@@ -111,7 +111,7 @@ def test_the_teachers_confidence_comes_from_its_log_probabilities(tiny_model_dir
         assert result.exit_code == 0, result.output
         assert all(r.get("logprobs") is True for r in server.requests)
     confidence = json.loads((run_dir / "prep/stats.json").read_text())["teacher"]["confidence"]
-    # every answer is "The queue is <label>.": 4 words at -0.05 each
-    assert confidence["rows"] == 39 and confidence["mean"] == pytest.approx(math.exp(-0.2))
+    # every answer is "<label>.": 1 word at -0.05
+    assert confidence["rows"] == 39 and confidence["mean"] == pytest.approx(math.exp(-0.05))
     assert confidence["below_0.5"] == 0.0 and confidence["without_logprobs"] == 0
     assert "Teacher confidence" in (run_dir / "prep/report.md").read_text()

@@ -253,4 +253,4 @@ def test_an_extraction_target_or_answer_nested_too_deep_is_refused_not_a_crash()
 
     with pytest.raises(ValueError, match="target is JSON nested deeper than 100 levels"):
         extraction.normalize_target('{"a": ' + DEEP + "}")
-    assert extraction.parse_answer('Here: {"a": ' + DEEP + "}", {"type": "object"}) is None
+    assert extraction.parse_answer('{"a": ' + DEEP + "}", {"type": "object"}) is None

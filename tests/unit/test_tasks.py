@@ -17,14 +17,35 @@ SCHEMA = {
     ("text", "expected"),
     [
         ("billing", "billing"),
+        ("  billing\n", "billing"),
         ("Billing.", "billing"),
-        ("The answer is: Technical Support", "technical support"),
-        ("I think it's about shipping", "shipping"),
+        ("BILLING", "billing"),
+        ('"shipping"', "shipping"),
+        ("`shipping`.", "shipping"),
+        ("'Technical Support'", "technical support"),
+        ("\u201cbilling.\u201d", "billing"),
+        ("technical  support", None),  # inner spaces count, as for the data's own labels
+        # a label inside a sentence is not the answer: it is as often denied as meant
+        ("Technically, this is a shipping issue", None),
+        ("Not billing. It is returns.", None),
+        ("The answer is: Technical Support", None),
+        ("I think it's about shipping", None),
+        ("billing or shipping", None),
+        ("billing.\nshipping", None),
         ("no idea", None),
+        ("", None),
     ],
 )
-def test_classification_parse(text, expected):
+def test_classification_parse_takes_only_an_answer_that_is_exactly_one_label(text, expected):
     assert classification.parse_answer(text, LABELS) == expected
+
+
+def test_labels_that_differ_only_by_case_match_exactly_or_not_at_all():
+    labels = ["Spam", "spam", "ham"]
+    assert classification.parse_answer("Spam", labels) == "Spam" and classification.parse_answer("spam.", labels) == "spam"
+    assert classification.parse_answer("SPAM", labels) is None, "two labels match ignoring case: neither is guessed"
+    assert classification.parse_answer("HAM", labels) == "ham"
+    assert classification.parse_answer("n/a.", ["n/a.", "other"]) == "n/a.", "a label's own period is kept"
 
 
 def test_classification_metrics_count_unparsed_as_wrong():
@@ -42,13 +63,20 @@ def test_classification_labels_normalised_and_checked():
     assert "not in the label set" in classification.check_target("Billing", LABELS)
 
 
-def test_extraction_parse_finds_valid_object_in_text():
-    assert extraction.parse_answer('Sure! {"order_id": "A12345", "quantity": 2} done', SCHEMA) == {
-        "order_id": "A12345",
-        "quantity": 2,
-    }
-    assert extraction.parse_answer('{"order_id": "A1", "quantity": 0}', SCHEMA) is None  # schema-invalid
-    assert extraction.parse_answer("not json at all {", SCHEMA) is None
+@pytest.mark.parametrize(("text", "expected"), [
+    ('{"order_id": "A12345", "quantity": 2}', {"order_id": "A12345", "quantity": 2}),
+    ('  \n{"order_id": null, "quantity": 1}\n', {"order_id": None, "quantity": 1}),
+    ('```json\n{"order_id": "A1", "quantity": 3}\n```', {"order_id": "A1", "quantity": 3}),
+    ('```\n{"order_id": "A1", "quantity": 3}\n```', {"order_id": "A1", "quantity": 3}),
+    ('Sure! {"order_id": "A12345", "quantity": 2} done', None),  # more than one object: not the answer
+    ('Not {"order_id": "A1", "quantity": 1}. It is {"order_id": "B2", "quantity": 1}.', None),
+    ('{"order_id": "A1", "quantity": 1} {"order_id": "B2", "quantity": 1}', None),
+    ('{"order_id": "A1", "quantity": 0}', None),  # schema-invalid
+    ("not json at all {", None),
+    ('["order_id", "A1"]', None),
+])
+def test_extraction_parse_takes_only_an_answer_that_is_exactly_one_valid_object(text, expected):
+    assert extraction.parse_answer(text, SCHEMA) == expected
 
 
 def test_extraction_check_reports_json_path():
