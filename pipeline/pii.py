@@ -1,12 +1,17 @@
 """Find personal data in text, so that prep can redact or reject a row before it leaves.
 
 Pure functions, no I/O: `find(text, kinds)` gives the matches, `redact(text, kinds)`
-replaces each with a placeholder and counts them by kind.
+replaces each with a placeholder and counts them by kind; given a key, each value with its own
+pseudonym (`pseudonym`: a keyed hash), so distinct people stay distinct.
+
+"Spaces" below are any of the spaces people type or paste: ASCII space and tab, NBSP
+(U+00A0), the Unicode fixed-width, thin and narrow spaces and the ideographic space; never a
+line break.
 
 Kinds (`KINDS`):
 
 - ``email``: ``local@domain.tld`` with an ASCII local part and a dotted domain whose
-  last label is 2-63 letters.
+  last label is 2-63 letters; up to three spaces either side of the ``@`` (``jane @ example.com``).
 - ``phone``: found and validated by `phonenumbers` (Google's libphonenumber, offline,
   leniency VALID: the number must be a real, allocated number range for its country).
   With ``region=None`` (the default) only numbers written in international format
@@ -14,11 +19,15 @@ Kinds (`KINDS`):
   ``region="US"`` (any ISO 3166 code libphonenumber knows) to also find national-format
   numbers of that one country (``(415) 555-2671``); the cost is that a 10-digit order
   number that happens to be a valid US number (``4155552671``) is then a phone number.
+  Groups may be separated by spaces, dots, dashes, slashes or parentheses (``+44.20.7946.0958``,
+  ``+44/20/7946/0958``, ``+1\u202f415\u202f555\u202f2671``).
   A number glued to a word by a dash or slash (``TKT-2024-000123``) is not a phone.
 - ``card``: payment card numbers, 13-19 digits, first digit 2-6 (Mastercard, Amex,
   Diners, JCB, Visa, Discover, UnionPay, Maestro), Luhn-checked; either one unbroken
   run of digits or groups of 3-6 digits, the first of 4, joined by one kind of
-  separator (a space or a dash): ``4111 1111 1111 1111``, ``3782-822463-10005``.
+  separator throughout: spaces (any number), a dash, a dot or a slash (spaces around it
+  allowed): ``4111 1111 1111 1111``, ``3782-822463-10005``, ``4111.1111.1111.1111``,
+  ``4111/1111/1111/1111``, ``4111  1111\u00a01111 1111``, ``4111 - 1111 - 1111 - 1111``.
 - ``iban``: two letters of a country in the SWIFT IBAN registry, two check digits and
   exactly that country's length, with or without single spaces, ISO 13616 mod-97 checked.
 - ``ip``: IPv4 dotted quads and IPv6 addresses (with ``::`` compression or an embedded
@@ -48,7 +57,7 @@ What it misses, by design or because no offline rule can tell:
   with an international dialling prefix (``0044 ...``) without ``region``, and numbers
   libphonenumber does not consider valid (a wrong length, a range never allocated);
 - cards whose first digit is 0, 1, 7, 8 or 9, cards grouped unusually (``41 11 ...``)
-  or with mixed separators; IBANs of countries outside the registry table (`_IBAN_LENGTHS`) and
+  or with mixed separators (``4111-1111 1111.1111``); e-mails written with ``[at]``/``(dot)``; IBANs of countries outside the registry table (`_IBAN_LENGTHS`) and
   IBANs broken by dashes; bare nine-digit SSNs (too many order and zip+4 numbers look
   the same); NINOs without their suffix letter;
 - MAC addresses, hostnames and URLs (only the e-mail or IP inside one is found),
@@ -59,16 +68,20 @@ a four-part version string written without a prefix (``version 1.2.3.4``); a ``v
 prefix (``v1.2.3.4``) or a fifth part (``1.2.3.4.5``) keeps it from matching. About
 one random 13-19 digit number in ten passes Luhn, so an id of that length starting with
 2-6 is taken for a card. Dates (``2024-03-05``), times (``10:30:00``), prices
-(``$19.99``), order numbers (``#A-10234``) and tracking numbers (UPS ``1Z...``, USPS
-20-22 digits) are not matched by any kind.
+(``$19.99``, ``1.234,56``), version numbers (``1.2.3``), order numbers (``#A-10234``,
+``1234.5678``) and tracking numbers (UPS ``1Z...``, USPS 20-22 digits) are not matched by
+any kind.
 
 Placeholders are ``[EMAIL]``, ``[PHONE]``, ``[CARD]``, ``[IBAN]``, ``[IP]``,
-``[US_SSN]``, ``[UK_NINO]`` and ``[DE_TAX_ID]`` (`PLACEHOLDERS`): ASCII letters in
-brackets, which no detector matches, so `redact` is idempotent.
+``[US_SSN]``, ``[UK_NINO]`` and ``[DE_TAX_ID]`` (`PLACEHOLDERS`), or with a key the
+kind and eight letters (``[EMAIL_kfbmdaoc]``): ASCII letters and ``_`` in brackets,
+which no detector matches, so `redact` is idempotent.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import re
 from collections import Counter
@@ -131,9 +144,13 @@ def find(text: str, kinds: Iterable[str] | str = DEFAULT_KINDS, *, region: str |
 
 
 def redact(
-    text: str, kinds: Iterable[str] | str = DEFAULT_KINDS, *, region: str | None = None
+    text: str, kinds: Iterable[str] | str = DEFAULT_KINDS, *, region: str | None = None, key: bytes | None = None
 ) -> tuple[str, Counter[str]]:
     """`text` with each match replaced by its placeholder, and the number replaced per kind.
+
+    With a `key`, each find becomes its pseudonym (`pseudonym`): the same value, however it is written, gives
+    the same placeholder and different values different ones, so rows that differ only in whose e-mail they
+    hold stay different rows. Without one, every find of a kind becomes its one placeholder (`[EMAIL]`).
 
     Runs until nothing is found, so that text joined up by a replacement is checked
     too and `redact(redact(x)[0])[0] == redact(x)[0]` always holds. It ends: every match
@@ -144,12 +161,36 @@ def redact(
     while matches := find(text, kinds, region=region):
         parts, pos = [], 0
         for m in matches:
-            parts += [text[pos : m.start], PLACEHOLDERS[m.kind]]
+            value = text[m.start : m.end]
+            parts += [text[pos : m.start], PLACEHOLDERS[m.kind] if key is None else pseudonym(m.kind, value, key)]
             counts[m.kind] += 1
             pos = m.end
         parts.append(text[pos:])
         text = "".join(parts)
     return text, counts
+
+
+PSEUDONYM_LETTERS = 8  # 32 bits: two of a million distinct values share a pseudonym about once in 10^4 pairs
+_HEX_AS_LETTERS = str.maketrans("0123456789abcdef", "abcdefghijklmnop")
+
+
+def pseudonym(kind: str, value: str, key: bytes) -> str:
+    """The placeholder of one find under `key`: `[EMAIL_kfbmdaoc]`, an HMAC-SHA256 of the kind and the value as
+    written without its spacing and case (`Jane @ X.com` and `jane@x.com` are one person), cut to 8 hex digits
+    spelled with the letters a-p, so that a placeholder holds no digit and is never found again. Without the key
+    the value cannot be recovered, nor confirmed by hashing guesses."""
+    canonical = _canonical(kind, value)
+    digest = hmac.new(key, f"{kind}\0{canonical}".encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+    return f"[{kind.upper()}_{digest[:PSEUDONYM_LETTERS].translate(_HEX_AS_LETTERS)}]"
+
+
+def _canonical(kind: str, value: str) -> str:
+    if kind == "ip":
+        return str(ipaddress.ip_address(value))  # one spelling of an IPv6 address
+    if kind == "email":
+        return "".join(value.split()).casefold()
+    keep_plus = value.lstrip().startswith(("+", "\uff0b"))  # +44 ... and 44 ... are not the same number
+    return ("+" if keep_plus else "") + "".join(c for c in value if c.isalnum()).upper()
 
 
 def _check_region(region: str | None) -> str | None:
@@ -164,10 +205,17 @@ def _check_region(region: str | None) -> str | None:
 # ---- detectors: each returns every validated candidate; `find` resolves overlaps
 
 
+# every Unicode space (NBSP, thin and narrow spaces, ideographic space) and the slash, as libphonenumber's matcher
+# sees them: a plain space. One character for one, so the matches' positions hold in the original text.
+_PHONE_SEPARATORS = str.maketrans({c: " " for c in "\t/\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
+                                                  "\u2007\u2008\u2009\u200a\u202f\u205f\u3000"})
+
+
 def _phones(text: str, region: str | None) -> list[Match]:
     if region is None and "+" not in text and "\uff0b" not in text:
         return []  # only international format without a region, and that starts with a plus
-    matcher = phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID)
+    spaced = text.translate(_PHONE_SEPARATORS)
+    matcher = phonenumbers.PhoneNumberMatcher(spaced, region, leniency=phonenumbers.Leniency.VALID)
     return [Match("phone", m.start, m.end) for m in matcher if not _inside_token(text, m.start, m.end)]
 
 
@@ -179,10 +227,15 @@ def _inside_token(text: str, start: int, end: int) -> bool:
     return glued_before or glued_after
 
 
+# spaces people write between digit groups or around "@": ASCII space and tab, NBSP, the Unicode fixed-width,
+# thin and narrow spaces and the ideographic space (not line breaks: text split over lines is not matched)
+_SPACE = "[ \\t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]"
+
 _EMAIL = re.compile(
     r"(?<![A-Za-z0-9._%+\-])"
     r"[A-Za-z0-9_%+\-](?:[A-Za-z0-9._%+\-]{0,62}[A-Za-z0-9_%+\-])?"
-    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}"
+    rf"{_SPACE}{{0,3}}@{_SPACE}{{0,3}}"  # "name @ domain.com", as written to slip past filters
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}"
     r"(?![A-Za-z0-9\-]|\.[A-Za-z0-9])"
 )
 
@@ -191,9 +244,18 @@ def _emails(text: str) -> list[Match]:
     return [Match("email", m.start(), m.end()) for m in _EMAIL.finditer(text)]
 
 
-# runs of digit groups joined by single spaces or dashes, not inside a word
-_DIGIT_RUN = re.compile(r"(?<![A-Za-z0-9_])[0-9]+(?:[ \-][0-9]+)*(?![A-Za-z0-9_])")
+# runs of digit groups joined by separators (spaces of any kind and number, or one dash, dot or slash with
+# spaces around it or not), not inside a word
+_CARD_SEPARATOR = rf"(?:{_SPACE}+[\-./]?{_SPACE}*|[\-./]{_SPACE}*)"
+_DIGIT_RUN = re.compile(rf"(?<![A-Za-z0-9_])[0-9]+(?:{_CARD_SEPARATOR}[0-9]+)*(?![A-Za-z0-9_])")
 _GROUP = re.compile(r"[0-9]+")
+
+
+def _separator_kind(gap: str) -> str:
+    """What joins two digit groups, as one kind: its punctuation (`-`, `.`, `/`), or a space however written."""
+    mark = gap.strip(" \t\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u202f"
+                     "\u205f\u3000")
+    return mark or " "
 
 
 def _luhn(digits: str) -> bool:
@@ -224,7 +286,7 @@ def _cards(text: str) -> list[Match]:
                 continue
             digits, sep = first.group(), None
             for j in range(i + 1, len(groups)):
-                g, gap = groups[j], run.group()[groups[j - 1].end() : groups[j].start()]
+                g, gap = groups[j], _separator_kind(run.group()[groups[j - 1].end() : groups[j].start()])
                 if not 3 <= len(g.group()) <= 6 or (sep is not None and gap != sep):
                     break
                 sep, digits = gap, digits + g.group()

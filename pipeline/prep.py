@@ -45,6 +45,7 @@ from pipeline.row_checks import (
     check_pii,
     check_rejected_fraction,
     check_targets,
+    scrub_records,
     spec_of,
 )
 from pipeline.splitting import SPLITS, fewshot_examples, split_examples
@@ -142,6 +143,9 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
         console.print(f"[bold]prep[/]: measuring {len(examples):,} rows with the base model's tokenizer")
         examples, truncated = enforce_max_tokens(examples, rejected, tokenizer, system, task, spec, recipe)
         rejected.sort(key=lambda r: (r["source"], r["line"]))
+        # every detail quotes what its producer saw (a line, a label, the teacher's answer): scrubbed of secrets and
+        # personal data here, before the files, the report and MLflow get them
+        rejected, truncated = scrub_records(rejected, recipe), scrub_records(truncated, recipe)
         atomic_write_jsonl(out / "rejected.jsonl", rejected)
         atomic_write_jsonl(out / "truncated.jsonl", truncated)
         total = len(examples) + len(rejected)

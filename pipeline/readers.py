@@ -364,7 +364,7 @@ def load_logged(recipe: Recipe, task, key: str, source: Path, rejected: list[dic
     provenance `log:<model>`. A line of the wrong shape, without an answer, or whose answer does not parse is
     rejected with its line and why."""
     from pipeline.log_records import LogRowError, logged_call, read_batch_requests
-    from pipeline.row_checks import spec_of
+    from pipeline.row_checks import quote_answer, spec_of
 
     spec = spec_of(recipe, [])
     requests: dict[str, tuple[int, dict[str, Any]]] = {}
@@ -403,9 +403,8 @@ def load_logged(recipe: Recipe, task, key: str, source: Path, rejected: list[dic
                 continue
             target = task.parse_answer(call.answer, spec)
             if target is None:
-                shown = call.answer.strip().replace("\n", " ")
                 reject(line, "unparsable_answer", _traced(row, f"the logged answer is not a {recipe.task.type} "
-                       f"target: {shown[:120]!r}{'...' if len(shown) > 120 else ''}"))
+                       f"target: {quote_answer(call.answer, recipe)}"))
                 continue
             row_id = f"{id_prefix}{Path(name).stem}:{line}"
             examples.append(Example(row_id, line, text, task.normalize_target(target), name, fixed_split,

@@ -137,48 +137,140 @@ def check_class_counts(examples: list[Example], recipe: Recipe, spec) -> None:
         )
 
 
-def check_pii(examples: list[Example], rejected: list[dict[str, Any]], recipe: Recipe) -> tuple[list[Example], Counter]:
-    """`data.pii` on every row before anything is written, sent or logged: `redact` replaces personal data in the
-    input, the string leaves of the target and the id; `reject` drops the row as `pii`, naming only the kinds.
-    Rejection details already recorded are redacted too (they may quote a row). Returns the rows and the finds
-    by kind."""
-    from pipeline import pii
+PII_SECRET_ENV = "EXPERT_PII_SECRET"  # ends in _SECRET: `frontier.scrub` removes its value from any text
+PII_KEY_FILE = "pii.key"
 
-    found: Counter = Counter()
-    if recipe.data.pii == "keep":
-        return examples, found
-    kinds, region = recipe.data.pii_kinds, recipe.data.pii_region
-    try:
-        pii.check_kinds(kinds)
-        pii.redact("", kinds, region=region)
-    except ValueError as err:
-        raise UserError(f"data.pii_region: {err}") from None
 
-    def clean(value: Any, counts: Counter) -> Any:
+def pii_key() -> bytes:
+    """The key of `data.pii`'s pseudonyms: `$EXPERT_PII_SECRET` when set (share it where several machines must
+    give the same person the same pseudonym), else 32 random bytes made once in the cache (`$EXPERT_CACHE/pii.key`,
+    readable by its owner only). Independent of the recipe, so one person has one pseudonym across recipes and
+    runs; never written to a run, a log or MLflow."""
+    import os
+    import secrets
+
+    from pipeline.models import cache_root
+
+    if os.environ.get(PII_SECRET_ENV):
+        return os.environ[PII_SECRET_ENV].encode("utf-8")
+    path = cache_root() / PII_KEY_FILE
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{PII_KEY_FILE}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+        try:
+            os.link(tmp, path)  # never replaces a key another prep made meanwhile: pseudonyms stay one per value
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    key = path.read_bytes()
+    if len(key) < 16:
+        raise UserError(f"{path}: the data.pii key is {len(key)} bytes, too short to keep pseudonyms unguessable; "
+                        f"delete the file (a new one is made) or set {PII_SECRET_ENV}")
+    return key
+
+
+class PiiPolicy:
+    """`data.pii` as a function on text: personal data replaced by pseudonyms (`redact` and `reject`), or kept."""
+
+    def __init__(self, recipe: Recipe):
+        from pipeline import pii
+
+        self.active = recipe.data.pii != "keep"
+        self.kinds, self.region = recipe.data.pii_kinds, recipe.data.pii_region
+        if not self.active:
+            return
+        try:
+            pii.check_kinds(self.kinds)
+            pii.redact("", self.kinds, region=self.region)
+        except ValueError as err:
+            raise UserError(f"data.pii_region: {err}") from None
+        self.key = pii_key()
+
+    def redact(self, value: Any, counts: Counter | None = None) -> Any:
+        """`value` (text, or the strings inside a dict or list) with its finds replaced; `counts` gets them by kind."""
+        from pipeline import pii
+
+        if not self.active:
+            return value
         if isinstance(value, str):
-            text, n = pii.redact(value, kinds, region=region)
-            counts.update(n)
+            text, n = pii.redact(value, self.kinds, region=self.region, key=self.key)
+            if counts is not None:
+                counts.update(n)
             return text
         if isinstance(value, dict):
-            return {k: clean(v, counts) for k, v in value.items()}
+            return {k: self.redact(v, counts) for k, v in value.items()}
         if isinstance(value, list):
-            return [clean(v, counts) for v in value]
+            return [self.redact(v, counts) for v in value]
         return value
 
+
+def check_pii(examples: list[Example], rejected: list[dict[str, Any]], recipe: Recipe) -> tuple[list[Example], Counter]:
+    """`data.pii` on every row before anything is written, sent or logged: `redact` replaces personal data in the
+    input, the string leaves of the target and the id by pseudonyms; `reject` drops the row as `pii`, naming only
+    the kinds. A classification label that holds personal data is rejected in both modes (a pseudonym is no
+    class). Rejection details are scrubbed where they are written (`scrub_records`). Returns the rows and the
+    finds by kind."""
+    found: Counter = Counter()
+    policy = PiiPolicy(recipe)
+    if not policy.active:
+        return examples, found
     kept: list[Example] = []
     for e in examples:
         counts: Counter = Counter()
-        text, row_id = clean(e.text, counts), clean(e.id, counts)
-        target = e.target if recipe.task.type == "classification" else clean(e.target, counts)
-        found.update(counts)
-        if counts and recipe.data.pii == "reject":
+        text, row_id = policy.redact(e.text, counts), policy.redact(e.id, counts)
+        label_counts: Counter = Counter()
+        if recipe.task.type == "classification":
+            policy.redact(e.target, label_counts)
+            target = e.target
+        else:
+            target = policy.redact(e.target, counts)
+        found.update(counts + label_counts)
+        if label_counts or (counts and recipe.data.pii == "reject"):
+            where = "the label holds " if label_counts and not counts else "holds "
             rejected.append({"source": e.source, "line": e.line, "id": row_id, "reason": "pii",
-                             "detail": "holds " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))})
+                             "detail": where + ", ".join(f"{n} {k}" for k, n in sorted((counts + label_counts).items()))})
             continue
         e.text, e.id, e.target = text, row_id, target
         kept.append(e)
-    for r in rejected:
-        r["detail"] = clean(r["detail"], Counter())
-        if "id" in r:
-            r["id"] = clean(r["id"], Counter())
     return kept, found
+
+
+def scrub_records(records: list[dict[str, Any]], recipe: Recipe) -> list[dict[str, Any]]:
+    """Rejected or truncated rows as they may be written, reported and logged: every string field scrubbed of
+    secrets (the recipe's endpoint keys, any `*_API_KEY`/`*_TOKEN`/`*_SECRET` in the environment, key-shaped
+    text; `frontier.scrub`) and, unless `data.pii: keep`, of personal data by the same pseudonyms as the rows.
+    Whoever made a detail (a reader quoting a line, the teacher quoting its answer, a label check quoting the
+    label), it passes here before it leaves prep."""
+    import os
+
+    from pipeline.frontier import scrub
+
+    keys = [os.environ.get(name) for name in _api_key_envs(recipe.model_dump(mode="json"))]
+    policy = PiiPolicy(recipe)
+
+    def clean(value: Any) -> Any:
+        return policy.redact(scrub(value, *keys)) if isinstance(value, str) else value
+
+    return [{field: clean(value) for field, value in r.items()} for r in records]
+
+
+def quote_answer(text: str, recipe: Recipe, limit: int = 120) -> str:
+    """An answer as a detail quotes it: scrubbed like `scrub_records` while whole (a key or card cut in half by
+    the limit would no longer be recognised), then on one line, cut to `limit` characters and quoted."""
+    clean = scrub_records([{"text": text}], recipe)[0]["text"]
+    shown = " ".join(clean.split())
+    return repr(shown[:limit]) + ("..." if len(shown) > limit else "")
+
+
+def _api_key_envs(section: Any) -> set[str]:
+    """Every `api_key_env` a recipe names (the teacher's, the baselines', the tiers')."""
+    if isinstance(section, dict):
+        found = {section["api_key_env"]} if isinstance(section.get("api_key_env"), str) else set()
+        return found.union(*(_api_key_envs(v) for v in section.values()))
+    if isinstance(section, list):
+        return set().union(*(_api_key_envs(v) for v in section))
+    return set()
