@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import pytest
@@ -204,3 +205,68 @@ def test_the_recipe_offers_exactly_the_kinds_this_module_finds():
     (item,) = get_args(annotation)
     assert set(get_args(item)) == set(pii.KINDS)
     assert DataSection.model_fields["pii_kinds"].default == list(pii.DEFAULT_KINDS)
+
+
+# the forms people write personal data in: (kind, value as written); each must be found whole
+WRITTEN_FORMS = [
+    ("card", "4111.1111.1111.1111"),
+    ("card", "4111/1111/1111/1111"),
+    ("card", "4111  1111  1111  1111"),
+    ("card", "4111\u00a01111\u00a01111\u00a01111"),
+    ("card", "4111\u202f1111\u202f1111\u202f1111"),
+    ("card", "4111\u2009- 1111 - 1111 - 1111"),
+    ("card", "5500 0000 0000 0004"),
+    ("card", "3782.822463.10005"),
+    ("email", "jane.doe @ example.com"),
+    ("email", "jane.doe@ example.com"),
+    ("email", "jane.doe\u00a0@\u00a0example.com"),
+    ("email", "j.doe+tickets  @  mail.example.co.uk"),
+    ("phone", "+44.20.7946.0958"),
+    ("phone", "+44/20/7946/0958"),
+    ("phone", "+44\u00a020\u00a07946\u00a00958"),
+    ("phone", "+1\u202f415\u202f555\u202f2671"),
+    ("phone", "+44  20  7946  0958"),
+]
+
+# look-alikes that are not personal data and must stay as they are
+NOT_PII = [
+    "shipped on 2024.03.05 or 05/03/2024",
+    "upgrade from 1.2.3 to 10.4.11",
+    "order 1234.5678 and #A-10234, ref 2024/000123",
+    "it cost $1,234.56 (1.234,56 EUR), 4 items @ $3.50 each",
+    "meet at 10:30:00 in room 4111",
+    "tracking 1Z999AA10123456784",
+    "card ending 4111.1111.1111.1112",  # fails Luhn
+    "mixed 4111-1111 1111.1111",  # one kind of separator only, or not a card
+    "ping @ops or @ 10am, rate 3 @ 2.5",
+]
+
+
+@pytest.mark.parametrize("kind, value", WRITTEN_FORMS)
+def test_personal_data_is_found_in_the_forms_people_write_it(kind, value):
+    text = f"details: {value} thanks"
+    assert spans(text, pii.DEFAULT_KINDS) == [(kind, value)]
+    redacted, counts = pii.redact(text, pii.DEFAULT_KINDS, key=b"k" * 32)
+    assert counts == Counter({kind: 1}) and value not in redacted
+
+
+@pytest.mark.parametrize("text", NOT_PII)
+def test_look_alikes_are_not_redacted(text):
+    assert pii.find(text, pii.DEFAULT_KINDS) == []
+    assert pii.redact(text, pii.DEFAULT_KINDS, key=b"k" * 32) == (text, Counter())
+
+
+def test_pseudonyms_are_one_per_value_however_written_and_differ_between_values():
+    key = b"k" * 32
+    emails = [f"customer{i}@example.com" for i in range(20)]
+    tokens = [pii.redact(f"from {e}", ["email"], key=key)[0] for e in emails]
+    assert len(set(tokens)) == 20, "20 people are 20 pseudonyms, not one [EMAIL]"
+    assert all(re.fullmatch(r"from \[EMAIL_[a-p]{8}\]", t) for t in tokens)
+    same = {pii.redact(v, ["email", "card"], key=key)[0] for v in ("Customer3 @ Example.com", "customer3@example.com")}
+    assert same == {tokens[3].removeprefix("from ")}
+    cards = {pii.redact(v, ["card"], key=key)[0] for v in ("4111 1111 1111 1111", "4111.1111.1111.1111", "4111111111111111")}
+    assert len(cards) == 1
+    assert pii.redact("customer3@example.com", ["email"], key=b"o" * 32)[0] != tokens[3].removeprefix("from "), \
+        "another key, another pseudonym: without the key a guess cannot be confirmed"
+    once = pii.redact("a@b.co, +1 415 555 2671, 4111111111111111, ::1", pii.KINDS, region="US", key=key)[0]
+    assert pii.redact(once, pii.KINDS, region="US", key=key) == (once, Counter())

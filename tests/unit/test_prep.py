@@ -1,6 +1,7 @@
 """Prep's pure parts: field lookup, rejection rules, deterministic stratified splits, percentiles."""
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -254,3 +255,72 @@ def test_an_extraction_target_or_answer_nested_too_deep_is_refused_not_a_crash()
     with pytest.raises(ValueError, match="target is JSON nested deeper than 100 levels"):
         extraction.normalize_target('{"a": ' + DEEP + "}")
     assert extraction.parse_answer('{"a": ' + DEEP + "}", {"type": "object"}) is None
+
+
+def _pii_recipe(pii: str, **teacher) -> Recipe:
+    data = {"source": "d.jsonl", "fields": {"text": "t", "target": "l"}, "pii": pii}
+    if teacher:
+        data["teacher"] = {"model": "t", "base_url": "http://127.0.0.1:9/v1", **teacher}
+    return Recipe.model_validate({"name": "t", "task": {"type": "classification", "instruction": "x",
+                                                        "labels": ["billing", "shipping"]},
+                                  "data": data, "model": {"base": "m"}, "registry": {"model_name": "m"}})
+
+
+@pytest.fixture
+def pii_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EXPERT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("EXPERT_PII_SECRET", raising=False)
+    return tmp_path / "cache"
+
+
+def test_twenty_customers_who_differ_only_by_e_mail_stay_twenty_rows(pii_cache):
+    from pipeline.row_checks import check_pii
+
+    rows = [Example(id=f"r{i}", line=i + 1, text=f"Refund please, my account is customer{i}@example.com", target="billing")
+            for i in range(20)]
+    rejected: list[dict] = []
+    kept, found = check_pii(rows, rejected, _pii_recipe("redact"))
+    assert found == Counter(email=20) and not any("@" in e.text for e in kept)
+    assert check_duplicates(kept, rejected, classification, ["billing", "shipping"]) == kept and rejected == []
+    assert len({e.text for e in kept}) == 20
+    key = (pii_cache / "pii.key").read_bytes()
+    assert len(key) == 32 and (pii_cache / "pii.key").stat().st_mode & 0o077 == 0, "the key is its owner's only"
+    again, _ = check_pii([Example(id="x", line=1, text="from customer7@example.com", target="billing")], [],
+                         _pii_recipe("redact"))
+    assert again[0].text.removeprefix("from ") in kept[7].text, "the same e-mail, the same pseudonym, run after run"
+
+
+@pytest.mark.parametrize("mode", ["redact", "reject"])
+def test_rejection_details_are_scrubbed_of_keys_cards_and_e_mails_in_both_modes(pii_cache, monkeypatch, mode):
+    from pipeline.row_checks import check_pii, scrub_records
+
+    monkeypatch.setenv("TEACHER_KEY", "tk-live-0123456789abcdef")
+    recipe = _pii_recipe(mode, api_key_env="TEACHER_KEY")
+    rows = [Example(id="a", line=1, text="where is my parcel", target="jane.doe@example.com"),
+            Example(id="b", line=2, text="refund please", target="billing")]
+    rejected: list[dict] = []
+    kept, found = check_pii(rows, rejected, recipe)
+    assert [e.id for e in kept] == ["b"] and found == Counter(email=1)
+    assert rejected == [{"source": "", "line": 1, "id": "a", "reason": "pii", "detail": "the label holds 1 email"}]
+    rejected += [
+        {"source": "d.jsonl", "line": 3, "id": "c", "reason": "teacher_unparsable",
+         "detail": "the teacher's answer is not a target: 'key tk-live-0123456789abcdef, card 4111 1111 1111 1111, "
+                   "mail bob @ example.org'"},
+        {"source": "d.jsonl", "line": 4, "id": "d", "reason": "label_outside_set",
+         "detail": "label `bob@example.org` is not in the label set"},
+    ]
+    written = json.dumps(scrub_records(rejected, recipe))
+    for secret in ("tk-live-0123456789abcdef", "4111 1111 1111 1111", "bob @ example.org", "bob@example.org"):
+        assert secret not in written
+    assert "[REDACTED]" in written and "[CARD_" in written
+    emails = re.findall(r"\[EMAIL_[a-p]{8}\]", written)
+    assert len(emails) == 2 and emails[0] == emails[1], "one person, one pseudonym, however the address is written"
+
+
+def test_with_pii_keep_details_keep_personal_data_but_never_keys(pii_cache, monkeypatch):
+    from pipeline.row_checks import scrub_records
+
+    monkeypatch.setenv("TEACHER_KEY", "tk-live-0123456789abcdef")
+    detail = {"source": "d", "line": 1, "reason": "teacher_unparsable", "detail": "tk-live-0123456789abcdef bob@x.org"}
+    assert scrub_records([detail], _pii_recipe("keep", api_key_env="TEACHER_KEY"))[0]["detail"] == "[REDACTED] bob@x.org"
+    assert not (pii_cache / "pii.key").exists(), "no key is made where no pseudonym is"
