@@ -240,9 +240,10 @@ class DataSection(Strict):
         "endpoint (`expert label` or prep); each row keeps its provenance (`gold`, `teacher:<model>`)")
     pii: Literal["keep", "redact", "reject"] = Field(
         "keep", description="personal data in the rows (`data.pii_kinds`), found before anything is written, sent "
-        "or logged: `redact` replaces each find with a placeholder (`[EMAIL]`) in the input, string targets, ids "
-        "and rejection details; `reject` rejects the row (reason `pii`, the kinds named, the content not); "
-        "`keep` leaves the data as it is. Counts by kind in the prep report")
+        "or logged: `redact` replaces each find with its pseudonym (`[EMAIL_kfbmdaoc]`, one per value, keyed by "
+        "`EXPERT_PII_SECRET` or a key made once in the cache) in the input, string targets and ids; `reject` rejects "
+        "the row (reason `pii`, the kinds named, the content not); both pseudonymise rejection details and reject a "
+        "label that holds personal data; `keep` leaves the data as it is. Counts by kind in the prep report")
     pii_kinds: Annotated[list[Literal["email", "phone", "card", "iban", "ip", "us_ssn", "uk_nino", "de_tax_id"]],
                          Field(min_length=1)] = Field(
         ["email", "phone", "card", "iban", "ip"], description="what `data.pii` looks for: `email`, `phone` "
