@@ -71,7 +71,7 @@ def read_prices(path: Path) -> dict[str, Price]:
     """The prices file: `MODEL: {input, output}` in $/Mtok, each finite and not negative, each model once (YAML
     would keep the last of two silently)."""
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # a SafeLoader subclass
     except FileNotFoundError:
         raise UserError(f"--prices {path}: file not found") from None
     except yaml.YAMLError as err:
@@ -217,6 +217,7 @@ def print_report(doc: dict[str, Any], result: Audit) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from pipeline.frontier import scrub  # a logged error body may echo a key
     from pipeline.ui import console
 
     table = Table(title="workload cost today")
@@ -237,7 +238,7 @@ def print_report(doc: dict[str, Any], result: Audit) -> None:
         first = result.bad_lines[0]
         console.print(f"[yellow]audit[/]: {len(result.bad_lines)} line(s) not counted "
                       f"({', '.join(f'{k}={v}' for k, v in doc['unusable_by_reason'].items())}); "
-                      f"first: line {first['line']}: {first['detail']}")
+                      f"first: line {first['line']}: {scrub(first['detail'])}")
     expert = doc.get("with_expert")
     if expert is not None:
         if expert["cost_per_1k"] is None:
