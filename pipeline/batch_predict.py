@@ -37,9 +37,9 @@ def predict_with_cascade(model_uri: str, rows: list[dict[str, Any]], escalate: b
     """Expert answers; rows under the version's threshold go to its frontier baseline when a key is set."""
     from pipeline import registry
 
-    loaded, expert = registry.load_version(model_uri)
+    _, expert = registry.load_version(model_uri)
     texts = [r["text"] for r in rows]
-    answers = loaded.predict(texts)
+    answers = expert.predict(None, texts)
     esc = cascade.escalation(expert.recipe, expert.threshold, expert.frontier, escalate, route=expert.route)
     out = cascade.escalate([{**row, **answer} for row, answer in zip(rows, answers)], texts, esc, expert)
     skipped = sum(1 for r in out if "escalation_skipped" in r)

@@ -8,7 +8,10 @@ as the eval stage did (with its cascade threshold, or its route's chain and thre
 comes from code, weights from safetensors). Loading needs this package
 installed; the base model is the one `train_record.json` names (same revision,
 checked by content hash) or the bundled copy when pushed with `--include-base`,
-loaded in training's precision.
+loaded in training's precision. The pipeline itself never loads a version
+through MLflow's loader (which executes the entry file stored with it):
+`registry.load_version` verifies the version's files and calls `load_context`
+on this class directly.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""MLflow "models from code" entry: the file MLflow executes to build the pyfunc model (no pickle)."""
+"""MLflow "models from code" entry: the file MLflow's own loader executes to build the pyfunc model (no pickle).
+
+Stored with every version for MLflow's tools; the pipeline's loader (`registry.load_version`) never runs the stored
+copy, it builds `ExpertModel` from the installed package after verifying the version's files."""
 
 import mlflow.models
 

@@ -8,6 +8,10 @@ unless `--include-base`. Every push sets alias `challenger`; `champion` moves
 only when the gate passed and the candidate is not worse than the current
 champion on the same test set (same data fingerprint), or with `--force` and
 a recorded reason. Output: `push/registered.json`.
+
+The version's logged model holds `expert_manifest.json`, the sha256 of every file in it, and the registry records
+the manifest's digest (and, with `EXPERT_VERSION_SIGNING_KEY` set, its HMAC signature) as tags: loading checks
+them before it reads a file (`pipeline/version_digest.py`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline import contracts, models, tracking
+from pipeline import contracts, models, tracking, version_digest
 from pipeline.contracts import PushOptions, StageOptions
 from pipeline.errors import UserError
 from pipeline.evidence import evidence_markdown, flat_metrics
@@ -85,10 +89,12 @@ BUNDLED = ["train/adapter", "train/record.json", "train/metrics.json", "prep/spe
            "eval/metrics.json", "eval/cascade.json", "eval/report.md", "eval/record.json"]
 
 
-def inputs_of(recipe: Recipe, run: RunDir) -> dict[str, str]:
+def inputs_of(recipe: Recipe, run: RunDir, include_base: bool = False) -> dict[str, str]:
     inputs = contracts.recipe_inputs(run, STAGE, recipe, RECIPE_KEYS)
     for rel in BUNDLED:
         inputs[rel] = run.output_hash(rel.partition("/")[0], rel)
+    if include_base:  # another bundle, so another version (recorded only when asked: earlier pushes stay current)
+        inputs["--include-base"] = "yes"
     return inputs
 
 
@@ -96,7 +102,8 @@ def run(recipe: Recipe, run: RunDir, stage_options: StageOptions = StageOptions(
     options = stage_options.push
     if options.force and not (options.reason and options.reason.strip()):
         raise UserError("--force needs --reason TEXT: the reason is recorded on the version for reviewers")
-    inputs = inputs_of(recipe, run)
+    signing_key = version_digest.signing_key()  # a malformed key is refused before anything is written
+    inputs = inputs_of(recipe, run, options.include_base)
     if not (options.force or options.dry_run or STAGE in stage_options.redo) and run.is_current(STAGE, inputs):
         console.print(f"[green]push[/]: up to date in {run.path / STAGE}, skipped")
         return run.stage_record(STAGE)
@@ -136,8 +143,13 @@ def run(recipe: Recipe, run: RunDir, stage_options: StageOptions = StageOptions(
             model_id = adapter_model(mlflow_client, run, recipe, manifest, mlflow_run_id)
             with tempfile.TemporaryDirectory() as tmp:
                 model_dir, bundle_hash = save_pyfunc(run, Path(tmp), recipe, options.include_base)
-                model_id = pyfunc_model(mlflow_client, model_id, model_dir, bundle_hash, run, recipe, metrics,
-                                        mlflow_run_id)
+                model_id, digest = pyfunc_model(mlflow_client, model_id, model_dir, bundle_hash, run, recipe,
+                                                metrics, mlflow_run_id)
+            tags[version_digest.DIGEST_TAG] = digest
+            if signing_key is not None:
+                tags[version_digest.SIGNATURE_TAG] = version_digest.sign(digest, signing_key)
+                mlflow_client.set_logged_model_tags(model_id, {
+                    version_digest.SIGNATURE_TAG: tags[version_digest.SIGNATURE_TAG]})
             mlflow_client.log_artifacts(mlflow_run_id, str(run.path / "eval"), "eval")  # report renders in the UI
             mlflow_client.log_dict(mlflow_run_id, version_provenance(recipe, metrics, verdict, manifest, model_id),
                                    PROVENANCE)
@@ -164,6 +176,7 @@ def run(recipe: Recipe, run: RunDir, stage_options: StageOptions = StageOptions(
 
 
 PENDING = "pending.json"  # in push/: written before a version is created, removed once it is complete
+CREATED_BY = "expert.created_by_push"  # logged-model tag: the push (MLflow run) that made it, to roll back
 BUNDLE_TAG = "expert.bundle_hash"  # on a logged model: the bundle its pyfunc holds (a version's content never changes)
 PROVENANCE = "version_provenance.json"  # in the push run's artifacts: what the short version tags leave out
 PUSH_STATE = "push_state"  # version tag: `incomplete` until every alias and tag is set, then `complete`
@@ -184,8 +197,8 @@ def current_aliases(mlflow_client, name: str, aliases: list[str]) -> dict[str, s
 
 def repair_interrupted_push(run: RunDir, mlflow_client) -> None:
     """Roll back what a push of this run directory that was killed midway left behind: its incomplete version
-    (whose tags may already say the gate passed) is deleted, the aliases it may have moved are put back, and
-    its MLflow run, left RUNNING, is marked KILLED."""
+    (whose tags may already say the gate passed) and the logged models it made are deleted, and the aliases it
+    may have moved are put back (its MLflow run, left RUNNING, is marked KILLED by `tracking.stage_run`)."""
     pending_path = run.stage_dir(STAGE) / PENDING
     if not pending_path.is_file():
         return
@@ -207,8 +220,10 @@ def repair_interrupted_push(run: RunDir, mlflow_client) -> None:
                 pass
         else:
             mlflow_client.set_registered_model_alias(name, alias, previous)
-    if mlflow_client.get_run(run_id).info.status == "RUNNING":
-        mlflow_client.set_terminated(run_id, "KILLED")
+    experiment = mlflow_client.get_run(run_id).info.experiment_id
+    for model in mlflow_client.search_logged_models([experiment], filter_string=f"tags.`{CREATED_BY}` = '{run_id}'"):
+        mlflow_client.delete_logged_model(model.model_id)
+        console.print(f"[yellow]push[/]: removed logged model {model.model_id}, made by the interrupted push")
     pending_path.unlink()
 
 
@@ -231,39 +246,56 @@ def adapter_model(mlflow_client, run: RunDir, recipe: Recipe, manifest, push_run
     """The logged model train made of the adapter; made now when train's MLflow logging could not."""
     train = manifest["stages"]["train"]
     return train.get("mlflow_model_id") or new_adapter_model(mlflow_client, run, recipe,
-                                                             train.get("mlflow_run_id") or push_run_id)
+                                                             train.get("mlflow_run_id") or push_run_id, push_run_id)
 
 
-def new_adapter_model(mlflow_client, run: RunDir, recipe: Recipe, source_run_id: str) -> str:
-    """A logged model of the run's adapter (uploaded), an output of `source_run_id` (the train run, if any)."""
+def new_adapter_model(mlflow_client, run: RunDir, recipe: Recipe, source_run_id: str, push_run_id: str) -> str:
+    """A logged model of the run's adapter (uploaded), an output of `source_run_id` (the train run, if any),
+    tagged with the push that made it (an interrupted push's are deleted by the next one)."""
     from pipeline.train import adapter_params
 
     trained = contracts.read_record(run.path / "train/record.json", contracts.TrainRecord)
     steps = json.loads((run.path / "train/metrics.json").read_text(encoding="utf-8"))["steps"]
     logged: dict[str, str] = {}
     tracking.log_adapter_model(mlflow_client, source_run_id, run.path / "train/adapter", recipe.registry.model_name,
-                               adapter_params(recipe, trained.base, trained.model_dump(), steps), logged)
+                               adapter_params(recipe, trained.base, trained.model_dump(), steps), logged,
+                               tags={CREATED_BY: push_run_id})
     return logged["model_id"]
 
 
 def pyfunc_model(mlflow_client, model_id: str, model_dir: Path, bundle_hash: str, run: RunDir, recipe: Recipe,
-                 metrics, push_run_id: str) -> str:
-    """The logged model this version is registered from: the adapter's, with the pyfunc added around it. Pushed
-    before with the same bundle: as it is. With another bundle (a new eval of the same adapter, `--include-base`):
-    a new logged model of the same adapter, the expert's test metrics logged against it too, because a registered
-    version's files must never change under it."""
-    held = mlflow_client.get_logged_model(model_id).tags.get(BUNDLE_TAG)
-    if held == bundle_hash:
-        return model_id
-    if held is not None:
+                 metrics, push_run_id: str) -> tuple[str, str]:
+    """The logged model this version is registered from, and its content digest: the adapter's, with the pyfunc
+    and the manifest of every file added around it. Pushed before with the same bundle: as it is. With another
+    bundle (a new eval of the same adapter, `--include-base`), or holding files a killed push left: a new logged
+    model of the same adapter, the expert's test metrics logged against it too, because a registered version's
+    files must never change under it."""
+    from pipeline.expert_model import ADAPTER_PATH
+
+    held = mlflow_client.get_logged_model(model_id).tags
+    if held.get(BUNDLE_TAG) == bundle_hash and version_digest.is_digest(held.get(version_digest.DIGEST_TAG)):
+        return model_id, held[version_digest.DIGEST_TAG]
+    if BUNDLE_TAG in held or not holds_only_the_adapter(mlflow_client, model_id):
         model_id = new_adapter_model(mlflow_client, run, recipe,
-                                     run.stage_record("train").get("mlflow_run_id") or push_run_id)
+                                     run.stage_record("train").get("mlflow_run_id") or push_run_id, push_run_id)
         test = tracking.split_dataset(recipe, run, "test")
         expert = {k: v for k, v in flat_metrics(metrics["systems"]).items() if k.startswith("expert.")}
         tracking.log_metrics(mlflow_client, push_run_id, expert, model_id=model_id, dataset=test)
+    # the adapter is in the logged model already, uploaded from this run's train/adapter (an input of push)
+    digest = version_digest.write_manifest(model_dir, version_digest.file_digests(model_dir) | version_digest.file_digests(
+        run.path / "train/adapter", ADAPTER_PATH))
     mlflow_client.log_model_artifacts(model_id, str(model_dir))
-    mlflow_client.set_logged_model_tags(model_id, {BUNDLE_TAG: bundle_hash})
-    return model_id
+    mlflow_client.set_logged_model_tags(model_id, {BUNDLE_TAG: bundle_hash, version_digest.DIGEST_TAG: digest})
+    return model_id, digest
+
+
+def holds_only_the_adapter(mlflow_client, model_id: str) -> bool:
+    """Whether the logged model's bundle folder has nothing but the adapter train uploaded (a push killed while
+    uploading leaves more, which this push's files would not all replace)."""
+    from pipeline.expert_model import BUNDLE
+
+    listed = mlflow_client.list_logged_model_artifacts(model_id, f"artifacts/{BUNDLE}")
+    return [Path(f.path).name for f in listed] == ["adapter"]
 
 
 def save_pyfunc(run: RunDir, tmp: Path, recipe: Recipe, include_base: bool) -> tuple[Path, str]:

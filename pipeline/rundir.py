@@ -31,6 +31,7 @@ STAGES = ("prep", "train", "eval", "push")
 LOCK_FILE = "run.lock"  # held (flock) by the process working in the run directory
 MANIFEST = "manifest.json"
 RECIPE_FILE = "recipe.yaml"
+OPEN_MLFLOW_RUNS = "open_mlflow_runs"  # manifest key: stage -> the MLflow run it has open, until that run ends
 
 
 def now_iso() -> str:
@@ -211,6 +212,19 @@ class RunDir:
             handle.truncate(0)
             fcntl.flock(handle, fcntl.LOCK_UN)
             handle.close()
+
+    def open_mlflow_run(self, stage: str) -> str | None:
+        """The MLflow run the stage has open (`tracking.stage_run`); one still recorded was left by a killed process."""
+        return self.read_manifest().get(OPEN_MLFLOW_RUNS, {}).get(stage)
+
+    def set_open_mlflow_run(self, stage: str, run_id: str | None) -> None:
+        manifest = self.read_manifest()
+        open_runs = manifest.setdefault(OPEN_MLFLOW_RUNS, {})
+        if run_id is None:
+            open_runs.pop(stage, None)
+        else:
+            open_runs[stage] = run_id
+        self.write_manifest(manifest)
 
     def output_hash(self, stage: str, rel: str) -> str:
         """The recorded hash of an upstream output; the upstream stage must be complete."""

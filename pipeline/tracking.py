@@ -139,7 +139,7 @@ def log_split_inputs(mlflow_client, run_id: str, recipe: Recipe, run: RunDir, sp
 
 
 def log_adapter_model(mlflow_client, run_id: str, adapter_dir: Path, name: str, params: dict[str, str],
-                      into: dict[str, str]) -> None:
+                      into: dict[str, str], tags: dict[str, str] | None = None) -> None:
     """The trained adapter as an MLflow 3 logged model, an output of its train run; `into["model_id"]` gets its
     id. Eval logs its metrics against it; push adds the rest of the pyfunc model around the adapter and registers
     the version from it (`models:/<model_id>`, the only source MLflow's UI links back to its model). The adapter
@@ -149,7 +149,7 @@ def log_adapter_model(mlflow_client, run_id: str, adapter_dir: Path, name: str, 
     from pipeline.expert_model import ADAPTER_PATH
 
     experiment = mlflow_client.get_run(run_id).info.experiment_id
-    model = mlflow_client.create_logged_model(experiment, name=name, source_run_id=run_id, params=params,
+    model = mlflow_client.create_logged_model(experiment, name=name, source_run_id=run_id, params=params, tags=tags,
                                               model_type="LoRA adapter")
     mlflow_client.log_model_artifacts(model.model_id, str(adapter_dir), ADAPTER_PATH)
     mlflow_client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
@@ -182,18 +182,40 @@ def stage_run(experiment: str, stage: str, run: RunDir, tags: dict[str, str]) ->
     stage's work is done (nothing reaches MLflow before there is something to log) but starts when the stage
     started (the manifest's `started`), so the UI shows how long the stage really took."""
     mlflow_client = client()
+    close_interrupted_run(mlflow_client, run, stage)
     exp_id = experiment_id(mlflow_client, experiment)
     all_tags = {"expert.stage": stage, "expert.run_dir_id": run.path.name, **tags}
     started = run.stage_record(stage).get("started")
     created = mlflow_client.create_run(exp_id, run_name=f"{stage} · {experiment} · {run.path.name}", tags=all_tags,
                                        start_time=_epoch_ms(started) if started else None)
     run_id = created.info.run_id
+    run.set_open_mlflow_run(stage, run_id)  # until it ends: a process killed meanwhile leaves it for the next one
     try:
         yield mlflow_client, run_id
     except BaseException:
         mlflow_client.set_terminated(run_id, "FAILED")
+        run.set_open_mlflow_run(stage, None)
         raise
     mlflow_client.set_terminated(run_id, "FINISHED")
+    run.set_open_mlflow_run(stage, None)
+
+
+def close_interrupted_run(mlflow_client, run: RunDir, stage: str) -> None:
+    """The MLflow run a killed process left open for this stage of this run directory (which the caller now holds)
+    is marked KILLED, so the UI does not show it running for good."""
+    from mlflow.exceptions import MlflowException
+
+    left = run.open_mlflow_run(stage)
+    if left is None:
+        return
+    try:
+        status = mlflow_client.get_run(left).info.status
+    except MlflowException:  # deleted since, or on another tracking server: nothing to close here
+        status = None
+    if status == "RUNNING":
+        mlflow_client.set_terminated(left, "KILLED")
+        console.print(f"[yellow]{stage}[/]: MLflow run {left}, left running by an interrupted {stage}, marked KILLED")
+    run.set_open_mlflow_run(stage, None)
 
 
 class Tracker:
