@@ -73,7 +73,7 @@ def plan(recipe: Recipe, run: RunDir | None, options: StageOptions = StageOption
         elif stage in options.redo:
             why = "--force"
         else:
-            why = _why_stale(stage, recipe, run)
+            why = _why_stale(stage, recipe, run, options)
         runs = why is not None
         planned.append(PlannedStage(stage, runs, why or "up to date"))
         if runs and redone is None:
@@ -81,7 +81,7 @@ def plan(recipe: Recipe, run: RunDir | None, options: StageOptions = StageOption
     return planned
 
 
-def _why_stale(stage: str, recipe: Recipe, run: RunDir) -> str | None:
+def _why_stale(stage: str, recipe: Recipe, run: RunDir, options: StageOptions) -> str | None:
     rec = run.stage_record(stage)
     if rec.get("status") != "complete":
         return "not run yet" if not rec else f"its status is {rec['status']}"
@@ -90,7 +90,12 @@ def _why_stale(stage: str, recipe: Recipe, run: RunDir) -> str | None:
         if changed:
             return f"recipe keys changed: {', '.join(changed)}"
     module = importlib.import_module(STAGE_MODULES[stage])
-    inputs = module.inputs_of(recipe) if stage == "prep" else module.inputs_of(recipe, run)
+    if stage == "prep":
+        inputs = module.inputs_of(recipe)
+    elif stage == "push":  # --include-base makes another bundle, so it is one of push's inputs
+        inputs = module.inputs_of(recipe, run, options.push.include_base)
+    else:
+        inputs = module.inputs_of(recipe, run)
     return run.why_stale(stage, inputs)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import traceback
@@ -90,7 +91,10 @@ def test_killed_eval_and_push_are_cleaned_up_and_include_base_pushes_again(tiny_
     first = client.get_model_version(MODEL, "1")
     assert not client.list_logged_model_artifacts(logged(first), "artifacts/bundle/base")
 
-    # --include-base asks for another bundle: not "up to date"; killed before its version is complete
+    # --include-base asks for another bundle: not "up to date" (the plan says so too); killed before its version is
+    # complete
+    plan = cli("run", recipe_path, "--run-dir", str(run_dir), "--include-base", "--dry-run").output
+    assert re.search(r"\brun\s+push\b", plan) and not re.search(r"\bskip\s+push\b", plan), plan
     killed(IN_PUSH, "push", recipe_path, "--run-dir", str(run_dir), "--include-base")
     orphan = client.get_model_version(MODEL, "2")
     assert orphan.tags["push_state"] == "incomplete" and logged(orphan) != logged(first)
