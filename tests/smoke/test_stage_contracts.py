@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import shutil
 
-import mlflow
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline import models
+from pipeline import models, registry
 from pipeline.cli import app
 from tests.conftest import shipped_recipe, write_recipe
 
@@ -79,8 +78,7 @@ def test_eval_and_the_registered_model_load_the_recorded_precision(env, monkeypa
     result = invoke("push", path, "--run-dir", run_dir)
     assert result.exit_code == 0, result.output
     registered = json.loads((run_dir / "push/registered.json").read_text())
-    loaded = mlflow.pyfunc.load_model(f"models:/{registered['model_name']}/{registered['version']}")
-    expert = loaded.unwrap_python_model()
+    _, expert = registry.load_version(f"models:/{registered['model_name']}/{registered['version']}")
     assert expert.precision == "fp32"
     assert next(expert.model.parameters()).dtype == torch.float32
 
