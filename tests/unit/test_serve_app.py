@@ -529,8 +529,9 @@ def test_fifty_requests_behind_a_hung_mid_tier_are_answered_by_the_frontier_with
             assert step["latency_s"] < 0.5 and "`mid` is busy: 2 calls in flight and 8 waiting" in step["error"], step
     for row, wall in zip(rows, walls, strict=True):
         spent = sum(step["latency_s"] for step in row["tiers_tried"])
-        # the rest is HTTP and the stand-in expert, slowed by 100 threads sharing this process's GIL
-        assert spent <= wall and wall - spent < 2.0, (spent, wall, row["tiers_tried"])
+        # the rest is HTTP and the stand-in expert, slowed by 100 threads sharing this process's GIL (up to 2.2 s
+        # measured at load average 6.5)
+        assert spent <= wall and wall - spent < 3.0, (spent, wall, row["tiers_tried"])
     for line, value in ((f'expert_tier_requests_total{{tier="mid",outcome="shed"}}', shed),
                         (f'expert_tier_requests_total{{tier="mid",outcome="timed_out"}}', timed_out),
                         ('expert_tier_requests_total{tier="frontier",outcome="answered"}', 50),
@@ -631,3 +632,19 @@ def test_a_body_that_stalls_gets_408_and_its_connection_closed_while_others_are_
         assert 0.9 <= stalled_s < 2.5 and 0.9 <= trickled_s < 2.5 and closed_s < 2.5, (stalled_s, trickled_s, closed_s)
         assert httpx.get(f"{url}/health").status_code == 200
         assert metric(httpx.get(f"{url}/metrics").text, 'expert_errors_total{endpoint="/v1/predict",code="408"}') == 2
+
+
+def test_tiers_tried_counts_every_attempt_and_backoff(monkeypatch):
+    """Issue 33 #4: `tiers_tried` said 10.0 s where 20 were spent (it showed the last attempt). A tier that takes
+    0.8 s to answer, asked with 0.5 s attempts and one retry: two timed-out attempts, both in its wall time."""
+    monkeypatch.setenv("UNIT_KEY", KEY)
+    with FakeOpenAIServer(lambda body: "technical", api_key=KEY) as top:
+        top.faults += [("delay", 0.8), ("delay", 0.8)]
+        service = serve.Service(fake_expert(top.base_url), "unit-expert", "3", "models:/unit-expert@champion",
+                                serve.ServeOptions(frontier_retries=1, frontier_timeout_s=0.5), engine=FakeEngine())
+        with serving(serve.create_app(service)) as url:
+            row = httpx.post(f"{url}/v1/predict", json={"text": "unsure"}, timeout=30).json()
+        service.close()
+    [step] = row["tiers_tried"]
+    assert step["outcome"] == "failed" and "APITimeoutError" in step["error"] and len(top.requests) == 2
+    assert step["latency_s"] >= 1.0, step
