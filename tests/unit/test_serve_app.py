@@ -623,8 +623,13 @@ def test_a_body_that_stalls_gets_408_and_its_connection_closed_while_others_are_
             stalled.settimeout(5)
             answer = stalled.recv(65536)
             stalled_s = time.perf_counter() - began
-            while chunk := stalled.recv(65536):  # the server closes it: recv returns b""
-                answer += chunk
+            for sock in (stalled, trickle):  # the server closes both: recv returns b""
+                sock.settimeout(5)
+                while chunk := sock.recv(65536):
+                    if sock is stalled:
+                        answer += chunk
+                    else:
+                        reply += chunk
             closed_s = time.perf_counter() - began
         for raw in (answer, reply):
             assert raw.startswith(b"HTTP/1.1 408"), raw[:200]
