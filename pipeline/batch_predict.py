@@ -17,39 +17,53 @@ from pipeline.errors import UserError
 from pipeline.ui import console
 
 
+def _not_a_number(constant: str) -> float:
+    raise ValueError(f"{constant} is not a JSON number")
+
+
 def read_inputs(source: TextIO, name: str) -> Iterator[dict[str, Any]]:
-    """JSONL rows with a non-empty `text`; a bad line is an error naming it."""
+    """JSONL rows with a non-empty `text`; a bad line is an error naming it. NaN and Infinity are not JSON: a line
+    holding them is refused, so that every line written back is strict JSON."""
     for line_no, line in enumerate(source, start=1):
         if not line.strip():
             continue
         try:
-            row = json_depth.loads(line)
+            json_depth.check_depth(line)
+            row = json.loads(line, parse_constant=_not_a_number)
         except json_depth.TooDeep as err:
             raise UserError(f"{name}:{line_no}: {err}; each line must be an object with a `text` field") from None
-        except json.JSONDecodeError as err:
-            raise UserError(f"{name}:{line_no}: not JSON ({err.msg}); each line must be an object with a `text` field") from None
+        except ValueError as err:  # JSONDecodeError included
+            why = err.msg if isinstance(err, json.JSONDecodeError) else str(err)
+            raise UserError(f"{name}:{line_no}: not JSON ({why}); each line must be an object with a `text` field") from None
         if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
             raise UserError(f"{name}:{line_no}: each line must be a JSON object with a non-empty string `text`")
         yield row
 
 
 def predict_with_cascade(model_uri: str, rows: list[dict[str, Any]], escalate: bool = True) -> list[dict[str, Any]]:
-    """Expert answers; rows under the version's threshold go to its frontier baseline when a key is set."""
+    """Expert answers; rows under the version's threshold, or whose confidence is no probability (`expert_error`),
+    go to its frontier baseline when a key is set."""
     from pipeline import registry
 
     _, expert = registry.load_version(model_uri)
     texts = [r["text"] for r in rows]
     answers = expert.predict(None, texts)
     esc = cascade.escalation(expert.recipe, expert.threshold, expert.frontier, escalate, route=expert.route)
-    out = cascade.escalate([{**row, **answer} for row, answer in zip(rows, answers)], texts, esc, expert)
+    checked = [cascade.expert_row({**row, **answer}, expert.threshold) for row, answer in zip(rows, answers)]
+    out = cascade.escalate(checked, texts, esc, expert)
     skipped = sum(1 for r in out if "escalation_skipped" in r)
     if skipped:
         console.print(f"[yellow]predict[/]: {skipped} row(s) under the threshold marked `escalate` but not sent "
                       f"({esc.why_off})")
+    unanswered = sum(1 for r in out if "expert_error" in r and not r["escalated"])
+    if unanswered:
+        console.print(f"[red]predict[/]: the expert's confidence was no probability (NaN, infinite or outside [0, 1]) "
+                      f"for {unanswered} row(s) that no tier answered: they are written with `answer: null` and "
+                      "`expert_error`; the version's weights may be corrupted")
     return out
 
 
 def write_jsonl(rows: list[dict[str, Any]], out: TextIO | None = None) -> None:
     out = out or sys.stdout  # looked up at call time: stdout may have been replaced since import
     for row in rows:
-        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        out.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")  # strict JSON: NaN is a bug here

@@ -10,8 +10,11 @@ Eval, `expert predict` and `expert serve` share this module:
 - `baseline_prompt`: the messages a baseline is asked: its own system prompt (the instruction with the label
   list or schema) in place of the expert's, then few-shot turns, then the question. Eval's baselines
   (`baselines.baseline_rows`) and every escalated request are built by it.
-- `escalate`, the one failure policy: a tier that fails (an error after its retries, or an answer that does not
-  parse as the task's answer) passes the request on; when no tier answers, the expert's answer stays, flagged
+- `expert_row`: the expert's answer and whether it escalates; a confidence that is no probability (NaN from
+  corrupted weights) is an error that escalates, never a sure answer.
+- `escalate`, the one failure policy (`judge` and `record` per tier, shared with serving's deadline-bound climb):
+  a tier that fails (an error after its retries, an answer that does not parse as the task's answer, a
+  confidence that is no probability) passes the request on; when no tier answers, the expert's answer stays, flagged
   (`escalation_error`, scrubbed of secrets); when escalation is off the row says why (`escalation_skipped`).
   `expert predict` writes such rows as they are; `expert serve` answers them, or 502 with `--frontier-down 502`.
   Eval keeps its own record of a failed frontier row (the error, no prediction; `baselines.ask_frontier`), which
@@ -20,8 +23,12 @@ Eval, `expert predict` and `expert serve` share this module:
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,10 +86,6 @@ class Escalation:
     def why_off(self) -> str:
         return self.note.removeprefix("off: ")
 
-    @property
-    def max_concurrency(self) -> int:
-        return max((t.baseline.max_concurrency for t in self.tiers), default=1)
-
 
 def escalation(recipe, threshold: float | None, frontier_name: str | None, escalate: bool = True,
                retries: int | None = None, timeout_s: float | None = None,
@@ -120,6 +123,24 @@ def escalation(recipe, threshold: float | None, frontier_name: str | None, escal
     return Escalation(f"on: route `expert` >= {threshold:.4f} -> {steps}", tuple(tiers))
 
 
+def is_probability(value: Any) -> bool:
+    """A confidence that can be compared with a threshold: a finite number in [0, 1] (not NaN, not a bool)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and 0.0 <= value <= 1.0)
+
+
+def expert_row(row: dict[str, Any], threshold: float | None) -> dict[str, Any]:
+    """The expert's answer with `escalate` (under its threshold). A confidence that is no probability (NaN or
+    infinite from corrupted weights, or outside [0, 1]) is an error, never a sure answer: the row keeps no answer
+    and no confidence, says why in `expert_error` and escalates (flagged where it cannot)."""
+    confidence = row.get("confidence")
+    if not is_probability(confidence):
+        return {**row, "answer": None, "confidence": None, "escalate": True,
+                "expert_error": f"the expert's confidence is {confidence!r}, not a probability in [0, 1] (its weights "
+                                "may be corrupted): its answer is not used"}
+    return {**row, "escalate": threshold is not None and confidence < threshold}
+
+
 def ask(tier: Tier, texts: list[str], expert) -> list[dict[str, Any]]:
     """A tier's reply to each text (`frontier.ask_all`: raw text and usage, or the final error), asked with the
     version's baseline prompt; extraction sends the schema along; a tier with a threshold is asked for its
@@ -131,14 +152,73 @@ def ask(tier: Tier, texts: list[str], expert) -> list[dict[str, Any]]:
                             logprobs=tier.threshold is not None and tier.baseline.logprobs)
 
 
+def ask_each(tier: Tier, texts: list[str], expert) -> list[tuple[dict[str, Any], float]]:
+    """`ask` for each text on the tier's `max_concurrency` threads, with the wall time from the tier's start to
+    that text's reply: its wait for a thread, every attempt and every backoff."""
+    started = time.perf_counter()
+
+    def one(text: str) -> tuple[dict[str, Any], float]:
+        reply = ask(tier, [text], expert)[0]
+        return reply, time.perf_counter() - started
+
+    with ThreadPoolExecutor(max_workers=tier.baseline.max_concurrency) as pool:
+        return list(pool.map(one, texts))
+
+
+@dataclass(frozen=True)
+class Step:
+    """A tier's verdict on one request: `answered`; `passed` (unsure: on to the next tier); `failed` (an error
+    after its retries, an answer that does not parse, or a confidence that is no probability); and, in serving,
+    `timed_out` (no answer by its deadline) or `shed` (its slots and its queue were full)."""
+
+    outcome: str
+    answer: Any = None
+    confidence: float | None = None
+    error: str | None = None
+
+
+def judge(tier: Tier, reply: dict[str, Any], expert) -> Step:
+    """What a tier's reply means for the request: it answers when its answer parses and, unless the tier is the
+    last, its confidence reaches the tier's threshold."""
+    task = tasks.for_type(expert.recipe.task.type)
+    parsed, confidence = frontier.parsed_answer(reply, lambda raw: task.parse_answer(raw, expert.spec))
+    if parsed is None:
+        return Step("failed", error=frontier.scrub(reply.get("error") or UNPARSED, tier.key))
+    if confidence is not None and not is_probability(confidence):
+        return Step("failed", error=f"`{tier.name}` sent a confidence of {confidence!r}, not a probability in [0, 1]")
+    try:  # Python's parser takes NaN and Infinity, which JSON has not: answers are sent and written as strict JSON
+        json.dumps(parsed, allow_nan=False)
+    except ValueError:
+        return Step("failed", error=f"`{tier.name}` answered with NaN or Infinity, which is not JSON")
+    if tier.threshold is not None and (confidence is None or confidence < tier.threshold):
+        return Step("passed", parsed, confidence)
+    return Step("answered", parsed, confidence)
+
+
+def record(row: dict[str, Any], tier: Tier, step: Step, seconds: float) -> dict[str, Any]:
+    """`row` after `tier`'s step: the step in `tiers_tried` with the wall time the request spent on the tier; the
+    tier's answer when it answered; else its error as the row's `escalation_error` (the last tier's stays)."""
+    tried = {"tier": tier.name, "outcome": step.outcome, "latency_s": seconds}
+    if tier.threshold is not None:
+        tried["confidence"] = step.confidence
+    if step.error:
+        tried["error"] = step.error
+    out = {**row, "tiers_tried": [*row.get("tiers_tried", []), tried]}
+    if step.outcome == "answered":
+        out.pop("escalation_error", None)
+        out.update(expert_answer=row["answer"], answer=step.answer, escalated=True, tier=tier.name)
+    elif step.error:
+        out["escalation_error"] = step.error
+    return out
+
+
 def escalate(rows: list[dict[str, Any]], texts: list[str], esc: Escalation, expert) -> list[dict[str, Any]]:
-    """Rows (the expert's `answer`, `escalate` when under its threshold) for `texts`: the unsure ones climb the
-    tiers together (each at its `max_concurrency`). A tier answers a row when its answer parses and, unless it is
-    the last, its confidence reaches its threshold; otherwise (unsure, unparsable, or failed after its retries)
-    the row passes on. A row no tier answered keeps the expert's answer with `escalation_error` (the last tier's
-    error, scrubbed of secrets). With escalation off the unsure rows say why (`escalation_skipped`). Every row
-    gets `escalated` and `tier` (which system answered); escalated ones `tiers_tried` ({tier, outcome,
-    latency_s}) and the expert's answer as `expert_answer`."""
+    """Rows (the expert's `answer`, `escalate` when under its threshold: `expert_row`) for `texts`: the unsure ones
+    climb the tiers together (each at its `max_concurrency`), each tier's reply `judge`d. A row no tier answered
+    keeps the expert's answer with `escalation_error` (the last tier's error, scrubbed of secrets). With escalation
+    off the unsure rows say why (`escalation_skipped`). Every row gets `escalated` and `tier` (which system
+    answered); escalated ones `tiers_tried` ({tier, outcome, latency_s, error}) and the expert's answer as
+    `expert_answer`."""
     out = [{**row, "escalated": False, "tier": "expert"} for row in rows]
     unsure = [i for i, row in enumerate(out) if row["escalate"]]
     if not unsure:
@@ -147,32 +227,11 @@ def escalate(rows: list[dict[str, Any]], texts: list[str], esc: Escalation, expe
         for i in unsure:
             out[i]["escalation_skipped"] = esc.why_off
         return out
-    task = tasks.for_type(expert.recipe.task.type)
-    tried: dict[int, list[dict[str, Any]]] = {i: [] for i in unsure}
-    errors: dict[int, str] = {}
     pending = unsure
     for tier in esc.tiers:
         if not pending:
             break
-        still = []
-        for i, reply in zip(pending, ask(tier, [texts[i] for i in pending], expert), strict=True):
-            parsed, confidence = frontier.parsed_answer(reply, lambda raw: task.parse_answer(raw, expert.spec))
-            if parsed is None:
-                outcome = "failed"
-                errors[i] = frontier.scrub(reply.get("error") or UNPARSED, tier.key)
-            elif tier.threshold is not None and (confidence is None or confidence < tier.threshold):
-                outcome = "passed"
-            else:
-                outcome = "answered"
-                out[i] = {**out[i], "expert_answer": out[i]["answer"], "answer": parsed, "escalated": True,
-                          "tier": tier.name}
-            tried[i].append({"tier": tier.name, "outcome": outcome, "latency_s": reply.get("latency_s"),
-                             **({"confidence": confidence} if tier.threshold is not None else {})})
-            if outcome != "answered":
-                still.append(i)
-        pending = still
-    for i in unsure:
-        out[i]["tiers_tried"] = tried[i]
-    for i in pending:  # the last tier answers whatever parses, so a row still pending failed there
-        out[i]["escalation_error"] = errors[i]
+        for i, (reply, seconds) in zip(pending, ask_each(tier, [texts[i] for i in pending], expert), strict=True):
+            out[i] = record(out[i], tier, judge(tier, reply, expert), seconds)
+        pending = [i for i in pending if not out[i]["escalated"]]
     return out

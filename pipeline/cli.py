@@ -385,8 +385,27 @@ def serve(
         int, typer.Option(help="Retries per escalated request.")
     ] = _serve_default("frontier_retries"),
     frontier_timeout: Annotated[
-        float, typer.Option(help="Seconds per frontier attempt.")
+        float, typer.Option(help="Seconds per frontier attempt: to connect, and for each read (at most --tier-deadline).")
     ] = _serve_default("frontier_timeout_s"),
+    tier_deadline: Annotated[
+        float, typer.Option(help="Most seconds a request spends on one tier above the expert: waiting for a slot, "
+                                 "every attempt and backoff; then it goes on to the next tier, or is flagged/502.")
+    ] = _serve_default("tier_deadline_s"),
+    escalation_deadline: Annotated[
+        float, typer.Option(help="Most seconds a request spends on all the tiers above the expert together.")
+    ] = _serve_default("escalation_deadline_s"),
+    tier_queue: Annotated[
+        int, typer.Option(help="Requests that may wait for a tier whose max_concurrency slots are all busy; more "
+                               "are shed at once (on to the next tier, or flagged/502), not queued.")
+    ] = _serve_default("tier_queue"),
+    body_timeout: Annotated[
+        float, typer.Option(help="Seconds for a request body to arrive in full; a stalled one gets 408 and the "
+                                 "connection is closed.")
+    ] = _serve_default("body_timeout_s"),
+    health_probe_interval: Annotated[
+        float, typer.Option(help="/health asks the model a probe question when its last one is older than this "
+                                 "(or an answer since had a confidence that is no probability).")
+    ] = _serve_default("health_probe_s"),
     merge: Annotated[
         bool | None, typer.Option("--merge/--no-merge",
                                   help="Fold the adapter into the base weights at load, or keep it separate. Default: "
@@ -416,7 +435,8 @@ def serve(
         options = serving.ServeOptions(  # checks its values (a bad --frontier-down, --max-batch 0: exit 2)
             escalate=escalate, frontier_down=frontier_down, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
             max_body_bytes=max_body_bytes, max_input_tokens=max_input_tokens, frontier_retries=frontier_retries,
-            frontier_timeout_s=frontier_timeout, merge=merge, pack=pack, lean_forward=lean_forward, threads=threads,
+            frontier_timeout_s=frontier_timeout, tier_deadline_s=tier_deadline, escalation_deadline_s=escalation_deadline,
+            tier_queue=tier_queue, body_timeout_s=body_timeout, health_probe_s=health_probe_interval, merge=merge, pack=pack, lean_forward=lean_forward, threads=threads,
             allow_unevaluated_runtime=allow_unevaluated_runtime,
         )
         serving.run(model_uri, host, port, options)

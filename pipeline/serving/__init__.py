@@ -19,7 +19,9 @@ The modules, in the order a request meets them:
 - `app.py`: `create_app` (Starlette routes; every error an OpenAI-style body) and `run` (uvicorn; SIGTERM
   drains and exits 0).
 - `service.py`: `Service.answer`, the expert's answer through the cascade (`pipeline/cascade.py`): under the
-  threshold to the frontier on a bounded thread pool; flagged, or 502, when it fails.
+  threshold (or with a confidence that is no probability) up the tiers, each within its deadline; flagged, or
+  502, when none answers. `Service.probe`: the model's health, at start and in `/health`.
+- `tiers.py`: `Lane`, a tier's slots and bounded queue: a request finding both full is shed, not queued.
 - `engine.py`: `BatchingEngine`, one worker thread that owns the model and answers micro-batches through
   `predict.answer` (the path eval measured) with the system prompt's prefix cached once.
 - `metrics.py`: `Metrics`, Prometheus text kept by hand.

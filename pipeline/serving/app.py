@@ -35,8 +35,8 @@ class HTTPError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict[str, Any]:
-        kind = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
-                502: "upstream_error"}.get(self.status, "server_error")
+        kind = {400: "invalid_request_error", 404: "invalid_request_error", 408: "invalid_request_error",
+                413: "invalid_request_error", 502: "upstream_error"}.get(self.status, "server_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
@@ -47,8 +47,11 @@ def escalation_headers(rows: list[dict[str, Any]]) -> dict[str, str]:
     }
     if any("escalation_error" in r for r in rows):
         headers["X-Expert-Escalation-Failed"] = "true"
+    if any("expert_error" in r for r in rows):
+        headers["X-Expert-Model-Error"] = "true"
     if len(rows) == 1:
-        headers["X-Expert-Confidence"] = f"{rows[0]['confidence']:.6f}"
+        if rows[0]["confidence"] is not None:
+            headers["X-Expert-Confidence"] = f"{rows[0]['confidence']:.6f}"
         headers["X-Expert-Tier"] = rows[0].get("tier", "expert")
     return headers
 
@@ -62,21 +65,34 @@ def answer_logprobs(content: str, row: dict[str, Any]) -> dict[str, Any] | None:
     return {"content": [{"token": content, "logprob": math.log(row["confidence"]), "bytes": None, "top_logprobs": []}]}
 
 
-async def read_json(request, limit: int) -> Any:
+def _not_a_number(constant: str) -> float:
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+async def read_json(request, limit: int, timeout_s: float) -> Any:
+    """The request's JSON body: 413 past `limit` bytes; 408 when it has not all arrived within `timeout_s` (a
+    client that sends half a body and stalls would otherwise hold its handler forever: uvicorn times out idle
+    connections, not body reads); 400 for what is not strict JSON (NaN and Infinity included)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPError(413, f"request body is {declared} bytes; the limit is {limit} (serve --max-body-bytes)",
                         code="body_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPError(413, f"request body is over {limit} bytes (serve --max-body-bytes)", code="body_too_large")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise HTTPError(413, f"request body is over {limit} bytes (serve --max-body-bytes)",
+                                    code="body_too_large")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise HTTPError(408, f"the request body did not arrive within {timeout_s:g} s ({size} bytes came; serve "
+                             "--body-timeout)", code="body_timeout") from None
     raw = b"".join(chunks)
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return json.loads(raw, parse_constant=_not_a_number)
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
         raise HTTPError(400, f"the body is not valid JSON ({err})", code="invalid_json") from None
     except RecursionError:  # 30k-deep nesting: Python's parser gives up, which is the client's doing
         raise HTTPError(400, "the body's JSON is nested too deeply", code="invalid_json") from None
@@ -119,6 +135,8 @@ def create_app(service: Service):
                 response = await handler(request)
             except HTTPError as err:
                 response = error_response(err)
+                if err.status == 408:  # the rest of the body may still come: the connection cannot be reused
+                    response.headers["Connection"] = "close"
             except ClientDisconnect:  # the client went away mid-request: nothing to answer, nothing to report
                 response = Response(status_code=499)
             except Exception as err:  # noqa: BLE001 - this request fails, the server stays up
@@ -138,7 +156,7 @@ def create_app(service: Service):
                             "model_not_found")
 
     async def chat(request: Request) -> Response:
-        body = await read_json(request, service.options.max_body_bytes)
+        body = await read_json(request, service.options.max_body_bytes, service.options.body_timeout_s)
         if not isinstance(body, dict):
             raise HTTPError(400, "the body must be a JSON object", code="invalid_value")
         check_model(body)
@@ -162,7 +180,7 @@ def create_app(service: Service):
                 doc = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": service.model_name,
                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
                                     "logprobs": logprobs if delta else None}], **(more or {})}
-                return f"data: {json.dumps(doc, ensure_ascii=False)}\n\n"
+                return f"data: {json.dumps(doc, ensure_ascii=False, allow_nan=False)}\n\n"
 
             async def events():
                 yield chunk({"role": "assistant", "content": content}, None, {"expert": extra})
@@ -180,7 +198,7 @@ def create_app(service: Service):
         }, headers=headers)
 
     async def predict_route(request: Request) -> Response:
-        body = await read_json(request, service.options.max_body_bytes)
+        body = await read_json(request, service.options.max_body_bytes, service.options.body_timeout_s)
         if not isinstance(body, dict) or ("text" in body) == ("texts" in body):
             raise HTTPError(400, 'the body must be a JSON object with `text` (a string) or `texts` (a list of strings)',
                             code="invalid_value")
@@ -205,7 +223,7 @@ def create_app(service: Service):
             {"id": service.model_name, "object": "model", "created": 0, "owned_by": "expert"}]})
 
     async def health(request: Request) -> Response:
-        doc = service.health()
+        doc = await service.health()
         return JSONResponse(doc, status_code=200 if doc["status"] == "ok" else 503)
 
     async def metrics(request: Request) -> Response:
@@ -237,10 +255,10 @@ def run(model_uri: str, host: str, port: int, options: ServeOptions) -> None:
     config = uvicorn.Config(create_app(service), host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5, lifespan="off")
     server = uvicorn.Server(config)
-    health = service.health()
+    info = service.info()
     console.print(
-        f"serving [bold]{service.model_name}[/] v{service.version or '?'} ({health['task']}) on http://{host}:{port}  "
-        f"escalation {health['escalation']}; frontier down -> {options.frontier_down}"
+        f"serving [bold]{service.model_name}[/] v{service.version or '?'} ({info['task']}) on http://{host}:{port}  "
+        f"escalation {info['escalation']}; frontier down -> {options.frontier_down}"
     )
     stopped = _install_stop_handlers()
     try:

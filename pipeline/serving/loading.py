@@ -6,6 +6,7 @@ import threading
 from typing import Any
 
 from pipeline import registry, runtime
+from pipeline.errors import UserError
 from pipeline.registry import registered_name_version  # noqa: F401 - part of this package's names
 from pipeline.serving.options import ServeOptions
 from pipeline.ui import console
@@ -46,7 +47,19 @@ def _load_service(model_uri: str, options: ServeOptions):
     _, expert = registry.load_version(model_uri)
     prepare(expert, options)
     name, version = registry.registered_name_version(model_uri)
-    return Service(expert, name or expert.recipe.registry.model_name, version, model_uri, options)
+    service = Service(expert, name or expert.recipe.registry.model_name, version, model_uri, options)
+    return probed(service)
+
+
+def probed(service):
+    """The service, once its model has answered a probe question; a model that cannot (a confidence that is no
+    probability: corrupted weights) is refused before it takes requests, rather than serving errors."""
+    problem = service.probe()
+    if problem is not None:
+        service.close()
+        raise UserError(f"{service.model_uri}: not serving it: {problem}. Serve another version, or push a retrained "
+                        "one")
+    return service
 
 
 def prepare(expert, options: ServeOptions) -> None:

@@ -22,6 +22,7 @@ class Metrics:
         self.latency: dict[str, list[float]] = {}  # endpoint -> [bucket counts..., sum, count]
         self.batches: list[float] = [0.0] * (len(BATCH_BUCKETS) + 2)
         self.queue_depth = 0
+        self.model_errors = 0
 
     @staticmethod
     def _observe(hist: list[float], buckets, value: float) -> None:
@@ -44,8 +45,13 @@ class Metrics:
         with self._lock:
             self.escalations[outcome] = self.escalations.get(outcome, 0) + 1
 
+    def model_error(self) -> None:
+        with self._lock:
+            self.model_errors += 1
+
     def tier(self, name: str, outcome: str, seconds: float | None) -> None:
-        """A tier's outcome for one request (`answered`, `passed` on, `failed`) and the time it took."""
+        """A tier's outcome for one request (`answered`, `passed` on, `failed`, `timed_out`, `shed`) and the wall
+        time the request spent on it."""
         with self._lock:
             self.tiers[(name, outcome)] = self.tiers.get((name, outcome), 0) + 1
             if seconds is not None:
@@ -73,11 +79,12 @@ class Metrics:
                     "# TYPE expert_escalations_total counter"]
             out += [f'expert_escalations_total{{outcome="{o}"}} {n}' for o, n in sorted(self.escalations.items())]
             out += ["# HELP expert_tier_requests_total Requests each tier saw, by outcome: answered, passed (unsure: "
-                    "on to the next tier), failed (an error or an unparsable answer: passed on).",
+                    "on to the next tier), failed (an error or an unparsable answer: passed on), timed_out (no answer by the "
+                    "deadline: passed on), shed (its slots and queue were full: passed on at once).",
                     "# TYPE expert_tier_requests_total counter"]
             out += [f'expert_tier_requests_total{{tier="{t}",outcome="{o}"}} {n}' for (t, o), n in sorted(self.tiers.items())]
-            out += ["# HELP expert_tier_duration_seconds Time each tier took per request (the expert: queue and "
-                    "model; an API tier: its call, retries included).", "# TYPE expert_tier_duration_seconds histogram"]
+            out += ["# HELP expert_tier_duration_seconds Wall time each request spent on each tier (the expert: "
+                    "queue and model; an API tier: waiting for a slot, every attempt and backoff).", "# TYPE expert_tier_duration_seconds histogram"]
             for name, hist in sorted(self.tier_latency.items()):
                 out += _histogram_lines("expert_tier_duration_seconds", f'tier="{name}"', LATENCY_BUCKETS, hist)
             out += ["# HELP expert_request_duration_seconds Request latency, from body read to response.",
@@ -87,6 +94,9 @@ class Metrics:
             out += ["# HELP expert_batch_size Requests answered per model call (micro-batching).",
                     "# TYPE expert_batch_size histogram"]
             out += _histogram_lines("expert_batch_size", "", BATCH_BUCKETS, self.batches)
+            out += ["# HELP expert_model_errors_total Answers whose confidence was no probability (NaN, infinite "
+                    "or outside [0, 1]): not used, escalated or flagged.", "# TYPE expert_model_errors_total counter",
+                    f"expert_model_errors_total {self.model_errors}"]
             out += ["# HELP expert_queue_depth Requests waiting for the model.", "# TYPE expert_queue_depth gauge",
                     f"expert_queue_depth {self.queue_depth}"]
             return "\n".join(out) + "\n"

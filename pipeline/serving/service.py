@@ -6,7 +6,6 @@ import asyncio
 import copy
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,16 +15,25 @@ from pipeline.serving.app import HTTPError
 from pipeline.serving.engine import BatchingEngine
 from pipeline.serving.metrics import Metrics
 from pipeline.serving.options import ServeOptions
+from pipeline.serving.tiers import Lane, TierBusy
+
+PROBE_TEXT = "Hello, I have a question about my account."  # what the model is asked at start and by /health
+PROBE_TIMEOUT_S = 30.0  # a model that cannot answer the probe by then is not healthy
 
 
 @dataclass
 class Service:
     """A loaded version with its worker, frontier set-up and metrics; the HTTP layer calls `answer`.
 
-    The cascade is `pipeline/cascade.py`'s, as for `expert predict`: the frontier is the version's recorded one
-    (asked with serve's bounded `--frontier-retries`/`--frontier-timeout` on a pool of its `max_concurrency`, no
-    response cache: every escalation is a live answer); a failed escalation comes back flagged, or as 502 with
-    `--frontier-down 502`.
+    The cascade is `pipeline/cascade.py`'s, as for `expert predict`: the frontier is the version's recorded one,
+    asked with serve's bounded `--frontier-retries`/`--frontier-timeout`, no response cache (every escalation is a
+    live answer). Each tier has its own lane (`tiers.Lane`: its `max_concurrency` slots, `--tier-queue` waiting)
+    and each request gives up on a tier at `--tier-deadline` and on all of them at `--escalation-deadline`; a
+    failed, timed-out or shed escalation comes back flagged, or as 502 with `--frontier-down 502`.
+
+    The model's health is a probe question: asked once at start (`probe`; `load_service` refuses a model that
+    cannot answer it) and again by `/health` when the last probe is older than `--health-probe-interval` or a
+    request's answer since had a confidence that is no probability.
     """
 
     expert: Any
@@ -36,7 +44,6 @@ class Service:
     metrics: Metrics = field(default_factory=Metrics)
     engine: BatchingEngine | None = None
     escalation: cascade.Escalation | None = None
-    pool: ThreadPoolExecutor | None = None
     tokenizer: Any = None  # a copy for the HTTP side: fast tokenizers must not be shared across threads
 
     def __post_init__(self) -> None:
@@ -45,12 +52,17 @@ class Service:
         self.task = tasks.for_type(self.expert.recipe.task.type)
         self.escalation = cascade.escalation(
             self.expert.recipe, self.expert.threshold, self.expert.frontier, self.options.escalate,
-            retries=self.options.frontier_retries, timeout_s=self.options.frontier_timeout_s,
+            retries=self.options.frontier_retries,
+            timeout_s=min(self.options.frontier_timeout_s, self.options.tier_deadline_s),
             route=getattr(self.expert, "route", None))
-        if self.escalation.on:
-            self.pool = ThreadPoolExecutor(max_workers=self.escalation.max_concurrency, thread_name_prefix="frontier")
+        self.lanes = {t.name: Lane(t.name, t.baseline.max_concurrency, self.options.tier_queue)
+                      for t in self.escalation.tiers}
         if self.engine is None:
             self.engine = BatchingEngine(self.expert, self.options, self.metrics)
+        self.model_problem: str | None = None  # the last probe's verdict: None when the model answered it
+        self.probed_at: float | None = None  # monotonic time of the last probe; None: probe at the next /health
+        self.model_errors = 0  # answers whose confidence was no probability
+        self._probing: asyncio.Lock | None = None
 
     @property
     def escalation_note(self) -> str:
@@ -59,12 +71,37 @@ class Service:
     def close(self) -> None:
         if self.engine:
             self.engine.close()
-        if self.pool:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+        for lane in self.lanes.values():
+            lane.close()
 
-    def health(self) -> dict[str, Any]:
+    def probe(self) -> str | None:
+        """Ask the model the probe question now: None when it answers, else why it cannot (its confidence is no
+        probability, or it failed)."""
+        try:
+            row = self.engine.submit(PROBE_TEXT).result(timeout=PROBE_TIMEOUT_S)
+        except Exception as err:  # noqa: BLE001 - the verdict, not a crash
+            return self._judge_probe(None, err)
+        return self._judge_probe(row, None)
+
+    async def _probe_async(self) -> str | None:
+        try:
+            row = await asyncio.wait_for(asyncio.wrap_future(self.engine.submit(PROBE_TEXT)), PROBE_TIMEOUT_S)
+        except Exception as err:  # noqa: BLE001 - the verdict, not a crash
+            return self._judge_probe(None, err)
+        return self._judge_probe(row, None)
+
+    def _judge_probe(self, row: dict[str, Any] | None, err: BaseException | None) -> str | None:
+        self.probed_at = time.monotonic()
+        if isinstance(err, TimeoutError):
+            self.model_problem = f"the model did not answer a probe question within {PROBE_TIMEOUT_S:g} s"
+        elif err is not None:
+            self.model_problem = f"the model failed on a probe question ({type(err).__name__}: {err})"
+        else:
+            self.model_problem = cascade.expert_row(row, None).get("expert_error")
+        return self.model_problem
+
+    def info(self) -> dict[str, Any]:
         return {
-            "status": "ok" if self.engine.alive() else "worker stopped",
             "model": self.model_name,
             "version": self.version,
             "task": self.expert.recipe.task.type,
@@ -73,6 +110,17 @@ class Service:
             "escalation": self.escalation.note,
             "frontier_down": self.options.frontier_down,
         }
+
+    async def health(self) -> dict[str, Any]:
+        """`ok`, or why not: the worker stopped, or the model cannot answer (the probe, re-asked when stale)."""
+        if not self.engine.alive():
+            return {"status": "worker stopped", **self.info()}
+        self._probing = self._probing or asyncio.Lock()
+        async with self._probing:  # one probe at a time: concurrent /health calls share its verdict
+            if self.probed_at is None or time.monotonic() - self.probed_at > self.options.health_probe_s:
+                await self._probe_async()
+        status = "ok" if self.model_problem is None else f"the model cannot answer: {self.model_problem}"
+        return {"status": status, **self.info(), "model_errors": self.model_errors}
 
     def check_text(self, text: Any, param: str) -> tuple[str, int]:
         if not isinstance(text, str) or not text.strip():
@@ -87,34 +135,65 @@ class Service:
         return text, n
 
     async def answer(self, text: str) -> dict[str, Any]:
-        """The expert's answer; under its threshold, the first tier above it that answers (or the flagged
-        fallback). Each tier's outcome and latency go to /metrics."""
+        """The expert's answer; under its threshold (or with a confidence that is no probability), the first tier
+        above it that answers in time (or the flagged fallback). Each tier's outcome and time go to /metrics."""
         started = time.perf_counter()
         row = await asyncio.wrap_future(self.engine.submit(text))
         threshold = self.expert.threshold
-        out = {**row, "escalate": threshold is not None and row["confidence"] < threshold}
+        out = cascade.expert_row(row, threshold)
+        if "expert_error" in out:
+            self.model_errors += 1
+            self.probed_at = None  # /health asks the model again
+            self.metrics.model_error()
         self.metrics.tier("expert", "passed" if out["escalate"] else "answered", time.perf_counter() - started)
         if not out["escalate"]:
             return {**out, "escalated": False, "tier": "expert"}
         if not self.escalation.on:
             self.metrics.escalation("not_sent")
             return cascade.escalate([out], [text], self.escalation, self.expert)[0]
-        loop = asyncio.get_running_loop()
-        out = await loop.run_in_executor(self.pool, lambda: cascade.escalate([out], [text], self.escalation, self.expert)[0])
-        for step in out["tiers_tried"]:
-            self.metrics.tier(step["tier"], step["outcome"], step["latency_s"])
+        out = await self.climb(out, text)
         if "escalation_error" not in out:
             self.metrics.escalation(out["tier"] if self.escalation.tiers[-1].name != out["tier"] else "frontier")
             return out
         self.metrics.escalation("failed")
         if self.options.frontier_down == "502":
             what = "the frontier failed" if len(self.escalation.tiers) == 1 else "no tier above the expert answered"
-            raise HTTPError(502, f"the answer needed the tiers above the expert (confidence {row['confidence']:.4f} < "
-                                 f"threshold {threshold:.4f}) and {what}: {out['escalation_error']}",
-                            code="frontier_unavailable")
+            why = out.get("expert_error") or (f"confidence {row['confidence']:.4f} < threshold {threshold:.4f}")
+            raise HTTPError(502, f"the answer needed the tiers above the expert ({why}) and {what}: "
+                                 f"{out['escalation_error']}", code="frontier_unavailable")
         return out
+
+    async def climb(self, row: dict[str, Any], text: str) -> dict[str, Any]:
+        """`row` up the tiers until one answers (`cascade.judge`/`record`, as `expert predict` climbs), each tier
+        given until `--tier-deadline` and all of them until `--escalation-deadline`; `tiers_tried` has the wall
+        time the request spent on each tier: its wait for a slot, every attempt and backoff."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.options.escalation_deadline_s
+        out = {**row, "escalated": False, "tier": "expert"}
+        for tier in self.escalation.tiers:
+            started = time.perf_counter()
+            step = await self._ask_tier(tier, text, min(self.options.tier_deadline_s, give_up_at - loop.time()))
+            seconds = time.perf_counter() - started
+            self.metrics.tier(tier.name, step.outcome, seconds)
+            out = cascade.record(out, tier, step, seconds)
+            if step.outcome == "answered":
+                break
+        return out
+
+    async def _ask_tier(self, tier: cascade.Tier, text: str, seconds: float) -> cascade.Step:
+        if seconds <= 0:
+            return cascade.Step("timed_out", error=f"the escalation's {self.options.escalation_deadline_s:g} s were "
+                                                   f"spent before `{tier.name}` (serve --escalation-deadline)")
+        try:
+            reply = await self.lanes[tier.name].call(lambda: cascade.ask(tier, [text], self.expert)[0], seconds)
+        except TierBusy as err:
+            return cascade.Step("shed", error=str(err))
+        except TimeoutError:
+            return cascade.Step("timed_out", error=f"`{tier.name}` gave no answer within {seconds:.1f} s "
+                                                   "(serve --tier-deadline, --escalation-deadline)")
+        return cascade.judge(tier, reply, self.expert)
 
     def content(self, answer: Any) -> str:
         if answer is None:
             return ""
-        return answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False)
+        return answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False, allow_nan=False)

@@ -329,3 +329,34 @@ def test_a_served_expert_is_a_teacher_that_labels_as_it_was_evaluated(version, s
               if r.get("provenance") == f"teacher:{MODEL}"]
     assert len(taught) == len(evaluated)
     assert all(r["target"] == evaluated[r["text"]] for r in taught), "the teacher's labels are the evaluated answers"
+
+
+def test_predict_flags_a_version_whose_weights_are_nan(version, monkeypatch, tmp_path):
+    """Issue 33 #3 in `expert predict`: the registered version, its LoRA weights corrupted to NaN after loading
+    (the registry refuses edited files, so the corruption is applied where it loads), answers no row as sure:
+    each is written as strict JSON with `answer: null`, `expert_error`, and the frontier's failure (it is down)."""
+    from pipeline import registry
+
+    real_load = registry.load_version
+
+    def load_corrupted(uri):
+        loaded, expert = real_load(uri)
+        with torch.no_grad():
+            next(p for name, p in expert.model.named_parameters() if "lora_A" in name).fill_(float("nan"))
+        return loaded, expert
+
+    monkeypatch.setattr(registry, "load_version", load_corrupted)
+    monkeypatch.setenv(KEY_ENV, KEY)
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in version.tests[:3]))
+    result = CliRunner().invoke(app, ["predict", version.uri, "--input", str(inputs)])
+    assert result.exit_code == 0, result.output
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in the output")
+
+    rows = [json.loads(line, parse_constant=refuse) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 3
+    for row in rows:
+        assert row["answer"] is None and row["confidence"] is None and row["escalate"] is True, row
+        assert "nan, not a probability" in row["expert_error"] and row["escalation_error"]
