@@ -94,8 +94,12 @@ def label(examples: list[Example], rejected: list[dict[str, Any]], recipe: Recip
     with holding(cache_path):
         cache = frontier.ResponseCache(cache_path)
         try:
-            answers = frontier.ask_all(baseline, key, prompts, teacher.max_new_tokens, schema, cache,
-                                       progress(len(rows), budget), logprobs=teacher.logprobs, budget=budget)
+            advance = progress(len(rows), budget)
+            answers = frontier.ask_all(baseline, key, prompts[: len(todo)], teacher.max_new_tokens, schema, cache,
+                                       advance, logprobs=teacher.logprobs, budget=budget)
+            if not any(a.get("budget_refused") for a in answers):  # the agreement sample only once all rows fit
+                answers += frontier.ask_all(baseline, key, prompts[len(todo):], teacher.max_new_tokens, schema,
+                                            cache, advance, logprobs=teacher.logprobs, budget=budget)
         finally:
             cache.close()
     failed, unparsable = 0, 0
@@ -161,7 +165,7 @@ def unlabelled_message(answers: list[dict[str, Any]], failed: int, not_sent: int
     return (f"data.teacher: {failed + not_sent:,} of {summary['rows']:,} "
             f"rows are not labelled ({summary['labelled']:,} are): " + "; ".join(parts) + ". Every answer received "
             "is cached: run again to ask only for the rest" + (", after raising data.teacher.max_cost_usd" if not_sent
-                                                               else "") + " (the failures are in the log above)")
+                                                               else "") + ".")
 
 
 def progress(total: int, budget: frontier.Budget):
