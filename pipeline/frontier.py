@@ -337,7 +337,7 @@ class Call:
             left = None if self.deadline is None else self.deadline - time.monotonic()
             if left is not None and left <= 0:
                 return self.failed(f"DeadlineExceeded: the deadline of {self.deadline_s:g} s ran out after "
-                                   f"{self.attempts} attempt(s)" + (f"; the last: {_describe(last)}" if last else ""))
+                                   f"{self.attempts} attempt(s)" + (f"; the last: {_describe(last, self.client.api_key)}" if last else ""))
             if self.budget is not None and not self.budget.reserve(self.bound_usd, self.deadline):
                 if self.deadline is not None and time.monotonic() >= self.deadline:
                     continue  # out of time while waiting for the budget: said so above
@@ -359,7 +359,7 @@ class Call:
                 wait = backoff_s(self.attempts - 1, err, self.rng)
                 if self.deadline is not None and time.monotonic() + wait >= self.deadline:
                     return self.failed(f"DeadlineExceeded: the deadline of {self.deadline_s:g} s leaves no time to "
-                                       f"retry after {self.attempts} attempt(s); the last: {_describe(err)}")
+                                       f"retry after {self.attempts} attempt(s); the last: {_describe(err, self.client.api_key)}")
                 self.sleep(wait)
 
     def answered(self, resp) -> dict[str, Any]:
