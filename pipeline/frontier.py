@@ -364,24 +364,20 @@ class Call:
 
     def answered(self, resp) -> dict[str, Any]:
         """The answer, checked (choices present, within the size cap, a confidence that is a probability), its
-        cost settled from the endpoint's usage or, when it sent none, from an estimate."""
-        if not resp.choices:
-            raise MalformedAnswer("the response has an empty `choices` list (no answer)")
-        texts = [choice.message.content for choice in resp.choices]
-        if texts[0] is None:
-            raise MalformedAnswer("the response has no message content")
-        cap = answer_byte_cap(self.params["max_tokens"])
-        size = max(len(t.encode()) for t in texts if t is not None)
-        if size > cap:
-            raise MalformedAnswer(f"the answer is {size:,} bytes, over the cap of {cap:,} bytes "
-                                  f"(max_tokens {self.params['max_tokens']} x {MAX_ANSWER_BYTES_PER_TOKEN})")
-        confidence = answer_probability(resp.choices[0]) if self.params.get("logprobs") else None
+        cost settled from the endpoint's usage or, when it sent none, from an estimate. A malformed answer is
+        charged like a failed attempt, or at its usage when that is more."""
+        texts = [choice.message.content for choice in resp.choices or []]
         usage = resp.usage
         estimated = usage is None or usage.prompt_tokens is None or usage.completion_tokens is None
         tokens_in = self.prompt_bound if usage is None or usage.prompt_tokens is None else usage.prompt_tokens
         tokens_out = (sum(min(len((t or "").encode()), self.params["max_tokens"]) for t in texts)
                       if usage is None or usage.completion_tokens is None else usage.completion_tokens)
         cost = self.budget.cost(tokens_in, tokens_out) if self.budget else 0.0
+        try:
+            confidence = self.checked(resp, texts)
+        except MalformedAnswer as err:
+            err.billed_usd = cost
+            raise
         if self.budget:
             self.budget.settle(self.bound_usd, cost, estimated=estimated)
         self.cost_usd += cost
@@ -396,13 +392,28 @@ class Call:
             answer["samples"] = texts
         return answer
 
+    def checked(self, resp, texts: list[str | None]) -> float | None:
+        """MalformedAnswer unless the response holds an answer within the size cap whose confidence (returned,
+        when log-probabilities were asked for) is a probability."""
+        if not texts:
+            raise MalformedAnswer("the response has an empty `choices` list (no answer)")
+        if texts[0] is None:
+            raise MalformedAnswer("the response has no message content")
+        cap = answer_byte_cap(self.params["max_tokens"])
+        size = max(len(t.encode()) for t in texts if t is not None)
+        if size > cap:
+            raise MalformedAnswer(f"the answer is {size:,} bytes, over the cap of {cap:,} bytes "
+                                  f"(max_tokens {self.params['max_tokens']} x {MAX_ANSWER_BYTES_PER_TOKEN})")
+        return answer_probability(resp.choices[0]) if self.params.get("logprobs") else None
+
     def settle_failed(self, err: Exception) -> None:
         """A sent attempt that brought no answer stays charged at its bound (the endpoint may have received and
-        billed it), unless the connection was never made."""
+        billed it), or at the usage of a malformed answer when that is more; unless the connection was never
+        made."""
         if self.budget is None:
             return
         never_sent = isinstance(err.__cause__, (httpx.ConnectError, httpx.ConnectTimeout))
-        charged = 0.0 if never_sent else self.bound_usd
+        charged = 0.0 if never_sent else max(self.bound_usd, getattr(err, "billed_usd", 0.0))
         self.budget.settle(self.bound_usd, charged, failed=not never_sent, sent=not never_sent)
         self.cost_usd += charged
 

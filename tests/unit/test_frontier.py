@@ -312,3 +312,15 @@ def test_attempt_timeouts_connect_apart_and_capped_at_the_time_left():
     assert (t.connect, t.read, t.write) == (frontier.CONNECT_TIMEOUT_S, 60, 60)
     t = frontier.attempt_timeout(60, 2.5)
     assert (t.connect, t.read, t.pool) == (2.5, 2.5, 2.5)
+
+
+def test_an_oversize_answer_is_charged_at_its_usage_when_that_is_more_than_its_bound(cache):
+    """An endpoint that ignores max_tokens bills what it sent: the count follows its usage, not the bound."""
+    with FakeOpenAIServer(lambda body: "x " * 3000, api_key=KEY) as srv:
+        b = priced(srv.base_url, max_retries=0)
+        budget = frontier.Budget(b.price_per_mtok)
+        rows = frontier.ask_all(b, KEY, PROMPTS[:1], 16, cache=cache, budget=budget)
+        billed = srv.billed_usd(PRICE["input"], PRICE["output"])
+    assert rows[0]["raw"] is None and "over the cap" in rows[0]["error"]
+    assert billed > bound_usd(b, PROMPTS[0], 16)
+    assert budget.failed_usd == pytest.approx(billed) == budget.spent_usd and budget.failed_attempts == 1
