@@ -187,7 +187,8 @@ def prep(recipe_path: RecipeArg, run_dir: RunDirOpt = None, runs_root: RunsRootO
 
 @app.command()
 def label(recipe_path: RecipeArg, overrides: SetOpt = None) -> None:
-    """Label the rows without a target with data.teacher, under its budget; the answers are cached for prep."""
+    """Label the rows without a target with data.teacher, under its budget; the answers are cached for prep. Exit 2
+    when rows are left unlabelled (failed, or not sent because of the budget), or another run holds the cache."""
 
     def body() -> None:
         from pipeline import prep as prep_stage, tasks

@@ -6,7 +6,11 @@ directory. Retries are ours, not the SDK's (its `max_retries` is 0), so they are
 bounded, counted and tested: exponential backoff with jitter, or the server's
 Retry-After, on 429, 5xx, timeouts, connection errors and malformed bodies.
 Every successful answer is cached in SQLite keyed by endpoint, model, messages
-and parameters, so a re-run makes zero calls; failures are never cached.
+and parameters, so a re-run makes zero calls; failures are never cached, and
+neither are answers over the size cap or with a confidence that is not a
+probability (both are malformed). A `Budget` reserves each attempt's upper-bound
+cost before it is sent and refuses one that could pass its cap; a deadline
+bounds the whole call in time.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from pipeline.errors import UserError
 from pipeline.recipe import BaselineSection
 
@@ -33,6 +39,12 @@ DEFAULT_ENDPOINT = "https://api.openai.com/v1"
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
 RETRY_AFTER_MAX_S = 120.0
+CONNECT_TIMEOUT_S = 10.0  # connecting is quick or the endpoint is down: no reason to wait a whole read timeout
+# a prompt token covers at least one UTF-8 byte (byte-level BPE, byte fallback); a chat template adds a few tokens
+# per message (OpenAI's: 3-4) and to prime the answer
+MESSAGE_OVERHEAD_TOKENS = 8
+MAX_ANSWER_BYTES_PER_TOKEN = 32  # an answer longer than max_tokens tokens of this many bytes is not an answer
+LOGPROB_ROUNDING = 1e-4  # endpoints round: a log-probability up to this far above 0 is 0
 
 
 def api_key(baseline: BaselineSection) -> str | None:
@@ -98,6 +110,82 @@ class ResponseCache:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def prompt_token_bound(messages: list[dict[str, str]]) -> int:
+    """At most this many prompt tokens, whatever the endpoint's tokenizer: one per UTF-8 byte of every message's
+    role and content, MESSAGE_OVERHEAD_TOKENS per message and once more for the answer's priming."""
+    return MESSAGE_OVERHEAD_TOKENS + sum(len(m["role"].encode()) + len(str(m["content"]).encode())
+                                         + MESSAGE_OVERHEAD_TOKENS for m in messages)
+
+
+def answer_byte_cap(max_tokens: int) -> int:
+    return max_tokens * MAX_ANSWER_BYTES_PER_TOKEN
+
+
+class Budget:
+    """Dollars spent on one endpoint, counted per attempt as requests are sent, under an optional cap.
+
+    Right before each attempt (retries included) is sent, its upper-bound cost is reserved under a lock: the
+    prompt's `prompt_token_bound` and `max_tokens` per answer asked for, at the price. When the spend so far,
+    the reservations in flight and this bound would pass the cap, the attempt waits for those in flight to
+    settle, and is refused, never sent, once none is left and it still does not fit. An
+    answer settles its reservation at its cost, from the endpoint's usage, or estimated (the prompt's bound, and
+    the answer's UTF-8 bytes up to max_tokens) when it sent none. An attempt sent that brought no answer (a
+    timeout, an error status, a malformed body) stays charged at its bound: the endpoint may have received and
+    billed it; one whose connection was never made costs nothing. So the spend stays within the cap as long as
+    the endpoint bills no more than it was asked for (max_tokens) and its tokens cover at least a byte each.
+    """
+
+    def __init__(self, price, cap_usd: float | None = None):
+        self.price, self.cap_usd = price, cap_usd
+        self._changed = threading.Condition()  # guards every count; notified when a reservation settles
+        self.spent_usd = 0.0  # settled: answers (cached ones included) and failed attempts
+        self.reserved_usd, self.in_flight = 0.0, 0  # attempts in flight: their bounds, their number
+        self.cached_usd = 0.0  # the part of spent_usd that cached answers cost when they were bought
+        self.sent = 0  # attempts sent
+        self.failed_attempts, self.failed_usd = 0, 0.0  # sent, no answer, charged at their bound
+        self.estimated_answers = 0  # answers priced from an estimate: the endpoint sent no usage
+        self.refused = 0  # attempts not sent: they could have passed the cap
+
+    def cost(self, tokens_in: int, tokens_out: int) -> float:
+        if self.price is None:
+            return 0.0
+        return (tokens_in * self.price.input + tokens_out * self.price.output) / 1e6
+
+    def add_cached(self, usd: float) -> None:
+        with self._changed:
+            self.spent_usd += usd
+            self.cached_usd += usd
+
+    def reserve(self, usd: float, deadline: float | None = None) -> bool:
+        """Reserve an attempt's upper bound; False (nothing may be sent) when it could pass the cap. While other
+        attempts are in flight it waits for them to settle (they usually cost less than reserved) rather than
+        refuse; it gives up, also with False, at `deadline` (time.monotonic())."""
+        with self._changed:
+            while self.cap_usd is not None and self.spent_usd + self.reserved_usd + usd > self.cap_usd:
+                if not self.in_flight:
+                    self.refused += 1
+                    return False
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._changed.wait(left)
+            self.reserved_usd += usd
+            self.in_flight += 1
+            return True
+
+    def settle(self, reserved_usd: float, cost_usd: float, *, failed: bool = False, estimated: bool = False,
+               sent: bool = True) -> None:
+        with self._changed:
+            self.reserved_usd -= reserved_usd
+            self.in_flight -= 1
+            self.sent += sent
+            self.spent_usd += cost_usd
+            self.failed_attempts += failed
+            self.failed_usd += cost_usd if failed else 0.0
+            self.estimated_answers += estimated
+            self._changed.notify_all()
 
 
 def default_cache_path() -> Path:
@@ -180,78 +268,180 @@ def ask_all(
     on_done: Callable[[int], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
     logprobs: bool = False,
+    *,
+    budget: Budget | None = None,
+    deadline_s: float | None = None,
 ) -> list[dict[str, Any]]:
-    """One answer per prompt: raw text, token usage, latency, attempts, cached, or the final error.
+    """One answer per prompt: raw text, token usage, latency, attempts, cached, cost, or the final error.
 
-    Usage is taken from the one successful response (failed attempts carry
-    none); a cached answer keeps the usage and latency of the call that made
-    it, so cost and latency stay comparable across re-runs.
+    Usage is taken from the one successful response, or estimated (`usage_estimated`) when the endpoint sent
+    none; a cached answer keeps the usage and latency of the call that made it, so cost and latency stay
+    comparable across re-runs. With a `budget`, cached answers are charged first and every attempt is reserved
+    before it is sent (see `Budget`). With `deadline_s`, no attempt begins later than that many seconds after
+    this call, and each attempt's timeouts are capped at the time left.
     """
     from openai import OpenAI
 
+    deadline = None if deadline_s is None else time.monotonic() + deadline_s
     endpoint = baseline.base_url or DEFAULT_ENDPOINT
     client = OpenAI(api_key=key, base_url=endpoint, max_retries=0, timeout=baseline.timeout_s)
     params = request_params(baseline, max_tokens, schema, logprobs)
+    keys = [cache_key(endpoint, baseline.model, messages, params) for messages in prompts]
+    hits = [cache.get(k) if cache else None for k in keys]  # looked up first: a budget counts them before any call
+    if budget is not None:
+        for hit in hits:
+            if hit is not None:
+                budget.add_cached(budget.cost(hit.get("input_tokens") or 0, hit.get("output_tokens") or 0))
 
-    def ask(index_messages: tuple[int, list[dict[str, str]]]) -> dict[str, Any]:
-        index, messages = index_messages
-        rng = random.Random(index)
-        k = cache_key(endpoint, baseline.model, messages, params)
-        hit = cache.get(k) if cache else None
-        if hit is not None:
-            result = {**hit, "cached": True, "attempts": 0}
+    def ask(index: int) -> dict[str, Any]:
+        if hits[index] is not None:
+            result = {**hits[index], "cached": True, "attempts": 0}
         else:
-            result = _call_with_retries(client, baseline, messages, params, rng, sleep)
+            call = Call(client, baseline, prompts[index], params, random.Random(index), sleep, budget, deadline,
+                        deadline_s)
+            result = call.run()
             if result.get("error") is None and cache:
-                cache.put(k, {f: result[f] for f in ("raw", "input_tokens", "output_tokens", "latency_s", "confidence",
-                                                     "samples") if f in result})
+                cache.put(keys[index], {f: result[f] for f in CACHED_FIELDS if f in result})
         if on_done:
             on_done(1)
         return result
 
     with ThreadPoolExecutor(max_workers=baseline.max_concurrency) as pool:
-        return list(pool.map(ask, enumerate(prompts)))
+        return list(pool.map(ask, range(len(prompts))))
 
 
-def _call_with_retries(client, baseline: BaselineSection, messages, params, rng: random.Random, sleep) -> dict[str, Any]:
-    attempts = 0
-    while True:
-        attempts += 1
-        started = time.perf_counter()
+CACHED_FIELDS = ("raw", "input_tokens", "output_tokens", "usage_estimated", "latency_s", "confidence", "samples")
+
+
+class MalformedAnswer(ValueError):
+    """A 200 answer that must not be used: too big, or a confidence that is not a probability. Retried as a
+    malformed body is, and never cached."""
+
+
+class Call:
+    """One prompt's attempts: each reserved against the budget right before it is sent, bounded in number
+    (`max_retries`) and in time (the deadline), settled when it ends."""
+
+    def __init__(self, client, baseline: BaselineSection, messages, params, rng: random.Random, sleep,
+                 budget: Budget | None, deadline: float | None, deadline_s: float | None):
+        self.client, self.baseline, self.messages, self.params = client, baseline, messages, params
+        self.rng, self.sleep, self.budget, self.deadline, self.deadline_s = rng, sleep, budget, deadline, deadline_s
+        self.choices = params.get("n", 1)
+        self.prompt_bound = prompt_token_bound(messages)
+        self.bound_usd = budget.cost(self.prompt_bound, params["max_tokens"] * self.choices) if budget else 0.0
+        self.attempts, self.cost_usd, self.started = 0, 0.0, time.perf_counter()
+
+    def run(self) -> dict[str, Any]:
+        last: Exception | None = None
+        while True:
+            left = None if self.deadline is None else self.deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return self.failed(f"DeadlineExceeded: the deadline of {self.deadline_s:g} s ran out after "
+                                   f"{self.attempts} attempt(s)" + (f"; the last: {_describe(last, self.client.api_key)}" if last else ""))
+            if self.budget is not None and not self.budget.reserve(self.bound_usd, self.deadline):
+                if self.deadline is not None and time.monotonic() >= self.deadline:
+                    continue  # out of time while waiting for the budget: said so above
+                return {**self.failed(f"BudgetExhausted: not sent: this attempt could cost up to "
+                                      f"${self.bound_usd:,.6f}, which could take the spend past the budget "
+                                      f"(${self.budget.cap_usd:,.4f})"), "budget_refused": True,
+                        "bound_usd": self.bound_usd}
+            self.attempts += 1
+            try:
+                resp = self.client.chat.completions.create(model=self.baseline.model, messages=self.messages,
+                                                           timeout=attempt_timeout(self.baseline.timeout_s, left),
+                                                           **self.params)
+                return self.answered(resp)
+            except Exception as err:  # noqa: BLE001 - every failure is either retried or recorded for the report
+                self.settle_failed(err)
+                last = err
+                if not is_retryable(err) or self.attempts > self.baseline.max_retries:
+                    return self.failed(_describe(err, self.client.api_key))
+                wait = backoff_s(self.attempts - 1, err, self.rng)
+                if self.deadline is not None and time.monotonic() + wait >= self.deadline:
+                    return self.failed(f"DeadlineExceeded: the deadline of {self.deadline_s:g} s leaves no time to "
+                                       f"retry after {self.attempts} attempt(s); the last: {_describe(err, self.client.api_key)}")
+                self.sleep(wait)
+
+    def answered(self, resp) -> dict[str, Any]:
+        """The answer, checked (choices present, within the size cap, a confidence that is a probability), its
+        cost settled from the endpoint's usage or, when it sent none, from an estimate. A malformed answer is
+        charged like a failed attempt, or at its usage when that is more."""
+        texts = [choice.message.content for choice in resp.choices or []]
+        usage = resp.usage
+        estimated = usage is None or usage.prompt_tokens is None or usage.completion_tokens is None
+        tokens_in = self.prompt_bound if usage is None or usage.prompt_tokens is None else usage.prompt_tokens
+        tokens_out = (sum(min(len((t or "").encode()), self.params["max_tokens"]) for t in texts)
+                      if usage is None or usage.completion_tokens is None else usage.completion_tokens)
+        cost = self.budget.cost(tokens_in, tokens_out) if self.budget else 0.0
         try:
-            resp = client.chat.completions.create(model=baseline.model, messages=messages, **params)
-            if not resp.choices:
-                raise ValueError("the response has an empty `choices` list (no answer)")
-            raw = resp.choices[0].message.content
-            if raw is None:
-                raise ValueError("the response has no message content")
-            usage = resp.usage
-            answer = {
-                "raw": raw,
-                "input_tokens": usage.prompt_tokens if usage else 0,
-                "output_tokens": usage.completion_tokens if usage else 0,
-                "latency_s": time.perf_counter() - started,
-                "attempts": attempts,
-                "cached": False,
-            }
-            if params.get("logprobs"):
-                answer["confidence"] = answer_probability(resp.choices[0])
-            if params.get("n", 1) > 1:
-                answer["samples"] = [choice.message.content for choice in resp.choices]
-            return answer
-        except Exception as err:  # noqa: BLE001 - every failure is either retried or recorded for the report
-            if not is_retryable(err) or attempts > baseline.max_retries:
-                return {"raw": None, "error": _describe(err, client.api_key), "attempts": attempts, "cached": False,
-                        "input_tokens": 0, "output_tokens": 0, "latency_s": time.perf_counter() - started}
-            sleep(backoff_s(attempts - 1, err, rng))
+            confidence = self.checked(resp, texts)
+        except MalformedAnswer as err:
+            err.billed_usd = cost
+            raise
+        if self.budget:
+            self.budget.settle(self.bound_usd, cost, estimated=estimated)
+        self.cost_usd += cost
+        answer = {"raw": texts[0], "input_tokens": tokens_in, "output_tokens": tokens_out,
+                  "latency_s": time.perf_counter() - self.started, "attempts": self.attempts, "cached": False,
+                  "cost_usd": self.cost_usd}
+        if estimated:
+            answer["usage_estimated"] = True
+        if self.params.get("logprobs"):
+            answer["confidence"] = confidence
+        if self.choices > 1:
+            answer["samples"] = texts
+        return answer
+
+    def checked(self, resp, texts: list[str | None]) -> float | None:
+        """MalformedAnswer unless the response holds an answer within the size cap whose confidence (returned,
+        when log-probabilities were asked for) is a probability."""
+        if not texts:
+            raise MalformedAnswer("the response has an empty `choices` list (no answer)")
+        if texts[0] is None:
+            raise MalformedAnswer("the response has no message content")
+        cap = answer_byte_cap(self.params["max_tokens"])
+        size = max(len(t.encode()) for t in texts if t is not None)
+        if size > cap:
+            raise MalformedAnswer(f"the answer is {size:,} bytes, over the cap of {cap:,} bytes "
+                                  f"(max_tokens {self.params['max_tokens']} x {MAX_ANSWER_BYTES_PER_TOKEN})")
+        return answer_probability(resp.choices[0]) if self.params.get("logprobs") else None
+
+    def settle_failed(self, err: Exception) -> None:
+        """A sent attempt that brought no answer stays charged at its bound (the endpoint may have received and
+        billed it), or at the usage of a malformed answer when that is more; unless the connection was never
+        made."""
+        if self.budget is None:
+            return
+        never_sent = isinstance(err.__cause__, (httpx.ConnectError, httpx.ConnectTimeout))
+        charged = 0.0 if never_sent else max(self.bound_usd, getattr(err, "billed_usd", 0.0))
+        self.budget.settle(self.bound_usd, charged, failed=not never_sent, sent=not never_sent)
+        self.cost_usd += charged
+
+    def failed(self, error: str) -> dict[str, Any]:
+        return {"raw": None, "error": error, "attempts": self.attempts, "cached": False, "input_tokens": 0,
+                "output_tokens": 0, "latency_s": time.perf_counter() - self.started, "cost_usd": self.cost_usd}
+
+
+def attempt_timeout(timeout_s: float, left: float | None) -> httpx.Timeout:
+    """An attempt's timeouts: connecting within CONNECT_TIMEOUT_S, each read and write within `timeout_s`,
+    all capped at the time the deadline leaves."""
+    cap = timeout_s if left is None else min(timeout_s, left)
+    return httpx.Timeout(cap, connect=min(CONNECT_TIMEOUT_S, cap))
 
 
 def answer_probability(choice) -> float | None:
-    """The probability of the whole answer from its tokens' log-probabilities, or None when the endpoint sent none."""
+    """The probability of the whole answer from its tokens' log-probabilities, or None when the endpoint sent none.
+    A log-probability that is not a finite number <= 0 (beyond rounding) makes the answer malformed: its confidence
+    would not be a probability."""
     content = getattr(getattr(choice, "logprobs", None), "content", None)
     if not content:
         return None
-    return math.exp(sum(token.logprob for token in content))
+    logprobs = [token.logprob for token in content]
+    for value in logprobs:
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value > LOGPROB_ROUNDING:
+            raise MalformedAnswer(f"a token's log-probability is {value!r}, not a finite number <= 0: the answer's "
+                                  "confidence would not be a probability")
+    return min(1.0, math.exp(sum(logprobs)))
 
 
 def parsed_answer(answer: dict[str, Any], parse: Callable[[str], Any]) -> tuple[Any, float | None]:

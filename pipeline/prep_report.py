@@ -129,6 +129,13 @@ def render_report(recipe: Recipe, stats: dict[str, Any], rejected, truncated) ->
                   f"({taught['failed']} failed, {taught['unparsable']} unparsable) for ${taught['cost_usd']:.4f} "
                   f"({taught['cached_answers']} answers from the cache; estimated beforehand: "
                   + ("unknown" if taught["estimated_cost_usd"] is None else f"${taught['estimated_cost_usd']:.4f}") + ")."]
+        if taught.get("cost_estimated_answers"):
+            lines.append(f"The cost is estimated in part: {taught['cost_estimated_answers']} answers came without "
+                         "token usage and are priced from an upper bound of their length.")
+        if taught.get("failed_requests", {}).get("count"):
+            failed = taught["failed_requests"]
+            lines.append(f"{failed['count']} requests brought no answer; each is counted at its upper-bound cost "
+                         f"(${failed['cost_usd']:.4f} in all), since the endpoint may have billed it.")
         confidence = taught.get("confidence")
         if confidence and confidence["rows"]:
             lines.append(f"Teacher confidence (probability of its whole answer, from log-probabilities) on "

@@ -185,8 +185,8 @@ class TeacherSection(Strict):
     price_per_mtok: Price | None = Field(None, description="dollars per million input and output tokens, for the "
                                          "estimate before the first call and the budget")
     max_cost_usd: Annotated[float, Field(gt=0)] | None = Field(
-        None, description="stop labelling once the teacher's answers cost this much (cached answers included, so "
-        "a re-run continues without paying twice); needs `price_per_mtok`")
+        None, description="the most labelling may cost, cached answers included: each request's upper-bound cost "
+        "is reserved before it is sent and none is sent that could pass it; needs `price_per_mtok`")
     max_concurrency: PositiveInt = Field(4, description="requests in flight at once")
     timeout_s: Annotated[float, Field(gt=0)] = Field(60, description="seconds per attempt")
     max_retries: Annotated[int, Field(ge=0, le=20)] = Field(4, description="retries per row (429, 5xx, timeouts, "

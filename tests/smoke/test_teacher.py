@@ -55,13 +55,17 @@ def test_the_teacher_labels_under_a_budget_and_a_rerun_pays_nothing_twice(tiny_m
     runner = CliRunner()
     with FakeOpenAIServer(teacher_answer, api_key=KEY) as server:
         server.faults += [("status", 429, {"Retry-After": "0"}), ("status", 500, {}), ("malformed",)]
-        # a chunk is 16 rows; each answer costs ~$0.02 here: the budget runs out after the first chunk
-        tight = write_recipe(tmp_path, teacher_recipe(tiny_model_dir, source, server.base_url, max_cost_usd=0.05))
+        # each answer costs ~$0.02 here and is reserved at ~$0.24 before it is sent; the three faults stay charged
+        # at their reservation (the endpoint may bill them): the budget runs out part way
+        tight = write_recipe(tmp_path, teacher_recipe(tiny_model_dir, source, server.base_url, max_cost_usd=1.5))
         stopped = runner.invoke(app, ["label", str(tight)])
+        said = " ".join(stopped.output.split())
         assert stopped.exit_code == 2, stopped.output
-        assert "budget" in stopped.output and "estimated cost $" in " ".join(stopped.output.split())
+        assert "past data.teacher.max_cost_usd ($1.5000;" in said and "estimated cost $" in said
+        assert "3 without an answer" in said, "the failed attempts are counted"
+        assert server.billed_usd(1000.0, 1000.0) <= 1.5
         answered_first = {json.dumps(r["messages"]) for r in server.requests}
-        assert 16 <= len(answered_first) < 60, "it stopped mid-way"
+        assert 10 <= len(answered_first) < 40, "it stopped mid-way"
 
         roomy = teacher_recipe(tiny_model_dir, source, server.base_url, max_cost_usd=100.0)
         run_dir = tmp_path / "run"
@@ -98,13 +102,14 @@ def test_without_its_key_the_teacher_is_refused_before_any_call(tiny_model_dir, 
     assert result.exit_code == 2 and "TEACHER_KEY is not set" in result.output
 
 
-def test_the_teachers_confidence_comes_from_its_log_probabilities(tiny_model_dir, tracking_env, tmp_path,
+def test_the_teachers_confidence_comes_from_its_log_probabilities_and_its_cost_without_usage_is_estimated(tiny_model_dir, tracking_env, tmp_path,
                                                                   monkeypatch, clean_secret_env):
     monkeypatch.setenv("TEACHER_KEY", KEY)
     source = tmp_path / "rows.jsonl"
     source.write_text("\n".join(json.dumps(r) for r in rows_with_gaps()) + "\n", encoding="utf-8")
     with FakeOpenAIServer(teacher_answer, api_key=KEY) as server:
         server.token_logprob = -0.05
+        server.send_usage = False  # and no token usage: the cost is estimated, never $0
         recipe = write_recipe(tmp_path, teacher_recipe(tiny_model_dir, source, server.base_url, logprobs=True))
         run_dir = tmp_path / "run"
         result = CliRunner().invoke(app, ["prep", str(recipe), "--run-dir", str(run_dir)])
@@ -114,4 +119,8 @@ def test_the_teachers_confidence_comes_from_its_log_probabilities(tiny_model_dir
     # every answer is "<label>.": 1 word at -0.05
     assert confidence["rows"] == 39 and confidence["mean"] == pytest.approx(math.exp(-0.05))
     assert confidence["below_0.5"] == 0.0 and confidence["without_logprobs"] == 0
-    assert "Teacher confidence" in (run_dir / "prep/report.md").read_text()
+    report = (run_dir / "prep/report.md").read_text()
+    assert "Teacher confidence" in report
+    taught = json.loads((run_dir / "prep/stats.json").read_text())["teacher"]
+    assert taught["cost_estimated_answers"] == 60 and taught["cost_usd"] >= server.billed_usd(1000.0, 1000.0) > 0
+    assert "The cost is estimated in part: 60 answers came without token usage" in " ".join(report.split())

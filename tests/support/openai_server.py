@@ -14,14 +14,19 @@ chat-completions request:
 * ``("status", code, headers)``  -> answer with that HTTP status, an
   OpenAI-style error body and the given extra headers;
 * ``("malformed",)``             -> 200 with a body that is not valid JSON;
-* ``("delay", seconds)``         -> sleep, then answer normally;
+* ``("delay", seconds)``         -> compose (and bill) the answer, sleep, then send it: a slow or hanging
+  endpoint that has done the work whether or not the client still waits;
 * ``("echo_auth", code)``        -> that HTTP status with an error message that
   echoes the request's Authorization header, as some gateways do;
 * ``("empty_choices",)``         -> 200 with an empty ``choices`` list.
 
 A request with ``logprobs: true`` gets each answer word's log-probability
 (``token_logprob``) in ``choices[0].logprobs.content``; one with ``n: k`` gets k
-choices, the responder called once for each.
+choices, the responder called once for each. With ``send_usage = False`` answers
+carry no ``usage``. Every answer the server composes is billed in ``bills``
+(prompt and completion tokens, its own count) whether or not it sends usage and
+whether or not the client is still there: ``billed_usd(price_in, price_out)``
+is what an endpoint would charge for the requests it received.
 """
 
 from __future__ import annotations
@@ -91,6 +96,8 @@ class FakeOpenAIServer:
         # each answer token's log-probability, when a request asks for `logprobs`: a number, or a function of
         # (request, answer) for answers whose confidence differs
         self.token_logprob: float | Callable[[dict, str], float] = -0.1
+        self.send_usage = True
+        self.bills: list[tuple[int, int]] = []  # (prompt, completion) tokens of every answer composed
         self.base_url: str = ""
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
@@ -133,6 +140,15 @@ class FakeOpenAIServer:
     def _record(self, body: dict) -> None:
         with self._lock:
             self.requests.append(body)
+
+    def billed_usd(self, price_in: float, price_out: float) -> float:
+        """Dollars for every answer composed, at these prices per million tokens."""
+        with self._lock:
+            return sum(p * price_in + c * price_out for p, c in self.bills) / 1e6
+
+    def _bill(self, reply: dict) -> None:
+        with self._lock:
+            self.bills.append((reply["usage"]["prompt_tokens"], reply["usage"]["completion_tokens"]))
 
     def _next_fault(self):
         with self._lock:
@@ -240,9 +256,7 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
                     return self._send_json(200, {**server.completion_body(body, ""), "choices": []})
                 if kind == "malformed":
                     return self._send(200, b'{"id": "chatcmpl-broken", "choices": [')
-                if kind == "delay":
-                    time.sleep(float(fault[1]))
-                else:
+                if kind != "delay":
                     raise ValueError(f"unknown fault {fault!r}")
 
             try:
@@ -255,6 +269,14 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
                                     for i, c in enumerate(contents)]
                 reply["usage"]["completion_tokens"] = sum(max(count_tokens(c), 1) for c in contents)
                 reply["usage"]["total_tokens"] = reply["usage"]["prompt_tokens"] + reply["usage"]["completion_tokens"]
-            self._send_json(200, reply)
+            server._bill(reply)
+            if not server.send_usage:
+                del reply["usage"]
+            if fault is not None and fault[0] == "delay":
+                time.sleep(float(fault[1]))
+            try:
+                self._send_json(200, reply)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up waiting: the answer was composed (and billed) all the same
 
     return Handler

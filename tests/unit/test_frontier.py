@@ -6,6 +6,8 @@ so the test records the waits the retry loop asked for instead of spending them.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from pipeline import frontier
@@ -19,7 +21,7 @@ PROMPTS = [[{"role": "system", "content": "Route it."}, {"role": "user", "conten
 
 def baseline(base_url: str, **extra) -> OpenAIBaseline:
     return OpenAIBaseline(name="frontier", kind="openai", model="fake-frontier", base_url=base_url,
-                           api_key_env="UNIT_FRONTIER_KEY", max_concurrency=1, **extra)
+                           api_key_env="UNIT_FRONTIER_KEY", **{"max_concurrency": 1, **extra})
 
 
 @pytest.fixture
@@ -137,3 +139,188 @@ def test_an_empty_choices_list_is_named_not_an_index_error(cache):
         rows = frontier.ask_all(baseline(srv.base_url, max_retries=0), KEY, PROMPTS[:1], max_tokens=8, cache=cache,
                                 sleep=lambda s: None)
     assert "empty `choices` list" in rows[0]["error"] and "IndexError" not in rows[0]["error"]
+
+
+# --- the budget: reserved per attempt before it is sent, settled on the answer ---------------------------------
+
+PRICE = {"input": 100.0, "output": 400.0}  # dollars per million tokens: a few cents a request here
+MANY = [[{"role": "system", "content": "Route it."}, {"role": "user", "content": f"message number {i} " + "word " * 40}]
+        for i in range(300)]
+
+
+def priced(base_url: str, **extra) -> OpenAIBaseline:
+    return baseline(base_url, price_per_mtok=PRICE, **extra)
+
+
+def bound_usd(b: OpenAIBaseline, messages, max_tokens: int) -> float:
+    return frontier.Budget(b.price_per_mtok).cost(frontier.prompt_token_bound(messages), max_tokens)
+
+
+def test_at_concurrency_64_a_small_budget_is_never_overspent(cache):
+    """Issue 33: checked between chunks of max_concurrency x 8 rows, `max_cost_usd: 0.1` spent $8.05 at
+    concurrency 64. Now each attempt is reserved at its upper bound before it is sent: what the endpoint bills
+    for the requests it received stays within the cap."""
+    with FakeOpenAIServer(lambda body: "billing", api_key=KEY) as srv:
+        b = priced(srv.base_url, max_concurrency=64)
+        budget = frontier.Budget(b.price_per_mtok, cap_usd=0.1)
+        rows = frontier.ask_all(b, KEY, MANY, 16, cache=cache, budget=budget)
+        billed = srv.billed_usd(PRICE["input"], PRICE["output"])
+        answered = [r for r in rows if r["raw"] is not None]
+        refused = [r for r in rows if r.get("budget_refused")]
+        assert billed <= 0.1 and budget.spent_usd <= 0.1
+        assert budget.spent_usd >= billed, "the count is never below what the endpoint bills"
+        assert len(srv.requests) == len(answered) == budget.sent and len(answered) + len(refused) == len(MANY)
+        assert 0 < len(answered) < len(MANY) and budget.refused == len(refused)
+        assert billed + bound_usd(b, MANY[0], 16) > 0.1 * 0.9, "it keeps going until the next request may not fit"
+        assert all(r["error"].startswith("BudgetExhausted: not sent") for r in refused)
+        assert budget.in_flight == 0 and abs(budget.reserved_usd) < 1e-12
+
+
+def test_a_request_is_sent_exactly_when_its_bound_fits_the_cap(cache):
+    with FakeOpenAIServer(lambda body: "billing", api_key=KEY) as srv:
+        b = priced(srv.base_url)
+        bound = bound_usd(b, PROMPTS[0], 16)
+        rows = frontier.ask_all(b, KEY, PROMPTS[:1], 16, cache=cache, budget=frontier.Budget(b.price_per_mtok,
+                                                                                             bound * (1 - 1e-9)))
+        assert len(srv.requests) == 0 and rows[0]["budget_refused"]
+        rows = frontier.ask_all(b, KEY, PROMPTS[:1], 16, cache=cache, budget=frontier.Budget(b.price_per_mtok,
+                                                                                             bound * (1 + 1e-9)))
+        assert len(srv.requests) == 1 and rows[0]["raw"] == "billing"
+
+
+def test_cached_answers_count_against_the_cap_before_any_request(cache):
+    with FakeOpenAIServer(lambda body: "billing", api_key=KEY) as srv:
+        b = priced(srv.base_url)
+        first = frontier.ask_all(b, KEY, PROMPTS[:2], 16, cache=cache, budget=frontier.Budget(b.price_per_mtok))
+        paid = sum(r["cost_usd"] for r in first)
+        budget = frontier.Budget(b.price_per_mtok, cap_usd=paid + bound_usd(b, PROMPTS[2], 16) * 0.5)
+        rows = frontier.ask_all(b, KEY, PROMPTS, 16, cache=cache, budget=budget)
+        assert len(srv.requests) == 2, "the cached two are free; the third does not fit what they leave"
+        assert [r.get("cached") for r in rows[:2]] == [True, True] and rows[2]["budget_refused"]
+        assert budget.cached_usd == pytest.approx(paid) and budget.spent_usd == pytest.approx(paid)
+
+
+def test_an_answer_without_usage_is_priced_from_an_upper_bound_and_marked_estimated(cache):
+    """Issue 33: a teacher that returns no `usage` was priced at $0."""
+    with FakeOpenAIServer(lambda body: "billing", api_key=KEY) as srv:
+        srv.send_usage = False
+        b = priced(srv.base_url)
+        budget = frontier.Budget(b.price_per_mtok)
+        rows = frontier.ask_all(b, KEY, PROMPTS, 16, cache=cache, budget=budget)
+        billed = srv.billed_usd(PRICE["input"], PRICE["output"])
+    assert all(r["usage_estimated"] and r["cost_usd"] > 0 for r in rows) and budget.estimated_answers == 3
+    assert billed <= budget.spent_usd <= sum(bound_usd(b, p, 16) for p in PROMPTS) + 1e-12
+    assert rows[0]["input_tokens"] == frontier.prompt_token_bound(PROMPTS[0]) and rows[0]["output_tokens"] == 7
+    again = frontier.ask_all(b, KEY, PROMPTS[:1], 16, cache=cache)
+    assert again[0]["cached"] and again[0]["usage_estimated"], "the mark survives the cache"
+
+
+def test_timed_out_attempts_are_charged_at_their_bound_and_reported(cache):
+    """Issue 33: attempts that timed out were never counted although the endpoint received (and billed) them."""
+    with FakeOpenAIServer(lambda body: "billing", api_key=KEY) as srv:
+        srv.faults += [("delay", 1.5)] * 2
+        b = priced(srv.base_url, max_retries=1, timeout_s=0.3)
+        budget = frontier.Budget(b.price_per_mtok)
+        rows = frontier.ask_all(b, KEY, PROMPTS[:1], 16, cache=cache, budget=budget, sleep=lambda s: None)
+        assert rows[0]["raw"] is None and "Timeout" in rows[0]["error"] and len(srv.requests) == 2
+        time.sleep(1.5)  # the endpoint finishes (and bills) both
+        billed = srv.billed_usd(PRICE["input"], PRICE["output"])
+    bound = bound_usd(b, PROMPTS[0], 16)
+    assert (budget.sent, budget.failed_attempts) == (2, 2)
+    assert budget.failed_usd == pytest.approx(2 * bound) == budget.spent_usd == rows[0]["cost_usd"]
+    assert 0 < billed <= budget.spent_usd
+
+
+def test_a_refused_connection_is_not_charged(cache):
+    with FakeOpenAIServer(lambda body: "x") as srv:
+        down = srv.base_url
+    b = priced(down, max_retries=1)
+    budget = frontier.Budget(b.price_per_mtok)
+    rows = frontier.ask_all(b, KEY, PROMPTS[:1], 16, cache=cache, budget=budget, sleep=lambda s: None)
+    assert "APIConnectionError" in rows[0]["error"] and rows[0]["attempts"] == 2
+    assert (budget.sent, budget.spent_usd, budget.in_flight) == (0, 0.0, 0)
+
+
+# --- answers that are not answers -------------------------------------------------------------------------------
+
+def test_a_log_probability_above_zero_is_a_malformed_answer_not_a_sure_one(cache):
+    """Issue 33 (10): a confidence above 1 (logprob +5) was accepted."""
+    with FakeOpenAIServer(lambda body: "billing", api_key=KEY) as srv:
+        srv.token_logprob = 5.0
+        b = baseline(srv.base_url, max_retries=1)
+        rows = frontier.ask_all(b, KEY, PROMPTS[:1], 16, cache=cache, sleep=lambda s: None, logprobs=True)
+        assert rows[0]["raw"] is None and rows[0].get("confidence") is None and len(srv.requests) == 2
+        assert "MalformedAnswer" in rows[0]["error"] and "5.0" in rows[0]["error"]
+        srv.token_logprob = frontier.LOGPROB_ROUNDING  # rounding at the edge: a sure answer, not an error
+        rows = frontier.ask_all(b, KEY, PROMPTS[:1], 16, cache=cache, logprobs=True)
+        assert rows[0]["raw"] == "billing" and rows[0]["confidence"] == 1.0, "and it was not cached before"
+
+
+class _Choice:
+    def __init__(self, *logprobs):
+        token = type("Token", (), {})
+        self.logprobs = type("Logprobs", (), {"content": [type("T", (token,), {"logprob": v})() for v in logprobs]})()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), 0.01])
+def test_non_finite_or_positive_log_probabilities_are_refused(bad):
+    with pytest.raises(frontier.MalformedAnswer, match="not a finite number <= 0"):
+        frontier.answer_probability(_Choice(-0.1, bad))
+    assert frontier.answer_probability(_Choice(-0.1, -0.2)) == pytest.approx(0.7408182, abs=1e-6)
+
+
+def test_an_answer_over_the_size_cap_is_a_failure_never_cached(cache):
+    """Issue 33 (10): 5 MB teacher answers were cached as labels."""
+    cap = frontier.answer_byte_cap(16)
+    sizes = iter([5_000_000, cap + 1, cap])
+    with FakeOpenAIServer(lambda body: "x" * next(sizes), api_key=KEY) as srv:
+        b = baseline(srv.base_url, max_retries=0)
+        huge = frontier.ask_all(b, KEY, PROMPTS[:1], 16, cache=cache)
+        over = frontier.ask_all(b, KEY, PROMPTS[:1], 16, cache=cache)
+        edge = frontier.ask_all(b, KEY, PROMPTS[:1], 16, cache=cache)
+        assert len(srv.requests) == 3, "neither oversize answer was cached"
+    assert "5,000,000 bytes, over the cap" in huge[0]["error"] and huge[0]["raw"] is None
+    assert f"{cap + 1:,} bytes" in over[0]["error"] and len(edge[0]["raw"]) == cap
+
+
+# --- a deadline on the whole call -------------------------------------------------------------------------------
+
+def test_a_deadline_caps_each_attempt_and_no_attempt_begins_after_it(cache):
+    with FakeOpenAIServer(lambda body: "billing", api_key=KEY) as srv:
+        srv.faults += [("delay", 5.0)]
+        b = baseline(srv.base_url, max_retries=3, timeout_s=30)
+        started = time.monotonic()
+        rows = frontier.ask_all(b, KEY, PROMPTS[:1], 16, cache=cache, sleep=lambda s: None, deadline_s=0.5)
+        took = time.monotonic() - started
+        assert took < 2.0, "the attempt's timeout was capped at the time left, not timeout_s"
+        assert len(srv.requests) == 1 and rows[0]["error"].startswith("DeadlineExceeded: the deadline of 0.5 s")
+        assert 0.45 <= rows[0]["latency_s"] <= took
+
+
+def test_a_deadline_reports_the_time_of_every_attempt(cache):
+    with FakeOpenAIServer(lambda body: "billing", api_key=KEY) as srv:
+        srv.faults += [("delay", 3.0)] * 5
+        b = baseline(srv.base_url, max_retries=5, timeout_s=0.3)
+        rows = frontier.ask_all(b, KEY, PROMPTS[:1], 16, cache=cache, sleep=lambda s: None, deadline_s=1.0)
+    assert rows[0]["raw"] is None and "DeadlineExceeded" in rows[0]["error"] and "APITimeoutError" in rows[0]["error"]
+    attempts = rows[0]["attempts"]
+    assert attempts >= 2 and rows[0]["latency_s"] >= attempts * 0.3 - 0.05, "the sum over attempts, not the last one"
+
+
+def test_attempt_timeouts_connect_apart_and_capped_at_the_time_left():
+    t = frontier.attempt_timeout(60, None)
+    assert (t.connect, t.read, t.write) == (frontier.CONNECT_TIMEOUT_S, 60, 60)
+    t = frontier.attempt_timeout(60, 2.5)
+    assert (t.connect, t.read, t.pool) == (2.5, 2.5, 2.5)
+
+
+def test_an_oversize_answer_is_charged_at_its_usage_when_that_is_more_than_its_bound(cache):
+    """An endpoint that ignores max_tokens bills what it sent: the count follows its usage, not the bound."""
+    with FakeOpenAIServer(lambda body: "x " * 3000, api_key=KEY) as srv:
+        b = priced(srv.base_url, max_retries=0)
+        budget = frontier.Budget(b.price_per_mtok)
+        rows = frontier.ask_all(b, KEY, PROMPTS[:1], 16, cache=cache, budget=budget)
+        billed = srv.billed_usd(PRICE["input"], PRICE["output"])
+    assert rows[0]["raw"] is None and "over the cap" in rows[0]["error"]
+    assert billed > bound_usd(b, PROMPTS[0], 16)
+    assert budget.failed_usd == pytest.approx(billed) == budget.spent_usd and budget.failed_attempts == 1

@@ -41,3 +41,19 @@ def test_teacher_labels_stay_out_of_test_unless_the_recipe_says_so(test_labels):
     assert (taught_in_test > 0) == test_labels
     assert sum(map(len, splits.values())) == 60
     assert sum(e.provenance != "gold" for e in splits["validation"]) > 0, "teacher rows still validate"
+
+
+def test_the_prompt_bound_is_never_below_a_real_tokenizers_count(tiny_model_dir):
+    """The budget reserves `prompt_token_bound` before a request is sent: it must hold for a real tokenizer with
+    its chat template, on text it was not trained on (accents, CJK, emoji, long numbers)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.frontier import prompt_token_bound
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = ["where is my parcel", "Grüße aus Köln, ça va?", "我的包裹在哪里", "📦🚚❓" * 5, "1234567890" * 20, ""]
+    for text in texts:
+        messages = [{"role": "system", "content": "Route the message."}, {"role": "user", "content": text}]
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+        assert isinstance(ids, list) and all(isinstance(i, int) for i in ids)
+        assert len(ids) <= prompt_token_bound(messages), (text, len(ids))
