@@ -141,15 +141,16 @@ def expert_row(row: dict[str, Any], threshold: float | None) -> dict[str, Any]:
     return {**row, "escalate": threshold is not None and confidence < threshold}
 
 
-def ask(tier: Tier, texts: list[str], expert) -> list[dict[str, Any]]:
+def ask(tier: Tier, texts: list[str], expert, deadline_s: float | None = None) -> list[dict[str, Any]]:
     """A tier's reply to each text (`frontier.ask_all`: raw text and usage, or the final error), asked with the
     version's baseline prompt; extraction sends the schema along; a tier with a threshold is asked for its
-    log-probabilities or its k samples, as its baseline says."""
+    log-probabilities or its k samples, as its baseline says. With `deadline_s` no attempt starts after that many
+    seconds and each is cut at the time left, so a hung tier frees its thread at the deadline."""
     recipe = expert.recipe
     schema = expert.spec if recipe.task.type == "extraction" else None
     prompts = [baseline_prompt(expert.baseline_system_prompt, text) for text in texts]
     return frontier.ask_all(tier.baseline, tier.key, prompts, recipe.eval.max_new_tokens, schema,
-                            logprobs=tier.threshold is not None and tier.baseline.logprobs)
+                            logprobs=tier.threshold is not None and tier.baseline.logprobs, deadline_s=deadline_s)
 
 
 def ask_each(tier: Tier, texts: list[str], expert) -> list[tuple[dict[str, Any], float]]:
@@ -183,7 +184,8 @@ def judge(tier: Tier, reply: dict[str, Any], expert) -> Step:
     task = tasks.for_type(expert.recipe.task.type)
     parsed, confidence = frontier.parsed_answer(reply, lambda raw: task.parse_answer(raw, expert.spec))
     if parsed is None:
-        return Step("failed", error=frontier.scrub(reply.get("error") or UNPARSED, tier.key))
+        outcome = "timed_out" if reply.get("deadline_exceeded") else "failed"
+        return Step(outcome, error=frontier.scrub(reply.get("error") or UNPARSED, tier.key))
     if confidence is not None and not is_probability(confidence):
         return Step("failed", error=f"`{tier.name}` sent a confidence of {confidence!r}, not a probability in [0, 1]")
     try:  # Python's parser takes NaN and Infinity, which JSON has not: answers are sent and written as strict JSON

@@ -336,8 +336,10 @@ class Call:
         while True:
             left = None if self.deadline is None else self.deadline - time.monotonic()
             if left is not None and left <= 0:
-                return self.failed(f"DeadlineExceeded: the deadline of {self.deadline_s:g} s ran out after "
-                                   f"{self.attempts} attempt(s)" + (f"; the last: {_describe(last, self.client.api_key)}" if last else ""))
+                return {**self.failed(f"DeadlineExceeded: the deadline of {self.deadline_s:g} s ran out after "
+                                      f"{self.attempts} attempt(s)"
+                                      + (f"; the last: {_describe(last, self.client.api_key)}" if last else "")),
+                        "deadline_exceeded": True}
             if self.budget is not None and not self.budget.reserve(self.bound_usd, self.deadline):
                 if self.deadline is not None and time.monotonic() >= self.deadline:
                     continue  # out of time while waiting for the budget: said so above
@@ -354,12 +356,17 @@ class Call:
             except Exception as err:  # noqa: BLE001 - every failure is either retried or recorded for the report
                 self.settle_failed(err)
                 last = err
+                if self.deadline is not None and time.monotonic() >= self.deadline:  # cut by the deadline's cap
+                    return {**self.failed(f"DeadlineExceeded: the deadline of {self.deadline_s:g} s ran out during "
+                                          f"attempt {self.attempts}: {_describe(err, self.client.api_key)}"),
+                            "deadline_exceeded": True}
                 if not is_retryable(err) or self.attempts > self.baseline.max_retries:
                     return self.failed(_describe(err, self.client.api_key))
                 wait = backoff_s(self.attempts - 1, err, self.rng)
                 if self.deadline is not None and time.monotonic() + wait >= self.deadline:
-                    return self.failed(f"DeadlineExceeded: the deadline of {self.deadline_s:g} s leaves no time to "
-                                       f"retry after {self.attempts} attempt(s); the last: {_describe(err, self.client.api_key)}")
+                    return {**self.failed(f"DeadlineExceeded: the deadline of {self.deadline_s:g} s leaves no time "
+                                          f"to retry after {self.attempts} attempt(s); the last: "
+                                          f"{_describe(err, self.client.api_key)}"), "deadline_exceeded": True}
                 self.sleep(wait)
 
     def answered(self, resp) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline import frontier
+from pipeline import frontier, row_checks
 from pipeline.cascade import baseline_prompt
 from pipeline.errors import UserError
 from pipeline.examples import Example
@@ -114,9 +114,9 @@ def label(examples: list[Example], rejected: list[dict[str, Any]], recipe: Recip
                              "detail": frontier.scrub(str(answer.get("error")), key)})
         elif target is None:
             unparsable += 1
-            shown = answer["raw"].strip().replace("\n", " ")
             rejected.append({"source": e.source, "line": e.line, "id": e.id, "reason": "teacher_unparsable",
-                             "detail": f"the teacher's answer is not a target: {shown[:120]!r}"})
+                             "detail": "the teacher's answer is not a target: "
+                                       + row_checks.quote_answer(answer["raw"], recipe)})
         else:
             e.target, e.provenance = task.normalize_target(target), f"teacher:{teacher.model}"
             taught_confidences.append(answer.get("confidence"))

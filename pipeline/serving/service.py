@@ -184,14 +184,22 @@ class Service:
         if seconds <= 0:
             return cascade.Step("timed_out", error=f"the escalation's {self.options.escalation_deadline_s:g} s were "
                                                    f"spent before `{tier.name}` (serve --escalation-deadline)")
+        give_up_at = time.monotonic() + seconds
+
+        def ask() -> dict[str, Any]:  # on the lane's thread, after any wait for it: the call gets what is left
+            return cascade.ask(tier, [text], self.expert, deadline_s=max(0.0, give_up_at - time.monotonic()))[0]
+
         try:
-            reply = await self.lanes[tier.name].call(lambda: cascade.ask(tier, [text], self.expert)[0], seconds)
+            reply = await self.lanes[tier.name].call(ask, seconds)
         except TierBusy as err:
             return cascade.Step("shed", error=str(err))
         except TimeoutError:
+            reply = {"raw": None, "deadline_exceeded": True}
+        step = cascade.judge(tier, reply, self.expert)
+        if step.outcome == "timed_out":  # cut here or by the call's own deadline: one message either way
             return cascade.Step("timed_out", error=f"`{tier.name}` gave no answer within {seconds:.1f} s "
                                                    "(serve --tier-deadline, --escalation-deadline)")
-        return cascade.judge(tier, reply, self.expert)
+        return step
 
     def content(self, answer: Any) -> str:
         if answer is None:

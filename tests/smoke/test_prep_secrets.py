@@ -20,7 +20,8 @@ KEY = "tk-live-teacher-0123456789abcdef"  # TEACHER_KEY: no *_API_KEY name, so o
 CARD, EMAIL, LABEL_EMAIL = "4111 1111 1111 1111", "jane.doe @ example.com", "bob@example.org"
 ANSWERS = {  # row index (unlabelled rows) -> the teacher's answer
     1: f"I cannot say; for the record my key is {KEY}",
-    2: f"The customer paid with {CARD} twice",
+    # written with non-breaking spaces, and past the 120 characters a detail shows: scrubbed whole, then cut
+    2: "The customer paid twice " + "p" * 81 + " " + CARD.replace(" ", "\u00a0") + " twice",
     4: f"Ask {EMAIL} about it",
     5: "Not billing. It is returns.",
 }
@@ -54,7 +55,7 @@ def test_a_teacher_echoing_secrets_and_personal_data_leaves_none_in_prep(tiny_mo
     assert "[EMAIL_" in rejected[5]["detail"] and rejected[4]["detail"] == "the label holds 1 email"
     assert "Not billing. It is returns." in rejected[6]["detail"], "a denied label is no label"
     written = everything_written(run_dir, MlflowClient(tracking_env), tmp_path)
-    for leaked in (KEY, CARD, "4111111111111111", EMAIL, "jane.doe", LABEL_EMAIL):
+    for leaked in (KEY, CARD, "4111111111111111", "4111", EMAIL, "jane.doe", LABEL_EMAIL):
         assert leaked not in written, f"{leaked!r} reached prep's files or MLflow"
     report = (run_dir / "prep/report.md").read_text()
     assert "teacher_unparsable" in report and "[CARD_" in report

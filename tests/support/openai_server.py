@@ -85,6 +85,17 @@ def _error_body(status: int, message: str | None = None) -> dict:
     }
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver listens with a backlog of 5: 50 simultaneous clients would wait out TCP's SYN retries and fail
+    request_queue_size = 128
+
+    def handle_error(self, request, client_address) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)  # a client that gave up on a slow answer is expected
+
+
 class FakeOpenAIServer:
     """OpenAI-compatible ``/v1/chat/completions`` on 127.0.0.1:<free port>."""
 
@@ -108,7 +119,7 @@ class FakeOpenAIServer:
         if self._httpd is not None:
             return self
         handler = _make_handler(self)
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        httpd = _Server(("127.0.0.1", 0), handler)
         httpd.daemon_threads = True
         self._httpd = httpd
         host, port = httpd.server_address[:2]

@@ -495,12 +495,11 @@ def test_fifty_requests_behind_a_hung_mid_tier_are_answered_by_the_frontier_with
     shed at once, never sent to it; all 50 are answered by the frontier within the deadline (+3 s margin: 50
     clients, 50 tier calls and the server share this process on a busy 2-core machine; the frontier alone takes
     up to 3 s here), and `tiers_tried` holds the wall time each request spent per tier."""
-    from tests.support.hanging_server import hung_tier, roomy
+    from tests.support.hanging_server import hung_tier
 
     monkeypatch.setenv("UNIT_KEY", KEY)
     deadline = 5.0
     with hung_tier(api_key=KEY) as mid, FakeOpenAIServer(lambda body: "technical", api_key=KEY) as top:
-        roomy(top)
         expert = routed_expert(mid.base_url, top.base_url)
         mid_tier, top_tier = expert.recipe.eval.baselines
         expert.recipe.eval.baselines = [mid_tier.model_copy(update={"max_concurrency": 2}),
@@ -538,6 +537,30 @@ def test_fifty_requests_behind_a_hung_mid_tier_are_answered_by_the_frontier_with
                         ('expert_escalations_total{outcome="frontier"}', 50),
                         ('expert_tier_duration_seconds_count{tier="mid"}', 50)):
         assert metric(metrics, line) == value, (line, value)
+
+
+def test_a_hung_tier_frees_its_slot_at_the_tier_deadline_not_after_every_retry(monkeypatch):
+    """The tier's call gets the time left of the request's tier deadline (`frontier.ask_all`'s `deadline_s`): with
+    1 s attempts, 3 retries and a 1.2 s tier deadline, the hung tier's thread is free again by ~1.2 s (+1 s
+    margin), where its own attempts and backoffs would hold it 4 s or more, shedding every request meanwhile."""
+    from tests.support.hanging_server import hung_tier
+
+    monkeypatch.setenv("UNIT_KEY", KEY)
+    with hung_tier(api_key=KEY) as top:
+        service = serve.Service(fake_expert(top.base_url), "unit-expert", "3", "models:/unit-expert@champion",
+                                serve.ServeOptions(frontier_retries=3, frontier_timeout_s=1.0, tier_deadline_s=1.2,
+                                                   tier_queue=0), engine=FakeEngine())
+        [lane] = service.lanes.values()
+        with serving(serve.create_app(service)) as url:
+            started = time.perf_counter()
+            row = httpx.post(f"{url}/v1/predict", json={"text": "unsure"}, timeout=30).json()
+            assert row["tiers_tried"][0]["outcome"] == "timed_out", row
+            while lane.in_flight and time.perf_counter() - started < 10:
+                time.sleep(0.05)
+            freed = time.perf_counter() - started
+        service.close()
+    assert freed < 1.2 + 1.0, f"the tier's slot was held {freed:.1f} s"
+    assert len(top.requests) <= 2, "no attempt starts after the deadline"
 
 
 def test_hung_tiers_are_flagged_or_502_within_the_escalation_deadline(monkeypatch):
