@@ -4,7 +4,7 @@ After `expert run` on the tiny model (with a recorded frontier that is wrong on 
 experiment's runs (the link `expert run` prints), the eval run with its description, datasets and per-example
 results filtered to the disagreements, the registered version with its description and its logged model, and
 that model's metrics measured on the test dataset. Each step asserts on what the page shows and saves a
-screenshot (under the test's tmp dir; `EXPERT_UI_SCREENSHOTS=docs/ui` writes the README's copies).
+screenshot (under the test's tmp dir; `EXPERT_UI_SCREENSHOTS=docs/ui` writes the copies docs/reviewing.md shows).
 
 Chromium comes from the Debian package (`apt-get install chromium`, which `.ci/run` does) and is driven by
 Playwright; without either the test skips and says which is missing.
