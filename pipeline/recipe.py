@@ -28,7 +28,7 @@ Seed = Annotated[int, Field(ge=0, lt=2**32)]
 def _shown(text: str) -> dict[str, str]:
     """A default as the key table shows it, where the literal default (None) says less than what it stands for.
 
-    A field's `description` is the one place its key is documented: the README's key table and
+    A field's `description` is the one place its key is documented: docs/RECIPE_KEYS.md and
     `expert validate --explain` are generated from them (pipeline/recipe_docs.py)."""
     return {"shown_default": text}
 

@@ -1,11 +1,12 @@
 """The recipe's keys, documented once: generated from the field descriptions of the pydantic model in recipe.py.
 
 One row per dotted key (`data.split.seed`; `[]` stands for each item of a list: `eval.baselines[].model`) with
-its type, its default (or `required`) and its description. From these rows come the README's key table (between
-the markers below), `expert validate RECIPE --keys` and `expert validate RECIPE --explain KEY`.
+its type, its default (or `required`) and its description. From these rows come the key table of
+docs/RECIPE_KEYS.md (between the markers below), `expert validate RECIPE --keys` and
+`expert validate RECIPE --explain KEY`.
 
-    python -m pipeline.recipe_docs --write README.md    # regenerate the README's table after changing a field
-    python -m pipeline.recipe_docs --check README.md    # exit 1 when it is stale (tests/unit/test_recipe_docs.py)
+    python -m pipeline.recipe_docs --write    # regenerate docs/RECIPE_KEYS.md after changing a field
+    python -m pipeline.recipe_docs --check    # exit 1 when it is stale (tests/unit/test_recipe_docs.py)
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from pydantic.fields import FieldInfo
 from pipeline.errors import UserError
 from pipeline.recipe import BASELINE_KINDS, Recipe
 
+KEYS_DOC = Path(__file__).resolve().parent.parent / "docs" / "RECIPE_KEYS.md"
 START = "<!-- recipe-keys:start -->"
 END = "<!-- recipe-keys:end -->"
 NOTE = ("<!-- generated from the field descriptions in pipeline/recipe.py: "
-        "python -m pipeline.recipe_docs --write README.md -->")
+        "python -m pipeline.recipe_docs --write -->")
 
 
 @dataclass(frozen=True)
@@ -216,7 +218,7 @@ def kinds_text() -> list[tuple[str, str]]:
     return [(tag, " ".join(inspect.cleandoc(cls.__doc__ or "").split())) for tag, cls in BASELINE_KINDS.items()]
 
 
-# -- the README's table ------------------------------------------------------------------------------------------
+# -- the generated table -----------------------------------------------------------------------------------------
 
 
 def _cell(text: str) -> str:
@@ -224,7 +226,7 @@ def _cell(text: str) -> str:
 
 
 def markdown() -> str:
-    """The block between the README's markers: the key table, then what each baseline kind is."""
+    """The block between the markers: the key table, then what each baseline kind is."""
     lines = [NOTE, "", "| key | type | default | meaning |", "|---|---|---|---|"]
     lines += [f"| `{k.key}` | {_cell(k.type)} | {_cell(k.default)} | {_cell(k.meaning)} |" for k in keys()]
     lines += ["", "A baseline's `kind` decides which `eval.baselines[]` keys apply to it (a key of another kind is "
@@ -384,8 +386,10 @@ def terminal_table(title: str | None = "Recipe keys"):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.recipe_docs", description=__doc__.split("\n\n")[0])
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--write", type=Path, metavar="README", help="rewrite the table between the markers")
-    group.add_argument("--check", type=Path, metavar="README", help="exit 1 when the table there is stale")
+    group.add_argument("--write", type=Path, nargs="?", const=KEYS_DOC, metavar="FILE",
+                       help="rewrite the table between the markers (default: docs/RECIPE_KEYS.md)")
+    group.add_argument("--check", type=Path, nargs="?", const=KEYS_DOC, metavar="FILE",
+                       help="exit 1 when the table there is stale (default: docs/RECIPE_KEYS.md)")
     args = parser.parse_args(argv)
     if args.write is None and args.check is None:
         print(markdown())
@@ -397,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.check is not None:
         if current_block(text) != markdown():
-            print(f"{path}: the recipe key table is stale; run python -m pipeline.recipe_docs --write {path}",
+            again = "" if path == KEYS_DOC else f" {path}"
+            print(f"{path}: the recipe key table is stale; run python -m pipeline.recipe_docs --write{again}",
                   file=sys.stderr)
             return 1
         return 0
