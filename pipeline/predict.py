@@ -40,7 +40,7 @@ def prompt_texts(tokenizer, prompts: list[list[dict[str, str]]]) -> list[str]:
 
 
 # per tokenizer object (weakly held): label token ids, and llguidance's tokenizer and the closing-token masks
-# per vocabulary size (building those takes ~1 s each)
+# per vocabulary size (each is slow to build: it walks the whole vocabulary)
 _PER_TOKENIZER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -67,7 +67,7 @@ def _to_host(tensor: torch.Tensor) -> list:
 
 def _label_ids(tokenizer, labels: list[str]) -> list[list[int]]:
     """Each label's tokens and the end-of-turn token: what a label answer is. Kept per tokenizer and label set,
-    as a server asks for the same labels on every request (~0.8 ms of tokenizer calls each time otherwise)."""
+    as a server asks for the same labels on every request (tokenizer calls each time otherwise)."""
     cached = _PER_TOKENIZER.setdefault(tokenizer, {})
     key = ("labels", tuple(labels))
     if key not in cached:
@@ -137,8 +137,9 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _private_copy(cache):
     """A copy of a KV cache that the next forward pass can extend without touching the original.
 
-    For plain dynamic layers, copying the layer objects and sharing the tensors is enough: ~0.2 ms instead of
-    `deepcopy`'s ~4 ms per served request (SmolLM2-135M, 40 cached tokens). Any other cache is deep-copied.
+    For plain dynamic layers, copying the layer objects and sharing the tensors is enough (they replace their
+    tensors on update), where `deepcopy` would clone every tensor on every served request. Any other cache is
+    deep-copied.
     """
     if not is_plain_dynamic_cache(cache):
         return copy.deepcopy(cache)
@@ -162,8 +163,8 @@ def _last_positions(n: int, length: int, device) -> torch.Tensor:
 
     Why: a count slices the hidden states, which for more than one row is a
     non-contiguous view; `matmul` then cannot fold it into one matrix product
-    and copies the whole (vocab x hidden) LM-head weight on every call (56 MB
-    for SmolLM2, about 100 ms on this CPU). Index selection gives a
+    and copies the whole (vocab x hidden) LM-head weight on every call, the
+    largest single cost of a request when it was found. Index selection gives a
     contiguous copy of just the rows needed.
     """
     return torch.arange(length - n, length, device=device)
@@ -441,13 +442,14 @@ class PackedBf16Linear(torch.nn.Module):
 def pack_linear_weights(model) -> int:
     """Pack each bf16 `nn.Linear` of an inference model for oneDNN, once, so that serving stops re-packing them.
 
-    On a CPU with native bf16, eager `F.linear` already runs oneDNN's kernel but lays the weight out again on
-    every call; at serving's ~30-row shapes that is a third of the matrix time. The packed product is the same
-    kernel, so the outputs are bit-for-bit the evaluated model's: each layer is compared with `F.linear` on a probe
-    input as it is packed and left as it was if they differ. The LM head is packed too (2.1 vs 4.3 ms per request
-    for SmolLM2's 49152-token vocabulary); where it shares its weight with the input embedding, that costs one
-    more copy of it (57 MB for SmolLM2-135M). Returns the number of layers packed: 0 where the CPU, build or dtype
-    does not allow it (`packing_unavailable` says why); a layer the private ops fail on is left as it was.
+    On a CPU with native bf16, eager `F.linear` already runs oneDNN's kernel but lays the weight out again on every
+    call, a large share of the matrix time at serving's few-row shapes. The packed product is the same kernel, so
+    the outputs are bit-for-bit the evaluated model's: each layer is compared with `F.linear` on a probe input as it
+    is packed and left as it was if they differ. The LM head is packed too (the largest product at a large
+    vocabulary); where it shares its weight with the input embedding, that costs one more copy of it
+    (docs/BENCHMARKS.md, "Bit-identical speed-ups", has both). Returns the number of layers packed: 0 where the CPU,
+    build or dtype does not allow it (`packing_unavailable` says why); a layer the private ops fail on is left as it
+    was.
     """
     if packing_unavailable() is not None:
         return 0

@@ -3,7 +3,7 @@
 Default store: embedded SQLite (`sqlite:///mlflow.db` in the working
 directory), so nothing needs to be started; `MLFLOW_TRACKING_URI` points at a
 server instead. Telemetry is off. Everything goes through `MlflowClient` with
-batched calls (one HTTP call per metric costs ~100 ms against a server).
+batched calls (against a server, every call is an HTTP round trip).
 
 `Tracker` carries a training's MLflow run on a background thread: a slow or
 vanished tracking server never stalls or kills training; the run is then

@@ -18,7 +18,7 @@ def load_service(model_uri: str, options: ServeOptions):
     The loading runs on a short-lived thread so that the model worker is the only thread that ever runs torch's
     OpenMP parallel regions: with a second team alive (the loading thread's, kept by libgomp for as long as that
     thread lives), libgomp counts more threads than cores and makes idle workers sleep after every parallel
-    region instead of spinning, which cost ~20 ms per served request (40k context switches per 60 requests).
+    region instead of spinning: a context switch storm on every served request (docs/BENCHMARKS.md, "Serve").
     The thread is a daemon so that Ctrl-C during a long load ends the command at once.
     """
     outcome: dict[str, Any] = {}

@@ -27,8 +27,8 @@ class ServeOptions:
     health_probe_s: float = 10.0  # /health asks the model a probe question when its last one is older than this
     merge: bool | None = None  # fold the LoRA weights into the base at load, or not; None: as eval ran the version
     allow_unevaluated_runtime: bool = False  # serve a merge choice the version was not evaluated with
-    pack: bool = True  # after merging, keep bf16 weights in oneDNN's layout: bit-identical answers, ~1.3x faster
-    lean_forward: bool = True  # Llama label scoring: fused projections, no transformers plumbing; bit-identical, ~12% faster
+    pack: bool = True  # after merging, keep bf16 weights in oneDNN's layout: bit-identical answers, faster
+    lean_forward: bool = True  # Llama label scoring: fused projections, no transformers plumbing; bit-identical, faster
     threads: int | None = None  # torch CPU threads for the model; default: torch's (one per core)
 
     def __post_init__(self) -> None:

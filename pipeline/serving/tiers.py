@@ -1,9 +1,9 @@
 """The tiers above the expert as `expert serve` asks them: each with its own slots, a bounded queue and a deadline.
 
-A hung tier must not hold up the server: one shared pool made 50 requests behind a hung middle tier wait up to
-247 s. Here each tier has its own threads (its `max_concurrency`), at most `--tier-queue` requests waiting for
-one, and every request gives up on it at its deadline; a request that finds slots and queue full is shed at
-once (it goes on to the next tier, or is flagged or 502 as `--frontier-down` says).
+A hung tier must not hold up the server: with one shared pool, requests behind a hung middle tier waited for minutes
+(docs/BENCHMARKS.md). Here each tier has its own threads (its `max_concurrency`), at most `--tier-queue` requests
+waiting for one, and every request gives up on it at its deadline; a request that finds slots and queue full is shed
+at once (it goes on to the next tier, or is flagged or 502 as `--frontier-down` says).
 """
 
 from __future__ import annotations

@@ -11,12 +11,12 @@ ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 DOCS = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
-FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+FENCE = re.compile(r"^```.*?^```", re.DOTALL | re.MULTILINE)
 
 
 def anchors(path: Path) -> set[str]:
     """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
-    headings = re.findall(r"^#+ (.+)$", FENCE.sub("", path.read_text(encoding="utf-8")), re.M)
+    headings = re.findall(r"^#+ (.+)$", FENCE.sub("", path.read_text(encoding="utf-8")), re.MULTILINE)
     return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
 
 
@@ -43,7 +43,7 @@ def test_relative_links_lead_to_a_file_and_heading(doc: Path):
 def test_the_readme_recipe_is_valid(tmp_path):
     """The recipe on page one is one a newcomer can copy: it validates, and its data is there from recipes/."""
     text = README.read_text(encoding="utf-8")
-    block = re.search(r"^## A recipe$.*?^```yaml\n(.*?)^```", text, re.S | re.M)
+    block = re.search(r"^## A recipe$.*?^```yaml\n(.*?)^```", text, re.DOTALL | re.MULTILINE)
     assert block, "README.md lost its recipe (## A recipe, a ```yaml block)"
     path = tmp_path / "recipe.yaml"
     path.write_text(block.group(1), encoding="utf-8")
