@@ -101,6 +101,7 @@ def _run_dir_expert(run_dir: Path, where: str):
     from pipeline import contracts, runtime
     from pipeline.eval_inference import load_expert
     from pipeline.recipe import load_recipe
+    from pipeline.stage_documents import read_spec
 
     needed = [run_dir / p for p in ("recipe.yaml", "train/record.json", "train/adapter", "prep/spec.json")]
     missing = [str(p) for p in needed if not p.exists()]
@@ -108,12 +109,12 @@ def _run_dir_expert(run_dir: Path, where: str):
         raise UserError(f"{where}: not a trained run directory ({', '.join(missing)} missing); run `expert train` "
                         "there first")
     other = load_recipe(run_dir / "recipe.yaml")
-    spec_doc = json.loads((run_dir / "prep/spec.json").read_text(encoding="utf-8"))
+    spec_doc = read_spec(run_dir / "prep/spec.json")
     trained = contracts.read_record(run_dir / "train/record.json", contracts.TrainRecord)
     model, tokenizer = load_expert(other, trained, run_dir / "train/adapter")
     evaluated = contracts.evaluated_runtime(run_dir / "eval" / contracts.RECORD)
     model, _ = runtime.prepare(model, other, runtime.adapter_for(model, other, None, evaluated))
-    return other, spec_doc["spec"], spec_doc["system_prompt"], model, tokenizer
+    return other, spec_doc.spec, spec_doc.system_prompt, model, tokenizer
 
 
 def _registered_expert(model_uri: str, where: str):

@@ -8,6 +8,7 @@ from typing import Any
 
 from pipeline import stats
 from pipeline.recipe import Recipe
+from pipeline.stage_documents import VerdictDocument
 
 
 def prediction_rows(examples: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -262,19 +263,19 @@ def flat_metrics(metrics: dict[str, Any], comparisons: dict[str, Any] | None = N
     return out
 
 
-def evidence_markdown(recipe: Recipe, metrics: dict[str, Any], verdict: dict[str, Any], test_rows: int) -> str:
+def evidence_markdown(recipe: Recipe, metrics: dict[str, Any], verdict: VerdictDocument, test_rows: int) -> str:
     """The verdict and its evidence in a few Markdown lines: the eval run's description in the MLflow UI, the
     registered version's (push adds the promotion), and what `expert compare` prints under its table."""
-    gate = verdict["metric"]
-    lines = [f"**Decision: {verdict['decision']}** (gate {'passed' if verdict['passed'] else 'failed'} on `{gate}`, "
+    gate = verdict.metric
+    lines = [f"**Decision: {verdict.decision}** (gate {'passed' if verdict.passed else 'failed'} on `{gate}`, "
              f"{test_rows} test examples of `{recipe.name}`, expert on `{recipe.model.base}`)", ""]
-    lines += [f"- {reason}" for reason in verdict["reasons"]]
+    lines += [f"- {reason}" for reason in verdict.reasons]
     lines += ["", f"| system | {gate} | cost / 1k requests | latency p50 |", "|---|---|---|---|"]
     for name, m in sorted(metrics.items(), key=lambda item: item[0] != "expert"):
         cost = "-" if m.get("cost_per_1k") is None else f"${m['cost_per_1k']:.4f}"
         latency = "-" if m.get("latency_ms_p50") is None else f"{m['latency_ms_p50']:.0f} ms"
         value = m.get(gate)
         lines.append(f"| {name} | {'-' if value is None else f'{value:.4f}'} | {cost} | {latency} |")
-    for name, why in (verdict.get("skipped_baselines") or {}).items():
+    for name, why in verdict.skipped_baselines.items():
         lines.append(f"\n`{name}` did not run: {why}")
     return "\n".join(lines)
