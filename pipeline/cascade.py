@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import frontier, tasks
+from pipeline import baseline_kinds, frontier, tasks
 from pipeline.recipe import BaselineSection
 
 UNPARSED = "the frontier's answer could not be parsed"
@@ -54,7 +54,7 @@ def frontier_baseline(recipe, name: str | None = None) -> BaselineSection | None
     """The `openai` baseline escalated requests go to: `name` (the frontier eval recorded for a version), else the
     one `recipe.eval.cascade_frontier()` names; None when there is none or it cannot be asked live."""
     name = name or recipe.eval.cascade_frontier()
-    return next((b for b in recipe.eval.baselines if b.name == name and b.kind == "openai"), None)
+    return next((b for b in recipe.eval.baselines if b.name == name and baseline_kinds.of(b).asked_live(b)), None)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import baselines, contracts, eval_traces, frontier, routing, runtime, stats, tasks, tracking
+from pipeline import baseline_kinds, baselines, contracts, eval_traces, routing, runtime, stats, tasks, tracking
 from pipeline.contracts import StageOptions
 from pipeline.errors import UserError
 from pipeline.eval_inference import infer_local, load_expert, read_split
@@ -37,7 +37,7 @@ from pipeline.evidence import (
     verdict_word,
 )
 from pipeline.recipe import Recipe
-from pipeline.rundir import RunDir, atomic_write_json, atomic_write_jsonl, atomic_write_text, file_hash, tree_hash
+from pipeline.rundir import RunDir, atomic_write_json, atomic_write_jsonl, atomic_write_text, tree_hash
 from pipeline.stage_documents import MetricsDocument, SpecDocument, VerdictDocument, read_spec
 from pipeline.ui import console
 
@@ -47,7 +47,6 @@ OUTPUTS = [
     for name in ("predictions", "plots", "metrics.json", "cascade.json", "route.json", "report.md", "verdict.json",
                  "record.json", "timings.json")
 ]
-FEWSHOT = baselines.FEWSHOT
 Rows = list[dict[str, Any]]
 
 
@@ -65,11 +64,8 @@ def inputs_of(recipe: Recipe, run: RunDir) -> dict[str, str]:
     }
     if recipe.eval.tier_names():
         inputs["prep/validation.jsonl"] = run.output_hash("prep", "prep/validation.jsonl")
-    if any(b.kind == "base_model" and b.shots for b in recipe.eval.baselines) and (run.path / FEWSHOT).is_file():
-        inputs[FEWSHOT] = file_hash(run.path / FEWSHOT)
-    for b in recipe.eval.baselines:
-        if b.kind == "predictions" and b.path.is_file():
-            inputs[f"predictions:{b.name}"] = file_hash(b.path)
+    for b in recipe.eval.baselines:  # what each kind reads beyond the run: a few-shot file, recorded predictions
+        inputs.update(baseline_kinds.of(b).staleness_inputs(b, run.path))
     return inputs
 
 
@@ -157,29 +153,21 @@ def collect(recipe: Recipe, run: RunDir, task, spec_doc: SpecDocument) -> Collec
     if tiers:
         splits["validation"] = read_split(run, "validation")
     fewshot = baselines.load_fewshot(run, recipe)
-    recorded = {b.name: baselines.load_recorded(b, splits, task, spec)
-                for b in recipe.eval.baselines if b.kind == "predictions"}
+    loaded = {b.name: baseline_kinds.of(b).load(b, splits, task, spec) for b in recipe.eval.baselines}
     trained = contracts.read_record(run.path / "train/record.json", contracts.TrainRecord)
     model, tokenizer = load_expert(recipe, trained, run.path / "train/adapter")
-    needs_api = any(b.kind == "openai" for b in recipe.eval.baselines)
-    cache = frontier.ResponseCache(frontier.default_cache_path()) if needs_api else None
     context = baselines.BaselineContext(recipe, task, spec, spec_doc.baseline_system_prompt, fewshot, model, tokenizer,
-                                        recorded, cache)
+                                        loaded)
     collected = Collected(splits, {"expert": {}}, {}, {})  # the expert first: reports and traces list it first
-    try:
-        for baseline in recipe.eval.baselines:
-            wanted = splits if baseline.name in tiers else {"test": splits["test"]}
-            result = baselines.run_baseline(baseline, wanted, context)
-            if result.skipped is not None:
-                collected.skipped[baseline.name] = result.skipped
-                console.print(f"[yellow]eval[/]: baseline `{baseline.name}` skipped: {result.skipped}")
-                continue
-            collected.outputs[baseline.name] = result.outputs
-            if baseline.kind not in ("base_model", "expert"):  # local models: priced by machine time
-                collected.costs[baseline.name] = result.cost_per_1k
-    finally:
-        if cache is not None:
-            cache.close()
+    for baseline in recipe.eval.baselines:
+        kind = baseline_kinds.of(baseline)
+        result = kind.answer(baseline, splits if baseline.name in tiers else {"test": splits["test"]}, context)
+        if result.skipped is not None:
+            collected.skipped[baseline.name] = result.skipped
+            console.print(f"[yellow]eval[/]: baseline `{baseline.name}` skipped: {result.skipped}")
+            continue
+        collected.outputs[baseline.name] = result.outputs
+        collected.costs[baseline.name] = kind.cost_per_1k(baseline, result.outputs["test"], recipe)
 
     model, ran_as = runtime.prepare(model, recipe)
     for note in ran_as.speedups:
@@ -263,10 +251,10 @@ def log(mlflow_client, mlflow_run_id: str, recipe: Recipe, run: RunDir, out: Pat
 
 
 def fail_on_required_baselines(recipe: Recipe, collected: Collected, verdict: dict[str, Any], out: Path) -> None:
-    """A required `openai` baseline that failed on too many rows fails the stage (exit 2) after everything is
+    """A `required` baseline that failed on too many rows fails the stage (exit 2) after everything is
     written for inspection; the stage stays unfinished, so a rerun redoes it."""
     required = [b.name for b in recipe.eval.baselines
-                if b.kind == "openai" and b.required and b.name in verdict["incomplete_baselines"]]
+                if getattr(b, "required", False) and b.name in verdict["incomplete_baselines"]]
     if required:
         failed = verdict["incomplete_baselines"][required[0]]
         first_error = next((r["error"] for r in collected.outputs[required[0]]["test"] if r.get("error")), "")

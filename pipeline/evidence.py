@@ -24,6 +24,13 @@ def _percentile_ms(values: list[float], q: float) -> float | None:
     return 1000 * (ordered[low] + (ordered[high] - ordered[low]) * (k - low))
 
 
+def machine_cost_per_1k(rows: list[dict[str, Any]], cost_per_hour: float) -> float:
+    """A local model's cost per 1,000 requests: its mean measured seconds per request at the machine's hourly
+    price (`eval.expert_cost_per_hour`)."""
+    latencies = [r["latency_s"] for r in rows if r.get("latency_s") is not None]
+    return 1000 * statistics.fmean(latencies) * cost_per_hour / 3600
+
+
 def system_metrics(recipe: Recipe, task, spec, examples, rows, costs: dict[str, float | None], name: str) -> dict[str, Any]:
     m = task.metrics([e["target"] for e in examples], [r["prediction"] for r in rows], spec)
     latencies = [r["latency_s"] for r in rows if r.get("latency_s") is not None]
@@ -33,10 +40,10 @@ def system_metrics(recipe: Recipe, task, spec, examples, rows, costs: dict[str, 
     m["errors"] = sum(1 for r in rows if r.get("error"))
     m["rows"] = len(rows)
     m["unparsed_ids"] = [str(e["id"]) for e, r in zip(examples, rows) if r["prediction"] is None]
-    if name in costs:
+    if name in costs:  # a baseline: as its kind prices it
         m["cost_per_1k"] = costs[name]
-    else:  # local systems: measured machine seconds per request at the recipe's hourly price
-        m["cost_per_1k"] = 1000 * statistics.fmean(latencies) * recipe.eval.expert_cost_per_hour / 3600
+    else:  # the expert: measured machine seconds per request at the recipe's hourly price
+        m["cost_per_1k"] = machine_cost_per_1k(rows, recipe.eval.expert_cost_per_hour)
     if any("attempts" in r for r in rows):
         m["api_calls"] = sum(r.get("attempts", 0) for r in rows)
         m["cache_hits"] = sum(1 for r in rows if r.get("cached"))
