@@ -4,6 +4,7 @@ in, their result, the baselines' prompt, the few-shot examples, recorded answers
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,18 @@ def load_fewshot(run: RunDir, recipe: Recipe) -> list[dict[str, Any]]:
     return examples
 
 
+def baseline_prompt(system_prompt: str, question: str | Sequence[dict[str, str]],
+                    examples: Sequence[tuple[str, str]] = ()) -> list[dict[str, str]]:
+    """The messages a baseline is asked: `system_prompt`, a user/assistant turn per (text, answer) example, then
+    the question (a text, or a conversation whose system messages are dropped)."""
+    if isinstance(question, str):
+        question = [{"role": "user", "content": question}]
+    turns = []
+    for text, answer in examples:
+        turns += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+    return [{"role": "system", "content": system_prompt}, *turns, *(m for m in question if m["role"] != "system")]
+
+
 def _completion_text(example: dict[str, Any]) -> str:
     completion = example["completion"]
     if isinstance(completion, list):  # TRL conversational form: [{"role": "assistant", "content": ...}]
@@ -74,9 +87,7 @@ def baseline_rows(
 ) -> list[dict[str, Any]]:
     """Rows as an untuned model is asked them: the baseline system prompt (instruction with the label list or
     schema) in place of the expert's, then `shots` user/assistant example turns, then the question
-    (`cascade.baseline_prompt`, which builds every escalated request of predict and serve too)."""
-    from pipeline.cascade import baseline_prompt
-
+    (`baseline_prompt`, which builds every escalated request of predict and serve too)."""
     examples = [(example["text"], _completion_text(example)) for example in fewshot[:shots]]
     return [{**row, "prompt": baseline_prompt(system_prompt, row["prompt"], examples)} for row in rows]
 

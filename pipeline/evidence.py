@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from pipeline import stats
+from pipeline import routing, stats
 from pipeline.recipe import Recipe
 from pipeline.stage_documents import VerdictDocument
 
@@ -24,13 +24,6 @@ def _percentile_ms(values: list[float], q: float) -> float | None:
     return 1000 * (ordered[low] + (ordered[high] - ordered[low]) * (k - low))
 
 
-def machine_cost_per_1k(rows: list[dict[str, Any]], cost_per_hour: float) -> float:
-    """A local model's cost per 1,000 requests: its mean measured seconds per request at the machine's hourly
-    price (`eval.expert_cost_per_hour`)."""
-    latencies = [r["latency_s"] for r in rows if r.get("latency_s") is not None]
-    return 1000 * statistics.fmean(latencies) * cost_per_hour / 3600
-
-
 def system_metrics(recipe: Recipe, task, spec, examples, rows, costs: dict[str, float | None], name: str) -> dict[str, Any]:
     m = task.metrics([e["target"] for e in examples], [r["prediction"] for r in rows], spec)
     latencies = [r["latency_s"] for r in rows if r.get("latency_s") is not None]
@@ -43,7 +36,7 @@ def system_metrics(recipe: Recipe, task, spec, examples, rows, costs: dict[str, 
     if name in costs:  # a baseline: as its kind prices it
         m["cost_per_1k"] = costs[name]
     else:  # the expert: measured machine seconds per request at the recipe's hourly price
-        m["cost_per_1k"] = machine_cost_per_1k(rows, recipe.eval.expert_cost_per_hour)
+        m["cost_per_1k"] = stats.machine_cost_per_1k(rows, recipe.eval.expert_cost_per_hour)
     if any("attempts" in r for r in rows):
         m["api_calls"] = sum(r.get("attempts", 0) for r in rows)
         m["cache_hits"] = sum(1 for r in rows if r.get("cached"))
@@ -73,7 +66,10 @@ def compare_all(recipe: Recipe, spec, golds, outputs) -> dict[str, Any]:
 
 
 def cascade_result(recipe: Recipe, spec, splits, outputs, metrics, skipped) -> dict[str, Any]:
-    """Threshold chosen on validation (cheapest meeting the target), curve reported on test."""
+    """The two-tier route expert -> frontier, searched as every route is (`routing.evaluate_grid`, chosen by
+    `routing.cheapest`) on the cascade's candidate thresholds: the threshold chosen on validation, and the curve
+    of every candidate on validation and on test (escalation rate, metric, cost per 1,000 when both are
+    priced)."""
     section = recipe.eval.cascade
     name = recipe.eval.cascade_frontier()
     result: dict[str, Any] = {
@@ -101,19 +97,22 @@ def cascade_result(recipe: Recipe, spec, splits, outputs, metrics, skipped) -> d
                             "a threshold chosen against answers it did not give proves nothing")
         return result
     expert_cost, frontier_cost = metrics["expert"]["cost_per_1k"], metrics[name]["cost_per_1k"]
-
-    def curve(split: str, thresholds: list[float]) -> list[dict[str, Any]]:
-        expert = outputs["expert"][split]
-        return stats.cascade_curve(
-            section.target_metric, [r["target"] for r in splits[split]], [r["prediction"] for r in expert],
-            [r["confidence"] for r in expert], [r["prediction"] for r in outputs[name][split]], spec, thresholds,
-            expert_cost, frontier_cost,
-        )
-
-    thresholds = stats.candidate_thresholds([r["confidence"] for r in outputs["expert"]["validation"]])
-    result["validation_curve"] = curve("validation", thresholds)
-    result["curve"] = curve("test", thresholds)
-    chosen = stats.choose_threshold(result["validation_curve"], section.target)
+    priced = expert_cost is not None and frontier_cost is not None
+    golds = {split: [r["target"] for r in splits[split]] for split in ("validation", "test")}
+    tiers = {split: [routing.tier_answers(system, outputs[system][split], cost, system == "expert", split,
+                                          routing.latencies(system, recipe, outputs[system][split]))
+                     for system, cost in (("expert", expert_cost), (name, frontier_cost))]
+             for split in ("validation", "test")}
+    # the cascade's candidates as before it was a route: up to 101 quantiles of validation's confidences
+    grids = [stats.candidate_thresholds(tiers["validation"][0].confidences.tolist())]
+    points = {split: routing.evaluate_grid(section.target_metric, golds[split], tiers[split], spec, grids)
+              for split in ("validation", "test")}
+    result["validation_curve"], result["curve"] = (
+        [{"threshold": p["thresholds"][0], "escalation_rate": p["shares"][1], "metric": p["metric"],
+          "cost_per_1k": p["cost_per_1k"] if priced else None} for p in points[split]]
+        for split in ("validation", "test"))
+    best = routing.cheapest(points["validation"], section.target)
+    chosen = None if best is None else result["validation_curve"][points["validation"].index(best)]
     if chosen is None:
         best = max(p["metric"] for p in result["validation_curve"])
         result["reason"] = (f"no threshold reaches {section.target_metric} {section.target} on validation "

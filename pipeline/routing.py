@@ -111,9 +111,10 @@ def evaluate_grid(metric: str, golds: list[Any], tiers: list[TierAnswers], spec:
 
 
 def preference(point: dict[str, Any]) -> tuple:
-    """Cheaper first; then higher quality; then fewer requests past tier 0; then, among thresholds that route
-    this split identically, the strictest (the gap below it is where unseen confidences are safest)."""
-    return (point["cost_per_1k"], -point["metric"], -point["shares"][0], tuple(-t for t in point["thresholds"]))
+    """Cheaper first; then fewer requests past tier 0 (what decides when a tier's cost is unknown: a cascade to
+    an unpriced frontier); then higher quality; then, among thresholds that route this split identically, the
+    strictest (the gap below it is where unseen confidences are safest)."""
+    return (point["cost_per_1k"], -point["shares"][0], -point["metric"], tuple(-t for t in point["thresholds"]))
 
 
 def cheapest(points: list[dict[str, Any]], target: float) -> dict[str, Any] | None:

@@ -6,16 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.baseline_kinds import common
+from pipeline.baseline_kinds.common import latency_s  # noqa: F401 - its latency: as measured
 from pipeline.baselines import BaselineContext, BaselineResult, Rows
 from pipeline.errors import UserError
-from pipeline.evidence import machine_cost_per_1k
+from pipeline.stats import machine_cost_per_1k
 from pipeline.eval_inference import infer_local
 from pipeline.recipe import ExpertBaseline, Recipe
 
 KIND = "expert"
 SECTION = ExpertBaseline
-latency_s = common.latency_s  # seconds per request as measured (recorded, for recorded answers)
 
 
 def load(baseline: ExpertBaseline, splits: dict[str, Rows], task: Any, spec: Any) -> None:

@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import frontier
-from pipeline.baseline_kinds import common
+from pipeline.baseline_kinds.common import latency_s  # noqa: F401 - its latency: as measured
 from pipeline.baselines import BaselineContext, BaselineResult, Rows, ask_frontier, baseline_rows
 from pipeline.recipe import OpenAIBaseline, Recipe
 
 KIND = "openai"
 SECTION = OpenAIBaseline
-latency_s = common.latency_s  # seconds per request as measured (recorded, for recorded answers)
 
 
 def load(baseline: OpenAIBaseline, splits: dict[str, Rows], task: Any, spec: Any) -> None:

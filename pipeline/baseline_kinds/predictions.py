@@ -7,14 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import frontier
-from pipeline.baseline_kinds import common
+from pipeline.baseline_kinds.common import latency_s  # noqa: F401 - its latency: as measured
 from pipeline.baselines import BaselineContext, BaselineResult, Rows, load_recorded
 from pipeline.recipe import PredictionsBaseline, Recipe
 from pipeline.rundir import file_hash
 
 KIND = "predictions"
 SECTION = PredictionsBaseline
-latency_s = common.latency_s  # seconds per request as measured (recorded, for recorded answers)
 
 
 def load(baseline: PredictionsBaseline, splits: dict[str, Rows], task: Any, spec: Any) -> dict[str, Rows]:

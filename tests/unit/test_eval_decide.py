@@ -122,3 +122,47 @@ def test_a_malformed_document_names_the_file_and_the_key(tmp_path):
         read_verdict(tmp_path / "verdict.json")
     with pytest.raises(UserError, match=r"metrics.json: missing; redo eval"):
         read_metrics(tmp_path / "metrics.json")
+
+
+# Today's cascade (`evidence.cascade_result` through `stats.cascade_curve` and `stats.choose_threshold`, commit
+# 1e1bcc0, before the cascade became the two-tier route search) on `collected()`'s fixed rows, as
+# (target metric, target, frontier cost per 1k) -> (threshold, validation (escalation rate, metric, cost per
+# 1k), test (the same)); produced by running that code on these rows and copying its output here.
+TODAYS_CASCADE = [
+    (("accuracy", 0.85, 0.5), (0.412, (0.125, 0.85, 0.0725), (0.1, 0.775, 0.06))),
+    (("macro_f1", 0.8, 0.5), (0.404, (0.1, 0.8213633923778851, 0.06), (0.1, 0.7759504862953138, 0.06))),
+    (("accuracy", 0.85, None), (0.412, (0.125, 0.85, None), (0.1, 0.775, None))),
+    (("accuracy", 0.97, 0.5), (0.496, (0.25, 0.975, 0.135), (0.175, 0.825, 0.0975))),
+]
+
+
+@pytest.mark.parametrize(("inputs", "expected"), TODAYS_CASCADE)
+def test_the_cascade_is_the_two_tier_route_search_with_todays_numbers(inputs, expected):
+    metric, target, frontier_cost = inputs
+    got = collected(frontier_cost=frontier_cost)
+    metrics = {"expert": {"cost_per_1k": 0.01}, "frontier": {"cost_per_1k": frontier_cost}}
+    cascade = evidence.cascade_result(recipe(cascade={"target_metric": metric, "target": target}), LABELS,
+                                      got.splits, got.outputs, metrics, {})
+    threshold, validation, test = expected
+    assert cascade["threshold"] == pytest.approx(threshold) and cascade["reason"] is None
+    for split, (rate, value, cost) in (("validation", validation), ("test", test)):
+        point = cascade[split]
+        assert point["threshold"] == pytest.approx(threshold)
+        assert point["escalation_rate"] == pytest.approx(rate) and point["metric"] == pytest.approx(value)
+        assert point["cost_per_1k"] == (None if cost is None else pytest.approx(cost))
+    assert len(cascade["curve"]) == len(cascade["validation_curve"]) == 41  # 0, the 39 distinct confidences, above all
+
+
+def test_a_cascade_the_expert_alone_meets_keeps_the_strictest_threshold_that_escalates_nothing():
+    """The one number that moved: today's cascade chose threshold 0.0 here (escalation rate 0, validation
+    accuracy 0.725, test 0.675); the route search's rule takes, among thresholds that route validation alike,
+    the strictest: the lowest validation confidence. Validation's numbers are the same."""
+    got = collected()
+    metrics = {"expert": {"cost_per_1k": 0.01}, "frontier": {"cost_per_1k": 0.5}}
+    cascade = evidence.cascade_result(recipe(cascade={"target_metric": "accuracy", "target": 0.5}), LABELS,
+                                      got.splits, got.outputs, metrics, {})
+    lowest = min(r["confidence"] for r in got.outputs["expert"]["validation"])
+    assert cascade["threshold"] == pytest.approx(lowest)
+    assert cascade["validation"]["escalation_rate"] == 0 and cascade["validation"]["metric"] == pytest.approx(0.725)
+    below = [r["confidence"] < lowest for r in got.outputs["expert"]["test"]]
+    assert cascade["test"]["escalation_rate"] == pytest.approx(np.mean(below))
