@@ -28,6 +28,7 @@ from pipeline.errors import UserError
 from pipeline.log_records import LogRowError, answering_model, batch_response
 from pipeline.readers import read_rows
 from pipeline.recipe import Price, UniqueKeyLoader
+from pipeline.stage_documents import MetricsDocument, read_metrics, read_verdict
 
 FORMATS = ("gateway", "openai_batch")
 # the most tokens one logged call can report: 2^53 is where floats stop counting whole tokens, and no call comes
@@ -158,14 +159,14 @@ def audit_logs(source: Path, fmt: str, prices: dict[str, Price]) -> Audit:
 
 def with_expert(today_per_1k: float, run_dir: Path) -> dict[str, Any]:
     """The workload's cost per 1,000 requests with the expert in front, from a finished eval's decision."""
-    try:
-        verdict = json.loads((run_dir / "eval/verdict.json").read_text(encoding="utf-8"))
-        metrics = json.loads((run_dir / "eval/metrics.json").read_text(encoding="utf-8"))
-        cascade = json.loads((run_dir / "eval/cascade.json").read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise UserError(f"--run-dir {run_dir}: {Path(err.filename).name} is missing; run `expert eval` first") from None
-    decision = verdict["decision"]
-    expert_per_1k = metrics["systems"]["expert"]["cost_per_1k"]
+    missing = [name for name in ("verdict.json", "metrics.json", "cascade.json") if not (run_dir / "eval" / name).is_file()]
+    if missing:
+        raise UserError(f"--run-dir {run_dir}: {missing[0]} is missing; run `expert eval` first")
+    verdict = read_verdict(run_dir / "eval/verdict.json")
+    metrics = read_metrics(run_dir / "eval/metrics.json")
+    cascade = json.loads((run_dir / "eval/cascade.json").read_text(encoding="utf-8"))
+    decision = verdict.decision
+    expert_per_1k = metrics.systems["expert"]["cost_per_1k"]
     if decision == "route":
         return routed_cost(today_per_1k, run_dir, metrics)
     if decision == "replace":
@@ -181,18 +182,18 @@ def with_expert(today_per_1k: float, run_dir: Path) -> dict[str, Any]:
             "saving": 1 - per_1k / today_per_1k if today_per_1k else None}
 
 
-def routed_cost(today_per_1k: float, run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+def routed_cost(today_per_1k: float, run_dir: Path, metrics: MetricsDocument) -> dict[str, Any]:
     """A route's cost per 1,000 of this workload's requests: each tier's eval cost times the share of test
     requests that reached it, except the last tier, which costs what these logs say the traffic costs today."""
     route = json.loads((run_dir / "eval/route.json").read_text(encoding="utf-8"))
     shares = route["options"][route["choose"]]["test"]["shares"]
     chain = route["chain"]
     reach = [sum(shares[name] for name in chain[k:]) for k in range(len(chain))]
-    tier_costs = [metrics["systems"][name]["cost_per_1k"] for name in chain[:-1]] + [today_per_1k]
+    tier_costs = [metrics.systems[name]["cost_per_1k"] for name in chain[:-1]] + [today_per_1k]
     per_1k = sum(r * c for r, c in zip(reach, tier_costs))
     return {"decision": "route", "chain": chain, "thresholds": route["thresholds"],
             "escalation_rate": 1 - shares[chain[0]], "shares": shares,
-            "expert_cost_per_1k": metrics["systems"]["expert"]["cost_per_1k"], "cost_per_1k": per_1k,
+            "expert_cost_per_1k": metrics.systems["expert"]["cost_per_1k"], "cost_per_1k": per_1k,
             "saving": 1 - per_1k / today_per_1k if today_per_1k else None}
 
 

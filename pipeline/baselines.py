@@ -1,25 +1,17 @@
-"""Eval's baselines, one function per `kind`: the untuned base model (zero or k shots, the expert's model with
-its adapter disabled), an OpenAI-compatible endpoint, or recorded predictions. `BY_KIND` maps a kind to its
-function; each returns the baseline's rows per split and its cost, or why it was skipped."""
+"""What eval's baseline kinds share (each kind is a module of `pipeline/baseline_kinds/`): the context they run
+in, their result, the baselines' prompt, the few-shot examples, recorded answers and frontier answers as rows."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline import frontier
 from pipeline.errors import UserError
-from pipeline.eval_inference import _progress, infer_local
-from pipeline.recipe import (
-    BaseModelBaseline,
-    BaselineSection,
-    ExpertBaseline,
-    OpenAIBaseline,
-    PredictionsBaseline,
-    Recipe,
-)
+from pipeline.eval_inference import _progress
+from pipeline.recipe import BaselineSection, Recipe
 from pipeline.rundir import RunDir
 from pipeline.ui import console
 
@@ -29,8 +21,8 @@ Rows = list[dict[str, Any]]
 
 @dataclass
 class BaselineContext:
-    """What every baseline function may use: the recipe and task, the prompts' inputs, the loaded expert model
-    (a base_model baseline runs it with the adapter disabled), recorded outputs and the response cache."""
+    """What every baseline kind may use: the recipe and task, the prompts' inputs, the loaded expert model
+    (a base_model baseline runs it with the adapter disabled) and what each kind's `load` read, by baseline."""
 
     recipe: Recipe
     task: Any
@@ -39,107 +31,18 @@ class BaselineContext:
     fewshot: Rows
     model: Any
     tokenizer: Any
-    recorded: dict[str, dict[str, Rows]]
-    cache: frontier.ResponseCache | None
+    loaded: dict[str, Any]
 
 
 @dataclass
 class BaselineResult:
     outputs: dict[str, Rows] | None  # split -> rows; None when skipped
-    cost_per_1k: float | None = None
     skipped: str | None = None
-
-
-def run_base_model(baseline: BaseModelBaseline, splits: dict[str, Rows], ctx: BaselineContext) -> BaselineResult:
-    with ctx.model.disable_adapter():
-        return BaselineResult({
-            s: infer_local(ctx.model, ctx.tokenizer, baseline_rows(rows, ctx.baseline_system, ctx.fewshot, baseline.shots),
-                           ctx.recipe, ctx.spec, f"{baseline.name} ({s})")
-            for s, rows in splits.items()
-        })
-
-
-def run_predictions(baseline: PredictionsBaseline, splits: dict[str, Rows], ctx: BaselineContext) -> BaselineResult:
-    recorded = ctx.recorded[baseline.name]
-    return BaselineResult({s: recorded[s] for s in splits}, frontier.cost_per_1k(baseline.price_per_mtok, recorded["test"]))
-
-
-def run_openai(baseline: OpenAIBaseline, splits: dict[str, Rows], ctx: BaselineContext) -> BaselineResult:
-    key = frontier.api_key(baseline)
-    if key is None:
-        return BaselineResult(None, skipped=f"environment variable {baseline.api_key_env} is not set")
-    outputs = {s: ask_frontier(baseline, key, baseline_rows(rows, ctx.baseline_system), ctx.recipe, ctx.task, ctx.spec,
-                               ctx.cache, s)
-               for s, rows in splits.items()}
-    return BaselineResult(outputs, frontier.cost_per_1k(baseline.price_per_mtok, outputs["test"]))
-
-
-def run_other_expert(baseline: ExpertBaseline, splits: dict[str, Rows], ctx: BaselineContext) -> BaselineResult:
-    """Another expert (a run directory's, loaded as its train record says, or a registered version's, loaded as
-    `expert predict` loads it), asked with its own system prompt on these rows."""
-    from pipeline.examples import chat_messages
-
-    if baseline.version is not None:
-        where = f"eval.baselines `{baseline.name}` -> version: {baseline.version}"
-        other, other_spec, system, model, tokenizer = _registered_expert(baseline.version, where)
-    else:
-        where = f"eval.baselines `{baseline.name}` -> run_dir: {baseline.run_dir}"
-        other, other_spec, system, model, tokenizer = _run_dir_expert(baseline.run_dir, where)
-    if other.task.type != ctx.recipe.task.type or other_spec != ctx.spec:
-        raise UserError(f"{where}: that expert answers another task (its task type or labels/schema differ from "
-                        "this run's prep/spec.json); route only between experts of the same task")
-    return BaselineResult({
-        s: infer_local(model, tokenizer, [{**row, "prompt": chat_messages(system, row["text"])} for row in rows],
-                       other, ctx.spec, f"{baseline.name} ({s})")
-        for s, rows in splits.items()
-    })
-
-
-def _run_dir_expert(run_dir: Path, where: str):
-    """(recipe, spec, system prompt, model, tokenizer) of a trained run directory, run as its own eval ran it
-    (the runtime eval and serving share, where that run has no eval yet)."""
-    from pipeline import contracts, runtime
-    from pipeline.eval_inference import load_expert
-    from pipeline.recipe import load_recipe
-
-    needed = [run_dir / p for p in ("recipe.yaml", "train/record.json", "train/adapter", "prep/spec.json")]
-    missing = [str(p) for p in needed if not p.exists()]
-    if missing:
-        raise UserError(f"{where}: not a trained run directory ({', '.join(missing)} missing); run `expert train` "
-                        "there first")
-    other = load_recipe(run_dir / "recipe.yaml")
-    spec_doc = json.loads((run_dir / "prep/spec.json").read_text(encoding="utf-8"))
-    trained = contracts.read_record(run_dir / "train/record.json", contracts.TrainRecord)
-    model, tokenizer = load_expert(other, trained, run_dir / "train/adapter")
-    evaluated = contracts.evaluated_runtime(run_dir / "eval" / contracts.RECORD)
-    model, _ = runtime.prepare(model, other, runtime.adapter_for(model, other, None, evaluated))
-    return other, spec_doc["spec"], spec_doc["system_prompt"], model, tokenizer
-
-
-def _registered_expert(model_uri: str, where: str):
-    """(recipe, spec, system prompt, model, tokenizer) of a registered version, from its bundle, run as it was
-    evaluated (`pipeline/runtime.py`), as `expert serve` would run it."""
-    from pipeline import registry, runtime
-
-    try:
-        _, version = registry.load_version(model_uri)
-    except UserError as err:
-        raise UserError(f"{where}: {err}") from None
-    runtime.prepare_expert(version)
-    return version.recipe, version.spec, version.system_prompt, version.model, version.tokenizer
-
-
-BY_KIND = {"base_model": run_base_model, "predictions": run_predictions, "openai": run_openai,
-           "expert": run_other_expert}
-
-
-def run_baseline(baseline: BaselineSection, splits: dict[str, Rows], ctx: BaselineContext) -> BaselineResult:
-    return BY_KIND[baseline.kind](baseline, splits, ctx)
 
 
 def load_fewshot(run: RunDir, recipe: Recipe) -> list[dict[str, Any]]:
     """prep/fewshot.json examples when a base_model baseline asks for shots; a clear error when they are missing."""
-    wanting = [(i, b) for i, b in enumerate(recipe.eval.baselines) if b.kind == "base_model" and b.shots > 0]
+    wanting = [(i, b) for i, b in enumerate(recipe.eval.baselines) if getattr(b, "shots", 0) > 0]
     if not wanting:
         return []
     path = run.path / FEWSHOT
@@ -160,6 +63,18 @@ def load_fewshot(run: RunDir, recipe: Recipe) -> list[dict[str, Any]]:
     return examples
 
 
+def baseline_prompt(system_prompt: str, question: str | Sequence[dict[str, str]],
+                    examples: Sequence[tuple[str, str]] = ()) -> list[dict[str, str]]:
+    """The messages a baseline is asked: `system_prompt`, a user/assistant turn per (text, answer) example, then
+    the question (a text, or a conversation whose system messages are dropped)."""
+    if isinstance(question, str):
+        question = [{"role": "user", "content": question}]
+    turns = []
+    for text, answer in examples:
+        turns += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+    return [{"role": "system", "content": system_prompt}, *turns, *(m for m in question if m["role"] != "system")]
+
+
 def _completion_text(example: dict[str, Any]) -> str:
     completion = example["completion"]
     if isinstance(completion, list):  # TRL conversational form: [{"role": "assistant", "content": ...}]
@@ -172,9 +87,7 @@ def baseline_rows(
 ) -> list[dict[str, Any]]:
     """Rows as an untuned model is asked them: the baseline system prompt (instruction with the label list or
     schema) in place of the expert's, then `shots` user/assistant example turns, then the question
-    (`cascade.baseline_prompt`, which builds every escalated request of predict and serve too)."""
-    from pipeline.cascade import baseline_prompt
-
+    (`baseline_prompt`, which builds every escalated request of predict and serve too)."""
     examples = [(example["text"], _completion_text(example)) for example in fewshot[:shots]]
     return [{**row, "prompt": baseline_prompt(system_prompt, row["prompt"], examples)} for row in rows]
 

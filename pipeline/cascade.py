@@ -7,7 +7,7 @@ Eval, `expert predict` and `expert serve` share this module:
   `recipe.eval.cascade_frontier()` names (recorded in the version's `cascade.json`). A tier can be asked live
   when it is an `openai` baseline whose key is in the environment variable the recipe names. `escalation` says
   which (with the keys, never shown) or why escalation is off.
-- `baseline_prompt`: the messages a baseline is asked: its own system prompt (the instruction with the label
+- `baseline_prompt` (from `baselines`): the messages a baseline is asked: its own system prompt (the instruction with the label
   list or schema) in place of the expert's, then few-shot turns, then the question. Eval's baselines
   (`baselines.baseline_rows`) and every escalated request are built by it.
 - `expert_row`: the expert's answer and whether it escalates; a confidence that is no probability (NaN from
@@ -27,34 +27,22 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import frontier, tasks
+from pipeline import baseline_kinds, frontier, tasks
+from pipeline.baselines import baseline_prompt
 from pipeline.recipe import BaselineSection
 
 UNPARSED = "the frontier's answer could not be parsed"
-
-
-def baseline_prompt(system_prompt: str, question: str | Sequence[dict[str, str]],
-                    examples: Sequence[tuple[str, str]] = ()) -> list[dict[str, str]]:
-    """The messages a baseline is asked: `system_prompt`, a user/assistant turn per (text, answer) example, then
-    the question (a text, or a conversation whose system messages are dropped)."""
-    if isinstance(question, str):
-        question = [{"role": "user", "content": question}]
-    turns = []
-    for text, answer in examples:
-        turns += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
-    return [{"role": "system", "content": system_prompt}, *turns, *(m for m in question if m["role"] != "system")]
 
 
 def frontier_baseline(recipe, name: str | None = None) -> BaselineSection | None:
     """The `openai` baseline escalated requests go to: `name` (the frontier eval recorded for a version), else the
     one `recipe.eval.cascade_frontier()` names; None when there is none or it cannot be asked live."""
     name = name or recipe.eval.cascade_frontier()
-    return next((b for b in recipe.eval.baselines if b.name == name and b.kind == "openai"), None)
+    return next((b for b in recipe.eval.baselines if b.name == name and baseline_kinds.of(b).asked_live(b)), None)
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,12 @@ from typing import Any
 from pipeline import tracking
 from pipeline.errors import UserError
 from pipeline.evidence import flat_metrics
+from pipeline.stage_documents import MetricsDocument, VerdictDocument, read_metrics, read_verdict
 
 
-def _summary(label: str, metrics_doc: dict[str, Any], verdict: dict[str, Any], fingerprint: str) -> dict[str, Any]:
-    return {"label": label, "metrics": flat_metrics(metrics_doc["systems"], metrics_doc.get("comparisons")),
-            "verdict": "pass" if verdict["passed"] else "fail", "decision": verdict.get("decision", "?"),
+def _summary(label: str, metrics_doc: MetricsDocument, verdict: VerdictDocument, fingerprint: str) -> dict[str, Any]:
+    return {"label": label, "metrics": flat_metrics(metrics_doc.systems, metrics_doc.comparisons),
+            "verdict": "pass" if verdict.passed else "fail", "decision": verdict.decision or "?",
             "fingerprint": fingerprint}
 
 
@@ -48,15 +49,15 @@ def describe_item(ref: str) -> dict[str, Any]:
                     path = download_artifacts(artifact_uri=f"{where}/artifacts/bundle/{doc}", dst_path=tmp)
                 except MlflowException as err:
                     raise UserError(f"{ref}: its bundle has no {doc} ({err.message})") from None
-                docs[doc] = json.loads(Path(path).read_text(encoding="utf-8"))
-        return _summary(f"{name} v{version.version}", docs["metrics.json"], docs["verdict.json"],
-                        version.tags.get("data_fingerprint", ""))
+                docs[doc] = Path(path)
+            return _summary(f"{name} v{version.version}", read_metrics(docs["metrics.json"]),
+                            read_verdict(docs["verdict.json"]), version.tags.get("data_fingerprint", ""))
     run = Path(ref)
     metrics_file, verdict_file = run / "eval/metrics.json", run / "eval/verdict.json"
     if not metrics_file.is_file():
         raise UserError(f"{ref}: neither a models:/ URI nor a run directory with eval/metrics.json")
     manifest = json.loads((run / "manifest.json").read_text())
-    return _summary(run.name, json.loads(metrics_file.read_text()), json.loads(verdict_file.read_text()),
+    return _summary(run.name, read_metrics(metrics_file), read_verdict(verdict_file),
                     manifest["stages"]["prep"].get("fingerprint", ""))
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from pipeline import stats
+from pipeline import routing, stats
 from pipeline.recipe import Recipe
+from pipeline.stage_documents import VerdictDocument
 
 
 def prediction_rows(examples: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -32,10 +33,10 @@ def system_metrics(recipe: Recipe, task, spec, examples, rows, costs: dict[str, 
     m["errors"] = sum(1 for r in rows if r.get("error"))
     m["rows"] = len(rows)
     m["unparsed_ids"] = [str(e["id"]) for e, r in zip(examples, rows) if r["prediction"] is None]
-    if name in costs:
+    if name in costs:  # a baseline: as its kind prices it
         m["cost_per_1k"] = costs[name]
-    else:  # local systems: measured machine seconds per request at the recipe's hourly price
-        m["cost_per_1k"] = 1000 * statistics.fmean(latencies) * recipe.eval.expert_cost_per_hour / 3600
+    else:  # the expert: measured machine seconds per request at the recipe's hourly price
+        m["cost_per_1k"] = stats.machine_cost_per_1k(rows, recipe.eval.expert_cost_per_hour)
     if any("attempts" in r for r in rows):
         m["api_calls"] = sum(r.get("attempts", 0) for r in rows)
         m["cache_hits"] = sum(1 for r in rows if r.get("cached"))
@@ -65,7 +66,10 @@ def compare_all(recipe: Recipe, spec, golds, outputs) -> dict[str, Any]:
 
 
 def cascade_result(recipe: Recipe, spec, splits, outputs, metrics, skipped) -> dict[str, Any]:
-    """Threshold chosen on validation (cheapest meeting the target), curve reported on test."""
+    """The two-tier route expert -> frontier, searched as every route is (`routing.evaluate_grid`, chosen by
+    `routing.cheapest`) on the cascade's candidate thresholds: the threshold chosen on validation, and the curve
+    of every candidate on validation and on test (escalation rate, metric, cost per 1,000 when both are
+    priced)."""
     section = recipe.eval.cascade
     name = recipe.eval.cascade_frontier()
     result: dict[str, Any] = {
@@ -93,19 +97,22 @@ def cascade_result(recipe: Recipe, spec, splits, outputs, metrics, skipped) -> d
                             "a threshold chosen against answers it did not give proves nothing")
         return result
     expert_cost, frontier_cost = metrics["expert"]["cost_per_1k"], metrics[name]["cost_per_1k"]
-
-    def curve(split: str, thresholds: list[float]) -> list[dict[str, Any]]:
-        expert = outputs["expert"][split]
-        return stats.cascade_curve(
-            section.target_metric, [r["target"] for r in splits[split]], [r["prediction"] for r in expert],
-            [r["confidence"] for r in expert], [r["prediction"] for r in outputs[name][split]], spec, thresholds,
-            expert_cost, frontier_cost,
-        )
-
-    thresholds = stats.candidate_thresholds([r["confidence"] for r in outputs["expert"]["validation"]])
-    result["validation_curve"] = curve("validation", thresholds)
-    result["curve"] = curve("test", thresholds)
-    chosen = stats.choose_threshold(result["validation_curve"], section.target)
+    priced = expert_cost is not None and frontier_cost is not None
+    golds = {split: [r["target"] for r in splits[split]] for split in ("validation", "test")}
+    tiers = {split: [routing.tier_answers(system, outputs[system][split], cost, system == "expert", split,
+                                          routing.latencies(system, recipe, outputs[system][split]))
+                     for system, cost in (("expert", expert_cost), (name, frontier_cost))]
+             for split in ("validation", "test")}
+    # the cascade's candidates as before it was a route: up to 101 quantiles of validation's confidences
+    grids = [stats.candidate_thresholds(tiers["validation"][0].confidences.tolist())]
+    points = {split: routing.evaluate_grid(section.target_metric, golds[split], tiers[split], spec, grids)
+              for split in ("validation", "test")}
+    result["validation_curve"], result["curve"] = (
+        [{"threshold": p["thresholds"][0], "escalation_rate": p["shares"][1], "metric": p["metric"],
+          "cost_per_1k": p["cost_per_1k"] if priced else None} for p in points[split]]
+        for split in ("validation", "test"))
+    best = routing.cheapest(points["validation"], section.target)
+    chosen = None if best is None else result["validation_curve"][points["validation"].index(best)]
     if chosen is None:
         best = max(p["metric"] for p in result["validation_curve"])
         result["reason"] = (f"no threshold reaches {section.target_metric} {section.target} on validation "
@@ -262,19 +269,19 @@ def flat_metrics(metrics: dict[str, Any], comparisons: dict[str, Any] | None = N
     return out
 
 
-def evidence_markdown(recipe: Recipe, metrics: dict[str, Any], verdict: dict[str, Any], test_rows: int) -> str:
+def evidence_markdown(recipe: Recipe, metrics: dict[str, Any], verdict: VerdictDocument, test_rows: int) -> str:
     """The verdict and its evidence in a few Markdown lines: the eval run's description in the MLflow UI, the
     registered version's (push adds the promotion), and what `expert compare` prints under its table."""
-    gate = verdict["metric"]
-    lines = [f"**Decision: {verdict['decision']}** (gate {'passed' if verdict['passed'] else 'failed'} on `{gate}`, "
+    gate = verdict.metric
+    lines = [f"**Decision: {verdict.decision}** (gate {'passed' if verdict.passed else 'failed'} on `{gate}`, "
              f"{test_rows} test examples of `{recipe.name}`, expert on `{recipe.model.base}`)", ""]
-    lines += [f"- {reason}" for reason in verdict["reasons"]]
+    lines += [f"- {reason}" for reason in verdict.reasons]
     lines += ["", f"| system | {gate} | cost / 1k requests | latency p50 |", "|---|---|---|---|"]
     for name, m in sorted(metrics.items(), key=lambda item: item[0] != "expert"):
         cost = "-" if m.get("cost_per_1k") is None else f"${m['cost_per_1k']:.4f}"
         latency = "-" if m.get("latency_ms_p50") is None else f"{m['latency_ms_p50']:.0f} ms"
         value = m.get(gate)
         lines.append(f"| {name} | {'-' if value is None else f'{value:.4f}'} | {cost} | {latency} |")
-    for name, why in (verdict.get("skipped_baselines") or {}).items():
+    for name, why in verdict.skipped_baselines.items():
         lines.append(f"\n`{name}` did not run: {why}")
     return "\n".join(lines)

@@ -51,21 +51,23 @@ class ExpertModel(mlflow.pyfunc.PythonModel):
 
         from pipeline import contracts, models
         from pipeline.recipe import load_recipe
+        from pipeline.stage_documents import read_spec, read_verdict
 
         bundle = Path(context.artifacts[BUNDLE])
         self.recipe = load_recipe(bundle / "recipe.yaml")
-        spec_doc = json.loads((bundle / "spec.json").read_text(encoding="utf-8"))
-        self.spec, self.system_prompt = spec_doc["spec"], spec_doc["system_prompt"]
+        spec_doc = read_spec(bundle / "spec.json")
+        self.spec, self.system_prompt = spec_doc.spec, spec_doc.system_prompt
         # what the frontier is asked when a request escalates: the instruction with the label list or schema
         # (versions pushed before the expert's prompt dropped the label list have one prompt for both)
-        self.baseline_system_prompt = spec_doc.get("baseline_system_prompt", self.system_prompt)
+        self.baseline_system_prompt = spec_doc.baseline_system_prompt
         cascade = bundle / "cascade.json"
         cascade_doc = json.loads(cascade.read_text(encoding="utf-8")) if cascade.is_file() else {}
         self.threshold = cascade_doc.get("threshold")
         self.frontier = cascade_doc.get("frontier")  # the baseline that answers escalated requests
         # a route (eval's chain and thresholds) replaces the cascade: the expert's threshold is the route's first
         verdict = bundle / "verdict.json"
-        self.route = json.loads(verdict.read_text(encoding="utf-8")).get("route") if verdict.is_file() else None
+        route = read_verdict(verdict).route if verdict.is_file() else None
+        self.route = None if route is None else route.model_dump()
         if self.route is not None:
             self.threshold, self.frontier = self.route["thresholds"][0], None
         # the base and precision training used, as train/record.json says (not decided again on this machine)

@@ -32,6 +32,7 @@ from pipeline.errors import UserError
 from pipeline.evidence import evidence_markdown, flat_metrics
 from pipeline.recipe import Recipe, dump_recipe
 from pipeline.rundir import RunDir, atomic_write_json, tree_hash
+from pipeline.stage_documents import MetricsDocument, VerdictDocument, read_metrics, read_verdict
 from pipeline.ui import console
 
 STAGE = "push"
@@ -107,14 +108,14 @@ def run(recipe: Recipe, run: RunDir, stage_options: StageOptions = StageOptions(
     if not (options.force or options.dry_run or STAGE in stage_options.redo) and run.is_current(STAGE, inputs):
         console.print(f"[green]push[/]: up to date in {run.path / STAGE}, skipped")
         return run.stage_record(STAGE)
-    verdict = json.loads((run.path / "eval/verdict.json").read_text(encoding="utf-8"))
-    metrics = json.loads((run.path / "eval/metrics.json").read_text(encoding="utf-8"))
+    verdict = read_verdict(run.path / "eval/verdict.json")
+    metrics = read_metrics(run.path / "eval/metrics.json")
     manifest = run.read_manifest()
     fingerprint = manifest["stages"]["prep"]["fingerprint"]
     name = recipe.registry.model_name
     mlflow_client = tracking.client()
-    candidate = Candidate(None, verdict["metric"], verdict["expert"], fingerprint)
-    promote, why = decide_promotion(verdict["passed"], candidate, current_champion(mlflow_client, name), options)
+    candidate = Candidate(None, verdict.metric, verdict.expert, fingerprint)
+    promote, why = decide_promotion(verdict.passed, candidate, current_champion(mlflow_client, name), options)
     if options.dry_run:
         console.print(
             f"[bold]push --dry-run[/]: would register a new version of {name} as @challenger; "
@@ -279,7 +280,7 @@ def pyfunc_model(mlflow_client, model_id: str, model_dir: Path, bundle_hash: str
         model_id = new_adapter_model(mlflow_client, run, recipe,
                                      run.stage_record("train").get("mlflow_run_id") or push_run_id, push_run_id)
         test = tracking.split_dataset(recipe, run, "test")
-        expert = {k: v for k, v in flat_metrics(metrics["systems"]).items() if k.startswith("expert.")}
+        expert = {k: v for k, v in flat_metrics(metrics.systems).items() if k.startswith("expert.")}
         tracking.log_metrics(mlflow_client, push_run_id, expert, model_id=model_id, dataset=test)
     # the adapter is in the logged model already, uploaded from this run's train/adapter (an input of push)
     digest = version_digest.write_manifest(model_dir, version_digest.file_digests(model_dir) | version_digest.file_digests(
@@ -337,34 +338,36 @@ def git_commit() -> str:
         return "unknown"
 
 
-def version_tags(recipe: Recipe, metrics, verdict, fingerprint: str, manifest) -> dict[str, str]:
+def version_tags(recipe: Recipe, metrics: MetricsDocument, verdict: VerdictDocument, fingerprint: str,
+                 manifest) -> dict[str, str]:
     """The short set of tags a reviewer scans on the version page (and push's promotion reads); the rest of the
     version's provenance is `version_provenance` (one JSON artifact)."""
-    gate = verdict["metric"]
-    route = verdict.get("route")
-    threshold = verdict.get("threshold")
+    gate = verdict.metric
+    route = verdict.route
+    threshold = verdict.threshold
     tags = {
-        "verdict": "pass" if verdict["passed"] else "fail",
-        "decision": verdict.get("decision", ""),
+        "verdict": "pass" if verdict.passed else "fail",
+        "decision": verdict.decision or "",
         "gate_metric": gate,
-        "gate_value": f"{metrics['systems']['expert'][gate]:.4f}",
+        "gate_value": f"{metrics.systems['expert'][gate]:.4f}",
         "data_fingerprint": fingerprint,
         "recipe": recipe.name,
         "base_model": recipe.model.base,
         "run_dir_id": manifest["run_id"],
         "cascade_threshold": "none" if threshold is None else f"{threshold:.4f}",
         "route": "none" if route is None else " -> ".join(
-            f"{name} >= {t:.4f}" for name, t in zip(route["chain"], route["thresholds"])) + f" -> {route['chain'][-1]}",
+            f"{name} >= {t:.4f}" for name, t in zip(route.chain, route.thresholds)) + f" -> {route.chain[-1]}",
         "provenance": f"{PROVENANCE} in the push run's artifacts",
     }
-    incomplete = verdict.get("incomplete_baselines") or {}
+    incomplete = verdict.incomplete_baselines
     if incomplete:  # a comparison with holes is what a reviewer must see first
         tags["incomplete_baselines"] = "; ".join(f"{name}: failed on {failed['failed']} of {failed['rows']} test rows"
                                                  for name, failed in incomplete.items())
     return tags
 
 
-def version_provenance(recipe: Recipe, metrics, verdict, manifest, model_id: str) -> dict[str, Any]:
+def version_provenance(recipe: Recipe, metrics: MetricsDocument, verdict: VerdictDocument, manifest,
+                       model_id: str) -> dict[str, Any]:
     """Everything else a version is traced by: the recipe hash, the base's lineage, the stages' MLflow runs and
     logged model, code and library versions, every system's metrics and the comparisons."""
     train, evaluation = manifest["stages"]["train"], manifest["stages"]["eval"]
@@ -378,15 +381,15 @@ def version_provenance(recipe: Recipe, metrics, verdict, manifest, model_id: str
         "git_commit": git_commit(),
         "python": platform.python_version(),
         "libraries": {lib: installed(lib)[1] for lib in LIBRARIES},
-        "metrics": metrics["systems"],
-        "comparisons": metrics.get("comparisons") or {},
+        "metrics": metrics.systems,
+        "comparisons": metrics.comparisons,
         "incomplete_baselines": {name: f"failed on {failed['failed']} of {failed['rows']} test rows"
-                                 for name, failed in (verdict.get("incomplete_baselines") or {}).items()},
+                                 for name, failed in verdict.incomplete_baselines.items()},
     }
 
 
-def describe(recipe: Recipe, run: RunDir, metrics, verdict, promotion: str) -> str:
+def describe(recipe: Recipe, run: RunDir, metrics: MetricsDocument, verdict: VerdictDocument, promotion: str) -> str:
     """The version's description: eval's evidence (the same Markdown as the eval run's) and the promotion."""
-    return (f"{evidence_markdown(recipe, metrics['systems'], verdict, metrics['test_examples'])}\n\n"
+    return (f"{evidence_markdown(recipe, metrics.systems, verdict, metrics.test_examples)}\n\n"
             f"**Promotion:** {promotion}\n\nRun directory `{run.path.name}`; LoRA r={recipe.model.adapter.r}.")
 

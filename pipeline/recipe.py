@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -345,6 +345,10 @@ class TrainSection(Strict):
         return self
 
 class _Baseline(Strict):
+    # what validation needs to know of a kind before anything runs (its behaviour is `pipeline/baseline_kinds/`):
+    # whether it can answer a cascade's escalated requests (a system priced by its tokens, outside this machine)
+    escalation_target: ClassVar[bool] = False
+
     name: str = Field(
         min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
         description="unique among the baselines and not `expert`; letters, digits, `_`, `.`, `-`")
@@ -356,6 +360,11 @@ class _Baseline(Strict):
             return data
         return {k: v for k, v in data.items()
                 if k in cls.model_fields or k not in _UNSET_KEYS_OF_OTHER_KINDS or v != _UNSET_KEYS_OF_OTHER_KINDS[k]}
+
+    def gives_confidence(self) -> bool:
+        """Whether its answers carry a confidence, so it can be a routing tier before the last (local models
+        always; recorded predictions are checked per line when eval reads them)."""
+        return True
 
 
 class OpenAIBaseline(_Baseline):
@@ -391,6 +400,11 @@ class OpenAIBaseline(_Baseline):
     sample_temperature: Annotated[float, Field(gt=0, le=2)] = Field(
         1.0, description="the sampling temperature when `samples` > 1")
 
+    escalation_target: ClassVar[bool] = True
+
+    def gives_confidence(self) -> bool:
+        return self.logprobs or self.samples > 1
+
     @model_validator(mode="after")
     def _one_confidence(self) -> OpenAIBaseline:
         if self.logprobs and self.samples > 1:
@@ -412,6 +426,8 @@ class BaseModelBaseline(_Baseline):
 class PredictionsBaseline(_Baseline):
     """Recorded outputs of a system run elsewhere, matched to the examples by id; ids of a split that have no
     line are an error listing them."""
+
+    escalation_target: ClassVar[bool] = True
 
     kind: Literal["predictions"] = Field(description=_KIND)
     path: Path = Field(
@@ -539,7 +555,7 @@ class EvalSection(Strict):
         if "expert" in names:
             raise ValueError("`expert` is reserved for the fine-tuned model; rename that baseline")
         if self.cascade is not None:
-            external = [b.name for b in self.baselines if b.kind in ("openai", "predictions")]
+            external = [b.name for b in self.baselines if b.escalation_target]
             wanted = self.cascade.frontier
             if wanted is not None and wanted not in external:
                 raise ValueError(
@@ -566,7 +582,7 @@ class EvalSection(Strict):
                              "cheapest first)")
         for name in tiers[:-1]:
             b = by_name.get(name)
-            if b is not None and b.kind == "openai" and not b.logprobs and b.samples == 1:
+            if b is not None and not b.gives_confidence():
                 raise ValueError(f"routing.tiers: `{name}` answers before the last tier, so it needs a confidence: "
                                  "set `logprobs: true` on that baseline (when its endpoint returns log-probabilities) "
                                  "or `samples: k` (k > 1: the agreement of k sampled answers)")
@@ -581,7 +597,7 @@ class EvalSection(Strict):
         """Name of the baseline escalated requests go to, or None without a cascade."""
         if self.cascade is None:
             return None
-        return self.cascade.frontier or next(b.name for b in self.baselines if b.kind in ("openai", "predictions"))
+        return self.cascade.frontier or next(b.name for b in self.baselines if b.escalation_target)
 
 class RegistrySection(Strict):
     model_name: str = Field(

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import stats
+from pipeline import baseline_kinds, stats
+from pipeline.baseline_kinds import common
 
 
 @dataclass(frozen=True)
@@ -110,9 +111,10 @@ def evaluate_grid(metric: str, golds: list[Any], tiers: list[TierAnswers], spec:
 
 
 def preference(point: dict[str, Any]) -> tuple:
-    """Cheaper first; then higher quality; then fewer requests past tier 0; then, among thresholds that route
-    this split identically, the strictest (the gap below it is where unseen confidences are safest)."""
-    return (point["cost_per_1k"], -point["metric"], -point["shares"][0], tuple(-t for t in point["thresholds"]))
+    """Cheaper first; then fewer requests past tier 0 (what decides when a tier's cost is unknown: a cascade to
+    an unpriced frontier); then higher quality; then, among thresholds that route this split identically, the
+    strictest (the gap below it is where unseen confidences are safest)."""
+    return (point["cost_per_1k"], -point["shares"][0], -point["metric"], tuple(-t for t in point["thresholds"]))
 
 
 def cheapest(points: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
@@ -194,7 +196,7 @@ def routed(tiers: list[TierAnswers], thresholds: list[float]) -> list[tuple[str,
 
 
 def tier_answers(name: str, rows: list[dict[str, Any]], cost_per_1k: float | None, needs_confidence: bool,
-                 split: str) -> TierAnswers:
+                 split: str, latency_s: list[float]) -> TierAnswers:
     """A tier's rows as the search sees them. A row the tier failed on (an error after its retries) has
     confidence 0: the request passes on to the next tier, as it does at run time."""
     confidences = None
@@ -207,20 +209,21 @@ def tier_answers(name: str, rows: list[dict[str, Any]], cost_per_1k: float | Non
         confidences = np.array([0.0 if r.get("error") else r["confidence"] for r in rows], dtype=float)
     return TierAnswers(name, [r["prediction"] for r in rows], confidences,
                        None if cost_per_1k is None else cost_per_1k / 1000,
-                       np.array([r.get("latency_s") or 0.0 for r in rows], dtype=float))
+                       np.array(latency_s, dtype=float))
 
 
 def confidence_source(name: str, recipe) -> str:
     if name == "expert":
         return "the expert's answer probability (label scoring or the decoded sequence)"
     baseline = next(b for b in recipe.eval.baselines if b.name == name)
-    kind = baseline.kind
-    if kind == "openai" and baseline.samples > 1:
-        return (f"agreement of {baseline.samples} sampled answers (temperature {baseline.sample_temperature:g}): "
-                "the share agreeing with the most common one")
-    return {"openai": "token log-probabilities from the endpoint (probability of the whole answer)",
-            "predictions": "the recorded `confidence` per line",
-            "base_model": "the base model's answer probability", "expert": "that expert's answer probability"}[kind]
+    return baseline_kinds.of(baseline).confidence_source(baseline) or "none (it can only be the last tier)"
+
+
+def latencies(name: str, recipe, rows: list[dict[str, Any]]) -> list[float]:
+    """Seconds per request of a tier on its rows: the expert's as measured, a baseline's as its kind says."""
+    if name == "expert":
+        return common.latency_s(rows)
+    return baseline_kinds.of(next(b for b in recipe.eval.baselines if b.name == name)).latency_s(rows)
 
 
 def route_result(recipe, spec, splits, outputs, metrics, skipped) -> dict[str, Any]:
@@ -255,7 +258,8 @@ def route_result(recipe, spec, splits, outputs, metrics, skipped) -> dict[str, A
         for split in ("validation", "test"):
             golds[split] = [r["target"] for r in splits[split]]
             tiers[split] = [tier_answers(name, outputs[name][split], metrics[name]["cost_per_1k"], i < len(chain) - 1,
-                                         split) for i, name in enumerate(chain)]
+                                         split, latencies(name, recipe, outputs[name][split]))
+                            for i, name in enumerate(chain)]
     except ValueError as err:
         result["reason"] = str(err)
         return result

@@ -114,16 +114,15 @@ def print_summary(recipe: Recipe, run: RunDir) -> None:
     from rich.console import Console
 
     from pipeline.eval_report import summary_table
+    from pipeline.stage_documents import read_metrics, read_verdict
     from pipeline.tracking import configure
 
-    def read(rel: str) -> dict:
-        return json.loads((run.path / rel).read_text(encoding="utf-8"))
-
-    metrics, verdict, registered = read("eval/metrics.json"), read("eval/verdict.json"), read("push/registered.json")
+    metrics, verdict = read_metrics(run.path / "eval/metrics.json"), read_verdict(run.path / "eval/verdict.json")
+    registered = json.loads((run.path / "push/registered.json").read_text(encoding="utf-8"))
     out = Console(soft_wrap=True)
-    out.print(summary_table(metrics["systems"], metrics["skipped"], recipe.eval.gate.metric))
+    out.print(summary_table(metrics.systems, metrics.skipped, recipe.eval.gate.metric))
     out.print(
-        f"verdict: {'PASS' if verdict['passed'] else 'FAIL'}; registered {registered['model_name']} "
+        f"verdict: {'PASS' if verdict.passed else 'FAIL'}; registered {registered['model_name']} "
         f"v{registered['version']} as {', '.join('@' + a for a in registered['aliases'])}"
     )
     out.print(f"run directory: {run.path}  (report: {run.path / 'eval/report.md'})")

@@ -8,6 +8,7 @@ per-example numbers with numpy so thousands of bootstrap resamples stay cheap.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -114,42 +115,11 @@ def candidate_thresholds(confidences: list[float], most: int = 101) -> list[floa
     return [0.0] + [float(v) for v in values if v > 0] + [top]
 
 
-def cascade_curve(
-    metric: str,
-    golds: list[Any],
-    expert_preds: list[Any],
-    confidences: list[float],
-    frontier_preds: list[Any],
-    spec: Any,
-    thresholds: list[float],
-    expert_cost_per_1k: float | None,
-    frontier_cost_per_1k: float | None,
-) -> list[dict[str, Any]]:
-    """For each threshold: escalate examples whose expert confidence is below it; quality and cost of the mix.
-
-    The expert always runs first, so cascade cost = expert cost + share escalated x frontier cost.
-    """
-    conf = np.asarray(confidences, dtype=float)
-    curve = []
-    for t in thresholds:
-        escalate = conf < t
-        mixed = [f if e else x for x, f, e in zip(expert_preds, frontier_preds, escalate, strict=True)]
-        rate = float(escalate.mean()) if len(conf) else 0.0
-        cost = None
-        if expert_cost_per_1k is not None and frontier_cost_per_1k is not None:
-            cost = expert_cost_per_1k + rate * frontier_cost_per_1k
-        curve.append({"threshold": t, "escalation_rate": rate, "metric": metric_value(metric, golds, mixed, spec),
-                      "cost_per_1k": cost})
-    return curve
-
-
-def choose_threshold(curve: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
-    """The cheapest point that meets the target (by cost, else by share escalated), or None when none does."""
-    meeting = [p for p in curve if p["metric"] >= target]
-    if not meeting:
-        return None
-    return min(meeting, key=lambda p: (p["cost_per_1k"] if p["cost_per_1k"] is not None else 0.0, p["escalation_rate"],
-                                       p["threshold"]))
+def machine_cost_per_1k(rows: list[dict[str, Any]], cost_per_hour: float) -> float:
+    """A local model's cost per 1,000 requests: its mean measured seconds per request at the machine's hourly
+    price (`eval.expert_cost_per_hour`)."""
+    latencies = [r["latency_s"] for r in rows if r.get("latency_s") is not None]
+    return 1000 * statistics.fmean(latencies) * cost_per_hour / 3600
 
 
 def wilson_interval(agree: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -53,6 +53,11 @@ def test_an_unpriced_model_is_no_price_not_free(tmp_path):
     assert "no price for claude-x" in result.output
 
 
+def verdict(decision: str) -> dict:
+    """The keys every eval writes to verdict.json (`stage_documents.VerdictDocument`), with `decision`."""
+    return {"passed": False, "decision": decision, "metric": "accuracy", "expert": 0.8}
+
+
 def test_batch_output_and_the_cost_with_an_expert(tmp_path):
     body = {"model": "gpt-4o", "usage": {"prompt_tokens": 2000, "completion_tokens": 100}, "choices": []}
     lines = [{"custom_id": f"r{i}", "response": {"status_code": 200, "body": body}, "error": None} for i in range(20)]
@@ -60,8 +65,8 @@ def test_batch_output_and_the_cost_with_an_expert(tmp_path):
     write_logs(tmp_path / "out.jsonl", lines)
     run = tmp_path / "run" / "eval"
     run.mkdir(parents=True)
-    (run / "verdict.json").write_text(json.dumps({"decision": "cascade"}))
-    (run / "metrics.json").write_text(json.dumps({"systems": {"expert": {"cost_per_1k": 0.02}}}))
+    (run / "verdict.json").write_text(json.dumps(verdict("cascade")))
+    (run / "metrics.json").write_text(json.dumps({"systems": {"expert": {"cost_per_1k": 0.02}}, "test_examples": 20}))
     (run / "cascade.json").write_text(json.dumps({"threshold": 0.8, "test": {"escalation_rate": 0.25}}))
     result, doc = audit(tmp_path, tmp_path / "out.jsonl", "--format", "openai_batch", "--run-dir", tmp_path / "run")
     assert result.exit_code == 0, result.output
@@ -70,9 +75,9 @@ def test_batch_output_and_the_cost_with_an_expert(tmp_path):
     assert doc["with_expert"]["cost_per_1k"] == pytest.approx(0.02 + 0.25 * today)
     assert doc["with_expert"]["saving"] == pytest.approx(1 - (0.02 + 0.25 * today) / today)
     # a route: expert, then a mid tier at its eval cost, then today's traffic cost for what reaches the last tier
-    (run / "verdict.json").write_text(json.dumps({"decision": "route"}))
+    (run / "verdict.json").write_text(json.dumps(verdict("route")))
     (run / "metrics.json").write_text(json.dumps({"systems": {"expert": {"cost_per_1k": 0.02},
-                                                              "mid": {"cost_per_1k": 0.5}}}))
+                                                              "mid": {"cost_per_1k": 0.5}}, "test_examples": 20}))
     (run / "route.json").write_text(json.dumps({"chain": ["expert", "mid", "frontier"], "thresholds": [0.9, 0.7],
                                                 "choose": "point", "options": {"point": {"test": {"shares": {
                                                     "expert": 0.6, "mid": 0.3, "frontier": 0.1}}}}}))
@@ -81,7 +86,7 @@ def test_batch_output_and_the_cost_with_an_expert(tmp_path):
     routed = 0.02 + 0.4 * 0.5 + 0.1 * today
     assert doc["with_expert"]["cost_per_1k"] == pytest.approx(routed)
     assert doc["with_expert"]["escalation_rate"] == pytest.approx(0.4) and "route" in result.output
-    (run / "verdict.json").write_text(json.dumps({"decision": "keep_frontier"}))
+    (run / "verdict.json").write_text(json.dumps(verdict("keep_frontier")))
     result, doc = audit(tmp_path, tmp_path / "out.jsonl", "--format", "openai_batch", "--run-dir", tmp_path / "run")
     assert doc["with_expert"]["cost_per_1k"] is None and "keep_frontier" in result.output
 

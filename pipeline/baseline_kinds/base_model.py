@@ -1,0 +1,47 @@
+"""`kind: base_model`: the untuned base model (the expert's model with its adapter disabled), zero or k shots,
+asked with the baselines' prompt on this machine; priced by machine time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.baseline_kinds.common import latency_s  # noqa: F401 - its latency: as measured
+from pipeline.baselines import FEWSHOT, BaselineContext, BaselineResult, Rows, baseline_rows
+from pipeline.eval_inference import infer_local
+from pipeline.stats import machine_cost_per_1k
+from pipeline.recipe import BaseModelBaseline, Recipe
+from pipeline.rundir import file_hash
+
+KIND = "base_model"
+SECTION = BaseModelBaseline
+
+
+def load(baseline: BaseModelBaseline, splits: dict[str, Rows], task: Any, spec: Any) -> None:
+    return None  # its few-shot examples are read for all base_model baselines at once (`baselines.load_fewshot`)
+
+
+def answer(baseline: BaseModelBaseline, splits: dict[str, Rows], ctx: BaselineContext) -> BaselineResult:
+    with ctx.model.disable_adapter():
+        return BaselineResult({
+            s: infer_local(ctx.model, ctx.tokenizer, baseline_rows(rows, ctx.baseline_system, ctx.fewshot, baseline.shots),
+                           ctx.recipe, ctx.spec, f"{baseline.name} ({s})")
+            for s, rows in splits.items()
+        })
+
+
+def cost_per_1k(baseline: BaseModelBaseline, test_rows: Rows, recipe: Recipe) -> float:
+    return machine_cost_per_1k(test_rows, recipe.eval.expert_cost_per_hour)
+
+
+def confidence_source(baseline: BaseModelBaseline) -> str:
+    return "the base model's answer probability"
+
+
+def asked_live(baseline: BaseModelBaseline) -> bool:
+    return False
+
+
+def staleness_inputs(baseline: BaseModelBaseline, run_path: Path) -> dict[str, str]:
+    fewshot = run_path / FEWSHOT
+    return {FEWSHOT: file_hash(fewshot)} if baseline.shots and fewshot.is_file() else {}
