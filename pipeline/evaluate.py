@@ -70,10 +70,11 @@ def inputs_of(recipe: Recipe, run: RunDir) -> dict[str, str]:
     return inputs
 
 
-def label_mix_warning(splits: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def label_mix_warning(splits: dict[str, list[dict[str, Any]]], task) -> dict[str, Any]:
     """Validation's label mix against test's, with a warning when they differ (thresholds chosen on a split
     unlike test need not hold there)."""
-    shift = stats.label_mix_shift([r["target"] for r in splits["validation"]], [r["target"] for r in splits["test"]])
+    shift = stats.label_mix_shift(*([label for r in splits[s] for label in task.labels_of(r["target"])]
+                                    for s in ("validation", "test")))
     if stats.label_mix_differs(shift):
         console.print(f"[yellow]eval[/]: the validation split's label mix differs from test's (total variation "
                       f"{shift['tvd']:.3f}, chi-squared p={shift['p_value']:.2g}; {stats.moved_labels(shift)}): "
@@ -159,8 +160,8 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
             metrics["expert"]["ece"] = calibration["ece"]
             cascade = cascade_result(recipe, spec, splits, outputs, metrics, skipped)
             route = routing.route_result(recipe, spec, splits, outputs, metrics, skipped)
-            if recipe.eval.routing is not None and recipe.task.type == "classification" and splits["validation"]:
-                route["label_mix"] = label_mix_warning(splits)
+            if recipe.eval.routing is not None and task.label_set and splits["validation"]:
+                route["label_mix"] = label_mix_warning(splits, task)
             verdict = gate_verdict(recipe, metrics, skipped, comparisons, cascade, route)
 
             for name, by_split in outputs.items():

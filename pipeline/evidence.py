@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from pipeline import stats
+from pipeline import stats, tasks
 from pipeline.recipe import Recipe
 
 
@@ -47,7 +47,7 @@ def system_metrics(recipe: Recipe, task, spec, examples, rows, costs: dict[str, 
 
 def compare_all(recipe: Recipe, spec, golds, outputs) -> dict[str, Any]:
     """Expert minus each baseline on the gate metric: paired bootstrap 95% interval and McNemar's exact test."""
-    metric = recipe.eval.gate.metric
+    metric = tasks.for_type(recipe.task.type).gate_metric(recipe.eval.gate.metric)
     expert = [r["prediction"] for r in outputs["expert"]["test"]]
     expert_correct = [p == g for p, g in zip(expert, golds)]
     out = {}
@@ -58,7 +58,7 @@ def compare_all(recipe: Recipe, spec, golds, outputs) -> dict[str, Any]:
         interval = stats.paired_bootstrap(metric, golds, expert, other, spec, recipe.eval.bootstrap_samples,
                                           recipe.eval.seed)
         test = stats.mcnemar_exact(expert_correct, [p == g for p, g in zip(other, golds)])
-        out[name] = {"metric": metric, **interval, "mcnemar": {"expert_only_correct": test["a_only"],
+        out[name] = {"metric": metric.name, **interval, "mcnemar": {"expert_only_correct": test["a_only"],
                                                                "baseline_only_correct": test["b_only"],
                                                                "p_value": test["p_value"]}}
     return out
@@ -93,11 +93,12 @@ def cascade_result(recipe: Recipe, spec, splits, outputs, metrics, skipped) -> d
                             "a threshold chosen against answers it did not give proves nothing")
         return result
     expert_cost, frontier_cost = metrics["expert"]["cost_per_1k"], metrics[name]["cost_per_1k"]
+    metric = tasks.for_type(recipe.task.type).gate_metric(section.target_metric)
 
     def curve(split: str, thresholds: list[float]) -> list[dict[str, Any]]:
         expert = outputs["expert"][split]
         return stats.cascade_curve(
-            section.target_metric, [r["target"] for r in splits[split]], [r["prediction"] for r in expert],
+            metric, [r["target"] for r in splits[split]], [r["prediction"] for r in expert],
             [r["confidence"] for r in expert], [r["prediction"] for r in outputs[name][split]], spec, thresholds,
             expert_cost, frontier_cost,
         )
