@@ -13,9 +13,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from pipeline import tasks
 from pipeline.errors import UserError
 from pipeline.examples import Example, rejection
-from pipeline import tasks
 from pipeline.recipe import Recipe
 
 # when the same text is in two splits, the copy in the later split of this order wins

@@ -14,7 +14,14 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
-from pipeline.tasks.metrics import GateMetric, LabelCodeMacroF1, MeanMetric, accuracy, exact, f1_report
+from pipeline.tasks.metrics import (
+    GateMetric,
+    LabelCodeMacroF1,
+    MeanMetric,
+    accuracy,
+    exact,
+    f1_report,
+)
 from pipeline.tasks.metrics import gate_metric as gate_metric_of
 
 inference = "label_scoring"

@@ -25,7 +25,14 @@ from typing import Any
 
 from pipeline.tasks import classification
 from pipeline.tasks.classification import normalize_label
-from pipeline.tasks.metrics import GateMetric, LabelSetMacroF1, LabelSetMicroF1, MeanMetric, exact, mean
+from pipeline.tasks.metrics import (
+    GateMetric,
+    LabelSetMacroF1,
+    LabelSetMicroF1,
+    MeanMetric,
+    exact,
+    mean,
+)
 from pipeline.tasks.metrics import gate_metric as gate_metric_of
 
 inference = "constrained_json"
