@@ -143,7 +143,7 @@ def recorded_row(row: dict[str, Any], task, spec) -> dict[str, Any]:
 
 
 def ask_frontier(baseline: BaselineSection, key: str, rows, recipe: Recipe, task, spec, cache, split: str):
-    schema = spec if recipe.task.type == "extraction" else None
+    schema = task.frontier_schema(spec)
     with _progress(f"{baseline.name} ({split})", len(rows)) as advance:
         answers = frontier.ask_all(baseline, key, [r["prompt"] for r in rows], recipe.eval.max_new_tokens, schema,
                                    cache, advance, logprobs=getattr(baseline, "logprobs", False))

@@ -135,7 +135,7 @@ def ask(tier: Tier, texts: list[str], expert, deadline_s: float | None = None) -
     log-probabilities or its k samples, as its baseline says. With `deadline_s` no attempt starts after that many
     seconds and each is cut at the time left, so a hung tier frees its thread at the deadline."""
     recipe = expert.recipe
-    schema = expert.spec if recipe.task.type == "extraction" else None
+    schema = tasks.for_type(recipe.task.type).frontier_schema(expert.spec)
     prompts = [baseline_prompt(expert.baseline_system_prompt, text) for text in texts]
     return frontier.ask_all(tier.baseline, tier.key, prompts, recipe.eval.max_new_tokens, schema,
                             logprobs=tier.threshold is not None and tier.baseline.logprobs, deadline_s=deadline_s)

@@ -7,27 +7,26 @@ from typing import Any
 
 from rich.table import Table
 
-from pipeline import plots, stats
+from pipeline import plots, stats, tasks
 from pipeline.recipe import Recipe
 from pipeline.ui import console
 
 
 def write_plots(folder: Path, recipe: Recipe, spec, golds, outputs, calibration, cascade, metrics, route) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    if recipe.task.type == "classification":
-        for name, by_split in outputs.items():
-            plots.confusion_matrix(folder / f"confusion_{name}.png", golds, [r["prediction"] for r in by_split["test"]],
-                                   spec, f"{name}: confusion matrix (test)")
+    task = tasks.for_type(recipe.task.type)
+    task.write_plots(folder, golds, {name: [r["prediction"] for r in by_split["test"]] for name, by_split in outputs.items()},
+                     spec)
     plots.reliability_diagram(folder / "reliability_expert.png", calibration, "expert reliability")
     if cascade["curve"]:
-        name, metric = cascade["frontier"], cascade["target_metric"]
+        name, metric = cascade["frontier"], task.gate_metric(cascade["target_metric"])
         frontier_point = {"metric": stats.metric_value(metric, golds, [r["prediction"] for r in outputs[name]["test"]], spec),
                           "cost_per_1k": metrics[name]["cost_per_1k"]}
         expert_point = {"metric": stats.metric_value(metric, golds, [r["prediction"] for r in outputs["expert"]["test"]],
                                                      spec),
                         "cost_per_1k": metrics["expert"]["cost_per_1k"]}
         plots.cascade_plot(folder / "cascade.png", cascade["curve"], expert_point, frontier_point, cascade.get("test"),
-                           metric, cascade["target"])
+                           metric.name, cascade["target"])
     if route.get("test_grid"):
         plots.route_plot(folder / "route.png", route)
 
@@ -111,8 +110,7 @@ def render_report(recipe: Recipe, metrics, skipped, comparisons, calibration, ca
                          f"{_fmt(p['cost_per_1k'], '.4f')} |")
     if recipe.eval.routing is not None:
         lines += ["", "## Routing across tiers", ""] + route_lines(route)
-    if recipe.task.type == "classification":
-        lines += ["", "## Confusion matrices", ""] + [f"![{n}](plots/confusion_{n}.png)" for n in metrics]
+    lines += tasks.for_type(recipe.task.type).report_lines(metrics)
     lines += ["", "## Verdict", ""] + [f"- {r}" for r in verdict["reasons"]]
     unparsed = {n: m["unparsed_ids"] for n, m in metrics.items() if m["unparsed_ids"]}
     if unparsed:

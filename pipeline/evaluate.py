@@ -197,8 +197,9 @@ def decide(recipe: Recipe, task, spec: Any, collected: Collected) -> Evidence:
     metrics["expert"]["ece"] = calibration["ece"]
     cascade = cascade_result(recipe, spec, splits, outputs, metrics, skipped)
     route = routing.route_result(recipe, spec, splits, outputs, metrics, skipped)
-    if recipe.eval.routing is not None and recipe.task.type == "classification" and splits["validation"]:
-        route["label_mix"] = stats.label_mix_shift([r["target"] for r in splits["validation"]], golds)
+    if recipe.eval.routing is not None and task.label_set and splits["validation"]:
+        route["label_mix"] = stats.label_mix_shift(*([label for r in splits[s] for label in task.labels_of(r["target"])]
+                                                     for s in ("validation", "test")))
     verdict = gate_verdict(recipe, metrics, skipped, comparisons, cascade, route)
     return Evidence(metrics, comparisons, calibration, cascade, route, verdict)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from pipeline import routing, stats
+from pipeline import routing, stats, tasks
 from pipeline.recipe import Recipe
 from pipeline.stage_documents import VerdictDocument
 
@@ -48,7 +48,7 @@ def system_metrics(recipe: Recipe, task, spec, examples, rows, costs: dict[str, 
 
 def compare_all(recipe: Recipe, spec, golds, outputs) -> dict[str, Any]:
     """Expert minus each baseline on the gate metric: paired bootstrap 95% interval and McNemar's exact test."""
-    metric = recipe.eval.gate.metric
+    metric = tasks.for_type(recipe.task.type).gate_metric(recipe.eval.gate.metric)
     expert = [r["prediction"] for r in outputs["expert"]["test"]]
     expert_correct = [p == g for p, g in zip(expert, golds)]
     out = {}
@@ -59,7 +59,7 @@ def compare_all(recipe: Recipe, spec, golds, outputs) -> dict[str, Any]:
         interval = stats.paired_bootstrap(metric, golds, expert, other, spec, recipe.eval.bootstrap_samples,
                                           recipe.eval.seed)
         test = stats.mcnemar_exact(expert_correct, [p == g for p, g in zip(other, golds)])
-        out[name] = {"metric": metric, **interval, "mcnemar": {"expert_only_correct": test["a_only"],
+        out[name] = {"metric": metric.name, **interval, "mcnemar": {"expert_only_correct": test["a_only"],
                                                                "baseline_only_correct": test["b_only"],
                                                                "p_value": test["p_value"]}}
     return out
@@ -97,6 +97,7 @@ def cascade_result(recipe: Recipe, spec, splits, outputs, metrics, skipped) -> d
                             "a threshold chosen against answers it did not give proves nothing")
         return result
     expert_cost, frontier_cost = metrics["expert"]["cost_per_1k"], metrics[name]["cost_per_1k"]
+    metric = tasks.for_type(recipe.task.type).gate_metric(section.target_metric)
     priced = expert_cost is not None and frontier_cost is not None
     golds = {split: [r["target"] for r in splits[split]] for split in ("validation", "test")}
     tiers = {split: [routing.tier_answers(system, outputs[system][split], cost, system == "expert", split,
@@ -105,7 +106,7 @@ def cascade_result(recipe: Recipe, spec, splits, outputs, metrics, skipped) -> d
              for split in ("validation", "test")}
     # the cascade's candidates as before it was a route: up to 101 quantiles of validation's confidences
     grids = [stats.candidate_thresholds(tiers["validation"][0].confidences.tolist())]
-    points = {split: routing.evaluate_grid(section.target_metric, golds[split], tiers[split], spec, grids)
+    points = {split: routing.evaluate_grid(metric, golds[split], tiers[split], spec, grids)
               for split in ("validation", "test")}
     result["validation_curve"], result["curve"] = (
         [{"threshold": p["thresholds"][0], "escalation_rate": p["shares"][1], "metric": p["metric"],

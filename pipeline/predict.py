@@ -2,11 +2,12 @@
 
 Classification scores every label as a continuation of the prompt and takes
 the best one; confidence is its probability normalised over the label set, so
-the answer is always a valid label. Extraction decodes greedily under the
-recipe's JSON Schema (llguidance masks every token the schema forbids), so
-every answer parses and validates; confidence is the geometric mean of the
-answer's token probabilities under that mask. Plain generation is batched
-greedy decoding.
+the answer is always a valid label. A task with a decoding schema (extraction's
+JSON Schema, multi-label's list of labels) decodes greedily under it
+(llguidance masks every token the schema forbids), so every answer is JSON of
+that shape; confidence is the task's rule over the answer's token probabilities
+under that mask (`answer_confidence`). Plain generation is batched greedy
+decoding.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import DynamicCache
+
+from pipeline.tasks.shared import mean_token_probability
 
 try:  # a cache's layer class, for the cheap private copy of a cached prefix; without it the copy is a deepcopy
     from transformers.cache_utils import DynamicLayer
@@ -534,10 +537,12 @@ def classify(
 def generate(
     model, tokenizer, prompts, max_new_tokens: int, batch_size: int,
     on_batch: Callable[[int], None] | None = None, schema: dict[str, Any] | None = None,
+    confidence: Callable[[list[float]], float] = mean_token_probability,
 ):
-    """Greedy answers with a confidence from their token probabilities, and seconds per example.
+    """Greedy answers with a confidence from their token log-probabilities (`confidence`, the task's rule; by
+    default their geometric mean), and seconds per example.
 
-    With a `schema`, decoding is constrained to JSON objects that satisfy it.
+    With a `schema`, decoding is constrained to JSON that satisfies it.
     """
     out: list[dict[str, Any] | None] = [None] * len(prompts)
     texts = prompt_texts(tokenizer, prompts)
@@ -567,8 +572,9 @@ def generate(
             for row, k in enumerate(rows):
                 kept = [(t, lp) for t, lp in zip(tokens_host[row], lp_host[row]) if t != tokenizer.pad_token_id]
                 text = tokenizer.decode([t for t, _ in kept], skip_special_tokens=True)
-                confidence = math.exp(sum(lp for _, lp in kept) / len(kept)) if kept else 0.0
-                out[k] = {"raw": text, "confidence": confidence, "latency_s": per_example}
+                logprobs = [lp for _, lp in kept]
+                out[k] = {"raw": text, "confidence": confidence(logprobs),
+                          "latency_s": per_example}
             if on_batch:
                 on_batch(len(chunk))
     finally:
@@ -592,13 +598,12 @@ def answer(model, tokenizer, prompts, recipe, spec, on_batch: Callable[[int], No
     from pipeline import tasks
 
     batch_size = batch_size or recipe.eval.batch_size
-    if recipe.task.type == "classification":
-        return classify(model, tokenizer, prompts, spec, batch_size, on_batch, prefix=prefix)
     task = tasks.for_type(recipe.task.type)
-    schema = spec if recipe.task.type == "extraction" and recipe.eval.constrained_decoding else None
-    generated = generate(
-        model, tokenizer, prompts, recipe.eval.max_new_tokens, batch_size, on_batch, schema=schema
-    )
+    if task.inference == "label_scoring":
+        return classify(model, tokenizer, prompts, spec, batch_size, on_batch, prefix=prefix)
+    schema = task.decoding_schema(spec) if recipe.eval.constrained_decoding else None
+    generated = generate(model, tokenizer, prompts, recipe.eval.max_new_tokens, batch_size, on_batch, schema=schema,
+                         confidence=task.answer_confidence)
     return parse_generated(generated, lambda text: task.parse_answer(text, spec))
 
 

@@ -58,7 +58,7 @@ STAGE = "prep"
 def outputs_of(recipe: Recipe) -> list[str]:
     names = [f"{s}.jsonl" for s in SPLITS]
     names += ["spec.json", "fewshot.json", "stats.json", "report.md", "rejected.jsonl", "truncated.jsonl"]
-    if recipe.task.type == "classification":
+    if tasks.for_type(recipe.task.type).label_set:
         names.append("class_distribution.png")
     return [f"{STAGE}/{n}" for n in names]
 
@@ -163,7 +163,7 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
         fingerprint = data_fingerprint(recipe, [out / f"{s}.jsonl" for s in SPLITS])
         stats = build_stats(splits, rejected, truncated, recipe, fingerprint, pii_found, labelled)
         atomic_write_json(out / "stats.json", stats)
-        if recipe.task.type == "classification":
+        if task.label_set:
             plot_class_distribution(stats["classes"], out / "class_distribution.png")
         atomic_write_text(out / "report.md", render_report(recipe, stats, rejected, truncated))
         print_stats(stats)

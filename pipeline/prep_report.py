@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.table import Table
 
-from pipeline import tracking
+from pipeline import tasks, tracking
 from pipeline.recipe import Recipe
 from pipeline.rundir import RunDir, file_hash
 from pipeline.splitting import SPLITS
@@ -65,10 +65,12 @@ def build_stats(splits, rejected, truncated, recipe: Recipe, fingerprint: str, p
         "pii": {"policy": recipe.data.pii, "found": dict(sorted(pii_found.items()))},
         "teacher": labelled,  # data.teacher: rows labelled, failed, cost, agreement with gold
     }
-    if recipe.task.type == "classification":
-        stats["classes"] = {s: dict(sorted(Counter(e.target for e in rows).items())) for s, rows in splits.items()}
+    task = tasks.for_type(recipe.task.type)
+    if task.label_set:
+        labels = {s: [label for e in rows for label in task.labels_of(e.target)] for s, rows in splits.items()}
+        stats["classes"] = {s: dict(sorted(Counter(labels[s]).items())) for s in splits}
         # thresholds and checkpoints chosen on validation hold on test only if the two look alike
-        stats["label_mix"] = {f"{a}_vs_test": label_mix_shift([e.target for e in splits[a]], [e.target for e in splits["test"]])
+        stats["label_mix"] = {f"{a}_vs_test": label_mix_shift(labels[a], labels["test"])
                               for a in ("train", "validation") if splits[a] and splits["test"]}
     return stats
 

@@ -38,9 +38,9 @@ class Strict(BaseModel):
 
 
 class TaskSection(Strict):
-    type: Literal["classification", "extraction", "generation"] = Field(
+    type: Literal["classification", "extraction", "generation", "multilabel"] = Field(
         description="`classification` (one label per input), `extraction` (a JSON object that satisfies "
-        "`task.schema`) or `generation` (a free-text answer)")
+        "`task.schema`), `generation` (a free-text answer) or `multilabel` (a set of labels per input, e.g. tags)")
     instruction: str = Field(min_length=1, description="the system instruction the model sees")
     labels: list[str] | None = Field(
         None, json_schema_extra=_shown("from the data"),
@@ -60,36 +60,9 @@ class TaskSection(Strict):
 
     @model_validator(mode="after")
     def _check_type_fields(self) -> TaskSection:
-        default_minimum = type(self).model_fields["min_examples_per_class"].default
-        if self.type != "classification" and self.min_examples_per_class != default_minimum:
-            raise ValueError("`min_examples_per_class` applies to classification tasks only; remove it")
-        if self.type == "generation" and (self.labels is not None or self.json_schema is not None):
-            raise ValueError("generation tasks take a free-text target: remove `labels` and `schema`")
-        if self.type == "extraction":
-            if self.json_schema is None:
-                raise ValueError("extraction tasks need `schema`: the JSON Schema of the target object")
-            if self.labels is not None:
-                raise ValueError("`labels` applies to classification tasks only; remove it")
-            from jsonschema import Draft202012Validator
-            from jsonschema.exceptions import SchemaError
+        from pipeline import tasks
 
-            try:
-                Draft202012Validator.check_schema(self.json_schema)
-            except SchemaError as err:
-                raise ValueError(f"`schema` is not a valid JSON Schema: {err.message}") from None
-        if self.type == "classification":
-            if self.json_schema is not None:
-                raise ValueError("`schema` applies to extraction tasks only; remove it")
-            if self.labels is not None:
-                if len(self.labels) < 2:
-                    raise ValueError("`labels` needs at least two labels")
-                from pipeline.tasks.classification import normalize_label
-
-                normalized = [normalize_label(label) for label in self.labels]
-                if any(not label for label in normalized):
-                    raise ValueError("`labels` has an empty label")
-                if len(set(normalized)) != len(normalized):
-                    raise ValueError("`labels` has duplicates (after normalisation: stripped, Unicode NFC)")
+        tasks.for_type(self.type).check_section(self)
         return self
 
 FieldPath = Annotated[str, Field(min_length=1)]
@@ -117,7 +90,8 @@ class SplitSection(Strict):
     test: Fraction = Field(
         0.2, description="share of `data.source` held out for test (ignored with `data.test_source`)")
     seed: Seed = Field(13, description="seed of the split and of the few-shot draw (`data.fewshot`)")
-    stratify: bool = Field(True, description="classification: split each label's rows in the same proportions")
+    stratify: bool = Field(True, description="classification: split each label's rows in the same proportions "
+                             "(multilabel: each label set's)")
 
     @model_validator(mode="after")
     def _leave_training_data(self) -> SplitSection:
@@ -467,9 +441,10 @@ BASELINE_KINDS: dict[str, type[_Baseline]] = {
 
 
 class GateSection(Strict):
-    metric: Literal["accuracy", "macro_f1", "field_exact_match", "exact_match", "valid_json_rate"] = Field(
+    metric: Literal["accuracy", "macro_f1", "micro_f1", "field_exact_match", "exact_match", "valid_json_rate"] = Field(
         "macro_f1", description="classification: `accuracy`, `macro_f1`; extraction: `field_exact_match`, "
-        "`exact_match`, `valid_json_rate`; generation: `exact_match`")
+        "`exact_match`, `valid_json_rate`; generation: `exact_match`; multilabel: `micro_f1`, `macro_f1`, "
+        "`exact_match` (the whole set)")
     max_drop_vs_best_baseline: Annotated[float, Field(ge=0)] = Field(
         0.02, description="the expert may be this much below the best baseline that ran")
     min_value: Annotated[float, Field(ge=0, le=1)] = Field(0.0, description="and must reach at least this")
@@ -480,7 +455,7 @@ class GateSection(Strict):
 
 
 class CascadeSection(Strict):
-    target_metric: Literal["accuracy", "macro_f1", "field_exact_match", "exact_match"] = Field(
+    target_metric: Literal["accuracy", "macro_f1", "micro_f1", "field_exact_match", "exact_match"] = Field(
         "accuracy", description="the metric the cascade must reach")
     target: Annotated[float, Field(gt=0, le=1)] = Field(
         description="the value it must reach; the confidence threshold is chosen on the validation split")
@@ -490,7 +465,7 @@ class CascadeSection(Strict):
 
 
 class RoutingTarget(Strict):
-    metric: Literal["accuracy", "macro_f1", "field_exact_match", "exact_match"] = Field(
+    metric: Literal["accuracy", "macro_f1", "micro_f1", "field_exact_match", "exact_match"] = Field(
         "accuracy", description="the metric the route must reach")
     value: Annotated[float, Field(gt=0, le=1)] | None = Field(
         None, description="the value it must reach (give this or `below_last`)")
@@ -619,12 +594,9 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _gate_fits_task(self) -> Recipe:
-        by_task = {
-            "classification": {"accuracy", "macro_f1"},
-            "extraction": {"field_exact_match", "exact_match", "valid_json_rate"},
-            "generation": {"exact_match"},
-        }
-        allowed = by_task[self.task.type]
+        from pipeline import tasks
+
+        allowed = set(tasks.for_type(self.task.type).gate_metrics)
         if self.eval.gate.metric not in allowed:
             raise ValueError(
                 f"eval.gate.metric `{self.eval.gate.metric}` does not apply to {self.task.type}; "
@@ -634,6 +606,12 @@ class Recipe(Strict):
         if cascade is not None and cascade.target_metric not in allowed:
             raise ValueError(
                 f"eval.cascade.target_metric `{cascade.target_metric}` does not apply to {self.task.type}; "
+                f"use one of {', '.join(sorted(allowed - {'valid_json_rate'}))}"
+            )
+        routing = self.eval.routing
+        if routing is not None and routing.target.metric not in allowed:
+            raise ValueError(
+                f"eval.routing.target.metric `{routing.target.metric}` does not apply to {self.task.type}; "
                 f"use one of {', '.join(sorted(allowed - {'valid_json_rate'}))}"
             )
         return self
@@ -662,20 +640,19 @@ class Recipe(Strict):
             if data.format == "openai_batch" and (data.validation_source or data.test_source):
                 raise ValueError("data: `openai_batch` reads one output/input pair from data.source and "
                                  "data.batch_requests; split it with data.split instead of fixed sources")
-            if self.task.type == "classification" and not self.task.labels:
-                raise ValueError("task -> labels: logged answers are parsed against the label list; list the labels")
-            return self
+            return self._data_fits_task()
         for key in ("source", "validation_source", "test_source"):
             if str(getattr(data, key)).startswith(TRACES_PREFIX):
                 raise ValueError(f"data -> {key}: MLflow traces are read with `format: mlflow_traces`")
         if data.input != "last_user" or data.batch_requests is not None:
             key = "input" if data.input != "last_user" else "batch_requests"
             raise ValueError(f"data -> {key}: applies to log formats only; remove it")
-        if isinstance(data.fields.target, dict) and self.task.type != "extraction":
-            raise ValueError(
-                "data -> fields -> target: a mapping builds a JSON object and applies to extraction only; "
-                "name one field"
-            )
+        return self._data_fits_task()
+
+    def _data_fits_task(self) -> Recipe:
+        from pipeline import tasks
+
+        tasks.for_type(self.task.type).check_data(self.task, self.data)
         return self
 
     def section_hash(self, *sections: str) -> str:

@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import baseline_kinds, stats
+from pipeline import baseline_kinds, stats, tasks
 from pipeline.baseline_kinds import common
+from pipeline.tasks.metrics import GateMetric
 
 
 @dataclass(frozen=True)
@@ -40,17 +41,12 @@ class TierAnswers:
 
 
 class Scorer:
-    """The metric of any mix of the tiers' answers, fast: per-example scores (or label codes for macro-F1) are
-    computed once per tier, so a combination costs one gather."""
+    """The metric of any mix of the tiers' answers, fast: each tier's per-example rows (`GateMetric.encode`) are
+    computed once, so a combination costs one gather."""
 
-    def __init__(self, metric: str, golds: list[Any], tiers: list[TierAnswers], spec: Any):
+    def __init__(self, metric: GateMetric, golds: list[Any], tiers: list[TierAnswers], spec: Any):
         self.metric, self.n = metric, len(golds)
-        if metric == "macro_f1":
-            gold, _ = stats.label_codes(golds, golds, spec)
-            self.gold, self.k = gold, len(spec)
-            self.table = np.stack([stats.label_codes(golds, t.predictions, spec)[1] for t in tiers])
-        else:
-            self.table = np.stack([stats.example_scores(metric, golds, t.predictions, spec) for t in tiers])
+        self.table = np.stack([metric.encode(golds, t.predictions, spec) for t in tiers])
         self.columns = np.arange(self.n)
 
     def picked(self, answering: np.ndarray) -> np.ndarray:
@@ -58,16 +54,11 @@ class Scorer:
 
     def value(self, answering: np.ndarray, rows: np.ndarray | None = None) -> float:
         picked = self.picked(answering)
-        if self.metric == "macro_f1":
-            gold = self.gold if rows is None else self.gold[rows]
-            return stats.macro_f1_codes(gold, picked if rows is None else picked[rows], self.k)
-        return float(picked.mean() if rows is None else picked[rows].mean())
+        return self.metric.value(picked if rows is None else picked[rows])
 
     def resampled(self, answering: np.ndarray, idx: np.ndarray) -> np.ndarray:
         """The metric on each bootstrap resample (rows of `idx`)."""
-        if self.metric == "macro_f1":
-            return np.array([self.value(answering, rows) for rows in idx])
-        return self.picked(answering)[idx].mean(axis=1)
+        return self.metric.resampled(self.picked(answering), idx)
 
 
 def answering_tier(confidences: list[np.ndarray], thresholds: tuple[float, ...], n: int) -> np.ndarray:
@@ -93,7 +84,7 @@ def candidate_grids(tiers: list[TierAnswers], max_candidates: int) -> list[list[
     return [candidates(t.confidences, exact=len(tiers) == 2, most=max_candidates) for t in tiers[:-1]]
 
 
-def evaluate_grid(metric: str, golds: list[Any], tiers: list[TierAnswers], spec: Any,
+def evaluate_grid(metric: GateMetric, golds: list[Any], tiers: list[TierAnswers], spec: Any,
                   grids: list[list[float]]) -> list[dict[str, Any]]:
     """Every combination of candidate thresholds on this split: quality, cost per 1,000 and each tier's share."""
     n = len(golds)
@@ -122,7 +113,7 @@ def cheapest(points: list[dict[str, Any]], target: float) -> dict[str, Any] | No
     return min((p for p in points if p["metric"] >= target), key=preference, default=None)
 
 
-def cheapest_with_margin(points: list[dict[str, Any]], target: float, metric: str, golds: list[Any],
+def cheapest_with_margin(points: list[dict[str, Any]], target: float, metric: GateMetric, golds: list[Any],
                          tiers: list[TierAnswers], spec: Any, samples: int, seed: int,
                          most_tried: int = 500) -> dict[str, Any] | None:
     """The cheapest point whose lower bootstrap 95% bound of validation quality meets the target (points that
@@ -149,7 +140,7 @@ def pareto(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def measure(metric: str, golds: list[Any], tiers: list[TierAnswers], spec: Any, thresholds: list[float],
+def measure(metric: GateMetric, golds: list[Any], tiers: list[TierAnswers], spec: Any, thresholds: list[float],
             target: float, samples: int, seed: int) -> dict[str, Any]:
     """The route at `thresholds` on one split: quality, cost, latency, shares, and against the last tier alone
     (cost saving and quality difference, paired bootstrap 95%); how often quality meets the target on resamples."""
@@ -252,7 +243,7 @@ def route_result(recipe, spec, splits, outputs, metrics, skipped) -> dict[str, A
         result["reason"] = (f"tier `{unpriced[0]}` has no cost (give its baseline `price_per_mtok`, with token "
                             "counts in its answers): the cheapest route cannot be chosen without one")
         return result
-    metric = section.target.metric
+    metric = tasks.for_type(recipe.task.type).gate_metric(section.target.metric)
     tiers, golds = {}, {}
     try:
         for split in ("validation", "test"):
@@ -265,7 +256,7 @@ def route_result(recipe, spec, splits, outputs, metrics, skipped) -> dict[str, A
         return result
     last_on_validation = stats.metric_value(metric, golds["validation"], tiers["validation"][-1].predictions, spec)
     target = section.target.value if section.target.value is not None else last_on_validation - section.target.below_last
-    result.update(target=target, target_rule=(f"{metric} >= {target:.4f}" + (
+    result.update(target=target, target_rule=(f"{metric.name} >= {target:.4f}" + (
         f" (`{chain[-1]}` on validation, {last_on_validation:.4f}, minus {section.target.below_last})"
         if section.target.value is None else "")))
     samples, seed = recipe.eval.bootstrap_samples, recipe.eval.seed
@@ -277,7 +268,7 @@ def route_result(recipe, spec, splits, outputs, metrics, skipped) -> dict[str, A
     result["options"], result["unmet"] = {}, {}
     for how, point in chosen.items():
         if point is None:
-            result["unmet"][how] = (f"no thresholds reach {metric} {target:.4f} on validation" +
+            result["unmet"][how] = (f"no thresholds reach {metric.name} {target:.4f} on validation" +
                                     (" with their lower 95% bound" if how == "margin" else ""))
             continue
         on = {split: measure(metric, golds[split], tiers[split], spec, point["thresholds"], target, samples, seed)
@@ -290,7 +281,7 @@ def route_result(recipe, spec, splits, outputs, metrics, skipped) -> dict[str, A
     picked = result["options"].get(section.choose)
     if picked is None:
         best = max(p["metric"] for p in grid)
-        result["reason"] = (f"no thresholds reach {metric} {target:.4f} on validation" +
+        result["reason"] = (f"no thresholds reach {metric.name} {target:.4f} on validation" +
                             (" with the margin (lower 95% bound)" if section.choose == "margin" else "") +
                             f" (best {best:.4f})")
         return result

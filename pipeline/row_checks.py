@@ -13,10 +13,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from pipeline import tasks
 from pipeline.errors import UserError
 from pipeline.examples import Example, rejection
 from pipeline.recipe import Recipe
-from pipeline.tasks.classification import normalize_label
 
 # when the same text is in two splits, the copy in the later split of this order wins
 PROTECTED_ORDER = ("train", "validation", "test")
@@ -24,18 +24,14 @@ PROTECTED_ORDER = ("train", "validation", "test")
 
 def spec_of(recipe: Recipe, examples: list[Example]) -> Any:
     """The label set (recipe's, normalised, or the data's sorted labels), the JSON Schema, or None."""
-    if recipe.task.type == "classification":
-        if recipe.task.labels:
-            return [normalize_label(label) for label in recipe.task.labels]
-        return sorted({e.target for e in examples})
-    return recipe.task.json_schema
+    return tasks.for_type(recipe.task.type).spec_of(recipe.task, [e.target for e in examples])
 
 
 def check_targets(examples: list[Example], rejected: list[dict[str, Any]], task, spec) -> list[Example]:
     """Reject labels outside the set and targets that fail the schema (with the failing JSON path)."""
     if spec is None:
         return examples
-    reason = "label_outside_set" if isinstance(spec, list) else "schema_invalid"
+    reason = task.target_rejection
     kept = []
     for e in examples:
         problem = task.check_target(e.target, spec)
@@ -123,11 +119,12 @@ def check_rejected_fraction(rejected: list[dict[str, Any]], total: int, limit: f
 
 
 def check_class_counts(examples: list[Example], recipe: Recipe, spec) -> None:
-    """Every class of a classification task needs task.min_examples_per_class usable rows."""
-    if recipe.task.type != "classification":
+    """Every class of a label-set task needs task.min_examples_per_class usable rows (rows that hold it)."""
+    task = tasks.for_type(recipe.task.type)
+    if not task.label_set:
         return
     minimum = recipe.task.min_examples_per_class
-    counts = Counter(e.target for e in examples)
+    counts = Counter(label for e in examples for label in task.labels_of(e.target))
     short = [(label, counts.get(label, 0)) for label in spec if counts.get(label, 0) < minimum]
     if short:
         listed = ", ".join(f"`{label}` has {n}" for label, n in short)
@@ -219,11 +216,12 @@ def check_pii(examples: list[Example], rejected: list[dict[str, Any]], recipe: R
     if not policy.active:
         return examples, found
     kept: list[Example] = []
+    label_set = tasks.for_type(recipe.task.type).label_set
     for e in examples:
         counts: Counter = Counter()
         text, row_id = policy.redact(e.text, counts), policy.redact(e.id, counts)
         label_counts: Counter = Counter()
-        if recipe.task.type == "classification":
+        if label_set:  # labels are checked, never redacted
             policy.redact(e.target, label_counts)
             target = e.target
         else:

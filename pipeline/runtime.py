@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from pipeline import speedups
+from pipeline import speedups, tasks
 from pipeline.errors import UserError
 from pipeline.recipe import Recipe
 
@@ -68,7 +68,7 @@ def prepare(model, recipe: Recipe, adapter: str | None = None, lean: bool = True
     if adapter == MERGED:
         model = model.merge_and_unload()
     model.eval()
-    notes = speedups.install(model, recipe.task.type, lean=lean, pack=adapter == MERGED and pack)
+    notes = speedups.install(model, tasks.for_type(recipe.task.type).inference, lean=lean, pack=adapter == MERGED and pack)
     return model, Runtime(adapter=adapter, speedups=notes)
 
 

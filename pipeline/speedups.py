@@ -64,11 +64,11 @@ def pack_weights(model) -> str | None:
     return f"packed {packed} bf16 linear layers for oneDNN (outputs checked bit-identical)" if packed else None
 
 
-def install(model, task_type: str, lean: bool = True, pack: bool = True) -> list[str]:
+def install(model, inference: str, lean: bool = True, pack: bool = True) -> list[str]:
     """The speed-ups asked for, in order (the lean pass stacks the unpacked q/k/v weights, packing then packs the
     stacked ones); one note per speed-up tried."""
     notes = []
-    if lean and task_type == "classification":
+    if lean and inference == "label_scoring":  # the lean forward serves label scoring's passes
         notes.append(install_lean_forward(model))
     if pack:
         notes.append(pack_weights(model))

@@ -1,4 +1,4 @@
-"""The seeded, deterministic train/validation/test split (stratified for classification) and the few-shot draw."""
+"""The seeded, deterministic train/validation/test split (stratified by the task's `stratum`) and the few-shot draw."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import random
 from collections import defaultdict
 from typing import Any
 
+from pipeline import tasks
 from pipeline.examples import Example
 from pipeline.recipe import Recipe
 
@@ -13,7 +14,8 @@ SPLITS = ("train", "validation", "test")
 
 
 def split_examples(examples: list[Example], recipe: Recipe) -> dict[str, list[Example]]:
-    """Seeded, deterministic split of the rows from `data.source`; stratified by target for classification.
+    """Seeded, deterministic split of the rows from `data.source`; stratified by `task.stratum` (the label,
+    the label set; one stratum for tasks without labels).
 
     Rows from validation_source/test_source go to their split as they are, and
     that split is not carved from `data.source`. Each split keeps source order.
@@ -28,12 +30,13 @@ def split_examples(examples: list[Example], recipe: Recipe) -> dict[str, list[Ex
     # teacher labels stay out of the test split unless the recipe says so: the test measures against gold
     teacher_in_test = recipe.data.teacher is not None and recipe.data.teacher.test_labels
     groups: dict[tuple[bool, str], list[Example]] = defaultdict(list)
+    task = tasks.for_type(recipe.task.type)
     for e in examples:
         out_of_test = e.provenance.startswith("teacher:") and not teacher_in_test
         if e.fixed_split:
             out[e.fixed_split].append(e)
-        elif split.stratify and recipe.task.type == "classification":
-            groups[(out_of_test, e.target)].append(e)
+        elif split.stratify:
+            groups[(out_of_test, task.stratum(e.target))].append(e)
         else:
             groups[(out_of_test, "")].append(e)
     for key in sorted(groups):
@@ -56,14 +59,14 @@ def split_examples(examples: list[Example], recipe: Recipe) -> dict[str, list[Ex
 def fewshot_examples(train: list[Example], recipe: Recipe, task, spec) -> dict[str, Any]:
     """`data.fewshot` examples drawn from train (seeded by data.split.seed) for prompted baselines.
 
-    Classification takes them round-robin over the classes (sorted), so k >=
-    number of classes shows every class once before any twice.
+    They are taken round-robin over the task's strata (sorted; classification's are its
+    classes), so k >= number of classes shows every class once before any twice.
     """
     k = min(recipe.data.fewshot, len(train))
     rng = random.Random(recipe.data.split.seed)
     pools: dict[str, list[Example]] = defaultdict(list)
     for e in train:
-        pools[e.target if recipe.task.type == "classification" else ""].append(e)
+        pools[task.stratum(e.target)].append(e)
     for pool in pools.values():
         rng.shuffle(pool)
     chosen: list[Example] = []

@@ -1,79 +1,38 @@
 """The statistics behind the verdict: paired bootstrap intervals, McNemar's exact test, calibration, the cascade.
 
 Pure functions over gold answers, predictions and confidences, so each is
-unit-tested on synthetic tables with known answers. Metrics are computed from
-per-example numbers with numpy so thousands of bootstrap resamples stay cheap.
+unit-tested on synthetic tables with known answers. Metrics are the task's
+`GateMetric`s, computed from per-example rows with numpy so thousands of
+bootstrap resamples stay cheap.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-MetricFn = Callable[[np.ndarray], float]
+if TYPE_CHECKING:
+    from pipeline.tasks.metrics import GateMetric
 
 
-def example_scores(metric: str, golds: list[Any], preds: list[Any], spec: Any) -> np.ndarray:
-    """Per-example contribution to a mean-type metric (its mean is the metric)."""
-    if metric in ("accuracy", "exact_match"):
-        return np.array([p is not None and p == g for g, p in zip(golds, preds, strict=True)], dtype=float)
-    if metric == "valid_json_rate":
-        return np.array([p is not None for p in preds], dtype=float)
-    if metric == "field_exact_match":
-        fields = list(spec.get("properties", {})) or sorted({k for g in golds for k in g})
-        return np.array(
-            [np.mean([p is not None and p.get(f) == g.get(f) for f in fields]) for g, p in zip(golds, preds, strict=True)],
-            dtype=float,
-        )
-    raise ValueError(f"{metric} is not a mean over examples")
-
-
-def label_codes(golds: list[str], preds: list[str | None], labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Labels as integers; an unparsed prediction is -1 (wrong for every class)."""
-    index = {label: i for i, label in enumerate(labels)}
-    return np.array([index[g] for g in golds]), np.array([index.get(p, -1) if p is not None else -1 for p in preds])
-
-
-def macro_f1_codes(gold: np.ndarray, pred: np.ndarray, n_labels: int) -> float:
-    """Macro-F1 over classes present in gold or predictions; same definition as tasks.metrics.f1_report."""
-    hit = gold == pred
-    tp = np.bincount(gold[hit], minlength=n_labels)
-    gold_n = np.bincount(gold, minlength=n_labels)
-    pred_n = np.bincount(pred[pred >= 0], minlength=n_labels)
-    present = (gold_n + pred_n) > 0
-    denom = gold_n + pred_n  # 2tp + fp + fn
-    f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
-    return float(f1[present].mean()) if present.any() else 0.0
-
-
-def metric_value(metric: str, golds: list[Any], preds: list[Any], spec: Any) -> float:
-    if metric == "macro_f1":
-        gold, pred = label_codes(golds, preds, spec)
-        return macro_f1_codes(gold, pred, len(spec))
-    return float(example_scores(metric, golds, preds, spec).mean()) if golds else 0.0
+def metric_value(metric: GateMetric, golds: list[Any], preds: list[Any], spec: Any) -> float:
+    return metric.value(metric.encode(golds, preds, spec))
 
 
 def paired_bootstrap(
-    metric: str, golds: list[Any], preds_a: list[Any], preds_b: list[Any], spec: Any, samples: int, seed: int
+    metric: GateMetric, golds: list[Any], preds_a: list[Any], preds_b: list[Any], spec: Any, samples: int, seed: int
 ) -> dict[str, float]:
     """metric(a) - metric(b) and its 95% percentile interval, resampling examples jointly for both systems."""
     n = len(golds)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(samples, n))
-    if metric == "macro_f1":
-        gold, a = label_codes(golds, preds_a, spec)
-        _, b = label_codes(golds, preds_b, spec)
-        k = len(spec)
-        diffs = np.array([macro_f1_codes(gold[i], a[i], k) - macro_f1_codes(gold[i], b[i], k) for i in idx])
-    else:
-        delta = example_scores(metric, golds, preds_a, spec) - example_scores(metric, golds, preds_b, spec)
-        diffs = delta[idx].mean(axis=1)
+    a, b = metric.encode(golds, preds_a, spec), metric.encode(golds, preds_b, spec)
+    diffs = metric.resampled(a, idx) - metric.resampled(b, idx)
     low, high = np.percentile(diffs, [2.5, 97.5])
-    point = metric_value(metric, golds, preds_a, spec) - metric_value(metric, golds, preds_b, spec)
+    point = metric.value(a) - metric.value(b)
     return {"difference": point, "ci_low": float(low), "ci_high": float(high), "samples": samples}
 
 

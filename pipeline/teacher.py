@@ -81,14 +81,14 @@ def label(examples: list[Example], rejected: list[dict[str, Any]], recipe: Recip
     sample = random.Random(recipe.data.split.seed).sample(gold, min(AGREEMENT_SAMPLE, len(gold)))
     rows = todo + sample
     prompts = [baseline_prompt(baseline_system, e.text) for e in rows]
-    answer_tokens = (max(len(label) for label in spec) // 4 + 2) if isinstance(spec, list) else teacher.max_new_tokens
+    answer_tokens = task.max_answer_tokens(spec) or teacher.max_new_tokens
     estimate = estimate_cost(prompts, teacher, answer_tokens)
     console.print(f"[bold]teacher[/]: {len(todo):,} rows to label (+{len(sample)} gold rows to measure agreement) "
                   f"with {teacher.model}; estimated cost "
                   + ("unknown (no data.teacher.price_per_mtok)" if estimate is None else f"${estimate:,.4f}")
                   + (f"; budget ${teacher.max_cost_usd:,.4f}: no request is sent that could take the spend past it"
                      if teacher.max_cost_usd else ""), highlight=False)
-    schema = spec if recipe.task.type == "extraction" else None
+    schema = task.frontier_schema(spec)
     budget = frontier.Budget(teacher.price_per_mtok, teacher.max_cost_usd)
     cache_path = frontier.default_cache_path()
     with holding(cache_path):

@@ -10,7 +10,7 @@ import traceback
 from concurrent.futures import Future
 from typing import Any
 
-from pipeline import predict
+from pipeline import predict, tasks
 from pipeline.serving.metrics import Metrics
 from pipeline.serving.options import ServeOptions
 
@@ -30,7 +30,7 @@ class BatchingEngine:
         self.expert, self.options, self.metrics = expert, options, metrics
         self.queue: queue.Queue[tuple[str, Future] | None] = queue.Queue()
         self.prefix = None
-        if expert.recipe.task.type == "classification":
+        if tasks.for_type(expert.recipe.task.type).inference == "label_scoring":
             self.prefix = self._system_prefix()
         self.thread = threading.Thread(target=self._loop, name="expert-model", daemon=True)
         self.thread.start()

@@ -11,9 +11,68 @@ text; then compared exactly (case and inner spaces count).
 from __future__ import annotations
 
 import unicodedata
+from pathlib import Path
 from typing import Any
 
-from pipeline.tasks.metrics import accuracy, f1_report
+from pipeline.tasks.metrics import (
+    GateMetric,
+    LabelCodeMacroF1,
+    MeanMetric,
+    accuracy,
+    exact,
+    f1_report,
+)
+from pipeline.tasks.metrics import gate_metric as gate_metric_of
+
+inference = "label_scoring"
+gate_metrics = ("accuracy", "macro_f1")
+target_rejection = "label_outside_set"
+label_set = True
+_GATE_METRICS = {"accuracy": MeanMetric("accuracy", exact), "macro_f1": LabelCodeMacroF1()}
+
+
+def check_section(section) -> None:
+    """`labels`, when given, are at least two distinct non-empty labels after normalisation; no `schema`."""
+    if section.json_schema is not None:
+        raise ValueError("`schema` applies to extraction tasks only; remove it")
+    check_labels(section.labels)
+
+
+def check_labels(labels: list[str] | None) -> None:
+    if labels is None:
+        return
+    if len(labels) < 2:
+        raise ValueError("`labels` needs at least two labels")
+    normalized = [normalize_label(label) for label in labels]
+    if any(not label for label in normalized):
+        raise ValueError("`labels` has an empty label")
+    if len(set(normalized)) != len(normalized):
+        raise ValueError("`labels` has duplicates (after normalisation: stripped, Unicode NFC)")
+
+
+def check_data(section, data) -> None:
+    """Logged answers are parsed against the label list, so log formats need it; a label is one field."""
+    if data.format != "table":
+        if not section.labels:
+            raise ValueError("task -> labels: logged answers are parsed against the label list; list the labels")
+    elif isinstance(data.fields.target, dict):
+        raise ValueError("data -> fields -> target: a mapping builds a JSON object and applies to extraction only; "
+                         "name one field")
+
+
+def spec_of(section, targets: list[str]) -> list[str]:
+    """The label set: the recipe's (normalised), else the data's sorted labels."""
+    if section.labels:
+        return [normalize_label(label) for label in section.labels]
+    return sorted(set(targets))
+
+
+def labels_of(label: str) -> list[str]:
+    return [label]
+
+
+def stratum(label: str) -> str:
+    return label
 
 
 def normalize_label(label: str) -> str:
@@ -68,6 +127,23 @@ def parse_answer(text: str, spec: list[str]) -> str | None:
     return None
 
 
+def decoding_schema(spec: list[str]) -> None:
+    return None  # label scoring answers with a label by construction
+
+
+def frontier_schema(spec: list[str]) -> None:
+    return None
+
+
+def answer_confidence(token_logprobs: list[float]) -> float:
+    raise NotImplementedError("classification answers by label scoring: the label's probability over the set")
+
+
+def max_answer_tokens(spec: list[str]) -> int:
+    """The longest label's tokens, with room to spare (about four characters a token)."""
+    return max(len(label) for label in spec) // 4 + 2
+
+
 def metrics(golds: list[str], preds: list[str | None], spec: list[str]) -> dict[str, Any]:
     report = f1_report(golds, preds, spec)
     return {
@@ -76,3 +152,18 @@ def metrics(golds: list[str], preds: list[str | None], spec: list[str]) -> dict[
         "per_class": report["per_class"],
         "unparsed": sum(p is None for p in preds),
     }
+
+
+def gate_metric(name: str) -> GateMetric:
+    return gate_metric_of(_GATE_METRICS, name)
+
+
+def write_plots(folder: Path, golds: list[str], predictions: dict[str, list[str | None]], spec: list[str]) -> None:
+    from pipeline import plots
+
+    for name, preds in predictions.items():
+        plots.confusion_matrix(folder / f"confusion_{name}.png", golds, preds, spec, f"{name}: confusion matrix (test)")
+
+
+def report_lines(metrics: dict[str, dict[str, Any]]) -> list[str]:
+    return ["", "## Confusion matrices", ""] + [f"![{n}](plots/confusion_{n}.png)" for n in metrics]

@@ -8,12 +8,52 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from jsonschema import Draft202012Validator
 
 from pipeline import json_depth
-from pipeline.tasks.metrics import mean
+from pipeline.tasks.metrics import GateMetric, MeanMetric, exact, mean, parsed
+from pipeline.tasks.metrics import gate_metric as gate_metric_of
+from pipeline.tasks.shared import check_no_class_minimum, mean_token_probability
+
+inference = "constrained_json"
+gate_metrics = ("field_exact_match", "exact_match", "valid_json_rate")
+target_rejection = "schema_invalid"
+label_set = False
+
+
+def check_section(section) -> None:
+    """`schema` is required and a valid JSON Schema (draft 2020-12); no `labels`, no `min_examples_per_class`."""
+    check_no_class_minimum(section)
+    if section.json_schema is None:
+        raise ValueError("extraction tasks need `schema`: the JSON Schema of the target object")
+    if section.labels is not None:
+        raise ValueError("`labels` applies to classification tasks only; remove it")
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        Draft202012Validator.check_schema(section.json_schema)
+    except SchemaError as err:
+        raise ValueError(f"`schema` is not a valid JSON Schema: {err.message}") from None
+
+
+def check_data(section, data) -> None:
+    return None  # the target is a field holding the object, or a mapping of fields that builds it
+
+
+def spec_of(section, targets: list[dict[str, Any]]) -> dict[str, Any]:
+    return section.json_schema
+
+
+def labels_of(obj: dict[str, Any]) -> list[str]:
+    return []
+
+
+def stratum(obj: dict[str, Any]) -> str:
+    return ""
 
 
 def normalize_target(raw: Any) -> dict[str, Any]:
@@ -49,6 +89,24 @@ def system_prompt(instruction: str, spec: dict[str, Any]) -> str:
         f"{instruction}\nReply with one JSON object and nothing else. It must match this JSON Schema:\n"
         f"{json.dumps(spec, ensure_ascii=False)}"
     )
+
+
+def decoding_schema(spec: dict[str, Any]) -> dict[str, Any]:
+    return spec
+
+
+def frontier_schema(spec: dict[str, Any]) -> dict[str, Any]:
+    return spec  # sent as the endpoint's structured-output schema where the baseline allows it
+
+
+def answer_confidence(token_logprobs: list[float]) -> float:
+    """The geometric mean of the answer's token probabilities, under the schema's mask when decoding is
+    constrained."""
+    return mean_token_probability(token_logprobs)
+
+
+def max_answer_tokens(spec: dict[str, Any]) -> None:
+    return None  # an object's length is not bounded by the schema: the teacher's max_new_tokens
 
 
 # an answer may come wrapped in a markdown code block (```json ... ```), the way chat models write JSON
@@ -122,3 +180,32 @@ def metrics(golds: list[dict[str, Any]], preds: list[dict[str, Any] | None], spe
                      for f in fields},
         "unparsed": sum(p is None for p in preds),
     }
+
+
+class FieldExactMatch(MeanMetric):
+    """Per example, the share of fields (the schema's properties, else every key of any gold) it gets exactly."""
+
+    def encode(self, golds: list[dict[str, Any]], preds: list[Any], spec: dict[str, Any]):
+        fields = list(spec.get("properties", {})) or sorted({k for g in golds for k in g})
+        return np.array([mean([p is not None and p.get(f) == g.get(f) for f in fields])
+                         for g, p in zip(golds, preds, strict=True)], dtype=float)
+
+
+_GATE_METRICS = {
+    "exact_match": MeanMetric("exact_match", exact),
+    "valid_json_rate": MeanMetric("valid_json_rate", parsed),
+    "field_exact_match": FieldExactMatch("field_exact_match", exact),
+}
+
+
+def gate_metric(name: str) -> GateMetric:
+    return gate_metric_of(_GATE_METRICS, name)
+
+
+def write_plots(folder: Path, golds: list[dict[str, Any]], predictions: dict[str, list[Any]],
+                spec: dict[str, Any]) -> None:
+    return None
+
+
+def report_lines(metrics: dict[str, dict[str, Any]]) -> list[str]:
+    return []

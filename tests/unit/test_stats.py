@@ -7,8 +7,8 @@ import random
 import numpy as np
 import pytest
 
-from pipeline import stats
-from pipeline.tasks import extraction
+from pipeline import routing, stats
+from pipeline.tasks import classification, extraction
 from pipeline.tasks.metrics import f1_report
 
 LABELS = ["a", "b", "c"]
@@ -29,7 +29,7 @@ def synthetic_pair(n: int, acc_a: float, acc_b: float, seed: int):
 
 def test_bootstrap_interval_contains_the_known_difference_and_excludes_zero():
     golds, a, b = synthetic_pair(2000, 0.80, 0.70, seed=1)
-    ci = stats.paired_bootstrap("accuracy", golds, a, b, LABELS, samples=1000, seed=3)
+    ci = stats.paired_bootstrap(classification.gate_metric("accuracy"), golds, a, b, LABELS, samples=1000, seed=3)
     assert ci["difference"] == pytest.approx(0.10)
     assert ci["ci_low"] < 0.10 < ci["ci_high"]
     assert ci["ci_low"] > 0, "a 10-point gap on 2,000 examples is clearly significant"
@@ -39,14 +39,14 @@ def test_bootstrap_interval_contains_the_known_difference_and_excludes_zero():
 def test_bootstrap_interval_for_equal_systems_straddles_zero_and_macro_f1_path_agrees():
     golds, a, b = synthetic_pair(400, 0.75, 0.75, seed=2)
     for metric in ("accuracy", "macro_f1"):
-        ci = stats.paired_bootstrap(metric, golds, a, b, LABELS, samples=500, seed=3)
+        ci = stats.paired_bootstrap(classification.gate_metric(metric), golds, a, b, LABELS, samples=500, seed=3)
         assert ci["ci_low"] < 0 < ci["ci_high"] or ci["difference"] == 0
 
 
 def test_macro_f1_matches_the_task_definition_with_unparsed_answers():
     golds, a, _ = synthetic_pair(300, 0.6, 0.5, seed=4)
     a[::7] = [None] * len(a[::7])
-    assert stats.metric_value("macro_f1", golds, a, LABELS) == pytest.approx(f1_report(golds, a, LABELS)["macro_f1"])
+    assert stats.metric_value(classification.gate_metric("macro_f1"), golds, a, LABELS) == pytest.approx(f1_report(golds, a, LABELS)["macro_f1"])
 
 
 def test_field_exact_match_per_example_mean_equals_per_field_mean():
@@ -54,8 +54,8 @@ def test_field_exact_match_per_example_mean_equals_per_field_mean():
     golds = [{"x": 1, "y": 2}, {"x": 1, "y": 2}, {"x": 3, "y": 4}]
     preds = [{"x": 1, "y": 0}, None, {"x": 3, "y": 4}]
     # x right in 2 of 3 examples, y in 1 of 3
-    assert stats.metric_value("field_exact_match", golds, preds, spec) == pytest.approx((2 / 3 + 1 / 3) / 2)
-    assert stats.metric_value("field_exact_match", golds, preds, spec) == pytest.approx(
+    assert stats.metric_value(extraction.gate_metric("field_exact_match"), golds, preds, spec) == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert stats.metric_value(extraction.gate_metric("field_exact_match"), golds, preds, spec) == pytest.approx(
         extraction.metrics(golds, preds, spec)["field_exact_match"]
     )
 
@@ -90,7 +90,7 @@ def test_cascade_picks_the_cheapest_threshold_meeting_the_target():
     frontier = ["a"] * 8
     tiers = [routing.TierAnswers("expert", expert, np.array(conf), 0.01 / 1000, np.zeros(8)),
              routing.TierAnswers("frontier", frontier, None, 1.0 / 1000, np.zeros(8))]
-    curve = routing.evaluate_grid("accuracy", golds, tiers, LABELS, [stats.candidate_thresholds(conf)])
+    curve = routing.evaluate_grid(classification.gate_metric("accuracy"), golds, tiers, LABELS, [stats.candidate_thresholds(conf)])
     by_t = {p["thresholds"][0]: p for p in curve}
     assert by_t[0.0]["shares"][1] == 0.0 and by_t[0.0]["metric"] == 5 / 8
     assert by_t[0.0]["cost_per_1k"] == pytest.approx(0.01)
