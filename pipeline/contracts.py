@@ -11,8 +11,6 @@ to build on it (exit 2) rather than mix two recipes in one run.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.errors import UserError
 from pipeline.recipe import Recipe
-from pipeline.rundir import STAGES, RunDir
-from pipeline.runtime import BEFORE_RECORDED, Runtime
+from pipeline.recipe_keys import changed_keys, keys_hash, recipe_keys
+from pipeline.rundir import STAGES, RunDir, atomic_write_text
 
 RECORD = "record.json"
 
@@ -53,6 +51,18 @@ class TrainRecord(Record):
     adapter_hash: str  # tree hash of train/adapter
 
 
+class Runtime(Record):
+    """How the expert ran when it answered (`pipeline/runtime.py` prepares it): what decides the numbers
+    (`adapter`), and the bit-identical speed-ups that were installed, as their notes."""
+
+    adapter: Literal["merged", "separate"]
+    speedups: list[str] = []
+
+
+# versions evaluated before eval recorded its runtime ran the adapter separate
+BEFORE_RECORDED = Runtime(adapter="separate")
+
+
 class EvalRecord(Record):
     """What eval loaded to produce its numbers: the registered version carries it, and serving matches it."""
 
@@ -81,49 +91,10 @@ def read_record(path: Path, model: type[Record]) -> Any:
 
 
 def write_record(path: Path, record: Record) -> None:
-    from pipeline.rundir import atomic_write_text
-
     atomic_write_text(path, record.model_dump_json(indent=2) + "\n")
 
 
 # -- which recipe keys a stage read ------------------------------------------------------------------------------
-
-
-def _leaves(value: Any, prefix: str) -> dict[str, Any]:
-    """Dotted paths to the leaf values under `prefix`; lists of mappings are indexed (`eval.baselines[0].model`)."""
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, inner in value.items():
-            out.update(_leaves(inner, f"{prefix}.{key}" if prefix else key))
-        return out
-    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        out = {}
-        for i, inner in enumerate(value):
-            out.update(_leaves(inner, f"{prefix}[{i}]"))
-        return out
-    return {prefix: value}
-
-
-def recipe_keys(recipe: Recipe, roots: tuple[str, ...]) -> dict[str, str]:
-    """A short hash of every leaf under the dotted `roots` (`("task", "data.max_tokens")`; `()` for the whole
-    recipe), keyed by its dotted path."""
-    doc = recipe.model_dump(mode="json", by_alias=True)
-    picked: dict[str, Any] = {}
-    for root in roots or ("",):
-        node: Any = doc
-        for part in filter(None, root.split(".")):
-            node = node[part]
-        picked.update(_leaves(node, root))
-    return {key: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:16] for key, v in picked.items()}
-
-
-def keys_hash(keys: dict[str, str]) -> str:
-    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
-
-
-def changed_keys(before: dict[str, str], now: dict[str, str]) -> list[str]:
-    """Dotted keys added, removed or changed between two `recipe_keys` results."""
-    return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
 
 
 def stale_upstream(run: RunDir, stage: str, recipe: Recipe) -> dict[str, list[str]]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import UserError
+from pipeline.recipe_keys import recipe_keys
 
 if TYPE_CHECKING:
     from pipeline.recipe import Recipe
@@ -144,7 +145,6 @@ class RunDir:
                     reads: tuple[str, ...] = ()) -> None:
         """Mark the stage running with its inputs and, when given, the recipe it runs with: `recipe.yaml` then
         holds the recipe of the latest stage that ran, and the stage's record the hashes of the keys it `reads`."""
-        from pipeline.contracts import recipe_keys
         from pipeline.recipe import dump_recipe
 
         manifest = self.read_manifest()

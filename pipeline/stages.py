@@ -11,9 +11,10 @@ import importlib
 from dataclasses import dataclass
 from types import ModuleType
 
-from pipeline.contracts import StageOptions, changed_keys, recipe_keys
+from pipeline.contracts import StageOptions
 from pipeline.errors import UserError
 from pipeline.recipe import Recipe
+from pipeline.recipe_keys import changed_keys, recipe_keys
 from pipeline.rundir import STAGES, RunDir
 from pipeline.ui import console
 

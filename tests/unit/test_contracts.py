@@ -7,6 +7,7 @@ import pytest
 from pipeline import contracts, stages
 from pipeline.errors import UserError
 from pipeline.recipe import apply_overrides, load_recipe
+from pipeline.recipe_keys import changed_keys, recipe_keys
 from pipeline.rundir import init_run
 from tests.conftest import ROOT
 
@@ -15,21 +16,21 @@ RECIPE = ROOT / "recipes" / "ticket-classification.yaml"
 
 def test_recipe_keys_name_leaves_and_index_lists_of_sections():
     recipe = load_recipe(RECIPE)
-    keys = contracts.recipe_keys(recipe, ("data.max_tokens", "eval"))
+    keys = recipe_keys(recipe, ("data.max_tokens", "eval"))
     assert "data.max_tokens" in keys and "eval.gate.metric" in keys
     assert "eval.baselines[1].model" in keys, "a baseline's own keys are named by its index"
     assert "task.labels" not in keys
-    assert set(contracts.recipe_keys(recipe, ())) >= {"name", "task.labels", "registry.model_name"}
+    assert set(recipe_keys(recipe, ())) >= {"name", "task.labels", "registry.model_name"}
 
 
 def test_changed_keys_are_exactly_the_edited_ones():
     recipe = load_recipe(RECIPE)
     edited = load_recipe(RECIPE, ["train.epochs=5", "eval.baselines.1.model=gpt-5"])
-    before = contracts.recipe_keys(recipe, ("train", "eval"))
-    after = contracts.recipe_keys(edited, ("train", "eval"))
-    assert contracts.changed_keys(before, after) == ["eval.baselines[1].model", "train.epochs"]
+    before = recipe_keys(recipe, ("train", "eval"))
+    after = recipe_keys(edited, ("train", "eval"))
+    assert changed_keys(before, after) == ["eval.baselines[1].model", "train.epochs"]
     fewer = load_recipe(RECIPE, ["eval.baselines=[]"])
-    removed = contracts.changed_keys(before, contracts.recipe_keys(fewer, ("train", "eval")))
+    removed = changed_keys(before, recipe_keys(fewer, ("train", "eval")))
     assert "eval.baselines[0].name" in removed and "eval.baselines" in removed
 
 
