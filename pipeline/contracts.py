@@ -11,6 +11,7 @@ to build on it (exit 2) rather than mix two recipes in one run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,13 @@ class BaseRecord(Record):
     location: str  # the builtin's GGUF file name, the local directory, or the hub id
     revision: str | None  # hub: the commit the weights came from; builtin: the shipping package's version
     content_hash: str  # sha256 over the weight files (builtin: of the GGUF file)
+
+
+class PrepRecord(Record):
+    """The base prep resolved (and measured the data with its tokenizer): training loads these weights, never
+    `model.base` resolved again (a hub push between the stages would change them)."""
+
+    base: BaseRecord
 
 
 class TrainRecord(Record):
@@ -109,6 +117,24 @@ def stale_upstream(run: RunDir, stage: str, recipe: Recipe) -> dict[str, list[st
     return stale
 
 
+def why_stale(run: RunDir, stage: str, recipe: Recipe, inputs: Callable[[], dict[str, str]],
+              options: StageOptions) -> str | None:
+    """Why `stage` runs (None: it is up to date): the one rule, for the stage itself and for `expert run --dry-run`.
+    It runs when asked to (`--force`), when it has not completed (a stage that runs makes every later one stale:
+    `RunDir.start_stage`), when a recipe key it read changed, or when its declared inputs (`inputs_of` in its
+    module; asked for last, as they read upstream outputs) or outputs changed since it ran."""
+    if stage in options.redo:
+        return "--force"
+    rec = run.stage_record(stage)
+    if rec.get("status") != "complete":
+        return "not run yet" if not rec else f"its status is {rec['status']}"
+    if "reads" in rec:
+        changed = changed_keys(rec["recipe_keys"], recipe_keys(recipe, tuple(rec["reads"])))
+        if changed:
+            return f"recipe keys changed: {', '.join(changed)}"
+    return run.why_stale(stage, inputs())
+
+
 def recipe_inputs(run: RunDir, stage: str, recipe: Recipe, reads: tuple[str, ...]) -> dict[str, str]:
     """The recipe part of a stage's input hashes: the keys it reads. Refuses (exit 2, naming the keys) when the
     recipe changed under an earlier stage this one builds on: its outputs would mix two recipes."""
@@ -145,3 +171,7 @@ class StageOptions:
     redo: frozenset[str] = frozenset()  # stages to run again even when up to date
     resume: bool | None = True  # train: continue an interrupted training (True), start over (False), or ask (None)
     push: PushOptions = PushOptions()
+
+    def __post_init__(self) -> None:
+        if self.push.force:  # forcing the promotion registers a new version: push runs, up to date or not
+            object.__setattr__(self, "redo", self.redo | {"push"})

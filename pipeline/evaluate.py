@@ -52,7 +52,7 @@ FEWSHOT = baselines.FEWSHOT
 RECIPE_KEYS = ("task", "model", "eval")
 
 
-def inputs_of(recipe: Recipe, run: RunDir) -> dict[str, str]:
+def inputs_of(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> dict[str, str]:
     inputs = {
         **contracts.recipe_inputs(run, STAGE, recipe, RECIPE_KEYS),
         "prep/test.jsonl": run.output_hash("prep", "prep/test.jsonl"),
@@ -83,7 +83,7 @@ def label_mix_warning(splits: dict[str, list[dict[str, Any]]]) -> dict[str, Any]
 
 def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> dict[str, Any]:
     inputs = inputs_of(recipe, run)
-    if STAGE not in options.redo and run.is_current(STAGE, inputs):
+    if contracts.why_stale(run, STAGE, recipe, lambda: inputs, options) is None:
         console.print(f"[green]eval[/]: up to date in {run.path / STAGE}, skipped")
         return run.stage_record(STAGE)
     with run.attempt(STAGE, inputs, recipe, RECIPE_KEYS):

@@ -89,11 +89,11 @@ BUNDLED = ["train/adapter", "train/record.json", "train/metrics.json", "prep/spe
            "eval/metrics.json", "eval/cascade.json", "eval/report.md", "eval/record.json"]
 
 
-def inputs_of(recipe: Recipe, run: RunDir, include_base: bool = False) -> dict[str, str]:
+def inputs_of(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> dict[str, str]:
     inputs = contracts.recipe_inputs(run, STAGE, recipe, RECIPE_KEYS)
     for rel in BUNDLED:
         inputs[rel] = run.output_hash(rel.partition("/")[0], rel)
-    if include_base:  # another bundle, so another version (recorded only when asked: earlier pushes stay current)
+    if options.push.include_base:  # another bundle, so another version (recorded only when asked: earlier pushes stay current)
         inputs["--include-base"] = "yes"
     return inputs
 
@@ -103,8 +103,8 @@ def run(recipe: Recipe, run: RunDir, stage_options: StageOptions = StageOptions(
     if options.force and not (options.reason and options.reason.strip()):
         raise UserError("--force needs --reason TEXT: the reason is recorded on the version for reviewers")
     signing_key = version_digest.signing_key()  # a malformed key is refused before anything is written
-    inputs = inputs_of(recipe, run, options.include_base)
-    if not (options.force or options.dry_run or STAGE in stage_options.redo) and run.is_current(STAGE, inputs):
+    inputs = inputs_of(recipe, run, stage_options)
+    if not options.dry_run and contracts.why_stale(run, STAGE, recipe, lambda: inputs, stage_options) is None:
         console.print(f"[green]push[/]: up to date in {run.path / STAGE}, skipped")
         return run.stage_record(STAGE)
     verdict = json.loads((run.path / "eval/verdict.json").read_text(encoding="utf-8"))

@@ -35,6 +35,11 @@ RECIPE_FILE = "recipe.yaml"
 OPEN_MLFLOW_RUNS = "open_mlflow_runs"  # manifest key: stage -> the MLflow run it has open, until that run ends
 
 
+def later_stages(stage: str) -> tuple[str, ...]:
+    """The stages that build on `stage`: when it runs, they are stale (the run marks them, the plan says so)."""
+    return STAGES[STAGES.index(stage) + 1 :]
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -153,8 +158,7 @@ class RunDir:
             atomic_write_text(self.path / RECIPE_FILE, dump_recipe(recipe))
             manifest["recipe_hash"] = recipe.recipe_hash()
             manifest["stages"][stage].update(reads=list(reads), recipe_keys=recipe_keys(recipe, reads))
-        # a redone stage makes everything after it stale
-        for later in STAGES[STAGES.index(stage) + 1 :]:
+        for later in later_stages(stage):
             if later in manifest["stages"]:
                 manifest["stages"][later]["status"] = "stale"
         self.write_manifest(manifest)
@@ -231,6 +235,8 @@ class RunDir:
         rec = self.stage_record(stage)
         if rec.get("status") != "complete":
             raise UserError(f"{self.path}: stage `{stage}` has not completed; run `expert {stage}` first")
+        if rel not in rec["outputs"]:  # made by an older version of the stage
+            raise UserError(f"{self.path}: stage `{stage}` did not record {rel}; redo it (`expert run --force {stage}`)")
         return rec["outputs"][rel]
 
 

@@ -96,3 +96,28 @@ def test_a_hub_base_is_recorded_at_its_commit_and_reloaded_at_that_revision(tiny
     (snapshot / "config.json").write_text((snapshot / "config.json").read_text().replace("}", ', "x": 1}', 1))
     with pytest.raises(UserError, match="not the ones the adapter was trained on"):
         models.recorded_base(record)
+
+
+def test_the_plan_and_the_stage_decide_up_to_date_by_one_rule(tmp_path):
+    """`expert run --dry-run` and the stage itself ask `contracts.why_stale` with the inputs the stage declares:
+    a prep recorded with today's inputs is skipped by both; a changed key it read makes both redo it."""
+    from pipeline import prep
+
+    recipe = load_recipe(RECIPE)
+    run = init_run(tmp_path / "run", recipe.name, "", recipe.recipe_hash())
+    run.start_stage("prep", prep.inputs_of(recipe), recipe, prep.RECIPE_KEYS)
+    run.finish_stage("prep", [])
+    planned = stages.plan(recipe, run)
+    assert (planned[0].runs, planned[0].why) == (False, "up to date") and planned[1].why == "not run yet"
+    ended = run.stage_record("prep")["ended"]
+    assert prep.run(recipe, run) == run.stage_record("prep") and run.stage_record("prep")["ended"] == ended
+
+    edited = load_recipe(RECIPE, ["data.max_tokens=300"])
+    why = contracts.why_stale(run, "prep", edited, lambda: prep.inputs_of(edited), contracts.StageOptions())
+    assert why == "recipe keys changed: data.max_tokens"
+    assert [p.why for p in stages.plan(edited, run)][:2] == [why, "prep runs before it"]
+
+
+def test_a_forced_promotion_runs_push_in_the_plan_as_in_the_stage():
+    options = contracts.StageOptions(push=contracts.PushOptions(force=True, reason="hotfix"))
+    assert "push" in options.redo and "push" not in contracts.StageOptions().redo
