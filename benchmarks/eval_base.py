@@ -24,8 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `pipeline`
 
 from pipeline import baselines, eval_inference, evidence, models, prep, stats, tasks  # noqa: E402
+from pipeline.files import atomic_write_json, atomic_write_jsonl
 from pipeline.recipe import dump_recipe, load_recipe  # noqa: E402
-from pipeline.rundir import MANIFEST, atomic_write_json, atomic_write_jsonl, init_run, open_run  # noqa: E402
+from pipeline.rundir import MANIFEST, init_run, open_run  # noqa: E402
 
 
 def main() -> None:

@@ -49,8 +49,9 @@ def predict_with_cascade(model_uri: str, rows: list[dict[str, Any]], escalate: b
     texts = [r["text"] for r in rows]
     answers = expert.predict(None, texts)
     esc = cascade.escalation(expert.recipe, expert.threshold, expert.frontier, escalate, route=expert.route)
-    checked = [cascade.expert_row({**row, **answer}, expert.threshold) for row, answer in zip(rows, answers)]
-    out = cascade.escalate(checked, texts, esc, expert)
+    # the version's rows come judged by `cascade.expert_row` (`escalate`, and `expert_error` for a confidence that
+    # is no probability), as serving judges them
+    out = cascade.escalate([{**row, **answer} for row, answer in zip(rows, answers)], texts, esc, expert)
     skipped = sum(1 for r in out if "escalation_skipped" in r)
     if skipped:
         console.print(f"[yellow]predict[/]: {skipped} row(s) under the threshold marked `escalate` but not sent "

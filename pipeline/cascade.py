@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import baseline_kinds, frontier, tasks
+from pipeline import frontier, tasks
 from pipeline.baselines import baseline_prompt
 from pipeline.recipe import BaselineSection
 
@@ -42,7 +42,7 @@ def frontier_baseline(recipe, name: str | None = None) -> BaselineSection | None
     """The `openai` baseline escalated requests go to: `name` (the frontier eval recorded for a version), else the
     one `recipe.eval.cascade_frontier()` names; None when there is none or it cannot be asked live."""
     name = name or recipe.eval.cascade_frontier()
-    return next((b for b in recipe.eval.baselines if b.name == name and baseline_kinds.of(b).asked_live(b)), None)
+    return next((b for b in recipe.eval.baselines if b.name == name and b.asked_live), None)
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,9 @@ def escalation(recipe, threshold: float | None, frontier_name: str | None, escal
     baseline whose key is set, or escalation is off and says why: a route with a tier left out is not the route
     eval measured. `retries`/`timeout_s` replace the baselines' own (eval's patient settings) where an answer
     cannot wait, as in serving."""
+    threshold = expert_threshold(threshold, route)
     if route is not None:
         chain, thresholds = route["chain"], route["thresholds"]
-        threshold = thresholds[0]
         above = list(zip(chain[1:], [*thresholds[1:], None]))
     else:
         above = [(frontier_name or recipe.eval.cascade_frontier(), None)]
@@ -111,6 +111,17 @@ def escalation(recipe, threshold: float | None, frontier_name: str | None, escal
     return Escalation(f"on: route `expert` >= {threshold:.4f} -> {steps}", tuple(tiers))
 
 
+def expert_threshold(cascade_threshold: float | None, route: dict[str, Any] | None) -> float | None:
+    """The confidence under which the expert's answer goes up: its route's first threshold when the version has a
+    route (`verdict.json`'s `route` replaces the cascade), else its cascade's (`cascade.json`; None: no cascade)."""
+    return route["thresholds"][0] if route is not None else cascade_threshold
+
+
+def unsure(confidence: Any, threshold: float | None) -> bool:
+    """Whether the expert's answer goes up: its confidence is no probability, or is under the threshold."""
+    return not is_probability(confidence) or (threshold is not None and confidence < threshold)
+
+
 def is_probability(value: Any) -> bool:
     """A confidence that can be compared with a threshold: a finite number in [0, 1] (not NaN, not a bool)."""
     return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -126,7 +137,7 @@ def expert_row(row: dict[str, Any], threshold: float | None) -> dict[str, Any]:
         return {**row, "answer": None, "confidence": None, "escalate": True,
                 "expert_error": f"the expert's confidence is {confidence!r}, not a probability in [0, 1] (its weights "
                                 "may be corrupted): its answer is not used"}
-    return {**row, "escalate": threshold is not None and confidence < threshold}
+    return {**row, "escalate": unsure(confidence, threshold)}
 
 
 def ask(tier: Tier, texts: list[str], expert, deadline_s: float | None = None) -> list[dict[str, Any]]:

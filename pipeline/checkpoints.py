@@ -15,7 +15,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from pipeline.errors import UserError
-from pipeline.rundir import atomic_write_json, file_hash
+from pipeline.files import atomic_write_json, file_hash
 from pipeline.ui import console
 
 SEAL = "expert-complete.json"  # written last, atomically: a checkpoint without it is incomplete

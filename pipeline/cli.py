@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import os
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,7 +24,6 @@ from pipeline.contracts import PushOptions, StageOptions
 from pipeline.errors import UserError
 from pipeline.recipe import Recipe, dump_recipe, load_recipe
 from pipeline.rundir import STAGES, RunDir, create_run, init_run, latest_run, open_run
-from pipeline.serving.options import default as _serve_default  # serve's defaults live in ServeOptions only
 from pipeline.ui import console
 
 
@@ -191,7 +192,8 @@ def label(recipe_path: RecipeArg, overrides: SetOpt = None) -> None:
     when rows are left unlabelled (failed, or not sent because of the budget), or another run holds the cache."""
 
     def body() -> None:
-        from pipeline import prep as prep_stage, tasks
+        from pipeline import prep as prep_stage
+        from pipeline import tasks
 
         recipe = load_recipe(recipe_path, overrides or ())
         if recipe.data.teacher is None:
@@ -363,86 +365,43 @@ def predict_cmd(
     _guarded(body)
 
 
-@app.command()
-def serve(
-    model_uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION or any MLflow model URI.")],
-    host: Annotated[str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless you mean to expose it.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 8000,
-    escalate: Annotated[
-        bool, typer.Option("--escalate/--no-escalate", help="Send answers under the cascade threshold to the frontier.")
-    ] = _serve_default("escalate"),
-    frontier_down: Annotated[
-        str, typer.Option("--frontier-down", help="When the frontier fails: `flag` (the expert's answer, flagged) or `502`.")
-    ] = _serve_default("frontier_down"),
-    max_batch: Annotated[int, typer.Option(help="Most requests answered in one model call.")] = _serve_default("max_batch"),
-    batch_wait_ms: Annotated[
-        float, typer.Option(help="After the first queued request, wait this long for more (0: batch what queued meanwhile).")
-    ] = _serve_default("batch_wait_ms"),
-    max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = _serve_default("max_body_bytes"),
-    max_input_tokens: Annotated[
-        int | None, typer.Option(help="Longer input texts get 413. Default: the recipe's data.max_tokens.")
-    ] = _serve_default("max_input_tokens"),
-    frontier_retries: Annotated[
-        int, typer.Option(help="Retries per escalated request.")
-    ] = _serve_default("frontier_retries"),
-    frontier_timeout: Annotated[
-        float, typer.Option(help="Seconds per frontier attempt: to connect, and for each read (at most --tier-deadline).")
-    ] = _serve_default("frontier_timeout_s"),
-    tier_deadline: Annotated[
-        float, typer.Option(help="Most seconds a request spends on one tier above the expert: waiting for a slot, "
-                                 "every attempt and backoff; then it goes on to the next tier, or is flagged/502.")
-    ] = _serve_default("tier_deadline_s"),
-    escalation_deadline: Annotated[
-        float, typer.Option(help="Most seconds a request spends on all the tiers above the expert together.")
-    ] = _serve_default("escalation_deadline_s"),
-    tier_queue: Annotated[
-        int, typer.Option(help="Requests that may wait for a tier whose max_concurrency slots are all busy; more "
-                               "are shed at once (on to the next tier, or flagged/502), not queued.")
-    ] = _serve_default("tier_queue"),
-    body_timeout: Annotated[
-        float, typer.Option(help="Seconds for a request body to arrive in full; a stalled one gets 408 and the "
-                                 "connection is closed.")
-    ] = _serve_default("body_timeout_s"),
-    health_probe_interval: Annotated[
-        float, typer.Option(help="/health asks the model a probe question when its last one is older than this "
-                                 "(or an answer since had a confidence that is no probability).")
-    ] = _serve_default("health_probe_s"),
-    merge: Annotated[
-        bool | None, typer.Option("--merge/--no-merge",
-                                  help="Fold the adapter into the base weights at load, or keep it separate. Default: "
-                                       "as the version was evaluated; the other is refused without "
-                                       "--allow-unevaluated-runtime.")
-    ] = _serve_default("merge"),
-    allow_unevaluated_runtime: Annotated[
-        bool, typer.Option(help="Serve with --merge/--no-merge other than the version was evaluated with (its "
-                                "answers and confidences then differ from the evaluated ones in the last digits).")
-    ] = _serve_default("allow_unevaluated_runtime"),
-    pack: Annotated[
-        bool, typer.Option("--pack/--no-pack", help="Keep merged bf16 weights in oneDNN's layout (same answers, faster).")
-    ] = _serve_default("pack"),
-    lean_forward: Annotated[
-        bool, typer.Option("--lean-forward/--no-lean-forward",
-                           help="Score labels with a leaner Llama forward pass, q/k/v and gate/up fused (same answers, faster).")
-    ] = _serve_default("lean_forward"),
-    threads: Annotated[
-        int | None, typer.Option(help="CPU threads for the model (default: one per core; 1 helps on a busy machine).")
-    ] = _serve_default("threads"),
-) -> None:
+def serve(model_uri: str, host: str, port: int, **options: Any) -> None:
     """Serve a registered expert: OpenAI-compatible /v1/chat/completions, /v1/predict, /health, /metrics."""
 
     def body() -> None:
         from pipeline import serving
 
-        options = serving.ServeOptions(  # checks its values (a bad --frontier-down, --max-batch 0: exit 2)
-            escalate=escalate, frontier_down=frontier_down, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
-            max_body_bytes=max_body_bytes, max_input_tokens=max_input_tokens, frontier_retries=frontier_retries,
-            frontier_timeout_s=frontier_timeout, tier_deadline_s=tier_deadline, escalation_deadline_s=escalation_deadline,
-            tier_queue=tier_queue, body_timeout_s=body_timeout, health_probe_s=health_probe_interval, merge=merge, pack=pack, lean_forward=lean_forward, threads=threads,
-            allow_unevaluated_runtime=allow_unevaluated_runtime,
-        )
-        serving.run(model_uri, host, port, options)
+        # checks its values (a bad --frontier-down, --max-batch 0: exit 2)
+        serving.run(model_uri, host, port, serving.ServeOptions(**options))
 
     _guarded(body)
+
+
+def _serve_signature() -> inspect.Signature:
+    """`expert serve`'s parameters: the model, where to listen, then one flag per ServeOptions field, with the
+    default and help that field declares."""
+    from pipeline.serving.options import serve_flags
+
+    params = [
+        inspect.Parameter("model_uri", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
+            str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION or any MLflow model URI.")]),
+        inspect.Parameter("host", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="127.0.0.1", annotation=Annotated[
+            str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless you mean to expose it.")]),
+        inspect.Parameter("port", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=8000,
+                          annotation=Annotated[int, typer.Option(help="Port.")]),
+    ]
+    for name, (kind, flag, default) in serve_flags().items():
+        if typing.get_origin(kind) is typing.Literal:  # a choice: ServeOptions checks it and names the choices
+            kind = str
+        option = typer.Option(*[flag.decl] if flag.decl else [], help=flag.help)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=Annotated[kind, option]))
+    return inspect.Signature(params, return_annotation=None)
+
+
+serve.__signature__ = _serve_signature()  # type: ignore[attr-defined]
+serve.__annotations__ = {p.name: p.annotation for p in serve.__signature__.parameters.values()}
+app.command()(serve)
 
 
 @app.command("export")
@@ -490,7 +449,7 @@ def audit(
 
     def body() -> None:
         from pipeline import audit as auditing
-        from pipeline.rundir import atomic_write_json
+        from pipeline.files import atomic_write_json
 
         result = auditing.audit_logs(logs, fmt, auditing.read_prices(prices))
         expert = None

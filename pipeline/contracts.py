@@ -11,8 +11,7 @@ to build on it (exit 2) rather than mix two recipes in one run.
 
 from __future__ import annotations
 
-import hashlib
-import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -20,9 +19,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.errors import UserError
+from pipeline.files import atomic_write_text
 from pipeline.recipe import Recipe
+from pipeline.recipe_keys import changed_keys, keys_hash, recipe_keys
 from pipeline.rundir import STAGES, RunDir
-from pipeline.runtime import BEFORE_RECORDED, Runtime
 
 RECORD = "record.json"
 
@@ -41,6 +41,13 @@ class BaseRecord(Record):
     content_hash: str  # sha256 over the weight files (builtin: of the GGUF file)
 
 
+class PrepRecord(Record):
+    """The base prep resolved (and measured the data with its tokenizer): training loads these weights, never
+    `model.base` resolved again (a hub push between the stages would change them)."""
+
+    base: BaseRecord
+
+
 class TrainRecord(Record):
     base: BaseRecord
     precision: Literal["fp32", "bf16", "fp16"]
@@ -51,6 +58,18 @@ class TrainRecord(Record):
     launch: str
     processes: int
     adapter_hash: str  # tree hash of train/adapter
+
+
+class Runtime(Record):
+    """How the expert ran when it answered (`pipeline/runtime.py` prepares it): what decides the numbers
+    (`adapter`), and the bit-identical speed-ups that were installed, as their notes."""
+
+    adapter: Literal["merged", "separate"]
+    speedups: list[str] = []
+
+
+# versions evaluated before eval recorded its runtime ran the adapter separate
+BEFORE_RECORDED = Runtime(adapter="separate")
 
 
 class EvalRecord(Record):
@@ -81,49 +100,10 @@ def read_record(path: Path, model: type[Record]) -> Any:
 
 
 def write_record(path: Path, record: Record) -> None:
-    from pipeline.rundir import atomic_write_text
-
     atomic_write_text(path, record.model_dump_json(indent=2) + "\n")
 
 
 # -- which recipe keys a stage read ------------------------------------------------------------------------------
-
-
-def _leaves(value: Any, prefix: str) -> dict[str, Any]:
-    """Dotted paths to the leaf values under `prefix`; lists of mappings are indexed (`eval.baselines[0].model`)."""
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, inner in value.items():
-            out.update(_leaves(inner, f"{prefix}.{key}" if prefix else key))
-        return out
-    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        out = {}
-        for i, inner in enumerate(value):
-            out.update(_leaves(inner, f"{prefix}[{i}]"))
-        return out
-    return {prefix: value}
-
-
-def recipe_keys(recipe: Recipe, roots: tuple[str, ...]) -> dict[str, str]:
-    """A short hash of every leaf under the dotted `roots` (`("task", "data.max_tokens")`; `()` for the whole
-    recipe), keyed by its dotted path."""
-    doc = recipe.model_dump(mode="json", by_alias=True)
-    picked: dict[str, Any] = {}
-    for root in roots or ("",):
-        node: Any = doc
-        for part in filter(None, root.split(".")):
-            node = node[part]
-        picked.update(_leaves(node, root))
-    return {key: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:16] for key, v in picked.items()}
-
-
-def keys_hash(keys: dict[str, str]) -> str:
-    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
-
-
-def changed_keys(before: dict[str, str], now: dict[str, str]) -> list[str]:
-    """Dotted keys added, removed or changed between two `recipe_keys` results."""
-    return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
 
 
 def stale_upstream(run: RunDir, stage: str, recipe: Recipe) -> dict[str, list[str]]:
@@ -136,6 +116,24 @@ def stale_upstream(run: RunDir, stage: str, recipe: Recipe) -> dict[str, list[st
             if changed:
                 stale[earlier] = changed
     return stale
+
+
+def why_stale(run: RunDir, stage: str, recipe: Recipe, inputs: Callable[[], dict[str, str]],
+              options: StageOptions) -> str | None:
+    """Why `stage` runs (None: it is up to date): the one rule, for the stage itself and for `expert run --dry-run`.
+    It runs when asked to (`--force`), when it has not completed (a stage that runs makes every later one stale:
+    `RunDir.start_stage`), when a recipe key it read changed, or when its declared inputs (`inputs_of` in its
+    module; asked for last, as they read upstream outputs) or outputs changed since it ran."""
+    if stage in options.redo:
+        return "--force"
+    rec = run.stage_record(stage)
+    if rec.get("status") != "complete":
+        return "not run yet" if not rec else f"its status is {rec['status']}"
+    if "reads" in rec:
+        changed = changed_keys(rec["recipe_keys"], recipe_keys(recipe, tuple(rec["reads"])))
+        if changed:
+            return f"recipe keys changed: {', '.join(changed)}"
+    return run.why_stale(stage, inputs())
 
 
 def recipe_inputs(run: RunDir, stage: str, recipe: Recipe, reads: tuple[str, ...]) -> dict[str, str]:
@@ -174,3 +172,7 @@ class StageOptions:
     redo: frozenset[str] = frozenset()  # stages to run again even when up to date
     resume: bool | None = True  # train: continue an interrupted training (True), start over (False), or ask (None)
     push: PushOptions = PushOptions()
+
+    def __post_init__(self) -> None:
+        if self.push.force:  # forcing the promotion registers a new version: push runs, up to date or not
+            object.__setattr__(self, "redo", self.redo | {"push"})

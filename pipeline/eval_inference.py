@@ -7,12 +7,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from pipeline import contracts, models, predict
 from pipeline.errors import UserError
+from pipeline.files import tree_hash
 from pipeline.recipe import Recipe
-from pipeline.rundir import RunDir, tree_hash
+from pipeline.rundir import RunDir
 from pipeline.ui import console
 
 

@@ -21,7 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import baseline_kinds, baselines, contracts, eval_traces, routing, runtime, stats, tasks, tracking
+from pipeline import (
+    baseline_kinds,
+    baselines,
+    contracts,
+    eval_traces,
+    routing,
+    runtime,
+    stats,
+    tasks,
+    tracking,
+)
 from pipeline.contracts import StageOptions
 from pipeline.errors import UserError
 from pipeline.eval_inference import infer_local, load_expert, read_split
@@ -36,9 +46,20 @@ from pipeline.evidence import (
     system_metrics,
     verdict_word,
 )
+from pipeline.files import (
+    atomic_write_json,
+    atomic_write_jsonl,
+    atomic_write_text,
+    tree_hash,
+)
 from pipeline.recipe import Recipe
-from pipeline.rundir import RunDir, atomic_write_json, atomic_write_jsonl, atomic_write_text, tree_hash
-from pipeline.stage_documents import MetricsDocument, SpecDocument, VerdictDocument, read_spec
+from pipeline.rundir import RunDir
+from pipeline.stage_documents import (
+    MetricsDocument,
+    SpecDocument,
+    VerdictDocument,
+    read_spec,
+)
 from pipeline.ui import console
 
 STAGE = "eval"
@@ -54,7 +75,7 @@ Rows = list[dict[str, Any]]
 RECIPE_KEYS = ("task", "model", "eval")
 
 
-def inputs_of(recipe: Recipe, run: RunDir) -> dict[str, str]:
+def inputs_of(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> dict[str, str]:
     inputs = {
         **contracts.recipe_inputs(run, STAGE, recipe, RECIPE_KEYS),
         "prep/test.jsonl": run.output_hash("prep", "prep/test.jsonl"),
@@ -104,7 +125,7 @@ class Evidence:
 
 def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> dict[str, Any]:
     inputs = inputs_of(recipe, run)
-    if STAGE not in options.redo and run.is_current(STAGE, inputs):
+    if contracts.why_stale(run, STAGE, recipe, lambda: inputs, options) is None:
         console.print(f"[green]eval[/]: up to date in {run.path / STAGE}, skipped")
         return run.stage_record(STAGE)
     with run.attempt(STAGE, inputs, recipe, RECIPE_KEYS):

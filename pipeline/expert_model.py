@@ -22,9 +22,7 @@ from typing import Any
 
 import mlflow.pyfunc
 
-BUNDLE = "bundle"
-# where the adapter lies in a logged model: train uploads it there, push adds the rest of the pyfunc around it
-ADAPTER_PATH = f"artifacts/{BUNDLE}/adapter"
+from pipeline.tracking import BUNDLE
 
 
 def _texts(model_input: Any) -> list[str]:
@@ -49,7 +47,7 @@ class ExpertModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from peft import PeftModel
 
-        from pipeline import contracts, models
+        from pipeline import cascade, contracts, models
         from pipeline.recipe import load_recipe
         from pipeline.stage_documents import read_spec, read_verdict
 
@@ -60,16 +58,15 @@ class ExpertModel(mlflow.pyfunc.PythonModel):
         # what the frontier is asked when a request escalates: the instruction with the label list or schema
         # (versions pushed before the expert's prompt dropped the label list have one prompt for both)
         self.baseline_system_prompt = spec_doc.baseline_system_prompt
-        cascade = bundle / "cascade.json"
-        cascade_doc = json.loads(cascade.read_text(encoding="utf-8")) if cascade.is_file() else {}
-        self.threshold = cascade_doc.get("threshold")
-        self.frontier = cascade_doc.get("frontier")  # the baseline that answers escalated requests
-        # a route (eval's chain and thresholds) replaces the cascade: the expert's threshold is the route's first
+        cascade_file = bundle / "cascade.json"
+        cascade_doc = json.loads(cascade_file.read_text(encoding="utf-8")) if cascade_file.is_file() else {}
+        # a route (eval's chain and thresholds) replaces the cascade and its frontier
         verdict = bundle / "verdict.json"
         route = read_verdict(verdict).route if verdict.is_file() else None
         self.route = None if route is None else route.model_dump()
-        if self.route is not None:
-            self.threshold, self.frontier = self.route["thresholds"][0], None
+        self.threshold = cascade.expert_threshold(cascade_doc.get("threshold"), self.route)
+        # the baseline that answers escalated requests
+        self.frontier = cascade_doc.get("frontier") if self.route is None else None
         # the base and precision training used, as train/record.json says (not decided again on this machine)
         trained = contracts.read_record(bundle / "train_record.json", contracts.TrainRecord)
         self.precision = trained.precision
@@ -90,18 +87,13 @@ class ExpertModel(mlflow.pyfunc.PythonModel):
         self.runtime = None  # until prepared (`runtime.prepare_expert`); `expert export` writes it as loaded
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        from pipeline import predict, runtime
+        from pipeline import cascade, predict, runtime
 
         if self.runtime is None:
             runtime.prepare_expert(self)
         texts = _texts(model_input)
         prompts = [predict.expert_prompt(self.system_prompt, t) for t in texts]  # as `expert serve` builds them
         rows = predict.answer(self.model, self.tokenizer, prompts, self.recipe, self.spec)
-        return [
-            {
-                "answer": r["prediction"],
-                "confidence": r["confidence"],
-                "escalate": self.threshold is not None and r["confidence"] < self.threshold,
-            }
-            for r in rows
-        ]
+        # judged as serving judges them: a confidence that is no probability is an error, never a sure answer
+        return [cascade.expert_row({"answer": r["prediction"], "confidence": r["confidence"]}, self.threshold)
+                for r in rows]

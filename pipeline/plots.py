@@ -10,7 +10,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from pipeline.rundir import atomic_write_bytes
+from pipeline.files import atomic_write_bytes
 
 
 def _figure():

@@ -5,7 +5,8 @@ row: id, text, target, and the TRL prompt/completion chat messages),
 `spec.json` (the label set or JSON Schema), `fewshot.json` (examples drawn from
 train for prompted baselines), `rejected.jsonl` (every rejected row with its
 source location and reason code), `truncated.jsonl`, `stats.json`,
-`report.md` and, for classification, `class_distribution.png`.
+`report.md`, `record.json` (the base it resolved: training loads that, not
+`model.base` resolved again) and, for classification, `class_distribution.png`.
 
 Rows stream from the source and are kept as compact `Example`s (the split and
 the duplicate checks need all of them); token lengths are measured in batches
@@ -28,6 +29,12 @@ from pipeline import contracts, models, tasks, teacher
 from pipeline.contracts import StageOptions
 from pipeline.errors import UserError
 from pipeline.examples import Example, render
+from pipeline.files import (
+    atomic_write_json,
+    atomic_write_jsonl,
+    atomic_write_text,
+    file_hash,
+)
 from pipeline.prep_report import (
     build_stats,
     data_fingerprint,
@@ -38,7 +45,6 @@ from pipeline.prep_report import (
 )
 from pipeline.readers import load_examples, sources_of, traces_digest
 from pipeline.recipe import TRACES_PREFIX, Recipe
-from pipeline.rundir import RunDir, atomic_write_json, atomic_write_jsonl, atomic_write_text, file_hash
 from pipeline.row_checks import (
     check_class_counts,
     check_duplicates,
@@ -48,6 +54,7 @@ from pipeline.row_checks import (
     scrub_records,
     spec_of,
 )
+from pipeline.rundir import RunDir
 from pipeline.splitting import SPLITS, fewshot_examples, split_examples
 from pipeline.token_count import enforce_max_tokens
 from pipeline.ui import console
@@ -57,7 +64,7 @@ STAGE = "prep"
 
 def outputs_of(recipe: Recipe) -> list[str]:
     names = [f"{s}.jsonl" for s in SPLITS]
-    names += ["spec.json", "fewshot.json", "stats.json", "report.md", "rejected.jsonl", "truncated.jsonl"]
+    names += ["spec.json", "fewshot.json", "stats.json", "report.md", "rejected.jsonl", "truncated.jsonl", contracts.RECORD]
     if tasks.for_type(recipe.task.type).label_set:
         names.append("class_distribution.png")
     return [f"{STAGE}/{n}" for n in names]
@@ -67,7 +74,8 @@ def outputs_of(recipe: Recipe) -> list[str]:
 RECIPE_KEYS = ("name", "task", "data", "model.base", "model.trust_remote_code")
 
 
-def inputs_of(recipe: Recipe) -> dict[str, str]:
+def inputs_of(recipe: Recipe, run: RunDir | None = None, options: StageOptions = StageOptions()) -> dict[str, str]:
+    """The data files (by content) and recipe keys prep reads; `run` and `options` are every stage's signature."""
     inputs = contracts.reads_entry(recipe, RECIPE_KEYS)
     for key, source in sources_of(recipe).items():
         if isinstance(source, str) and source.startswith(TRACES_PREFIX):  # traces arrive: their ids are the content
@@ -128,7 +136,7 @@ def read_and_label(recipe: Recipe, task, rejected: list[dict[str, Any]]):
 
 def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> dict[str, Any]:
     inputs = inputs_of(recipe)
-    if STAGE not in options.redo and run.is_current(STAGE, inputs):
+    if contracts.why_stale(run, STAGE, recipe, lambda: inputs, options) is None:
         console.print(f"[green]prep[/]: up to date in {run.path / STAGE}, skipped")
         return run.stage_record(STAGE)
     with run.attempt(STAGE, inputs, recipe, RECIPE_KEYS):
@@ -138,7 +146,8 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
         examples, spec, baseline_system, pii_found, labelled = read_and_label(recipe, task, rejected)
         examples = check_targets(examples, rejected, task, spec)
         examples = check_duplicates(examples, rejected, task, spec)
-        tokenizer = models.load_tokenizer(*_tokenizer_source(recipe))
+        source, base = models.resolve_base(recipe.model.base)  # once: later stages read it from prep/record.json
+        tokenizer = models.load_tokenizer(source, recipe.model.trust_remote_code)
         system = baseline_system if recipe.task.spec_in_expert_prompt else recipe.task.instruction
         console.print(f"[bold]prep[/]: measuring {len(examples):,} rows with the base model's tokenizer")
         examples, truncated = enforce_max_tokens(examples, rejected, tokenizer, system, task, spec, recipe)
@@ -167,11 +176,7 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
             plot_class_distribution(stats["classes"], out / "class_distribution.png")
         atomic_write_text(out / "report.md", render_report(recipe, stats, rejected, truncated))
         print_stats(stats)
+        contracts.write_record(out / contracts.RECORD, contracts.PrepRecord(base=base))
         mlflow_run_id = log_to_mlflow(recipe, run, stats, out, STAGE)
         run.finish_stage(STAGE, outputs_of(recipe), fingerprint=fingerprint, mlflow_run_id=mlflow_run_id)
     return run.stage_record(STAGE)
-
-
-def _tokenizer_source(recipe: Recipe) -> tuple[Path | str, bool]:
-    source, _ = models.resolve_base(recipe.model.base)
-    return source, recipe.model.trust_remote_code

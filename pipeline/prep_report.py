@@ -13,8 +13,9 @@ from typing import Any
 from rich.table import Table
 
 from pipeline import tasks, tracking
+from pipeline.files import file_hash
 from pipeline.recipe import Recipe
-from pipeline.rundir import RunDir, file_hash
+from pipeline.rundir import RunDir
 from pipeline.splitting import SPLITS
 from pipeline.stats import label_mix_differs, label_mix_shift, moved_labels
 from pipeline.ui import console

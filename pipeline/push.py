@@ -30,9 +30,15 @@ from pipeline import contracts, models, tracking, version_digest
 from pipeline.contracts import PushOptions, StageOptions
 from pipeline.errors import UserError
 from pipeline.evidence import evidence_markdown, flat_metrics
+from pipeline.files import atomic_write_json, tree_hash
 from pipeline.recipe import Recipe, dump_recipe
-from pipeline.rundir import RunDir, atomic_write_json, tree_hash
-from pipeline.stage_documents import MetricsDocument, VerdictDocument, read_metrics, read_verdict
+from pipeline.rundir import RunDir
+from pipeline.stage_documents import (
+    MetricsDocument,
+    VerdictDocument,
+    read_metrics,
+    read_verdict,
+)
 from pipeline.ui import console
 
 STAGE = "push"
@@ -90,11 +96,11 @@ BUNDLED = ["train/adapter", "train/record.json", "train/metrics.json", "prep/spe
            "eval/metrics.json", "eval/cascade.json", "eval/report.md", "eval/record.json"]
 
 
-def inputs_of(recipe: Recipe, run: RunDir, include_base: bool = False) -> dict[str, str]:
+def inputs_of(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> dict[str, str]:
     inputs = contracts.recipe_inputs(run, STAGE, recipe, RECIPE_KEYS)
     for rel in BUNDLED:
         inputs[rel] = run.output_hash(rel.partition("/")[0], rel)
-    if include_base:  # another bundle, so another version (recorded only when asked: earlier pushes stay current)
+    if options.push.include_base:  # another bundle, so another version (recorded only when asked: earlier pushes stay current)
         inputs["--include-base"] = "yes"
     return inputs
 
@@ -104,8 +110,8 @@ def run(recipe: Recipe, run: RunDir, stage_options: StageOptions = StageOptions(
     if options.force and not (options.reason and options.reason.strip()):
         raise UserError("--force needs --reason TEXT: the reason is recorded on the version for reviewers")
     signing_key = version_digest.signing_key()  # a malformed key is refused before anything is written
-    inputs = inputs_of(recipe, run, options.include_base)
-    if not (options.force or options.dry_run or STAGE in stage_options.redo) and run.is_current(STAGE, inputs):
+    inputs = inputs_of(recipe, run, stage_options)
+    if not options.dry_run and contracts.why_stale(run, STAGE, recipe, lambda: inputs, stage_options) is None:
         console.print(f"[green]push[/]: up to date in {run.path / STAGE}, skipped")
         return run.stage_record(STAGE)
     verdict = read_verdict(run.path / "eval/verdict.json")
@@ -271,7 +277,7 @@ def pyfunc_model(mlflow_client, model_id: str, model_dir: Path, bundle_hash: str
     bundle (a new eval of the same adapter, `--include-base`), or holding files a killed push left: a new logged
     model of the same adapter, the expert's test metrics logged against it too, because a registered version's
     files must never change under it."""
-    from pipeline.expert_model import ADAPTER_PATH
+    from pipeline.tracking import ADAPTER_PATH
 
     held = mlflow_client.get_logged_model(model_id).tags
     if held.get(BUNDLE_TAG) == bundle_hash and version_digest.is_digest(held.get(version_digest.DIGEST_TAG)):
@@ -293,7 +299,7 @@ def pyfunc_model(mlflow_client, model_id: str, model_dir: Path, bundle_hash: str
 def holds_only_the_adapter(mlflow_client, model_id: str) -> bool:
     """Whether the logged model's bundle folder has nothing but the adapter train uploaded (a push killed while
     uploading leaves more, which this push's files would not all replace)."""
-    from pipeline.expert_model import BUNDLE
+    from pipeline.tracking import BUNDLE
 
     listed = mlflow_client.list_logged_model_artifacts(model_id, f"artifacts/{BUNDLE}")
     return [Path(f.path).name for f in listed] == ["adapter"]

@@ -322,6 +322,8 @@ class _Baseline(Strict):
     # what validation needs to know of a kind before anything runs (its behaviour is `pipeline/baseline_kinds/`):
     # whether it can answer a cascade's escalated requests (a system priced by its tokens, outside this machine)
     escalation_target: ClassVar[bool] = False
+    # whether serving and `expert predict` can ask it at request time as a tier above the expert
+    asked_live: ClassVar[bool] = False
 
     name: str = Field(
         min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
@@ -375,6 +377,7 @@ class OpenAIBaseline(_Baseline):
         1.0, description="the sampling temperature when `samples` > 1")
 
     escalation_target: ClassVar[bool] = True
+    asked_live: ClassVar[bool] = True
 
     def gives_confidence(self) -> bool:
         return self.logprobs or self.samples > 1

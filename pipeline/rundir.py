@@ -10,12 +10,10 @@ mid-write) never sees a half-written file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,6 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import UserError
+from pipeline.files import atomic_write_json, atomic_write_text, tree_hash
+from pipeline.recipe_keys import recipe_keys
 
 if TYPE_CHECKING:
     from pipeline.recipe import Recipe
@@ -34,63 +34,13 @@ RECIPE_FILE = "recipe.yaml"
 OPEN_MLFLOW_RUNS = "open_mlflow_runs"  # manifest key: stage -> the MLflow run it has open, until that run ends
 
 
+def later_stages(stage: str) -> tuple[str, ...]:
+    """The stages that build on `stage`: when it runs, they are stale (the run marks them, the plan says so)."""
+    return STAGES[STAGES.index(stage) + 1 :]
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-@contextmanager
-def atomic_file(path: Path, mode: str = "wb") -> Iterator[Any]:
-    """A file that appears at `path` only when fully written (temp name, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    text = {} if "b" in mode else {"encoding": "utf-8", "newline": "\n"}
-    try:
-        with os.fdopen(fd, mode, **text) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_file(path) as f:
-        f.write(data)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-
-
-def atomic_write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Stream rows as JSON lines (bounded memory), atomically."""
-    with atomic_file(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
-
-
-def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def tree_hash(path: Path) -> str:
-    """Hash of a file, or of a directory's relative names and file contents."""
-    if path.is_file():
-        return file_hash(path)
-    h = hashlib.sha256()
-    for p in sorted(q for q in path.rglob("*") if q.is_file()):
-        h.update(p.relative_to(path).as_posix().encode() + b"\0" + file_hash(p).encode())
-    return h.hexdigest()
 
 
 def new_run_id() -> str:
@@ -144,7 +94,6 @@ class RunDir:
                     reads: tuple[str, ...] = ()) -> None:
         """Mark the stage running with its inputs and, when given, the recipe it runs with: `recipe.yaml` then
         holds the recipe of the latest stage that ran, and the stage's record the hashes of the keys it `reads`."""
-        from pipeline.contracts import recipe_keys
         from pipeline.recipe import dump_recipe
 
         manifest = self.read_manifest()
@@ -153,8 +102,7 @@ class RunDir:
             atomic_write_text(self.path / RECIPE_FILE, dump_recipe(recipe))
             manifest["recipe_hash"] = recipe.recipe_hash()
             manifest["stages"][stage].update(reads=list(reads), recipe_keys=recipe_keys(recipe, reads))
-        # a redone stage makes everything after it stale
-        for later in STAGES[STAGES.index(stage) + 1 :]:
+        for later in later_stages(stage):
             if later in manifest["stages"]:
                 manifest["stages"][later]["status"] = "stale"
         self.write_manifest(manifest)
@@ -231,6 +179,8 @@ class RunDir:
         rec = self.stage_record(stage)
         if rec.get("status") != "complete":
             raise UserError(f"{self.path}: stage `{stage}` has not completed; run `expert {stage}` first")
+        if rel not in rec["outputs"]:  # made by an older version of the stage
+            raise UserError(f"{self.path}: stage `{stage}` did not record {rel}; redo it (`expert run --force {stage}`)")
         return rec["outputs"][rel]
 
 

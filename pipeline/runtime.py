@@ -13,29 +13,15 @@ for `--no-merge` on a version evaluated merged, or `--merge` on one evaluated se
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict
+from typing import Any
 
 from pipeline import speedups, tasks
+from pipeline.contracts import Runtime
 from pipeline.errors import UserError
 from pipeline.recipe import Recipe
 
 MERGED = "merged"
 SEPARATE = "separate"
-
-
-class Runtime(BaseModel):
-    """What decides the numbers (`adapter`), and the bit-identical speed-ups that were installed, as their notes."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    adapter: Literal["merged", "separate"]
-    speedups: list[str] = []
-
-
-# versions evaluated before eval recorded its runtime ran the adapter separate
-BEFORE_RECORDED = Runtime(adapter=SEPARATE)
 
 
 def can_merge(model, recipe: Recipe) -> bool:

@@ -1,20 +1,22 @@
 """The stage table and `run_pipeline`: every stage, in order, through one signature.
 
-Each stage module has `run(recipe, run, options)` and `inputs_of`; `run_pipeline` calls them in `STAGES`
-order and each one decides for itself whether it is up to date. `plan` says, without running anything, which
+Each stage module has `run(recipe, run, options)` and `inputs_of(recipe, run, options)`; `run_pipeline` calls
+them in `STAGES` order, and each one asks `contracts.why_stale` (the one rule) whether it is up to date. `plan` says, without running anything, which
 stages would run and why: what `expert run --dry-run` prints.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
 
-from pipeline.contracts import StageOptions, changed_keys, recipe_keys
+from pipeline import contracts
+from pipeline.contracts import StageOptions
 from pipeline.errors import UserError
 from pipeline.recipe import Recipe
-from pipeline.rundir import STAGES, RunDir
+from pipeline.rundir import STAGES, RunDir, later_stages
 from pipeline.ui import console
 
 STAGE_MODULES = {"prep": "pipeline.prep", "train": "pipeline.train", "eval": "pipeline.evaluate", "push": "pipeline.push"}
@@ -31,6 +33,11 @@ def stage_module(stage: str) -> ModuleType:
     hf_logging.disable_progress_bar()
     datasets.disable_progress_bars()
     tracking.configure()
+    return stage_module_of(stage)
+
+
+def stage_module_of(stage: str) -> ModuleType:
+    """A stage's module, imported as it is (for what it declares: `inputs_of`)."""
     return importlib.import_module(STAGE_MODULES[stage])
 
 
@@ -64,39 +71,21 @@ def plan(recipe: Recipe, run: RunDir | None, options: StageOptions = StageOption
     """Which stages `run_pipeline` would run on `run` (None: a new run) and why. Runs nothing, writes nothing."""
     check_stages(options.redo, "--force")
     planned: list[PlannedStage] = []
-    redone: str | None = None  # the first stage that runs: everything after it runs too
+    stale_after: dict[str, str] = {}  # stage -> the earlier stage that runs, making it stale
     for stage in STAGES:
         if run is None:
             why = "a new run"
-        elif redone is not None:
-            why = f"{redone} runs before it"
-        elif stage in options.redo:
-            why = "--force"
+        elif stage in stale_after:
+            why = f"{stale_after[stage]} runs before it"
         else:
-            why = _why_stale(stage, recipe, run, options)
+            inputs = functools.partial(stage_module_of(stage).inputs_of, recipe, run, options)
+            why = contracts.why_stale(run, stage, recipe, inputs, options)
         runs = why is not None
         planned.append(PlannedStage(stage, runs, why or "up to date"))
-        if runs and redone is None:
-            redone = stage
+        if runs:
+            for later in later_stages(stage):
+                stale_after.setdefault(later, stage)
     return planned
-
-
-def _why_stale(stage: str, recipe: Recipe, run: RunDir, options: StageOptions) -> str | None:
-    rec = run.stage_record(stage)
-    if rec.get("status") != "complete":
-        return "not run yet" if not rec else f"its status is {rec['status']}"
-    if "reads" in rec:
-        changed = changed_keys(rec["recipe_keys"], recipe_keys(recipe, tuple(rec["reads"])))
-        if changed:
-            return f"recipe keys changed: {', '.join(changed)}"
-    module = importlib.import_module(STAGE_MODULES[stage])
-    if stage == "prep":
-        inputs = module.inputs_of(recipe)
-    elif stage == "push":  # --include-base makes another bundle, so it is one of push's inputs
-        inputs = module.inputs_of(recipe, run, options.push.include_base)
-    else:
-        inputs = module.inputs_of(recipe, run)
-    return run.why_stale(stage, inputs)
 
 
 def print_plan(planned: list[PlannedStage], run: RunDir | None) -> None:

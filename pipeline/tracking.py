@@ -33,6 +33,11 @@ BATCH = 100
 MLFLOW_CLOSE_TIMEOUT_S = 60
 
 
+BUNDLE = "bundle"  # the pyfunc's artifact holding the version's files
+# where the adapter lies in a logged model: train uploads it there, push adds the rest of the pyfunc around it
+ADAPTER_PATH = f"artifacts/{BUNDLE}/adapter"
+
+
 def configure() -> str:
     """Point MLflow at the right store with telemetry off; returns the tracking URI."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -113,7 +118,7 @@ def split_dataset(recipe: Recipe, run: RunDir, split: str):
     the rows."""
     from mlflow.entities import Dataset
 
-    from pipeline.rundir import file_hash
+    from pipeline.files import file_hash
 
     path = run.path / "prep" / f"{split}.jsonl"
     with path.open("rb") as rows:
@@ -143,10 +148,8 @@ def log_adapter_model(mlflow_client, run_id: str, adapter_dir: Path, name: str, 
     """The trained adapter as an MLflow 3 logged model, an output of its train run; `into["model_id"]` gets its
     id. Eval logs its metrics against it; push adds the rest of the pyfunc model around the adapter and registers
     the version from it (`models:/<model_id>`, the only source MLflow's UI links back to its model). The adapter
-    goes where the pyfunc bundle reads it (`expert_model.ADAPTER_PATH`), so it is stored once."""
+    goes where the pyfunc bundle reads it (`ADAPTER_PATH`), so it is stored once."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
-
-    from pipeline.expert_model import ADAPTER_PATH
 
     experiment = mlflow_client.get_run(run_id).info.experiment_id
     model = mlflow_client.create_logged_model(experiment, name=name, source_run_id=run_id, params=params, tags=tags,

@@ -40,15 +40,28 @@ from typing import Any
 from transformers import EarlyStoppingCallback, TrainerCallback
 
 from pipeline import contracts, distributed, tracking
-from pipeline.checkpoints import RESUME_STATE, SealCheckpoints, _step_of, best_step, plan_resume
+from pipeline.checkpoints import (
+    RESUME_STATE,
+    SealCheckpoints,
+    _step_of,
+    best_step,
+    plan_resume,
+)
 from pipeline.contracts import StageOptions
 from pipeline.errors import UserError
+from pipeline.files import atomic_write_json, tree_hash
 from pipeline.recipe import Recipe
-from pipeline.rundir import RunDir, atomic_write_json, tree_hash
+from pipeline.rundir import RunDir
 from pipeline.tracking import Tracker
 from pipeline.train_progress import ProgressAndTracking
 from pipeline.train_setup import (
-    build_trainer, check_finite, load_for_training, out_of_memory_advice, to_sft_config, training_settings,
+    build_trainer,
+    check_finite,
+    load_for_training,
+    out_of_memory_advice,
+    prepared_base,
+    to_sft_config,
+    training_settings,
 )
 from pipeline.ui import console
 
@@ -60,11 +73,12 @@ OUTPUTS = [f"{STAGE}/adapter", f"{STAGE}/metrics.json", f"{STAGE}/record.json"]
 RECIPE_KEYS = ("data.max_tokens", "model", "train")
 
 
-def inputs_of(recipe: Recipe, run: RunDir) -> dict[str, str]:
+def inputs_of(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> dict[str, str]:
     return {
         **contracts.recipe_inputs(run, STAGE, recipe, RECIPE_KEYS),
         "prep/train.jsonl": run.output_hash("prep", "prep/train.jsonl"),
         "prep/validation.jsonl": run.output_hash("prep", "prep/validation.jsonl"),
+        "prep/record.json": run.output_hash("prep", "prep/record.json"),  # the base training loads
     }
 
 
@@ -72,7 +86,7 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
     """Train, or resume an interrupted training. `options.resume`: True continues from the newest complete
     checkpoint, False starts over, None (plain `expert train`) refuses to guess when checkpoints exist."""
     inputs = inputs_of(recipe, run)
-    if STAGE not in options.redo and run.is_current(STAGE, inputs):
+    if contracts.why_stale(run, STAGE, recipe, lambda: inputs, options) is None:
         console.print(f"[green]train[/]: up to date in {run.path / STAGE}, skipped")
         return run.stage_record(STAGE)
     resume = False if STAGE in options.redo else options.resume
@@ -94,7 +108,7 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
     with run.attempt(STAGE, inputs, recipe, RECIPE_KEYS) if main_process else contextlib.nullcontext():
         import torch
 
-        base, tokenizer, model = load_for_training(recipe, settings, launch, config.device)
+        base, tokenizer, model = load_for_training(recipe, prepared_base(run), settings, launch, config.device)
         tracker = Tracker.open(recipe, run, mlflow_run_id) if main_process else Tracker.disabled()
         try:
             if main_process:

@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 from pipeline.recipe import Recipe
 from pipeline.rundir import RunDir
 from pipeline.train import inputs_of
-from pipeline.train_setup import build_trainer, load_for_training, to_sft_config, training_settings
+from pipeline.train_setup import build_trainer, load_for_training, prepared_base, to_sft_config, training_settings
 from pipeline.ui import console
 
 
@@ -50,7 +50,7 @@ def plan(recipe: Recipe, run: RunDir, probe_steps: int = 5) -> dict[str, Any]:
     settings = training_settings(recipe)
     with tempfile.TemporaryDirectory(prefix="expert-plan-") as tmp:
         config = to_sft_config(recipe.train, Path(tmp), recipe.data.max_tokens, settings)
-        _, tokenizer, model = load_for_training(recipe, settings, "single", config.device)
+        _, tokenizer, model = load_for_training(recipe, prepared_base(run), settings, "single", config.device)
         trainer = build_trainer(recipe, run, config, tokenizer, model, [])
         lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
         val_tokens = sum(len(ids) for ids in trainer.eval_dataset["input_ids"])

@@ -16,7 +16,8 @@ from typing import Any
 
 from transformers import PrinterCallback, TrainerCallback
 
-from pipeline import distributed, models, train_speedups
+from pipeline import contracts, distributed, models, train_speedups
+from pipeline.contracts import BaseRecord
 from pipeline.errors import UserError
 from pipeline.recipe import Recipe, TrainSection
 from pipeline.rundir import RunDir
@@ -98,11 +99,18 @@ def to_sft_config(section: TrainSection, output_dir: Path, max_tokens: int, sett
     )
 
 
-def load_for_training(recipe: Recipe, settings: dict[str, Any], launch: str = "single", device=None):
-    """The base's record, tokenizer and base model, as training uses them. A quantized base is placed on this
-    rank's own `device` (bitsandbytes quantizes where it loads); a full-precision one is left where it loads for
-    the Trainer (or FSDP/ZeRO-3) to place."""
-    source, base = models.resolve_base(recipe.model.base)
+def prepared_base(run: RunDir) -> BaseRecord:
+    """The base prep resolved and measured the data with (`prep/record.json`)."""
+    return contracts.read_record(run.stage_dir("prep") / contracts.RECORD, contracts.PrepRecord).base
+
+
+def load_for_training(recipe: Recipe, base: BaseRecord, settings: dict[str, Any], launch: str = "single",
+                      device=None):
+    """The base's record, tokenizer and base model, as training uses them: the weights `base` (prep's record)
+    names, or a refusal when they changed since. A quantized base is placed on this rank's own `device`
+    (bitsandbytes quantizes where it loads); a full-precision one is left where it loads for the Trainer (or
+    FSDP/ZeRO-3) to place."""
+    source = models.recorded_base(base, "prep measured the data with", "redo prep (`expert run --force prep`)")
     tokenizer = models.load_tokenizer(source, recipe.model.trust_remote_code)
     model = models.load_base_model(
         recipe.model, source, settings["precision"], settings["attention"],

@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.rundir import file_hash
+from pipeline.files import file_hash
 
 MANIFEST_FILE = "expert_manifest.json"  # at the logged model's root: {relative path: sha256} of every other file
 DIGEST_TAG = "expert.content_sha256"  # version and logged-model tag: sha256 of the manifest file's bytes

@@ -48,9 +48,6 @@ class BaselineKind(Protocol):
         """Where its confidence for routing comes from, in words (log-probabilities, k samples, the answer
         probability, a recorded number); None when its answers carry none (it can only be a route's last tier)."""
 
-    def asked_live(self, baseline: BaselineSection) -> bool:
-        """Whether serving and `expert predict` can ask it at request time as a tier above the expert."""
-
     def staleness_inputs(self, baseline: BaselineSection, run_path: Path) -> dict[str, str]:
         """Files it reads beyond the run's own, by name -> content hash: when one changes, eval is stale."""
 

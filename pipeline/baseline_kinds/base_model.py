@@ -7,11 +7,17 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.baseline_kinds.common import latency_s  # noqa: F401 - its latency: as measured
-from pipeline.baselines import FEWSHOT, BaselineContext, BaselineResult, Rows, baseline_rows
+from pipeline.baselines import (
+    FEWSHOT,
+    BaselineContext,
+    BaselineResult,
+    Rows,
+    baseline_rows,
+)
 from pipeline.eval_inference import infer_local
-from pipeline.stats import machine_cost_per_1k
+from pipeline.files import file_hash
 from pipeline.recipe import BaseModelBaseline, Recipe
-from pipeline.rundir import file_hash
+from pipeline.stats import machine_cost_per_1k
 
 KIND = "base_model"
 SECTION = BaseModelBaseline
@@ -36,10 +42,6 @@ def cost_per_1k(baseline: BaseModelBaseline, test_rows: Rows, recipe: Recipe) ->
 
 def confidence_source(baseline: BaseModelBaseline) -> str:
     return "the base model's answer probability"
-
-
-def asked_live(baseline: BaseModelBaseline) -> bool:
-    return False
 
 
 def staleness_inputs(baseline: BaseModelBaseline, run_path: Path) -> dict[str, str]:

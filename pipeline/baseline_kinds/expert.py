@@ -85,9 +85,5 @@ def confidence_source(baseline: ExpertBaseline) -> str:
     return "that expert's answer probability"
 
 
-def asked_live(baseline: ExpertBaseline) -> bool:
-    return False
-
-
 def staleness_inputs(baseline: ExpertBaseline, run_path: Path) -> dict[str, str]:
     return {}

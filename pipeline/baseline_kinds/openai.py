@@ -46,9 +46,5 @@ def confidence_source(baseline: OpenAIBaseline) -> str | None:
     return "token log-probabilities from the endpoint (probability of the whole answer)"
 
 
-def asked_live(baseline: OpenAIBaseline) -> bool:
-    return True
-
-
 def staleness_inputs(baseline: OpenAIBaseline, run_path: Path) -> dict[str, str]:
     return {}

@@ -9,8 +9,8 @@ from typing import Any
 from pipeline import frontier
 from pipeline.baseline_kinds.common import latency_s  # noqa: F401 - its latency: as measured
 from pipeline.baselines import BaselineContext, BaselineResult, Rows, load_recorded
+from pipeline.files import file_hash
 from pipeline.recipe import PredictionsBaseline, Recipe
-from pipeline.rundir import file_hash
 
 KIND = "predictions"
 SECTION = PredictionsBaseline
@@ -31,10 +31,6 @@ def cost_per_1k(baseline: PredictionsBaseline, test_rows: Rows, recipe: Recipe) 
 
 def confidence_source(baseline: PredictionsBaseline) -> str:
     return "the recorded `confidence` per line"
-
-
-def asked_live(baseline: PredictionsBaseline) -> bool:
-    return False
 
 
 def staleness_inputs(baseline: PredictionsBaseline, run_path: Path) -> dict[str, str]:

@@ -25,6 +25,7 @@ The modules, in the order a request meets them:
 - `engine.py`: `BatchingEngine`, one worker thread that owns the model and answers micro-batches through
   `predict.answer` (the path eval measured) with the system prompt's prefix cached once.
 - `metrics.py`: `Metrics`, Prometheus text kept by hand.
+- `errors.py`: `HTTPError`, what `service` raises and `app` answers with.
 
 Importing this package is cheap (the CLI reads `ServeOptions` at start-up): the other names load on first use.
 """
@@ -37,16 +38,17 @@ from typing import TYPE_CHECKING
 from pipeline.serving.options import ServeOptions
 
 _HOMES = {
-    "run": "app", "create_app": "app", "HTTPError": "app", "ENDPOINTS": "app", "MAX_TEXTS_PER_PREDICT": "app",
-    "Service": "service", "BatchingEngine": "engine", "Metrics": "metrics",
+    "run": "app", "create_app": "app", "ENDPOINTS": "app", "MAX_TEXTS_PER_PREDICT": "app",
+    "HTTPError": "errors", "Service": "service", "BatchingEngine": "engine", "Metrics": "metrics",
     "load_service": "loading", "prepare": "loading", "registered_name_version": "loading",
 }
 
 __all__ = ["ServeOptions", *_HOMES]
 
 if TYPE_CHECKING:
-    from pipeline.serving.app import ENDPOINTS, MAX_TEXTS_PER_PREDICT, HTTPError, create_app, run
+    from pipeline.serving.app import ENDPOINTS, MAX_TEXTS_PER_PREDICT, create_app, run
     from pipeline.serving.engine import BatchingEngine
+    from pipeline.serving.errors import HTTPError
     from pipeline.serving.loading import load_service, prepare, registered_name_version
     from pipeline.serving.metrics import Metrics
     from pipeline.serving.service import Service

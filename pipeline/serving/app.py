@@ -17,6 +17,7 @@ import traceback
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from pipeline.serving.errors import HTTPError
 from pipeline.serving.options import ServeOptions
 from pipeline.ui import console
 
@@ -25,19 +26,6 @@ if TYPE_CHECKING:
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/predict", "/v1/models", "/health", "/metrics")
 MAX_TEXTS_PER_PREDICT = 64
-
-
-class HTTPError(Exception):
-    """A request problem answered with an OpenAI-style error body."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict[str, Any]:
-        kind = {400: "invalid_request_error", 404: "invalid_request_error", 408: "invalid_request_error",
-                413: "invalid_request_error", 502: "upstream_error"}.get(self.status, "server_error")
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
 def escalation_headers(rows: list[dict[str, Any]]) -> dict[str, str]:

@@ -11,8 +11,8 @@ from typing import Any
 
 from pipeline import cascade, tasks
 from pipeline.readers import SURROGATE  # prep's rule for what is text, applied to requests
-from pipeline.serving.app import HTTPError
 from pipeline.serving.engine import BatchingEngine
+from pipeline.serving.errors import HTTPError
 from pipeline.serving.metrics import Metrics
 from pipeline.serving.options import ServeOptions
 from pipeline.serving.tiers import Lane, TierBusy

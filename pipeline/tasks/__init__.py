@@ -8,13 +8,10 @@ branches on `task.type`. docs/guides/adding-a-task-type.md says how to add one.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from pipeline.tasks import classification, extraction, generation, multilabel
 from pipeline.tasks.metrics import GateMetric
-
-if TYPE_CHECKING:
-    from pipeline.recipe import DataSection, TaskSection
 
 # how the expert answers: scoring every label as a continuation (always a label, confidence over the label set);
 # decoding under a JSON Schema (`decoding_schema`) when `eval.constrained_decoding` is on; free greedy decoding
@@ -24,7 +21,9 @@ Inference = Literal["label_scoring", "constrained_json", "generation"]
 @runtime_checkable
 class TaskType(Protocol):
     """One task type. `spec` is what the task's answers are checked against (a label list, a JSON Schema, None),
-    made once by `spec_of` in prep and written to `prep/spec.json`; a target is what `normalize_target` returns."""
+    made once by `spec_of` in prep and written to `prep/spec.json`; a target is what `normalize_target` returns.
+    A `section` is the recipe's `task` section and `data` its `data` section (not imported here: the recipe
+    imports the tasks to validate itself)."""
 
     inference: Inference
     gate_metrics: tuple[str, ...]  # the metrics eval.gate.metric and eval.cascade.target_metric may name
@@ -32,12 +31,12 @@ class TaskType(Protocol):
     label_set: bool  # the spec is a label list and targets are made of its labels (class counts, plots, label mix)
 
     # recipe validation (pydantic validators call these; raise ValueError naming the key)
-    def check_section(self, section: TaskSection) -> None: ...
-    def check_data(self, section: TaskSection, data: DataSection) -> None: ...
+    def check_section(self, section: Any) -> None: ...
+    def check_data(self, section: Any, data: Any) -> None: ...
 
     # data: targets, the spec, the split
     def normalize_target(self, raw: Any) -> Any: ...
-    def spec_of(self, section: TaskSection, targets: list[Any]) -> Any: ...
+    def spec_of(self, section: Any, targets: list[Any]) -> Any: ...
     def check_target(self, target: Any, spec: Any) -> str | None: ...
     def labels_of(self, target: Any) -> list[str]: ...
     def stratum(self, target: Any) -> str: ...

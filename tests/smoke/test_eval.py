@@ -13,11 +13,12 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
+from pipeline.baselines import baseline_rows, load_fewshot, load_recorded
 from pipeline.cli import app
 from pipeline.errors import UserError
-from pipeline.baselines import baseline_rows, load_fewshot, load_recorded
+from pipeline.files import file_hash
 from pipeline.recipe import PredictionsBaseline, Recipe
-from pipeline.rundir import RunDir, file_hash
+from pipeline.rundir import RunDir
 from pipeline.tasks import classification
 from tests.conftest import shipped_recipe, shipped_rows, write_recipe
 from tests.support.openai_server import FakeOpenAIServer

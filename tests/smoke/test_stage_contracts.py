@@ -133,3 +133,45 @@ def test_changed_base_weights_are_refused_not_swapped(env, tmp_path):
         assert "not the ones the adapter was trained on" in " ".join(result.output.split())
     finally:
         weights.write_bytes(original)
+
+
+def test_train_loads_the_base_prep_recorded_not_model_base_resolved_again(tiny_model_dir, mlflow_uri, tmp_path,
+                                                                          monkeypatch):
+    """A hub base: prep resolves it once and records its commit; a push to the hub before train changes what
+    `model.base` resolves to, and train still loads prep's commit (and refuses when those weights changed). No
+    hub here: `hub_snapshot` (huggingface_hub's snapshot_download) serves local folders named by commit, as the
+    hub cache names them."""
+    snapshots = tmp_path / "snapshots"
+    shutil.copytree(tiny_model_dir, snapshots / "c0ffee01")
+    newest = ["c0ffee01"]
+
+    def hub_snapshot(repo: str, revision: str | None):
+        assert repo == "org/tiny-model"
+        return snapshots / (revision or newest[0])
+
+    monkeypatch.setattr(models, "hub_snapshot", hub_snapshot)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    monkeypatch.setenv("EXPERT_CACHE", str(tmp_path / "cache"))
+    path = write_recipe(tmp_path, shipped_recipe("ticket-classification", **{
+        "name": "hub-base", "model.base": "org/tiny-model", "train": {"max_steps": 1, "batch_size": 8},
+        "eval.baselines": [], "registry.model_name": "hub-base-expert"}))
+    run_dir = tmp_path / "run"
+    assert invoke("prep", path, "--run-dir", run_dir).exit_code == 0
+    prepared = json.loads((run_dir / "prep/record.json").read_text())["base"]
+    assert (prepared["kind"], prepared["revision"]) == ("hub", "c0ffee01")
+
+    # a push to the hub: the newest commit now has other weights
+    pushed = snapshots / "beef0002"
+    shutil.copytree(tiny_model_dir, pushed)
+    (pushed / "config.json").write_text((pushed / "config.json").read_text().replace("}", ', "pushed": 1}', 1))
+    newest[0] = "beef0002"
+    result = invoke("train", path, "--run-dir", run_dir)
+    assert result.exit_code == 0, result.output
+    assert json.loads((run_dir / "train/record.json").read_text())["base"] == prepared, "train used prep's base"
+
+    # the recorded commit's weights changed under the run: training (here its --dry-run plan, which loads the
+    # base as training does) refuses rather than load other weights
+    recorded = snapshots / "c0ffee01" / "config.json"
+    recorded.write_text(recorded.read_text().replace("}", ', "changed": 1}', 1))
+    refused = invoke("train", path, "--run-dir", run_dir, "--dry-run")
+    assert refused.exit_code == 2 and "not the ones prep measured the data with" in " ".join(refused.output.split())

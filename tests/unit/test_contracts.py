@@ -7,6 +7,7 @@ import pytest
 from pipeline import contracts, stages
 from pipeline.errors import UserError
 from pipeline.recipe import apply_overrides, load_recipe
+from pipeline.recipe_keys import changed_keys, recipe_keys
 from pipeline.rundir import init_run
 from tests.conftest import ROOT
 
@@ -15,21 +16,21 @@ RECIPE = ROOT / "recipes" / "ticket-classification.yaml"
 
 def test_recipe_keys_name_leaves_and_index_lists_of_sections():
     recipe = load_recipe(RECIPE)
-    keys = contracts.recipe_keys(recipe, ("data.max_tokens", "eval"))
+    keys = recipe_keys(recipe, ("data.max_tokens", "eval"))
     assert "data.max_tokens" in keys and "eval.gate.metric" in keys
     assert "eval.baselines[1].model" in keys, "a baseline's own keys are named by its index"
     assert "task.labels" not in keys
-    assert set(contracts.recipe_keys(recipe, ())) >= {"name", "task.labels", "registry.model_name"}
+    assert set(recipe_keys(recipe, ())) >= {"name", "task.labels", "registry.model_name"}
 
 
 def test_changed_keys_are_exactly_the_edited_ones():
     recipe = load_recipe(RECIPE)
     edited = load_recipe(RECIPE, ["train.epochs=5", "eval.baselines.1.model=gpt-5"])
-    before = contracts.recipe_keys(recipe, ("train", "eval"))
-    after = contracts.recipe_keys(edited, ("train", "eval"))
-    assert contracts.changed_keys(before, after) == ["eval.baselines[1].model", "train.epochs"]
+    before = recipe_keys(recipe, ("train", "eval"))
+    after = recipe_keys(edited, ("train", "eval"))
+    assert changed_keys(before, after) == ["eval.baselines[1].model", "train.epochs"]
     fewer = load_recipe(RECIPE, ["eval.baselines=[]"])
-    removed = contracts.changed_keys(before, contracts.recipe_keys(fewer, ("train", "eval")))
+    removed = changed_keys(before, recipe_keys(fewer, ("train", "eval")))
     assert "eval.baselines[0].name" in removed and "eval.baselines" in removed
 
 
@@ -95,3 +96,28 @@ def test_a_hub_base_is_recorded_at_its_commit_and_reloaded_at_that_revision(tiny
     (snapshot / "config.json").write_text((snapshot / "config.json").read_text().replace("}", ', "x": 1}', 1))
     with pytest.raises(UserError, match="not the ones the adapter was trained on"):
         models.recorded_base(record)
+
+
+def test_the_plan_and_the_stage_decide_up_to_date_by_one_rule(tmp_path):
+    """`expert run --dry-run` and the stage itself ask `contracts.why_stale` with the inputs the stage declares:
+    a prep recorded with today's inputs is skipped by both; a changed key it read makes both redo it."""
+    from pipeline import prep
+
+    recipe = load_recipe(RECIPE)
+    run = init_run(tmp_path / "run", recipe.name, "", recipe.recipe_hash())
+    run.start_stage("prep", prep.inputs_of(recipe), recipe, prep.RECIPE_KEYS)
+    run.finish_stage("prep", [])
+    planned = stages.plan(recipe, run)
+    assert (planned[0].runs, planned[0].why) == (False, "up to date") and planned[1].why == "not run yet"
+    ended = run.stage_record("prep")["ended"]
+    assert prep.run(recipe, run) == run.stage_record("prep") and run.stage_record("prep")["ended"] == ended
+
+    edited = load_recipe(RECIPE, ["data.max_tokens=300"])
+    why = contracts.why_stale(run, "prep", edited, lambda: prep.inputs_of(edited), contracts.StageOptions())
+    assert why == "recipe keys changed: data.max_tokens"
+    assert [p.why for p in stages.plan(edited, run)][:2] == [why, "prep runs before it"]
+
+
+def test_a_forced_promotion_runs_push_in_the_plan_as_in_the_stage():
+    options = contracts.StageOptions(push=contracts.PushOptions(force=True, reason="hotfix"))
+    assert "push" in options.redo and "push" not in contracts.StageOptions().redo

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.rundir import RunDir, atomic_write_text, create_run, latest_run, tree_hash
+from pipeline.files import atomic_write_text, tree_hash
+from pipeline.rundir import RunDir, create_run, latest_run
 
 
 def make_run(tmp_path: Path) -> RunDir:

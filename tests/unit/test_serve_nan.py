@@ -162,3 +162,26 @@ def test_predict_reads_and_writes_strict_json(tmp_path):
         list(batch_predict.read_inputs(io.StringIO('{"text": "a"}\n{"text": "b", "score": NaN}\n'), "in.jsonl"))
     with pytest.raises(ValueError, match="not JSON compliant"):
         batch_predict.write_jsonl([{"text": "a", "confidence": float("nan")}], io.StringIO())
+
+
+def test_the_registered_model_judges_its_rows_with_the_cascade_rule(tiny_model_dir, tmp_path):
+    """The pyfunc (`ExpertModel.predict`, what MLflow's loader serves) used to compare a NaN confidence with its
+    threshold itself, calling it sure; it now judges rows with `cascade.expert_row`, as serving does."""
+    from pipeline.expert_model import ExpertModel
+
+    expert = ExpertModel()
+    vars(expert).update(vars(corrupted_expert(tiny_model_dir, tmp_path, "http://127.0.0.1:9/v1")),
+                        evaluated_runtime=None, runtime=None)
+    rows = expert.predict(None, ["my card was charged twice"])
+    assert rows[0]["escalate"] is True and rows[0]["answer"] is None and rows[0]["confidence"] is None
+    assert "not a probability in [0, 1]" in rows[0]["expert_error"]
+
+
+def test_a_route_sets_the_experts_threshold_wherever_it_is_read():
+    """One rule for the expert's own threshold: the route's first when the version has a route, else the
+    cascade's; `cascade.escalation` (serving, `expert predict`) and the registered model both read it."""
+    route = {"chain": ["expert", "frontier"], "thresholds": [0.7]}
+    assert cascade.expert_threshold(0.4, route) == 0.7
+    assert cascade.expert_threshold(0.4, None) == 0.4 and cascade.expert_threshold(None, None) is None
+    assert cascade.unsure(0.6, 0.7) and not cascade.unsure(0.7, 0.7) and not cascade.unsure(0.1, None)
+    assert cascade.unsure(float("nan"), None), "no threshold does not make a NaN confidence sure"

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from pipeline import routing, stats
+from pipeline import stats
 from pipeline.tasks import classification, extraction
 from pipeline.tasks.metrics import f1_report
 
