@@ -13,11 +13,11 @@ the first examples of its held-out test split: the case eval actually meets,
 where the naive answers are mostly valid, so agreement is measurable.
 
 - classification: naive = `model.generate` one example at a time (greedy, 16
-  new tokens) + `classification.parse_answer`; ours = `predict.classify`
+  new tokens) + `classification.parse_answer`; ours = `answering.classify`
   (label scoring, shared prompt KV cache, batched). Agreement is measured on
   the examples where the naive answer parsed to a valid label.
 - extraction: naive = `model.generate` one example at a time (greedy) +
-  `extraction.parse_answer`; ours = `predict.generate` with the JSON Schema
+  `extraction.parse_answer`; ours = `answering.generate` with the JSON Schema
   (llguidance-constrained, batched). Schema-valid rate for both.
 
 Issue targets: classification >= 5x examples/s with >= 99% agreement;
@@ -38,8 +38,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import models, predict  # noqa: E402
-from pipeline.recipe import ModelSection  # noqa: E402
+from pipeline.inference import (
+    answering,  # noqa: E402
+    models,
+)
+from pipeline.recipe.schema import ModelSection  # noqa: E402
 from pipeline.tasks import classification, extraction  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -133,9 +136,9 @@ def main() -> None:
         prompts = prompts_for(rows, classification.system_prompt(args.classify_instruction, labels))
     raw, naive_s = naive(model, tokenizer, prompts, max_new_tokens=16)
     naive_labels = [classification.parse_answer(t, labels) for t in raw]
-    predict.classify(model, tokenizer, prompts[: args.batch_size], labels, args.batch_size)  # warm-up
+    answering.classify(model, tokenizer, prompts[: args.batch_size], labels, args.batch_size)  # warm-up
     started = time.perf_counter()
-    ours = predict.classify(model, tokenizer, prompts, labels, args.batch_size)
+    ours = answering.classify(model, tokenizer, prompts, labels, args.batch_size)
     ours_s = time.perf_counter() - started
     valid = [(n, o["prediction"]) for n, o in zip(naive_labels, ours) if n is not None]
     agreement = sum(n == o for n, o in valid) / len(valid) if valid else float("nan")
@@ -158,9 +161,9 @@ def main() -> None:
         prompts = prompts_for(rows, extraction.system_prompt("Extract the intent and the slots of the request.", schema))
     raw, naive_s = naive(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens)
     naive_objs = [extraction.parse_answer(t, schema) for t in raw]
-    predict.generate(model, tokenizer, prompts[:2], 8, 2, schema=schema)  # warm-up (builds the token masks once)
+    answering.generate(model, tokenizer, prompts[:2], 8, 2, schema=schema)  # warm-up (builds the token masks once)
     started = time.perf_counter()
-    ours = predict.generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, schema=schema)
+    ours = answering.generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, schema=schema)
     ours_s = time.perf_counter() - started
     ours_objs = [extraction.parse_answer(o["raw"], schema) for o in ours]
     n = len(rows)

@@ -26,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import models  # noqa: E402
-from pipeline.tasks import extraction  # noqa: E402
 from benchmarks.bench_eval import ALIAS, DATA, snips  # noqa: E402
+from pipeline.inference import models  # noqa: E402
+from pipeline.tasks import extraction  # noqa: E402
 
 
 def bench_llguidance(tokenizer, schema, sequences):
@@ -66,7 +66,9 @@ def bench_lmfe(tokenizer, schema, sequences):
     sys.modules.setdefault("transformers.tokenization_utils",
                            types.SimpleNamespace(PreTrainedTokenizerBase=transformers.PreTrainedTokenizerBase))
     from lmformatenforcer import JsonSchemaParser, TokenEnforcer
-    from lmformatenforcer.integrations.transformers import build_token_enforcer_tokenizer_data
+    from lmformatenforcer.integrations.transformers import (
+        build_token_enforcer_tokenizer_data,
+    )
 
     started = time.perf_counter()
     data = build_token_enforcer_tokenizer_data(tokenizer)

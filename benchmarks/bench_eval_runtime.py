@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/bench_eval_runtime.py runs/teacher-student/student-gold [--rows 128] [--rounds 3]
 
 One trained run directory's expert (BANKING77's, 77 labels), loaded twice in one process: as eval ran it before
-(the adapter separate, no speed-ups) and as eval and `expert serve` run it now (`pipeline/runtime.py`: the
+(the adapter separate, no speed-ups) and as eval and `expert serve` run it now (`pipeline/inference/runtime.py`: the
 adapter merged, the lean forward pass, packed bf16 weights). The first `--rows` test prompts go through
-`predict.answer` at the recipe's `eval.batch_size`, the two in turn for `--rounds` rounds (this machine is
+`answering.answer` at the recipe's `eval.batch_size`, the two in turn for `--rounds` rounds (this machine is
 shared and noisy). Reported: examples/s of each, the ratio per round, and how far the answers move (labels that
 differ, the largest confidence difference): merging rounds bf16 weights differently, which is why eval runs the
 runtime serving serves.
@@ -31,10 +31,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    from pipeline import contracts, predict, runtime
-    from pipeline.eval_inference import load_expert, read_split
-    from pipeline.recipe import load_recipe
-    from pipeline.rundir import open_run
+    from pipeline.evaluation.inference import load_expert, read_split
+    from pipeline.inference import answering, runtime
+    from pipeline.recipe.schema import load_recipe
+    from pipeline.run import contracts
+    from pipeline.run.rundir import open_run
 
     run = args.run.resolve()
     recipe = load_recipe(run / "recipe.yaml")
@@ -48,11 +49,11 @@ def main() -> None:
     seconds = {name: [] for name in systems}
     answers = {}
     for name, model in systems.items():  # warm-up, and the answers compared
-        answers[name] = predict.answer(model, tokenizer, prompts[:recipe.eval.batch_size], recipe, spec)
+        answers[name] = answering.answer(model, tokenizer, prompts[:recipe.eval.batch_size], recipe, spec)
     for i in range(args.rounds):
         for name in (list(systems) if i % 2 == 0 else list(systems)[::-1]):
             started = time.perf_counter()
-            answers[name] = predict.answer(systems[name], tokenizer, prompts, recipe, spec)
+            answers[name] = answering.answer(systems[name], tokenizer, prompts, recipe, spec)
             seconds[name].append(time.perf_counter() - started)
     (b, n) = systems
     print(f"{len(prompts)} BANKING77 test prompts ({len(spec)} labels), eval.batch_size {recipe.eval.batch_size}, "

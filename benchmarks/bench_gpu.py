@@ -4,9 +4,9 @@ checkpointing, on a Llama-3-8B-width model with a few layers and on a SmolLM2-13
 Speed depends on a model's shapes, not its weights, so each base is written with random bf16 weights to local
 disk first (a lent GPU machine reaches no hub) with a small offline tokenizer (`tests/support/tiny_model.py`;
 the model's own vocabulary size, e.g. Llama-3's 128,256, sets the LM head's cost). Each case then runs what
-`expert train` runs: `train_setup.training_settings` (precision, attention, padding-free),
-`train_setup.to_sft_config`, `train_setup.load_for_training` (4-bit quantized onto the GPU for QLoRA),
-`train_setup.build_trainer` (TRL's SFTTrainer on prep-shaped prompt/completion rows of `--seq` tokens, loss on
+`expert train` runs: `setup.training_settings` (precision, attention, padding-free),
+`setup.to_sft_config`, `setup.load_for_training` (4-bit quantized onto the GPU for QLoRA),
+`setup.build_trainer` (TRL's SFTTrainer on prep-shaped prompt/completion rows of `--seq` tokens, loss on
 the answer) and `trainer.train()`, with validation and checkpoints off. Reported per case, after `--warmup` steps:
 
 - real (non-padding) tokens/s over the measured steps, and the median step time;
@@ -23,7 +23,7 @@ the answer) and `trainer.train()`, with validation and checkpoints off. Reported
     python benchmarks/bench_gpu.py --json out.json     # also write the rows
     python benchmarks/bench_gpu.py --eval-only --cpu   # eval's label scoring alone, on this CPU (the ratio's other side)
 
-Eval's label scoring is measured on the SmolLM2-135M-shaped model in bf16: `predict.classify` (the code eval
+Eval's label scoring is measured on the SmolLM2-135M-shaped model in bf16: `answering.classify` (the code eval
 and serving use) on `--eval-examples` ticket texts from data/ with 77 two-word labels (BANKING77's count),
 batch 32, after one warm-up batch; examples/s. Random weights make every label about equally likely, so
 first-token pruning keeps most labels: a worst case for the scorer, on both devices alike.
@@ -137,7 +137,7 @@ def write_rows(run_dir: Path, tokenizer_dir: Path, seq: int, rows: int) -> None:
 def recipe_for(base: Path, method: str, checkpointing: bool, batch: int, seq: int, steps: int):
     import yaml
 
-    from pipeline.recipe import Recipe
+    from pipeline.recipe.schema import Recipe
 
     raw = yaml.safe_load((ROOT / "recipes/ticket-classification.yaml").read_text())
     raw["data"]["source"] = str((ROOT / "recipes" / raw["data"]["source"]).resolve())
@@ -177,18 +177,18 @@ def run_case(base: Path, run_dir: Path, shape: str, method: str, checkpointing: 
              steps: int, warmup: int, device: str, spec: float | None, measured: float) -> dict:
     from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
-    from pipeline import train_setup
-    from pipeline.rundir import RunDir
+    from pipeline.run.rundir import RunDir
+    from pipeline.training import setup
 
     recipe = recipe_for(base, method, checkpointing, batch, seq, warmup + steps)
-    settings = train_setup.training_settings(recipe)
+    settings = setup.training_settings(recipe)
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
-        config = train_setup.to_sft_config(recipe.train, Path(tmp), recipe.data.max_tokens, settings)
+        config = setup.to_sft_config(recipe.train, Path(tmp), recipe.data.max_tokens, settings)
         config.eval_strategy, config.save_strategy, config.load_best_model_at_end = (
             IntervalStrategy.NO, SaveStrategy.NO, False)
-        _, tokenizer, model = train_setup.load_for_training(recipe, settings, "single", config.device)
+        _, tokenizer, model = setup.load_for_training(recipe, settings, "single", config.device)
         clock = step_clock(device)
-        trainer = train_setup.build_trainer(recipe, RunDir(run_dir), config, tokenizer, model, [clock])
+        trainer = setup.build_trainer(recipe, RunDir(run_dir), config, tokenizer, model, [clock])
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -220,10 +220,10 @@ INTENTS = [f"{a}_{b}" for a in ("card", "transfer", "account", "payment", "refun
 
 
 def eval_case(base: Path, device: str, examples: int, batch: int) -> dict:
-    """examples/s of `predict.classify` (eval's and serving's label scorer) on the base in bf16."""
+    """examples/s of `answering.classify` (eval's and serving's label scorer) on the base in bf16."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline import models, predict
+    from pipeline.inference import answering, models
 
     tokenizer = models.load_tokenizer(base)
     model = AutoModelForCausalLM.from_pretrained(
@@ -233,10 +233,10 @@ def eval_case(base: Path, device: str, examples: int, batch: int) -> dict:
     texts = (texts * (examples // len(texts) + 1))[:examples]
     prompts = [[{"role": "system", "content": "Classify the banking query into one intent."},
                 {"role": "user", "content": t}] for t in texts]
-    predict.classify(model, tokenizer, prompts[:batch], INTENTS, batch)  # warm-up: kernels, caches
+    answering.classify(model, tokenizer, prompts[:batch], INTENTS, batch)  # warm-up: kernels, caches
     _sync(device)
     started = time.perf_counter()
-    rows = predict.classify(model, tokenizer, prompts, INTENTS, batch)
+    rows = answering.classify(model, tokenizer, prompts, INTENTS, batch)
     _sync(device)
     seconds = time.perf_counter() - started
     assert all(r["prediction"] in INTENTS for r in rows)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import statistics
 import time
 
-from pipeline import models
-from pipeline.recipe import ModelSection
+from pipeline.inference import models
+from pipeline.recipe.schema import ModelSection
 
 ALIAS = "smollm2-135m-instruct"
 

@@ -46,7 +46,7 @@ def run_prep(recipe: Path, workdir: Path) -> tuple[float, float, float]:
     """(wall seconds, CPU seconds, peak RSS in MiB) of `expert prep RECIPE` in a child process."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}", "PYTHONPATH": str(ROOT)}
     subprocess.run(
-        [sys.executable, "-c", "from pipeline import tracking; tracking.client().search_experiments()"],
+        [sys.executable, "-c", "from pipeline.run import tracking; tracking.client().search_experiments()"],
         env=env, check=True, capture_output=True, cwd=workdir,
     )
     started = time.perf_counter()

@@ -133,7 +133,7 @@ def base_parameters() -> int:
 
     from safetensors import safe_open
 
-    from pipeline import models
+    from pipeline.inference import models
 
     source, _ = models.resolve_base(BASE)
     total = 0
@@ -192,7 +192,7 @@ def child_plain_trl(run_dir: Path, steps: int) -> dict:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline import models
+    from pipeline.inference import models
 
     anonymous = track_peak_anonymous_memory()
     flops = matmul_flops()
@@ -229,10 +229,10 @@ EXPERT_VARIANTS = {
 
 
 def child_expert(run_dir: Path, recipe_path: Path, variant: str) -> dict:
-    from pipeline import train
-    from pipeline.contracts import StageOptions
-    from pipeline.recipe import Recipe, load_recipe
-    from pipeline.rundir import open_run
+    from pipeline.recipe.schema import Recipe, load_recipe
+    from pipeline.run.contracts import StageOptions
+    from pipeline.run.rundir import open_run
+    from pipeline.stages import train
 
     anonymous = track_peak_anonymous_memory()
     flops = matmul_flops()
@@ -243,13 +243,13 @@ def child_expert(run_dir: Path, recipe_path: Path, variant: str) -> dict:
             raw[section][key] = {**current, **value} if isinstance(value, dict) else value
     recipe = Recipe.model_validate(raw)
     if variant in ("expert_full_head", "expert_as_before"):
-        from pipeline import train_speedups
+        from pipeline.training import speedups
 
-        train_speedups.compact_lm_head_on_cpu = lambda: "the every-position ablation"
+        speedups.compact_lm_head_on_cpu = lambda: "the every-position ablation"
     if variant in ("expert_input_casts", "expert_as_before"):
-        from pipeline import train_speedups
+        from pipeline.training import speedups
 
-        train_speedups.skip_lora_input_casts = lambda model: 0
+        speedups.skip_lora_input_casts = lambda model: 0
     record = count_steps()
     ended = {}
     from transformers import Trainer
@@ -269,8 +269,8 @@ def child_expert(run_dir: Path, recipe_path: Path, variant: str) -> dict:
 def child_warm_quantized_cache() -> dict:
     """Quantize the base once into the 4-bit cache (`models.quantized_cache_dir`), so every QLoRA system is
     measured as a user's second and later runs load it: packed, without mapping the full-precision file."""
-    from pipeline import models
-    from pipeline.recipe import ModelSection
+    from pipeline.inference import models
+    from pipeline.recipe.schema import ModelSection
 
     source, _ = models.resolve_base(BASE)
     started = time.perf_counter()
@@ -282,9 +282,9 @@ def prepare(workdir: Path, examples: int, steps: int) -> Path:
     """A seeded BANKING77 sample through `expert prep`: about `examples` training rows."""
     import yaml
 
-    from pipeline import prep
-    from pipeline.recipe import load_recipe
-    from pipeline.rundir import init_run
+    from pipeline.recipe.schema import load_recipe
+    from pipeline.run.rundir import init_run
+    from pipeline.stages import prep
 
     with BANKING77.open(encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -309,7 +309,7 @@ def prepare(workdir: Path, examples: int, steps: int) -> Path:
     recipe_path = workdir / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     loaded = load_recipe(recipe_path)
-    from pipeline.recipe import dump_recipe
+    from pipeline.recipe.schema import dump_recipe
 
     prep.run(loaded, init_run(workdir / "run", loaded.name, dump_recipe(loaded), loaded.recipe_hash()))
     return recipe_path

@@ -25,9 +25,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import contracts, eval_inference, predict, tasks  # noqa: E402
-from pipeline.recipe import load_recipe  # noqa: E402
-from pipeline.rundir import RunDir  # noqa: E402
+from pipeline import tasks
+from pipeline.evaluation import inference
+from pipeline.inference import answering  # noqa: E402
+from pipeline.recipe.schema import load_recipe  # noqa: E402
+from pipeline.run import contracts
+from pipeline.run.rundir import RunDir  # noqa: E402
 
 
 def quantize_int8_dynamic(model):
@@ -51,7 +54,7 @@ def answer_one_by_one(model, tokenizer, rows, recipe, spec) -> tuple[list[dict],
     out, seconds = [], []
     for row in rows:
         started = time.perf_counter()
-        out += predict.answer(model, tokenizer, [row["prompt"]], recipe, spec)
+        out += answering.answer(model, tokenizer, [row["prompt"]], recipe, spec)
         seconds.append(time.perf_counter() - started)
     return out, statistics.median(seconds)
 
@@ -68,12 +71,12 @@ def main() -> None:
     recipe = load_recipe(args.run_dir / "recipe.yaml")
     run = RunDir(args.run_dir)
     spec = json.loads((args.run_dir / "prep/spec.json").read_text(encoding="utf-8"))["spec"]
-    rows = eval_inference.read_split(run, "test")[: args.limit]
+    rows = inference.read_split(run, "test")[: args.limit]
     task = tasks.for_type(recipe.task.type)
     golds = [row["target"] for row in rows]
 
     trained = contracts.read_record(args.run_dir / "train/record.json", contracts.TrainRecord)
-    model, tokenizer = eval_inference.load_expert(recipe, trained, args.run_dir / "train/adapter")
+    model, tokenizer = inference.load_expert(recipe, trained, args.run_dir / "train/adapter")
     model = model.merge_and_unload().eval()
     reference, reference_s = answer_one_by_one(model, tokenizer, rows, recipe, spec)
     model = quantize_int8_dynamic(model)

@@ -23,10 +23,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `pipeline`
 
-from pipeline import baselines, eval_inference, evidence, models, prep, stats, tasks  # noqa: E402
+from pipeline import tasks
+from pipeline.evaluation import (
+    baselines,
+    evidence,
+    stats,  # noqa: E402
+)
+from pipeline.evaluation import inference as eval_inference
 from pipeline.files import atomic_write_json, atomic_write_jsonl
-from pipeline.recipe import dump_recipe, load_recipe  # noqa: E402
-from pipeline.rundir import MANIFEST, init_run, open_run  # noqa: E402
+from pipeline.inference import models
+from pipeline.recipe.schema import dump_recipe, load_recipe  # noqa: E402
+from pipeline.run.rundir import MANIFEST, init_run, open_run  # noqa: E402
+from pipeline.stages import prep
 
 
 def main() -> None:

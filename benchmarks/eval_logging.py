@@ -42,7 +42,7 @@ from tests.support.mlflow_server import mlflow_server  # noqa: E402
 
 EXPERT = [str(Path(sys.executable).parent / "expert")]
 # the same CLI with the per-example traces switched off: the arm that measures what they add to the wall time
-EXPERT_WITHOUT_TRACES = [sys.executable, "-c", "import sys; from pipeline import cli, eval_traces; "
+EXPERT_WITHOUT_TRACES = [sys.executable, "-c", "import sys; from pipeline import cli; from pipeline.evaluation import traces as eval_traces; "
                          "eval_traces.log_examples = lambda *args, **kwargs: 0; sys.argv[0] = 'expert'; cli.app()"]
 
 
@@ -74,10 +74,12 @@ def interleaved(trained: Path, uri: str, chunks: int, chunk_rows: int, http_work
 
     import mlflow
 
-    from pipeline import contracts, eval_traces, predict, runtime
-    from pipeline.eval_inference import load_expert, read_split
-    from pipeline.recipe import load_recipe
-    from pipeline.rundir import open_run
+    from pipeline.evaluation import traces as eval_traces
+    from pipeline.evaluation.inference import load_expert, read_split
+    from pipeline.inference import answering, runtime
+    from pipeline.recipe.schema import load_recipe
+    from pipeline.run import contracts
+    from pipeline.run.rundir import open_run
 
     recipe = load_recipe(trained / "recipe.yaml")
     record = contracts.read_record(trained / "train/record.json", contracts.TrainRecord)
@@ -89,7 +91,7 @@ def interleaved(trained: Path, uri: str, chunks: int, chunk_rows: int, http_work
     experiment = client.create_experiment(f"interleaved-{time.time_ns()}")
     run_id = client.create_run(experiment).info.run_id
     payload_rows = test[:chunk_rows]
-    answers = predict.answer(model, tokenizer, [r["prompt"] for r in payload_rows], recipe, spec)  # also warms up
+    answers = answering.answer(model, tokenizer, [r["prompt"] for r in payload_rows], recipe, spec)  # also warms up
     payload = {"expert": answers, "frontier": [{"prediction": r["target"]} for r in payload_rows]}
     eval_traces.HTTP_WORKERS = http_workers
     seconds = {"inference": 0.0, "upload": 0.0, "inference_while_uploading": 0.0, "wait": 0.0}
@@ -101,7 +103,7 @@ def interleaved(trained: Path, uri: str, chunks: int, chunk_rows: int, http_work
             for arm in arms[i % 3:] + arms[:i % 3]:  # each arm first, second and third in turn
                 started = time.perf_counter()
                 if arm == "inference":
-                    predict.answer(model, tokenizer, prompts, recipe, spec)
+                    answering.answer(model, tokenizer, prompts, recipe, spec)
                     seconds["inference"] += time.perf_counter() - started
                 elif arm == "upload":
                     eval_traces.log_examples(uri, experiment, run_id, payload_rows, payload)
@@ -109,7 +111,7 @@ def interleaved(trained: Path, uri: str, chunks: int, chunk_rows: int, http_work
                 else:
                     upload = background.submit(eval_traces.log_examples, uri, experiment, run_id, payload_rows,
                                                payload)
-                    predict.answer(model, tokenizer, prompts, recipe, spec)
+                    answering.answer(model, tokenizer, prompts, recipe, spec)
                     seconds["inference_while_uploading"] += time.perf_counter() - started
                     started = time.perf_counter()
                     upload.result()

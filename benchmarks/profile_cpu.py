@@ -5,14 +5,14 @@
 The embedded SmolLM2-135M-Instruct on a seeded BANKING77 sample (`benchmarks/bench_train.py`'s, through
 `expert prep`), each phase as the pipeline runs it:
 
-- train: `expert train`'s trainer (TRL's SFTTrainer as `pipeline/train_setup.py` builds it, the recipe's
+- train: `expert train`'s trainer (TRL's SFTTrainer as `pipeline/training/setup.py` builds it, the recipe's
   defaults: LoRA r16 on every linear layer, bf16 and eager attention on a CPU), steps 1-2 warm up, step 3 is
   profiled;
-- eval: `predict.answer` on `--eval-batch` test prompts with the 77 labels, as eval scores them, on the runtime
-  eval and serving share (`pipeline/runtime.py`: adapter merged, lean forward, packed weights), and as eval ran
+- eval: `answering.answer` on `--eval-batch` test prompts with the 77 labels, as eval scores them, on the runtime
+  eval and serving share (`pipeline/inference/runtime.py`: adapter merged, lean forward, packed weights), and as eval ran
   before it (adapter separate, no speed-ups);
 - serve: one request on that runtime with the cached system prompt, as `expert serve`'s engine calls
-  `predict.answer`.
+  `answering.answer`.
 
 Each phase runs under `torch.profiler`; an op's self time goes to its family (matrix products, attention's
 softmax, element-wise, reductions, copies and casts, indexing, the optimizer's foreach kernels). What is left
@@ -86,9 +86,9 @@ def profile_train(run_dir: Path, recipe_path: Path) -> tuple[dict, int]:
     import torch
     from transformers import TrainerCallback
 
-    from pipeline import train_setup
-    from pipeline.recipe import load_recipe
-    from pipeline.rundir import open_run
+    from pipeline.recipe.schema import load_recipe
+    from pipeline.run.rundir import open_run
+    from pipeline.training import setup as train_setup
 
     recipe = load_recipe(recipe_path)
     settings = train_setup.training_settings(recipe)
@@ -127,11 +127,12 @@ def profile_train(run_dir: Path, recipe_path: Path) -> tuple[dict, int]:
 
 def load_expert_as(run_dir: Path, recipe_path: Path, prepared: bool):
     """The expert of the profile's own short training as eval and `expert serve` run it (`prepared`: the adapter
-    merged, lean forward, packed weights; `pipeline/runtime.py`), or as eval loaded it before (adapter separate,
+    merged, lean forward, packed weights; `pipeline/inference/runtime.py`), or as eval loaded it before (adapter separate,
     no speed-ups)."""
-    from pipeline import contracts, runtime
-    from pipeline.eval_inference import load_expert
-    from pipeline.recipe import load_recipe
+    from pipeline.evaluation.inference import load_expert
+    from pipeline.inference import runtime
+    from pipeline.recipe.schema import load_recipe
+    from pipeline.run import contracts
 
     recipe = load_recipe(recipe_path)
     trained = contracts.read_record(run_dir / "train/record.json", contracts.TrainRecord)
@@ -144,14 +145,14 @@ def load_expert_as(run_dir: Path, recipe_path: Path, prepared: bool):
 def profile_inference(model, tokenizer, recipe, spec, prompts, prefix=None, repeats: int = 3) -> dict:
     import torch
 
-    from pipeline import predict
+    from pipeline.inference import answering
 
     for _ in range(2):
-        predict.answer(model, tokenizer, prompts, recipe, spec, prefix=prefix, batch_size=len(prompts))
+        answering.answer(model, tokenizer, prompts, recipe, spec, prefix=prefix, batch_size=len(prompts))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         started = time.perf_counter()
         for _ in range(repeats):
-            predict.answer(model, tokenizer, prompts, recipe, spec, prefix=prefix, batch_size=len(prompts))
+            answering.answer(model, tokenizer, prompts, recipe, spec, prefix=prefix, batch_size=len(prompts))
         wall = (time.perf_counter() - started) / repeats
     result = by_family(profile, wall * repeats)
     result["families_s"] = {k: v / repeats for k, v in result["families_s"].items()}
@@ -189,11 +190,12 @@ def main() -> None:
     import torch
 
     from benchmarks import bench_train
-    from pipeline import predict, train
-    from pipeline.contracts import StageOptions
-    from pipeline.eval_inference import read_split
-    from pipeline.recipe import load_recipe
-    from pipeline.rundir import open_run
+    from pipeline.evaluation.inference import read_split
+    from pipeline.inference import answering
+    from pipeline.recipe.schema import load_recipe
+    from pipeline.run.contracts import StageOptions
+    from pipeline.run.rundir import open_run
+    from pipeline.stages import train
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -215,7 +217,7 @@ def main() -> None:
     del model
     recipe, model, tokenizer = load_expert_as(run_dir, recipe_path, prepared=True)
     results["eval"] = profile_inference(model, tokenizer, recipe, spec, prompts)
-    prefix = predict.system_prefix(model, tokenizer, test[0]["prompt"][0]["content"])
+    prefix = answering.system_prefix(model, tokenizer, test[0]["prompt"][0]["content"])
     results["serve"] = profile_inference(model, tokenizer, recipe, spec, [test[0]["prompt"]], prefix=prefix,
                                          repeats=20)
 

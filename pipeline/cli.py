@@ -19,12 +19,19 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline import stages
-from pipeline.contracts import PushOptions, StageOptions
+from pipeline.console import console
 from pipeline.errors import UserError
-from pipeline.recipe import Recipe, dump_recipe, load_recipe
-from pipeline.rundir import STAGES, RunDir, create_run, init_run, latest_run, open_run
-from pipeline.ui import console
+from pipeline.recipe.schema import Recipe, dump_recipe, load_recipe
+from pipeline.run import runner
+from pipeline.run.contracts import PushOptions, StageOptions
+from pipeline.run.rundir import (
+    STAGES,
+    RunDir,
+    create_run,
+    init_run,
+    latest_run,
+    open_run,
+)
 
 
 def quiet_libraries() -> None:
@@ -89,7 +96,7 @@ def _guarded(body: Callable[[], Any]) -> Any:
             finally:
                 _HELD.reset(token)
     except UserError as err:
-        from pipeline.frontier import scrub
+        from pipeline.routing.frontier import scrub
 
         console.print(f"[red]error:[/] {escape(scrub(str(err)))}")
         raise typer.Exit(code=2) from None
@@ -151,9 +158,9 @@ def validate(
     """Check a recipe: every problem is listed with its YAML path. --keys / --explain KEY document its keys."""
 
     def body() -> None:
-        from pipeline import recipe_docs
+        from pipeline.recipe import keys_doc
 
-        found = recipe_docs.lookup(explain) if explain is not None else None  # unknown: exit 2, closest keys named
+        found = keys_doc.lookup(explain) if explain is not None else None  # unknown: exit 2, closest keys named
         recipe, problem = None, None
         try:
             recipe = load_recipe(recipe_path, overrides or ())
@@ -163,9 +170,9 @@ def validate(
             problem = err
         out = Console(soft_wrap=True)  # stdout: the docs can be piped; messages stay on stderr
         if keys:
-            out.print(recipe_docs.terminal_table())
+            out.print(keys_doc.terminal_table())
         if found is not None:
-            out.print(recipe_docs.explain(found, recipe), markup=False, highlight=False)
+            out.print(keys_doc.explain(found, recipe), markup=False, highlight=False)
         if problem is not None:
             raise problem
         console.print(f"[green]ok[/]: {recipe_path} is a valid {recipe.task.type} recipe `{recipe.name}`")
@@ -181,7 +188,7 @@ def prep(recipe_path: RecipeArg, run_dir: RunDirOpt = None, runs_root: RunsRootO
     def body() -> None:
         recipe = load_recipe(recipe_path, overrides or ())
         run = _hold(_open_or_create(recipe, run_dir, "prep") if run_dir else _new_run(recipe, runs_root), "prep")
-        stages.run_stage("prep", recipe, run)
+        runner.run_stage("prep", recipe, run)
 
     _guarded(body)
 
@@ -192,8 +199,8 @@ def label(recipe_path: RecipeArg, overrides: SetOpt = None) -> None:
     when rows are left unlabelled (failed, or not sent because of the budget), or another run holds the cache."""
 
     def body() -> None:
-        from pipeline import prep as prep_stage
         from pipeline import tasks
+        from pipeline.stages import prep as prep_stage
 
         recipe = load_recipe(recipe_path, overrides or ())
         if recipe.data.teacher is None:
@@ -236,12 +243,12 @@ def train(
         recipe = load_recipe(recipe_path, overrides or ())
         run = _existing_run(recipe, run_dir, runs_root, "train")
         if dry_run:
-            stages.stage_module("train")  # library progress bars off and MLflow configured, as for the stage
-            from pipeline import train_plan
+            runner.stage_module("train")  # library progress bars off and MLflow configured, as for the stage
+            from pipeline.training import plan as train_plan
 
             train_plan.print_plan(recipe, train_plan.plan(recipe, run))
             return
-        stages.run_stage("train", recipe, run, StageOptions(resume=resume))
+        runner.run_stage("train", recipe, run, StageOptions(resume=resume))
 
     _guarded(body)
 
@@ -253,7 +260,7 @@ def eval_(recipe_path: RecipeArg, run_dir: RunDirOpt = None, runs_root: RunsRoot
 
     def body() -> None:
         recipe = load_recipe(recipe_path, overrides or ())
-        stages.run_stage("eval", recipe, _existing_run(recipe, run_dir, runs_root, "eval"))
+        runner.run_stage("eval", recipe, _existing_run(recipe, run_dir, runs_root, "eval"))
 
     _guarded(body)
 
@@ -282,7 +289,7 @@ def push(
         recipe = load_recipe(recipe_path, overrides or ())
         run = _existing_run(recipe, run_dir, runs_root, "push")
         options = StageOptions(push=PushOptions(force=force, reason=reason, dry_run=dry_run, include_base=include_base))
-        stages.run_stage("push", recipe, run, options)
+        runner.run_stage("push", recipe, run, options)
 
     _guarded(body)
 
@@ -315,7 +322,7 @@ def run_all(
         recipe = load_recipe(recipe_path, overrides or ())
         options = StageOptions(redo=frozenset(redo or ()), resume=not restart,
                                push=PushOptions(force=promote, reason=reason, include_base=include_base))
-        stages.check_stages(options.redo, "--force")
+        runner.check_stages(options.redo, "--force")
         if run_dir is not None:
             run = open_run(run_dir) if (run_dir / "manifest.json").is_file() else None
         else:
@@ -323,16 +330,16 @@ def run_all(
             if run is not None and run.read_manifest().get("recipe_hash") != recipe.recipe_hash():
                 run = None  # the recipe changed: a new run, so the old one stays as it was
         if dry_run:
-            stages.print_plan(stages.plan(recipe, run, options), run)
+            runner.print_plan(runner.plan(recipe, run, options), run)
             return
         if run is None:
             run = _open_or_create(recipe, run_dir, "run") if run_dir is not None else _new_run(recipe, runs_root)
         else:
             console.print(f"resuming run: [bold]{run.path}[/]")
         _hold(run, "run")
-        if not stages.run_pipeline(recipe, run, options):
+        if not runner.run_pipeline(recipe, run, options):
             console.print("[green]nothing to do[/]: every stage is complete and its inputs are unchanged.")
-        stages.print_summary(recipe, run)
+        runner.print_summary(recipe, run)
 
     _guarded(body)
 
@@ -350,7 +357,7 @@ def predict_cmd(
     def body() -> None:
         import sys
 
-        from pipeline import batch_predict
+        from pipeline.commands import batch_predict
 
         if input_path == "-":
             rows = list(batch_predict.read_inputs(sys.stdin, "<stdin>"))
@@ -414,7 +421,7 @@ def export_cmd(
     """Write a version as a PEFT adapter directory or a merged safetensors model (for vLLM and other servers)."""
 
     def body() -> None:
-        from pipeline.export import export
+        from pipeline.commands.export import export
 
         export(model_uri, fmt, out, force)  # type: ignore[arg-type]
 
@@ -428,7 +435,7 @@ def compare(
     """Runs or registered versions side by side: metrics, cost, latency, verdict."""
 
     def body() -> None:
-        from pipeline.compare import compare_table
+        from pipeline.commands.compare import compare_table
 
         Console(soft_wrap=True).print(compare_table(refs))
 
@@ -448,7 +455,7 @@ def audit(
     """What a logged workload costs today (requests, tokens, cost per 1,000 requests by model), and with the expert."""
 
     def body() -> None:
-        from pipeline import audit as auditing
+        from pipeline.commands import audit as auditing
         from pipeline.files import atomic_write_json
 
         result = auditing.audit_logs(logs, fmt, auditing.read_prices(prices))
@@ -476,7 +483,7 @@ def ui(
     import subprocess
     import sys
 
-    from pipeline.tracking import configure
+    from pipeline.run.tracking import configure
 
     uri = configure()
     if not uri.startswith("sqlite:"):

@@ -22,7 +22,7 @@ from typing import Any
 
 import mlflow.pyfunc
 
-from pipeline.tracking import BUNDLE
+from pipeline.run.tracking import BUNDLE
 
 
 def _texts(model_input: Any) -> list[str]:
@@ -47,9 +47,11 @@ class ExpertModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from peft import PeftModel
 
-        from pipeline import cascade, contracts, models
-        from pipeline.recipe import load_recipe
-        from pipeline.stage_documents import read_spec, read_verdict
+        from pipeline.inference import models
+        from pipeline.recipe.schema import load_recipe
+        from pipeline.routing import cascade
+        from pipeline.run import contracts
+        from pipeline.run.stage_documents import read_spec, read_verdict
 
         bundle = Path(context.artifacts[BUNDLE])
         self.recipe = load_recipe(bundle / "recipe.yaml")
@@ -82,18 +84,19 @@ class ExpertModel(mlflow.pyfunc.PythonModel):
         base = models.load_base_model(self.recipe.model, source, trained.precision,
                                       device_map=models.inference_device_map())
         self.model = PeftModel.from_pretrained(base, bundle / "adapter").eval()
-        # how eval ran it (`pipeline/runtime.py`): the first answer, or `expert serve` with its options, prepares it
+        # how eval ran it (`pipeline/inference/runtime.py`): the first answer, or `expert serve` with its options, prepares it
         self.evaluated_runtime = contracts.evaluated_runtime(bundle / "eval_record.json")
         self.runtime = None  # until prepared (`runtime.prepare_expert`); `expert export` writes it as loaded
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        from pipeline import cascade, predict, runtime
+        from pipeline.inference import answering, runtime
+        from pipeline.routing import cascade
 
         if self.runtime is None:
             runtime.prepare_expert(self)
         texts = _texts(model_input)
-        prompts = [predict.expert_prompt(self.system_prompt, t) for t in texts]  # as `expert serve` builds them
-        rows = predict.answer(self.model, self.tokenizer, prompts, self.recipe, self.spec)
+        prompts = [answering.expert_prompt(self.system_prompt, t) for t in texts]  # as `expert serve` builds them
+        rows = answering.answer(self.model, self.tokenizer, prompts, self.recipe, self.spec)
         # judged as serving judges them: a confidence that is no probability is an error, never a sure answer
         return [cascade.expert_row({"answer": r["prediction"], "confidence": r["confidence"]}, self.threshold)
                 for r in rows]

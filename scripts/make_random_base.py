@@ -31,7 +31,7 @@ def main() -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pipeline import models
+    from pipeline.inference import models
 
     source, _ = models.resolve_base("smollm2-135m-instruct")
     config = AutoConfig.from_pretrained(source)

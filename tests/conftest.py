@@ -46,8 +46,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 def shipped_recipe(recipe_file: str, **overrides) -> dict:
     """A shipped recipe as a dict, with `data.source` made absolute and keys overridden the way `--set` does
-    (`pipeline.recipe.apply_overrides`): `shipped_recipe("x", **{"train.epochs": 3})`."""
-    from pipeline.recipe import apply_overrides
+    (`pipeline.recipe.schema.apply_overrides`): `shipped_recipe("x", **{"train.epochs": 3})`."""
+    from pipeline.recipe.schema import apply_overrides
 
     recipe = yaml.safe_load((ROOT / "recipes" / f"{recipe_file}.yaml").read_text())
     recipe["data"]["source"] = str((ROOT / "recipes" / recipe["data"]["source"]).resolve())

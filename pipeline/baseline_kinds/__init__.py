@@ -5,7 +5,7 @@ whether it can be asked live as a tier. Nothing outside this package branches on
 
 Why a package of its own (and not inside `baselines.py`): a kind is then one file a contributor adds and one
 line here, like a task type in `pipeline/tasks/`; `baselines.py` keeps what all kinds share (the context, the
-baseline prompt, recorded-answer parsing). The kind's recipe keys stay in `pipeline/recipe.py` (its section
+baseline prompt, recorded-answer parsing). The kind's recipe keys stay in `pipeline/recipe/schema.py` (its section
 class, `SECTION` here), because the recipe is one typed model whose keys are documented from there and checked
 before anything runs. How to add a kind: `docs/guides/adding-a-baseline-kind.md`.
 """
@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from pipeline.baseline_kinds import base_model, expert, openai, predictions
 
 if TYPE_CHECKING:
-    from pipeline.baselines import BaselineContext, BaselineResult, Rows
-    from pipeline.recipe import BaselineSection, Recipe
+    from pipeline.evaluation.baselines import BaselineContext, BaselineResult, Rows
+    from pipeline.recipe.schema import BaselineSection, Recipe
 
 
 @runtime_checkable
@@ -28,7 +28,7 @@ class BaselineKind(Protocol):
     """What a baseline kind module provides (module-level names)."""
 
     KIND: str  # the `kind:` value in the recipe
-    SECTION: type  # its recipe section class in pipeline/recipe.py (its keys, checked at validation)
+    SECTION: type  # its recipe section class in pipeline/recipe/schema.py (its keys, checked at validation)
 
     def load(self, baseline: BaselineSection, splits: dict[str, Rows], task: Any, spec: Any) -> Any:
         """What the kind reads before any model loads or any call is paid for (so bad inputs fail first), handed

@@ -7,17 +7,17 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.baseline_kinds.common import latency_s  # noqa: F401 - its latency: as measured
-from pipeline.baselines import (
+from pipeline.evaluation.baselines import (
     FEWSHOT,
     BaselineContext,
     BaselineResult,
     Rows,
     baseline_rows,
 )
-from pipeline.eval_inference import infer_local
+from pipeline.evaluation.inference import infer_local
+from pipeline.evaluation.stats import machine_cost_per_1k
 from pipeline.files import file_hash
-from pipeline.recipe import BaseModelBaseline, Recipe
-from pipeline.stats import machine_cost_per_1k
+from pipeline.recipe.schema import BaseModelBaseline, Recipe
 
 KIND = "base_model"
 SECTION = BaseModelBaseline

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.baseline_kinds.common import latency_s  # noqa: F401 - its latency: as measured
-from pipeline.baselines import BaselineContext, BaselineResult, Rows
 from pipeline.errors import UserError
-from pipeline.stats import machine_cost_per_1k
-from pipeline.eval_inference import infer_local
-from pipeline.recipe import ExpertBaseline, Recipe
+from pipeline.evaluation.baselines import BaselineContext, BaselineResult, Rows
+from pipeline.evaluation.inference import infer_local
+from pipeline.evaluation.stats import machine_cost_per_1k
+from pipeline.recipe.schema import ExpertBaseline, Recipe
 
 KIND = "expert"
 SECTION = ExpertBaseline
@@ -24,7 +24,7 @@ def load(baseline: ExpertBaseline, splits: dict[str, Rows], task: Any, spec: Any
 def answer(baseline: ExpertBaseline, splits: dict[str, Rows], ctx: BaselineContext) -> BaselineResult:
     """Another expert (a run directory's, loaded as its train record says, or a registered version's, loaded as
     `expert predict` loads it), asked with its own system prompt on these rows."""
-    from pipeline.examples import chat_messages
+    from pipeline.data.examples import chat_messages
 
     if baseline.version is not None:
         where = f"eval.baselines `{baseline.name}` -> version: {baseline.version}"
@@ -45,10 +45,11 @@ def answer(baseline: ExpertBaseline, splits: dict[str, Rows], ctx: BaselineConte
 def _run_dir_expert(run_dir: Path, where: str):
     """(recipe, spec, system prompt, model, tokenizer) of a trained run directory, run as its own eval ran it
     (the runtime eval and serving share, where that run has no eval yet)."""
-    from pipeline import contracts, runtime
-    from pipeline.eval_inference import load_expert
-    from pipeline.recipe import load_recipe
-    from pipeline.stage_documents import read_spec
+    from pipeline.evaluation.inference import load_expert
+    from pipeline.inference import runtime
+    from pipeline.recipe.schema import load_recipe
+    from pipeline.run import contracts
+    from pipeline.run.stage_documents import read_spec
 
     needed = [run_dir / p for p in ("recipe.yaml", "train/record.json", "train/adapter", "prep/spec.json")]
     missing = [str(p) for p in needed if not p.exists()]
@@ -66,11 +67,12 @@ def _run_dir_expert(run_dir: Path, where: str):
 
 def _registered_expert(model_uri: str, where: str):
     """(recipe, spec, system prompt, model, tokenizer) of a registered version, from its bundle, run as it was
-    evaluated (`pipeline/runtime.py`), as `expert serve` would run it."""
-    from pipeline import registry, runtime
+    evaluated (`pipeline/inference/runtime.py`), as `expert serve` would run it."""
+    from pipeline.inference import runtime
+    from pipeline.registry import versions
 
     try:
-        _, version = registry.load_version(model_uri)
+        _, version = versions.load_version(model_uri)
     except UserError as err:
         raise UserError(f"{where}: {err}") from None
     runtime.prepare_expert(version)

@@ -7,10 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline import frontier
 from pipeline.baseline_kinds.common import latency_s  # noqa: F401 - its latency: as measured
-from pipeline.baselines import BaselineContext, BaselineResult, Rows, ask_frontier, baseline_rows
-from pipeline.recipe import OpenAIBaseline, Recipe
+from pipeline.evaluation.baselines import (
+    BaselineContext,
+    BaselineResult,
+    Rows,
+    ask_frontier,
+    baseline_rows,
+)
+from pipeline.recipe.schema import OpenAIBaseline, Recipe
+from pipeline.routing import frontier
 
 KIND = "openai"
 SECTION = OpenAIBaseline

@@ -6,11 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline import frontier
 from pipeline.baseline_kinds.common import latency_s  # noqa: F401 - its latency: as measured
-from pipeline.baselines import BaselineContext, BaselineResult, Rows, load_recorded
+from pipeline.evaluation.baselines import (
+    BaselineContext,
+    BaselineResult,
+    Rows,
+    load_recorded,
+)
 from pipeline.files import file_hash
-from pipeline.recipe import PredictionsBaseline, Recipe
+from pipeline.recipe.schema import PredictionsBaseline, Recipe
+from pipeline.routing import frontier
 
 KIND = "predictions"
 SECTION = PredictionsBaseline

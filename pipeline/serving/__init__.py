@@ -15,10 +15,10 @@ The modules, in the order a request meets them:
 
 - `options.py`: `ServeOptions`, the one home of serve's defaults (the CLI reads them there).
 - `loading.py`: `load_service` loads the version (`registry.load_version`) on a short-lived thread, merges the
-  adapter and installs the CPU speed-ups through their seam (`pipeline/speedups.py`).
+  adapter and installs the CPU speed-ups through their seam (`pipeline/inference/speedups.py`).
 - `app.py`: `create_app` (Starlette routes; every error an OpenAI-style body) and `run` (uvicorn; SIGTERM
   drains and exits 0).
-- `service.py`: `Service.answer`, the expert's answer through the cascade (`pipeline/cascade.py`): under the
+- `service.py`: `Service.answer`, the expert's answer through the cascade (`pipeline/routing/cascade.py`): under the
   threshold (or with a confidence that is no probability) up the tiers, each within its deadline; flagged, or
   502, when none answers. `Service.probe`: the model's health, at start and in `/health`.
 - `tiers.py`: `Lane`, a tier's slots and bounded queue: a request finding both full is shed, not queued.

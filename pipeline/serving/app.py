@@ -17,9 +17,9 @@ import traceback
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from pipeline.console import console
 from pipeline.serving.errors import HTTPError
 from pipeline.serving.options import ServeOptions
-from pipeline.ui import console
 
 if TYPE_CHECKING:
     from pipeline.serving.service import Service
@@ -110,7 +110,12 @@ def create_app(service: Service):
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.requests import ClientDisconnect, Request
-    from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from starlette.responses import (
+        JSONResponse,
+        PlainTextResponse,
+        Response,
+        StreamingResponse,
+    )
     from starlette.routing import Route
 
     def error_response(err: HTTPError) -> JSONResponse:

@@ -1,4 +1,4 @@
-"""The model worker of `expert serve`: one thread owns the model and answers micro-batches through `predict.answer`."""
+"""The model worker of `expert serve`: one thread owns the model and answers micro-batches through `answering.answer`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import traceback
 from concurrent.futures import Future
 from typing import Any
 
-from pipeline import predict, tasks
+from pipeline import tasks
+from pipeline.inference import answering
 from pipeline.serving.metrics import Metrics
 from pipeline.serving.options import ServeOptions
 
@@ -20,8 +21,8 @@ class BatchingEngine:
     `max_batch`, waiting at most `batch_wait_ms` for more), answers them in one call and resolves
     each request's future. A failing batch fails its requests, never the thread.
 
-    Answers come from `predict.answer`, the path eval measured and the registered model answers with; for
-    label scoring it is given the system prompt's KV cache, computed once here (`predict.system_prefix`), and
+    Answers come from `answering.answer`, the path eval measured and the registered model answers with; for
+    label scoring it is given the system prompt's KV cache, computed once here (`answering.system_prefix`), and
     the micro-batch as one batch. A batch whose tokens do not start with that prefix runs its own
     (`fallbacks` counts them).
     """
@@ -37,7 +38,7 @@ class BatchingEngine:
 
     def _system_prefix(self):
         """The KV cache of the tokens every prompt starts with (system prompt and label list), computed once."""
-        return predict.system_prefix(self.expert.model, self.expert.tokenizer, self.expert.system_prompt)
+        return answering.system_prefix(self.expert.model, self.expert.tokenizer, self.expert.system_prompt)
 
     @property
     def fallbacks(self) -> int:
@@ -90,9 +91,9 @@ class BatchingEngine:
                 fut.set_result(row)
 
     def infer(self, texts: list[str]) -> list[dict[str, Any]]:
-        """Answer and confidence per text, from `predict.answer`."""
+        """Answer and confidence per text, from `answering.answer`."""
         expert = self.expert
-        prompts = [predict.expert_prompt(expert.system_prompt, t) for t in texts]
-        rows = predict.answer(expert.model, expert.tokenizer, prompts, expert.recipe, expert.spec, prefix=self.prefix,
+        prompts = [answering.expert_prompt(expert.system_prompt, t) for t in texts]
+        rows = answering.answer(expert.model, expert.tokenizer, prompts, expert.recipe, expert.spec, prefix=self.prefix,
                               batch_size=len(prompts) if self.prefix is not None else None)
         return [{"answer": r["prediction"], "confidence": float(r["confidence"])} for r in rows]

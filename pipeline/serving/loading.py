@@ -1,15 +1,16 @@
-"""Loading a version for `expert serve`: on a short-lived thread, prepared as it was evaluated (`pipeline/runtime.py`)."""
+"""Loading a version for `expert serve`: on a short-lived thread, prepared as it was evaluated (`pipeline/inference/runtime.py`)."""
 
 from __future__ import annotations
 
 import threading
 from typing import Any
 
-from pipeline import registry, runtime
+from pipeline.console import console
 from pipeline.errors import UserError
-from pipeline.registry import registered_name_version  # noqa: F401 - part of this package's names
+from pipeline.inference import runtime
+from pipeline.registry import versions as registry
+from pipeline.registry.versions import registered_name_version  # noqa: F401 - part of this package's names
 from pipeline.serving.options import ServeOptions
-from pipeline.ui import console
 
 
 def load_service(model_uri: str, options: ServeOptions):
@@ -63,7 +64,7 @@ def probed(service):
 
 
 def prepare(expert, options: ServeOptions) -> None:
-    """A loaded version made ready to serve as it was evaluated (`pipeline/runtime.py`): the adapter merged or
+    """A loaded version made ready to serve as it was evaluated (`pipeline/inference/runtime.py`): the adapter merged or
     separate as eval ran it (other options refused unless allowed), then the bit-identical speed-ups asked for."""
     notes = runtime.prepare_expert(expert, options.merge, options.lean_forward, options.pack,
                                    options.allow_unevaluated_runtime)

@@ -9,8 +9,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import cascade, tasks
-from pipeline.readers import SURROGATE  # prep's rule for what is text, applied to requests
+from pipeline import tasks
+from pipeline.data.readers import (
+    SURROGATE,  # prep's rule for what is text, applied to requests
+)
+from pipeline.routing import cascade
 from pipeline.serving.engine import BatchingEngine
 from pipeline.serving.errors import HTTPError
 from pipeline.serving.metrics import Metrics
@@ -25,7 +28,7 @@ PROBE_TIMEOUT_S = 30.0  # a model that cannot answer the probe by then is not he
 class Service:
     """A loaded version with its worker, frontier set-up and metrics; the HTTP layer calls `answer`.
 
-    The cascade is `pipeline/cascade.py`'s, as for `expert predict`: the frontier is the version's recorded one,
+    The cascade is `pipeline/routing/cascade.py`'s, as for `expert predict`: the frontier is the version's recorded one,
     asked with serve's bounded `--frontier-retries`/`--frontier-timeout`, no response cache (every escalation is a
     live answer). Each tier has its own lane (`tiers.Lane`: its `max_concurrency` slots, `--tier-queue` waiting)
     and each request gives up on a tier at `--tier-deadline` and on all of them at `--escalation-deadline`; a

@@ -159,7 +159,7 @@ def gate_metric(name: str) -> GateMetric:
 
 
 def write_plots(folder: Path, golds: list[str], predictions: dict[str, list[str | None]], spec: list[str]) -> None:
-    from pipeline import plots
+    from pipeline.evaluation import plots
 
     for name, preds in predictions.items():
         plots.confusion_matrix(folder / f"confusion_{name}.png", golds, preds, spec, f"{name}: confusion matrix (test)")

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from jsonschema import Draft202012Validator
 
-from pipeline import json_depth
+from pipeline.data import json_depth
 from pipeline.tasks.metrics import GateMetric, MeanMetric, exact, mean, parsed
 from pipeline.tasks.metrics import gate_metric as gate_metric_of
 from pipeline.tasks.shared import check_no_class_minimum, mean_token_probability

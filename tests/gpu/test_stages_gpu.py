@@ -18,10 +18,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline import models, predict, serving as serve, train_setup
+from pipeline import serving as serve
 from pipeline.cli import app
-from pipeline.recipe import Recipe
-from pipeline.rundir import open_run
+from pipeline.inference import answering as predict
+from pipeline.inference import models
+from pipeline.recipe.schema import Recipe
+from pipeline.run.rundir import open_run
+from pipeline.training import setup
 from tests.conftest import shipped_recipe, write_recipe
 from tests.support.serve_thread import serving
 
@@ -103,7 +106,6 @@ def test_qlora_through_the_stage_loader_and_sfttrainer(pipeline_run, tmp_path, m
     """The 4-bit base lands on this process's device (bitsandbytes quantizes where it loads), trains its adapter
     through TRL's SFTTrainer, and its quantized weights stay as they were."""
     import bitsandbytes as bnb
-
     import yaml
 
     run_dir, recipe_path, env = pipeline_run
@@ -112,13 +114,13 @@ def test_qlora_through_the_stage_loader_and_sfttrainer(pipeline_run, tmp_path, m
     raw["model"]["quantization"] = "4bit"
     raw["train"].update(max_steps=3, eval_steps=3)
     recipe = Recipe.model_validate(raw)
-    settings = train_setup.training_settings(recipe)
-    config = train_setup.to_sft_config(recipe.train, tmp_path / "checkpoints", recipe.data.max_tokens, settings)
-    _, tokenizer, model = train_setup.load_for_training(recipe, models.resolve_base(recipe.model.base)[1], settings, "single", config.device)
+    settings = setup.training_settings(recipe)
+    config = setup.to_sft_config(recipe.train, tmp_path / "checkpoints", recipe.data.max_tokens, settings)
+    _, tokenizer, model = setup.load_for_training(recipe, models.resolve_base(recipe.model.base)[1], settings, "single", config.device)
     quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantized and all(m.weight.device == DEVICE for m in quantized)
     before = {id(m): m.weight.detach().clone() for m in quantized}
-    trainer = train_setup.build_trainer(recipe, open_run(run_dir), config, tokenizer, model, [])
+    trainer = setup.build_trainer(recipe, open_run(run_dir), config, tokenizer, model, [])
     result = trainer.train()
     assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
     assert any(p.abs().sum() > 0 for n, p in trainer.model.named_parameters() if "lora_B" in n), "the adapter moved"
@@ -195,7 +197,8 @@ def test_the_adapter_written_under_a_sharded_launch_reloads_to_the_loss_training
     from datasets import Dataset
     from trl import SFTTrainer
 
-    from pipeline import contracts, eval_inference
+    from pipeline.evaluation import inference
+    from pipeline.run import contracts
     from tests.conftest import ROOT
 
     _, recipe_path, env = pipeline_run
@@ -215,10 +218,10 @@ def test_the_adapter_written_under_a_sharded_launch_reloads_to_the_loss_training
 
     recipe = Recipe.model_validate(raw)
     trained = contracts.read_record(run_dir / "train/record.json", contracts.TrainRecord)
-    model, tokenizer = eval_inference.load_expert(recipe, trained, run_dir / "train/adapter")
+    model, tokenizer = inference.load_expert(recipe, trained, run_dir / "train/adapter")
     rows = [json.loads(line) for line in (run_dir / "prep/validation.jsonl").read_text().splitlines()]
-    config = train_setup.to_sft_config(recipe.train, tmp_path / "eval", recipe.data.max_tokens,
-                                       train_setup.training_settings(recipe))
+    config = setup.to_sft_config(recipe.train, tmp_path / "eval", recipe.data.max_tokens,
+                                       setup.training_settings(recipe))
     validation = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer, train_dataset=validation,
                          eval_dataset=validation)  # only evaluated: the train split is required, never used

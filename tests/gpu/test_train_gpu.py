@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import models
-from pipeline.recipe import ModelSection
+from pipeline.inference import models
+from pipeline.recipe.schema import ModelSection
 
 pytestmark = [
     pytest.mark.gpu,

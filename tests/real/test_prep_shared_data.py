@@ -16,7 +16,7 @@ from jsonschema import Draft202012Validator
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.recipe import SplitSection, dump_recipe, load_recipe
+from pipeline.recipe.schema import SplitSection, dump_recipe, load_recipe
 from pipeline.tasks import extraction
 from tests.real.conftest import RECIPES, SHARED, SHARED_DATA_MARKS
 

@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from pipeline import models, predict
-from pipeline.recipe import ModelSection
+from pipeline.inference import answering as predict
+from pipeline.inference import models
+from pipeline.recipe.schema import ModelSection
 
 pytestmark = [
     pytest.mark.real,

@@ -13,12 +13,12 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from pipeline.baselines import baseline_rows, load_fewshot, load_recorded
 from pipeline.cli import app
 from pipeline.errors import UserError
+from pipeline.evaluation.baselines import baseline_rows, load_fewshot, load_recorded
 from pipeline.files import file_hash
-from pipeline.recipe import PredictionsBaseline, Recipe
-from pipeline.rundir import RunDir
+from pipeline.recipe.schema import PredictionsBaseline, Recipe
+from pipeline.run.rundir import RunDir
 from pipeline.tasks import classification
 from tests.conftest import shipped_recipe, shipped_rows, write_recipe
 from tests.support.openai_server import FakeOpenAIServer
@@ -200,7 +200,7 @@ def test_cascade_recipe_errors_name_their_keys():
 
 
 def test_recorded_predictions_path_is_relative_to_the_recipe(tmp_path):
-    from pipeline.recipe import load_recipe
+    from pipeline.recipe.schema import load_recipe
 
     folder = tmp_path / "recipes"
     folder.mkdir()

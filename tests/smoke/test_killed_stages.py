@@ -32,7 +32,7 @@ app()
 """
 # eval: its MLflow run is open, the expert about to be evaluated
 IN_EVAL = """
-from pipeline import runtime
+from pipeline.inference import runtime
 runtime.prepare = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
 """
 # push: the version and its logged model exist, the version's last tag is not set

@@ -62,7 +62,7 @@ def version(tiny_model_dir, mlflow_uri, tmp_path_factory):
                                 "api_key_env": KEY_ENV, "price_per_mtok": {"input": 2.5, "output": 10.0}}],
             "eval.gate": {"metric": "accuracy", "max_drop_vs_best_baseline": 1.0},
             "eval.cascade": {"target_metric": "accuracy", "target": 0.95},
-            "registry.model_name": MODEL,
+            "versions.model_name": MODEL,
         })
         invoke("run", str(write_recipe(tmp, recipe)))
         run_dir = max((tmp / "runs" / "smoke-serve").iterdir())
@@ -234,7 +234,7 @@ def test_export_merged_matches_adapter_logits_and_peft_dir_loads(version, tiny_m
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from pipeline import registry
+    from pipeline.registry import versions
 
     merged_dir, peft_dir = version.tmp / "merged", version.tmp / "peft"
     out = invoke("export", version.uri, "--format", "merged", "--out", str(merged_dir)).output
@@ -243,7 +243,7 @@ def test_export_merged_matches_adapter_logits_and_peft_dir_loads(version, tiny_m
     assert "--enable-lora --lora-modules smoke-serve=" in out
     refused = CliRunner().invoke(app, ["export", version.uri, "--format", "peft", "--out", str(peft_dir)])
     assert refused.exit_code == 2 and "--force" in refused.output
-    _, expert = registry.load_version(version.uri)  # base + adapter, unmerged
+    _, expert = versions.load_version(version.uri)  # base + adapter, unmerged
 
     assert (merged_dir / "model.safetensors").is_file() and (merged_dir / "tokenizer.json").is_file()
     assert {"adapter_config.json", "adapter_model.safetensors", "expert.json"} <= {p.name for p in peft_dir.iterdir()}
@@ -276,8 +276,8 @@ def test_extraction_answers_are_schema_objects_over_http(tiny_model_dir, tmp_pat
     """The served extraction path (constrained decoding through predict.answer) on the tiny model, no registry."""
     import jsonschema
 
-    from pipeline import models
-    from pipeline.recipe import load_recipe
+    from pipeline.inference import models
+    from pipeline.recipe.schema import load_recipe
     from pipeline.tasks import extraction
 
     recipe = load_recipe(write_recipe(tmp_path, shipped_recipe(
@@ -317,7 +317,7 @@ def test_a_served_expert_is_a_teacher_that_labels_as_it_was_evaluated(version, s
         with serving(serve.create_app(local)) as url:
             recipe = shipped_recipe("ticket-classification", **{
                 "name": "taught-by-expert", "model.base": str(service.expert.base_source),
-                "registry.model_name": "taught-by-expert"})
+                "versions.model_name": "taught-by-expert"})
             recipe["data"]["source"] = str(source)
             recipe["data"]["teacher"] = {"model": MODEL, "base_url": f"{url}/v1", "api_key_env": "SERVED_TEACHER_KEY"}
             run_dir = tmp_path / "run"
@@ -335,9 +335,9 @@ def test_predict_flags_a_version_whose_weights_are_nan(version, monkeypatch, tmp
     """Issue 33 #3 in `expert predict`: the registered version, its LoRA weights corrupted to NaN after loading
     (the registry refuses edited files, so the corruption is applied where it loads), answers no row as sure:
     each is written as strict JSON with `answer: null`, `expert_error`, and the frontier's failure (it is down)."""
-    from pipeline import registry
+    from pipeline.registry import versions
 
-    real_load = registry.load_version
+    real_load = versions.load_version
 
     def load_corrupted(uri):
         loaded, expert = real_load(uri)
@@ -345,7 +345,7 @@ def test_predict_flags_a_version_whose_weights_are_nan(version, monkeypatch, tmp
             next(p for name, p in expert.model.named_parameters() if "lora_A" in name).fill_(float("nan"))
         return loaded, expert
 
-    monkeypatch.setattr(registry, "load_version", load_corrupted)
+    monkeypatch.setattr(versions, "load_version", load_corrupted)
     monkeypatch.setenv(KEY_ENV, KEY)
     inputs = tmp_path / "in.jsonl"
     inputs.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in version.tests[:3]))

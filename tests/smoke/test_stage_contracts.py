@@ -14,8 +14,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline import models, registry
 from pipeline.cli import app
+from pipeline.inference import models
+from pipeline.registry import versions
 from tests.conftest import shipped_recipe, write_recipe
 
 pytestmark = pytest.mark.smoke
@@ -34,7 +35,7 @@ def trained(tiny_model_dir, mlflow_uri, tmp_path_factory):
     shutil.copytree(tiny_model_dir, base)
     recipe = shipped_recipe("ticket-classification", **{
         "name": "contracts", "model.base": str(base), "train": {"max_steps": 2, "batch_size": 8},
-        "eval.baselines": [], "registry.model_name": "contracts-expert",
+        "eval.baselines": [], "versions.model_name": "contracts-expert",
     })
     path = write_recipe(tmp, recipe)
     run_dir = tmp / "run"
@@ -78,7 +79,7 @@ def test_eval_and_the_registered_model_load_the_recorded_precision(env, monkeypa
     result = invoke("push", path, "--run-dir", run_dir)
     assert result.exit_code == 0, result.output
     registered = json.loads((run_dir / "push/registered.json").read_text())
-    _, expert = registry.load_version(f"models:/{registered['model_name']}/{registered['version']}")
+    _, expert = versions.load_version(f"models:/{registered['model_name']}/{registered['version']}")
     assert expert.precision == "fp32"
     assert next(expert.model.parameters()).dtype == torch.float32
 
@@ -154,7 +155,7 @@ def test_train_loads_the_base_prep_recorded_not_model_base_resolved_again(tiny_m
     monkeypatch.setenv("EXPERT_CACHE", str(tmp_path / "cache"))
     path = write_recipe(tmp_path, shipped_recipe("ticket-classification", **{
         "name": "hub-base", "model.base": "org/tiny-model", "train": {"max_steps": 1, "batch_size": 8},
-        "eval.baselines": [], "registry.model_name": "hub-base-expert"}))
+        "eval.baselines": [], "versions.model_name": "hub-base-expert"}))
     run_dir = tmp_path / "run"
     assert invoke("prep", path, "--run-dir", run_dir).exit_code == 0
     prepared = json.loads((run_dir / "prep/record.json").read_text())["base"]

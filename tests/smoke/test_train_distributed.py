@@ -67,7 +67,7 @@ def test_two_gloo_processes_train_like_one(tiny_model_dir, tracking_env, tmp_pat
 
 KILL_RANK0_AFTER_STEP = """
 import os, signal, sys
-from pipeline import checkpoints
+from pipeline.training import checkpoints
 def on_step_end(self, args, state, control, **kwargs):
     if state.global_step == {step} and state.is_world_process_zero:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -21,8 +21,9 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from pipeline import checkpoints, models
 from pipeline.cli import app
+from pipeline.inference import models
+from pipeline.training import checkpoints
 from tests.conftest import shipped_recipe, write_recipe
 from tests.support.mlflow_server import free_port, server_command
 

@@ -21,10 +21,11 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from pipeline import checkpoints, train
 from pipeline.cli import app
-from pipeline.recipe import load_recipe
-from pipeline.rundir import open_run
+from pipeline.recipe.schema import load_recipe
+from pipeline.run.rundir import open_run
+from pipeline.stages import train
+from pipeline.training import checkpoints
 from tests.conftest import ROOT, shipped_recipe, write_recipe
 
 pytestmark = pytest.mark.smoke
@@ -40,7 +41,7 @@ SETTINGS = {
 
 KILL_BETWEEN_CHECKPOINTS = """
 import os, signal
-from pipeline import checkpoints
+from pipeline.training import checkpoints
 def on_step_end(self, args, state, control, **kwargs):
     if state.global_step == {step}:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -61,8 +62,8 @@ Trainer._save_rng_state = killed_mid_write
 CLI = """
 import sys
 from pipeline.cli import app
-from pipeline.recipe import load_recipe
-from pipeline.rundir import open_run
+from pipeline.recipe.schema import load_recipe
+from pipeline.run.rundir import open_run
 sys.argv = ["expert", "train", {recipe!r}, "--run-dir", {run_dir!r}]
 app()
 """

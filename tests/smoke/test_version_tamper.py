@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.version_digest import (
+from pipeline.registry.digest import (
     DIGEST_TAG,
     MANIFEST_FILE,
     MIN_KEY_CHARS,

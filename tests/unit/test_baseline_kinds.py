@@ -11,7 +11,7 @@ import yaml
 from pipeline import baseline_kinds
 from pipeline.baseline_kinds import BaselineKind
 from pipeline.errors import UserError
-from pipeline.recipe import BASELINE_KINDS, load_recipe
+from pipeline.recipe.schema import BASELINE_KINDS, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 MEMBERS = [name for name in dir(BaselineKind) if not name.startswith("_")] + list(BaselineKind.__annotations__)

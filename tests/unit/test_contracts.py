@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import contracts, stages
 from pipeline.errors import UserError
-from pipeline.recipe import apply_overrides, load_recipe
-from pipeline.recipe_keys import changed_keys, recipe_keys
-from pipeline.rundir import init_run
+from pipeline.recipe.keys import changed_keys, recipe_keys
+from pipeline.recipe.schema import apply_overrides, load_recipe
+from pipeline.run import contracts, runner
+from pipeline.run.rundir import init_run
 from tests.conftest import ROOT
 
 RECIPE = ROOT / "recipes" / "ticket-classification.yaml"
@@ -69,11 +69,11 @@ def test_an_override_is_validated_like_the_file():
 
 def test_the_plan_of_a_new_run_runs_everything_and_a_forced_stage_redoes_what_follows(tmp_path):
     recipe = load_recipe(RECIPE)
-    assert [(p.stage, p.runs) for p in stages.plan(recipe, None)] == [(s, True) for s in stages.STAGES]
+    assert [(p.stage, p.runs) for p in runner.plan(recipe, None)] == [(s, True) for s in runner.STAGES]
     run = init_run(tmp_path / "run", recipe.name, "", recipe.recipe_hash())
     with pytest.raises(UserError, match="--force deploy: unknown stage"):
-        stages.plan(recipe, run, contracts.StageOptions(redo=frozenset({"deploy"})))
-    planned = stages.plan(recipe, run, contracts.StageOptions())
+        runner.plan(recipe, run, contracts.StageOptions(redo=frozenset({"deploy"})))
+    planned = runner.plan(recipe, run, contracts.StageOptions())
     assert planned[0].why == "not run yet" and planned[1].why == "prep runs before it"
 
 
@@ -82,7 +82,7 @@ def test_a_hub_base_is_recorded_at_its_commit_and_reloaded_at_that_revision(tiny
     named by its commit, as the hub cache names them; what is checked is what the record keeps and asks for."""
     import shutil
 
-    from pipeline import models
+    from pipeline.inference import models
 
     monkeypatch.setenv("EXPERT_CACHE", str(tmp_path / "cache"))
     snapshot = tmp_path / "snapshots" / "0123abcd"
@@ -101,13 +101,13 @@ def test_a_hub_base_is_recorded_at_its_commit_and_reloaded_at_that_revision(tiny
 def test_the_plan_and_the_stage_decide_up_to_date_by_one_rule(tmp_path):
     """`expert run --dry-run` and the stage itself ask `contracts.why_stale` with the inputs the stage declares:
     a prep recorded with today's inputs is skipped by both; a changed key it read makes both redo it."""
-    from pipeline import prep
+    from pipeline.stages import prep
 
     recipe = load_recipe(RECIPE)
     run = init_run(tmp_path / "run", recipe.name, "", recipe.recipe_hash())
     run.start_stage("prep", prep.inputs_of(recipe), recipe, prep.RECIPE_KEYS)
     run.finish_stage("prep", [])
-    planned = stages.plan(recipe, run)
+    planned = runner.plan(recipe, run)
     assert (planned[0].runs, planned[0].why) == (False, "up to date") and planned[1].why == "not run yet"
     ended = run.stage_record("prep")["ended"]
     assert prep.run(recipe, run) == run.stage_record("prep") and run.stage_record("prep")["ended"] == ended
@@ -115,7 +115,7 @@ def test_the_plan_and_the_stage_decide_up_to_date_by_one_rule(tmp_path):
     edited = load_recipe(RECIPE, ["data.max_tokens=300"])
     why = contracts.why_stale(run, "prep", edited, lambda: prep.inputs_of(edited), contracts.StageOptions())
     assert why == "recipe keys changed: data.max_tokens"
-    assert [p.why for p in stages.plan(edited, run)][:2] == [why, "prep runs before it"]
+    assert [p.why for p in runner.plan(edited, run)][:2] == [why, "prep runs before it"]
 
 
 def test_a_forced_promotion_runs_push_in_the_plan_as_in_the_stage():

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import distributed, models
 from pipeline.errors import UserError
-from pipeline.recipe import ModelSection
+from pipeline.inference import models
+from pipeline.recipe.schema import ModelSection
+from pipeline.training import distributed
 
 
 @pytest.mark.parametrize(

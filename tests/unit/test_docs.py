@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.recipe import load_recipe
+from pipeline.recipe.schema import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"

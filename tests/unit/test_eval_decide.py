@@ -8,10 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import evaluate, evidence, stats, tasks
+from pipeline import tasks
 from pipeline.errors import UserError
-from pipeline.recipe import Recipe
-from pipeline.stage_documents import read_metrics, read_spec, read_verdict
+from pipeline.evaluation import evidence, stats
+from pipeline.recipe.schema import Recipe
+from pipeline.run.stage_documents import read_metrics, read_spec, read_verdict
+from pipeline.stages import evaluate
 
 LABELS = ["a", "b", "c"]
 WRONG = {g: LABELS[(LABELS.index(g) + 1) % 3] for g in LABELS}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.eval_traces import disagreement, example_assessments, example_trace
+from pipeline.evaluation.traces import disagreement, example_assessments, example_trace
 
 
 def test_disagreement_is_a_difference_in_being_right():

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from pipeline import frontier
 from pipeline.errors import UserError
-from pipeline.recipe import OpenAIBaseline
+from pipeline.recipe.schema import OpenAIBaseline
+from pipeline.routing import frontier
 from tests.support.openai_server import FakeOpenAIServer, count_tokens
 
 KEY = "sk-unit-secret-0987654321"

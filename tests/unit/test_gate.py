@@ -1,7 +1,7 @@
 """The eval gate: pass within max_drop of the best baseline that ran, and above min_value."""
 
-from pipeline.evidence import gate_verdict
-from pipeline.recipe import Recipe
+from pipeline.evaluation.evidence import gate_verdict
+from pipeline.recipe.schema import Recipe
 
 
 def recipe(**gate) -> Recipe:

@@ -1,5 +1,5 @@
 """The lean Llama forward pass used by `expert serve` gives transformers' logits bit for bit, or stays off; behind
-its seam (`pipeline/speedups.py`) a transformers that breaks it costs speed, never service."""
+its seam (`pipeline/inference/speedups.py`) a transformers that breaks it costs speed, never service."""
 
 import sys
 from types import SimpleNamespace
@@ -9,8 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import lean_forward, predict, speedups
-from pipeline.predict import _score_in_one_pass, classify, generate, shared_prefix
+from pipeline.inference import answering as predict
+from pipeline.inference import lean_forward, speedups
+from pipeline.inference.answering import (
+    _score_in_one_pass,
+    classify,
+    generate,
+    shared_prefix,
+)
 
 LABELS = ["billing", "shipping", "technical support", "account"]
 SYSTEM = "<|im_start|>system\nRoute the customer message to one support queue: billing, shipping or account.<|im_end|>\n"
@@ -171,7 +177,7 @@ def test_a_fused_product_that_differs_is_caught(tiny_model_dir, monkeypatch):
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
 
 
-# --------------------------------------------------------------------------- the seam (pipeline/speedups.py)
+# --------------------------------------------------------------------------- the seam (pipeline/inference/speedups.py)
 
 
 def rename_a_transformers_internal(monkeypatch) -> None:
@@ -180,11 +186,11 @@ def rename_a_transformers_internal(monkeypatch) -> None:
     import transformers.modeling_utils
 
     monkeypatch.delattr(transformers.modeling_utils, "slice_logits_to_keep")
-    monkeypatch.delitem(sys.modules, "pipeline.lean_forward")
+    monkeypatch.delitem(sys.modules, "pipeline.inference.lean_forward")
 
 
 def test_the_seam_serves_without_a_lean_module_that_does_not_import(tiny_model_dir, monkeypatch):
-    """A transformers rename makes `pipeline/lean_forward.py` fail to import (its top imports transformers
+    """A transformers rename makes `pipeline/inference/lean_forward.py` fail to import (its top imports transformers
     internals): the seam says so and leaves transformers' forward."""
     rename_a_transformers_internal(monkeypatch)
     model = load(tiny_model_dir)
@@ -216,7 +222,7 @@ def test_the_seam_keeps_off_transformers_releases_it_was_not_written_against(tin
     import transformers
 
     monkeypatch.setattr(transformers, "__version__", "6.0.0")
-    monkeypatch.setitem(sys.modules, "pipeline.lean_forward", None)  # never imported: the version says no first
+    monkeypatch.setitem(sys.modules, "pipeline.inference.lean_forward", None)  # never imported: the version says no first
     note = speedups.install_lean_forward(load(tiny_model_dir))
     assert note.startswith("lean forward pass off: transformers 6.0.0 is outside the releases it was written against")
 
@@ -232,8 +238,9 @@ def served(tiny_model_dir, tmp_path, texts, **options):
     serve loads a version (adapter merged, then the speed-ups through their seam)."""
     from peft import LoraConfig, get_peft_model
 
-    from pipeline import models, serving
-    from pipeline.recipe import load_recipe
+    from pipeline import serving
+    from pipeline.inference import models
+    from pipeline.recipe.schema import load_recipe
     from pipeline.tasks import classification
     from tests.conftest import shipped_recipe, write_recipe
     from tests.support.serve_thread import serving as running

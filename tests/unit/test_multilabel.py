@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline import stats
+from pipeline.evaluation import stats
 from pipeline.tasks import classification, multilabel
 from pipeline.tasks.metrics import f1_report
 from tests.conftest import ROOT
@@ -97,15 +97,15 @@ def test_each_gate_metric_has_a_bootstrap_interval_around_a_known_difference(met
 
 def test_a_mix_of_tiers_scores_like_the_plain_metric():
     """Routing gathers rows of each tier's encoding; that must equal the metric of the mixed answers."""
-    from pipeline import routing
+    from pipeline.routing import route_search
 
     golds, a = synthetic(200, seed=4)
     _, b = synthetic(200, seed=5)
-    tiers = [routing.TierAnswers(name, p, np.linspace(0, 1, 200), 0.001, np.zeros(200)) for name, p in
+    tiers = [route_search.TierAnswers(name, p, np.linspace(0, 1, 200), 0.001, np.zeros(200)) for name, p in
              (("expert", a), ("frontier", b))]
     for name in multilabel.gate_metrics:
         gate = multilabel.gate_metric(name)
-        for point in routing.evaluate_grid(gate, golds, tiers, LABELS, routing.candidate_grids(tiers, 7))[::17]:
+        for point in route_search.evaluate_grid(gate, golds, tiers, LABELS, route_search.candidate_grids(tiers, 7))[::17]:
             mixed = [b[i] if c < point["thresholds"][0] else a[i] for i, c in enumerate(tiers[0].confidences)]
             assert point["metric"] == pytest.approx(stats.metric_value(gate, golds, mixed, LABELS))
 

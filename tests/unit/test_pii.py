@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from pipeline import pii
-from pipeline.pii import Match
+from pipeline.data import pii
+from pipeline.data.pii import Match
 
 
 def spans(text: str, kinds=pii.KINDS, **kw) -> list[tuple[str, str]]:
@@ -199,7 +199,7 @@ def test_an_unknown_kind_is_a_value_error_naming_the_valid_ones():
 def test_the_recipe_offers_exactly_the_kinds_this_module_finds():
     from typing import get_args
 
-    from pipeline.recipe import DataSection
+    from pipeline.recipe.schema import DataSection
 
     annotation = DataSection.model_fields["pii_kinds"].annotation
     (item,) = get_args(annotation)

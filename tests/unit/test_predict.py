@@ -7,10 +7,22 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import predict
-from pipeline.models import cpu_has_native_bf16
-from pipeline.predict import (CLOSE_MARGIN, PackedBf16Linear, _private_copy, _score, _score_in_one_pass, _width_groups, classify,
-                              generate, pack_linear_weights, prompt_texts, score_labels, shared_prefix)
+from pipeline.inference import answering as predict
+from pipeline.inference.answering import (
+    CLOSE_MARGIN,
+    PackedBf16Linear,
+    _private_copy,
+    _score,
+    _score_in_one_pass,
+    _width_groups,
+    classify,
+    generate,
+    pack_linear_weights,
+    prompt_texts,
+    score_labels,
+    shared_prefix,
+)
+from pipeline.inference.models import cpu_has_native_bf16
 from pipeline.tasks.extraction import check_target, parse_answer
 
 LABELS = ["billing", "shipping", "technical support", "account"]

@@ -4,7 +4,7 @@ There is no GPU here, so the `meta` device stands in for one: the model's weight
 ops that mix a meta tensor with a CPU tensor fail ("Tensor on device cpu is not on the expected device meta")
 as they would between a GPU and the CPU. Meta is lenient for a few ops (an embedding or gather with CPU indices),
 so the model's forward also checks that every tensor it is given is on the model's device. A meta tensor has no
-data, so the one device-to-host read (`predict._to_host`) is where the results would come back: the test counts
+data, so the one device-to-host read (`answering._to_host`) is where the results would come back: the test counts
 those reads and hands back zeros of the right shape.
 """
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import predict
+from pipeline.inference import answering
 
 LABELS = ["billing", "shipping", "technical support", "account", "refund request"]
 TEXTS = ["my card was charged twice", "parcel late", "I cannot log in to my account at all", "refund please"]
@@ -47,7 +47,7 @@ def on_meta(tiny_model_dir, monkeypatch):
         assert tensor.device == model.device
         return torch.zeros(tensor.shape, dtype=tensor.dtype).tolist()
 
-    monkeypatch.setattr(predict, "_to_host", to_host)
+    monkeypatch.setattr(answering, "_to_host", to_host)
     return model, tokenizer, reads
 
 
@@ -57,14 +57,14 @@ def messages(texts):
 
 def test_one_pass_label_scoring_runs_on_the_models_device_and_reads_once_per_batch(on_meta):
     model, tokenizer, reads = on_meta
-    rows = predict.classify(model, tokenizer, messages(TEXTS), LABELS, batch_size=2)
+    rows = answering.classify(model, tokenizer, messages(TEXTS), LABELS, batch_size=2)
     assert [r["prediction"] in LABELS for r in rows] == [True] * 4
     assert len(reads) == 2, "one read per batch of two: the first-token and trie scores together"
 
 
 def test_pruned_label_scoring_runs_on_the_models_device_one_read_per_pass(on_meta):
     model, tokenizer, reads = on_meta
-    rows = predict.classify(model, tokenizer, messages(TEXTS), LABELS, batch_size=4, one_pass_tokens=0)
+    rows = answering.classify(model, tokenizer, messages(TEXTS), LABELS, batch_size=4, one_pass_tokens=0)
     assert len(rows) == 4
     # the prompt pass reads its label-first tokens once; each trie pass reads its label sums once
     assert reads[0] == (4, len(LABELS)) and all(shape[1] == len(LABELS) for shape in reads[1:])
@@ -85,7 +85,7 @@ def test_generation_gets_its_inputs_on_the_models_device_and_every_eos(on_meta, 
 
     monkeypatch.setattr(model, "generate", generate)
     with pytest.raises(WrongDevice, match="stop here"):
-        predict.generate(model, tokenizer, messages(TEXTS), max_new_tokens=4, batch_size=4)
+        answering.generate(model, tokenizer, messages(TEXTS), max_new_tokens=4, batch_size=4)
     assert seen.pop("eos") == [tokenizer.eos_token_id, 7, 9]
     assert seen and set(seen.values()) == {model.device}, seen
 
@@ -96,7 +96,7 @@ def test_the_schema_mask_is_applied_on_the_scores_device(on_meta):
     schema = {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"],
               "additionalProperties": False}
     vocab = model.get_output_embeddings().out_features
-    constraint = predict.SchemaConstraint(tokenizer, schema, 2, vocab, max_new_tokens=16)
+    constraint = answering.SchemaConstraint(tokenizer, schema, 2, vocab, max_new_tokens=16)
     input_ids = torch.zeros((2, 5), dtype=torch.long, device=model.device)
     scores = torch.zeros((2, vocab), device=model.device)
     assert constraint(input_ids, scores).device == model.device

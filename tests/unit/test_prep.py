@@ -7,13 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.data.examples import Example
+from pipeline.data.readers import get_field
+from pipeline.data.row_checks import (
+    check_duplicates,
+    check_rejected_fraction,
+    check_targets,
+)
+from pipeline.data.splitting import split_examples
 from pipeline.errors import UserError
-from pipeline.examples import Example
-from pipeline.prep_report import percentiles
-from pipeline.readers import get_field
-from pipeline.recipe import Recipe
-from pipeline.row_checks import check_duplicates, check_rejected_fraction, check_targets
-from pipeline.splitting import split_examples
+from pipeline.recipe.schema import Recipe
+from pipeline.stages.prep_report import percentiles
 from pipeline.tasks import classification
 
 
@@ -122,7 +126,7 @@ def test_rejected_fraction_limit_summarises_by_reason():
 
 
 def _load(path: Path, **fields):
-    from pipeline.readers import load_examples
+    from pipeline.data.readers import load_examples
 
     r = Recipe.model_validate({"name": "t", "task": {"type": "classification", "instruction": "x"},
                                "data": {"source": str(path), "fields": {"text": "t", "target": "l", **fields}},
@@ -170,7 +174,7 @@ def test_a_huge_line_is_rejected_unread_in_memory_bounded_by_the_limit(tmp_path)
     """A 10 MB JSONL line used to be parsed and tokenized (4-5 GB) only to be rejected as too long."""
     import tracemalloc
 
-    from pipeline.readers import read_rows
+    from pipeline.data.readers import read_rows
 
     source = tmp_path / "d.jsonl"
     with source.open("wb") as f:
@@ -187,7 +191,7 @@ def test_a_huge_line_is_rejected_unread_in_memory_bounded_by_the_limit(tmp_path)
 
 
 def test_a_source_that_is_not_a_file_says_what_it_is(tmp_path):
-    from pipeline.prep import inputs_of
+    from pipeline.stages.prep import inputs_of
 
     (tmp_path / "data.jsonl").mkdir()
     r = Recipe.model_validate({"name": "t", "task": {"type": "classification", "instruction": "x"},
@@ -215,7 +219,7 @@ DEEP = "[" * 200_000 + "]" * 200_000  # under 1 MiB; json.loads alone ends in Re
      '{"request": {"messages": [{"role": "user", "content": "x"}]}, "response": ' + DEEP + "}"),
 ])
 def test_a_line_nested_200000_deep_is_rejected_with_its_line_in_every_jsonl_format(tmp_path, fmt, good, deep):
-    from pipeline.readers import load_examples
+    from pipeline.data.readers import load_examples
 
     source = tmp_path / "d.jsonl"
     source.write_text("\n".join([good, deep, good.replace("fine", "also fine")]) + "\n")
@@ -238,7 +242,7 @@ def test_a_json_source_nested_200000_deep_is_a_user_error_naming_the_file(tmp_pa
 
 
 def test_brackets_inside_strings_do_not_count_as_nesting_and_the_limit_is_exact():
-    from pipeline import json_depth
+    from pipeline.data import json_depth
 
     assert json_depth.loads('{"t": "' + "[{" * 5000 + '\\"]"}') == {"t": "[{" * 5000 + '"]'}
     at_limit = "[" * 100 + "]" * 100
@@ -274,7 +278,7 @@ def pii_cache(tmp_path, monkeypatch):
 
 
 def test_twenty_customers_who_differ_only_by_e_mail_stay_twenty_rows(pii_cache):
-    from pipeline.row_checks import check_pii
+    from pipeline.data.row_checks import check_pii
 
     rows = [Example(id=f"r{i}", line=i + 1, text=f"Refund please, my account is customer{i}@example.com", target="billing")
             for i in range(20)]
@@ -292,7 +296,7 @@ def test_twenty_customers_who_differ_only_by_e_mail_stay_twenty_rows(pii_cache):
 
 @pytest.mark.parametrize("mode", ["redact", "reject"])
 def test_rejection_details_are_scrubbed_of_keys_cards_and_e_mails_in_both_modes(pii_cache, monkeypatch, mode):
-    from pipeline.row_checks import check_pii, scrub_records
+    from pipeline.data.row_checks import check_pii, scrub_records
 
     monkeypatch.setenv("TEACHER_KEY", "tk-live-0123456789abcdef")
     recipe = _pii_recipe(mode, api_key_env="TEACHER_KEY")
@@ -318,7 +322,7 @@ def test_rejection_details_are_scrubbed_of_keys_cards_and_e_mails_in_both_modes(
 
 
 def test_with_pii_keep_details_keep_personal_data_but_never_keys(pii_cache, monkeypatch):
-    from pipeline.row_checks import scrub_records
+    from pipeline.data.row_checks import scrub_records
 
     monkeypatch.setenv("TEACHER_KEY", "tk-live-0123456789abcdef")
     detail = {"source": "d", "line": 1, "reason": "teacher_unparsable", "detail": "tk-live-0123456789abcdef bob@x.org"}

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from pipeline import models
-from pipeline.token_count import count_by_segments, measure_tokens, template_segments, truncate_text
+from pipeline.data.token_count import (
+    count_by_segments,
+    measure_tokens,
+    template_segments,
+    truncate_text,
+)
+from pipeline.inference import models
 
 TEXTS = [
     "where is my parcel",

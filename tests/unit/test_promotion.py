@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.push import Candidate, PushOptions, decide_promotion
+from pipeline.stages.push import Candidate, PushOptions, decide_promotion
 
 CAND = Candidate(None, "macro_f1", 0.90, "fp-a")
 

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.errors import UserError
-from pipeline.recipe import load_recipe
+from pipeline.recipe.schema import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -150,7 +150,7 @@ def test_generation_and_class_minimum_belong_to_their_task_types(tmp_path):
 
 def test_dumped_recipe_reloads_identically(tmp_path):
     """The run directory and the registry store the resolved recipe; it must load back to the same recipe."""
-    from pipeline.recipe import dump_recipe
+    from pipeline.recipe.schema import dump_recipe
 
     for path in (ROOT / "recipes").glob("*.yaml"):
         recipe = load_recipe(path)
@@ -186,7 +186,11 @@ OPENAI = {"name": "f", "kind": "openai", "model": "m", "api_key_env": "K"}
 
 
 def test_baselines_are_checked_by_their_kind(tmp_path):
-    from pipeline.recipe import BaseModelBaseline, OpenAIBaseline, PredictionsBaseline
+    from pipeline.recipe.schema import (
+        BaseModelBaseline,
+        OpenAIBaseline,
+        PredictionsBaseline,
+    )
 
     baselines = [OPENAI, {"name": "b", "kind": "base_model", "shots": 2},
                  {"name": "r", "kind": "predictions", "path": "out/r.jsonl",

@@ -9,9 +9,9 @@ import yaml
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
-from pipeline import recipe_docs
 from pipeline.cli import app
-from pipeline.recipe import BASELINE_KINDS, Recipe
+from pipeline.recipe import keys_doc as recipe_docs
+from pipeline.recipe.schema import BASELINE_KINDS, Recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYS_DOC = ROOT / "docs" / "RECIPE_KEYS.md"
@@ -51,7 +51,7 @@ def test_key_table_is_generated_from_the_model():
     block = recipe_docs.current_block(KEYS_DOC.read_text(encoding="utf-8"))
     assert block is not None, f"docs/RECIPE_KEYS.md lacks the markers {recipe_docs.START} ... {recipe_docs.END}"
     assert block == recipe_docs.markdown(), (
-        "docs/RECIPE_KEYS.md's recipe key table is stale: run `.venv/bin/python -m pipeline.recipe_docs --write`"
+        "docs/RECIPE_KEYS.md's recipe key table is stale: run `.venv/bin/python -m pipeline.recipe.keys_doc --write`"
     )
     assert recipe_docs.main(["--check"]) == 0  # `--check` and `--write` alone mean docs/RECIPE_KEYS.md
 

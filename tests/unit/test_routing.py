@@ -7,9 +7,10 @@ import itertools
 import numpy as np
 import pytest
 
-from pipeline import routing, stats
 from pipeline.errors import UserError
-from pipeline.recipe import load_recipe
+from pipeline.evaluation import stats
+from pipeline.recipe.schema import load_recipe
+from pipeline.routing import route_search
 from pipeline.tasks import classification
 
 LABELS = ["a", "b"]
@@ -18,7 +19,7 @@ ACCURACY = classification.gate_metric("accuracy")
 
 def tier(name, correct, confidences, cost_per_request, latency=0.01):
     predictions = ["a" if ok else "b" for ok in correct]  # gold is always "a"
-    return routing.TierAnswers(name, predictions, None if confidences is None else np.asarray(confidences, float),
+    return route_search.TierAnswers(name, predictions, None if confidences is None else np.asarray(confidences, float),
                                cost_per_request, np.full(len(correct), latency))
 
 
@@ -33,8 +34,8 @@ def three_tiers(n=200, seed=0):
 def test_three_tiers_reach_perfect_accuracy_at_the_known_cheapest_thresholds():
     tiers = three_tiers()
     golds = ["a"] * 200
-    grids = routing.candidate_grids(tiers, max_candidates=1000)  # every distinct confidence: the exact optimum
-    best = routing.cheapest(routing.evaluate_grid(ACCURACY, golds, tiers, LABELS, grids), target=1.0)
+    grids = route_search.candidate_grids(tiers, max_candidates=1000)  # every distinct confidence: the exact optimum
+    best = route_search.cheapest(route_search.evaluate_grid(ACCURACY, golds, tiers, LABELS, grids), target=1.0)
     c0, c1 = tiers[0].confidences, tiers[1].confidences
     reached = c0 < 0.6  # the mid tier sees what the expert is unsure of
     # any looser threshold lets a wrong answer through; any stricter one sends more requests up at a higher cost
@@ -55,8 +56,8 @@ def test_two_tier_search_is_exact_against_brute_force():
     tiers = [tier("expert", correct, conf, 0.0002), tier("frontier", rng.uniform(0, 1, n) < 0.95, None, 0.02)]
     golds = ["a"] * n
     target = 0.9
-    best = routing.cheapest(routing.evaluate_grid(ACCURACY, golds, tiers, LABELS,
-                                                  routing.candidate_grids(tiers, 41)), target)
+    best = route_search.cheapest(route_search.evaluate_grid(ACCURACY, golds, tiers, LABELS,
+                                                  route_search.candidate_grids(tiers, 41)), target)
     # brute force: every threshold that changes the routing is a distinct confidence, or above them all
     frontier_ok = [p == "a" for p in tiers[1].predictions]
     options = []
@@ -76,10 +77,10 @@ def test_no_point_meets_an_unreachable_target_and_the_margin_costs_at_least_the_
     frontier_ok = rng.uniform(0, 1, 200) < 0.9
     tiers[-1] = tier("frontier", frontier_ok, None, 0.1)
     golds = ["a"] * 200
-    grid = routing.evaluate_grid(ACCURACY, golds, tiers, LABELS, routing.candidate_grids(tiers, 41))
-    assert routing.cheapest(grid, 1.01) is None
-    point = routing.cheapest(grid, 0.9)
-    margin = routing.cheapest_with_margin(grid, 0.9, ACCURACY, golds, tiers, LABELS, samples=300, seed=2)
+    grid = route_search.evaluate_grid(ACCURACY, golds, tiers, LABELS, route_search.candidate_grids(tiers, 41))
+    assert route_search.cheapest(grid, 1.01) is None
+    point = route_search.cheapest(grid, 0.9)
+    margin = route_search.cheapest_with_margin(grid, 0.9, ACCURACY, golds, tiers, LABELS, samples=300, seed=2)
     assert point is not None and margin is not None
     assert margin["cost_per_1k"] >= point["cost_per_1k"]
     assert margin["validation_ci_low"] >= 0.9 and margin["metric"] > point["metric"]
@@ -87,14 +88,14 @@ def test_no_point_meets_an_unreachable_target_and_the_margin_costs_at_least_the_
 
 def test_answering_tier_is_the_first_confident_one():
     confidences = [np.array([0.9, 0.1, 0.1, 0.5]), np.array([0.0, 0.8, 0.1, 0.9])]
-    assert routing.answering_tier(confidences, (0.5, 0.7), 4).tolist() == [0, 1, 2, 0]
+    assert route_search.answering_tier(confidences, (0.5, 0.7), 4).tolist() == [0, 1, 2, 0]
 
 
 def test_measure_against_the_last_tier_alone():
     tiers = three_tiers()
     golds = ["a"] * 200
     thresholds = [0.6, 0.3]
-    m = routing.measure(ACCURACY, golds, tiers, LABELS, thresholds, target=1.0, samples=500, seed=0)
+    m = route_search.measure(ACCURACY, golds, tiers, LABELS, thresholds, target=1.0, samples=500, seed=0)
     assert m["metric"] == 1.0 and m["meets_target"] and m["target_held_on_resamples"] == 1.0
     vs = m["vs_last_tier"]
     assert vs["cost_saving"] == pytest.approx(1 - m["cost_per_1k"] / 100)
@@ -112,12 +113,12 @@ def test_macro_f1_routes_score_like_the_plain_metric():
     labels = ["x", "y", "z"]
     golds = list(rng.choice(labels, n))
     preds = [list(rng.choice(labels, n)), list(rng.choice(labels, n)), golds]
-    tiers = [routing.TierAnswers(f"t{i}", p, rng.uniform(0, 1, n) if i < 2 else None, 0.001 * 10 ** i, np.zeros(n))
+    tiers = [route_search.TierAnswers(f"t{i}", p, rng.uniform(0, 1, n) if i < 2 else None, 0.001 * 10 ** i, np.zeros(n))
              for i, p in enumerate(preds)]
-    grid = routing.evaluate_grid(classification.gate_metric("macro_f1"), golds, tiers, labels, routing.candidate_grids(tiers, 5))
-    assert len(grid) == len(list(itertools.product(*routing.candidate_grids(tiers, 5))))
+    grid = route_search.evaluate_grid(classification.gate_metric("macro_f1"), golds, tiers, labels, route_search.candidate_grids(tiers, 5))
+    assert len(grid) == len(list(itertools.product(*route_search.candidate_grids(tiers, 5))))
     for point in grid[::7]:
-        answering = routing.answering_tier([t.confidences for t in tiers[:2]], tuple(point["thresholds"]), n)
+        answering = route_search.answering_tier([t.confidences for t in tiers[:2]], tuple(point["thresholds"]), n)
         mixed = [preds[k][j] for j, k in enumerate(answering)]
         assert point["metric"] == pytest.approx(stats.metric_value(classification.gate_metric("macro_f1"), golds, mixed, labels))
 
@@ -177,7 +178,7 @@ def route_doc(holds: bool) -> dict:
 
 @pytest.mark.parametrize("holds", [True, False])
 def test_a_route_is_the_decision_only_when_it_holds_on_test(tmp_path, holds):
-    from pipeline.evidence import gate_verdict
+    from pipeline.evaluation.evidence import gate_verdict
     from tests.conftest import shipped_recipe, write_recipe
 
     recipe = load_recipe(write_recipe(tmp_path, shipped_recipe("ticket-classification", **{
@@ -198,8 +199,8 @@ def test_a_route_is_the_decision_only_when_it_holds_on_test(tmp_path, holds):
 
 def test_eval_reads_a_sampled_tier_s_confidence_as_the_agreement_of_its_samples(tmp_path, monkeypatch):
     """A routing tier with `samples: 4` over real HTTP, as eval asks it: the majority answer and its share."""
-    from pipeline.baselines import ask_frontier
-    from pipeline.recipe import OpenAIBaseline
+    from pipeline.evaluation.baselines import ask_frontier
+    from pipeline.recipe.schema import OpenAIBaseline
     from tests.conftest import shipped_recipe, write_recipe
     from tests.support.openai_server import FakeOpenAIServer
 

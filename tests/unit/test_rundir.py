@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.files import atomic_write_text, tree_hash
-from pipeline.rundir import RunDir, create_run, latest_run
+from pipeline.run.rundir import RunDir, create_run, latest_run
 
 
 def make_run(tmp_path: Path) -> RunDir:
@@ -76,7 +76,7 @@ def test_tree_hash_sees_names_and_contents(tmp_path):
 
 def test_a_newer_failed_prep_does_not_hide_the_completed_run(tmp_path):
     """`expert train` without --run-dir used to pick the newest run folder even when its prep had failed."""
-    from pipeline.rundir import init_run
+    from pipeline.run.rundir import init_run
 
     done = init_run(tmp_path / "r" / "20260101-000000-aaaaaa", "r", "name: r\n", "h")
     (done.path / "prep").mkdir()
@@ -97,7 +97,7 @@ def hold_in_another_process(run_path: Path, command: str):
     import sys
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import time; from pathlib import Path; from pipeline.rundir import RunDir\n"
+        [sys.executable, "-c", "import time; from pathlib import Path; from pipeline.run.rundir import RunDir\n"
          f"with RunDir(Path({str(run_path)!r})).locked({command!r}):\n    print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
     assert holder.stdout.readline().strip() == "held"
@@ -110,7 +110,7 @@ def test_a_run_directory_is_held_by_one_process_and_the_second_is_told_who(tmp_p
     import time
 
     from pipeline.errors import UserError
-    from pipeline.rundir import init_run
+    from pipeline.run.rundir import init_run
 
     run = init_run(tmp_path / "r" / "20260101-000000-aaaaaa", "r", "name: r\n", "h")
     holder = hold_in_another_process(run.path, "train")
@@ -133,7 +133,7 @@ def test_a_second_command_on_a_held_run_directory_exits_2_naming_the_holder(tmp_
     from typer.testing import CliRunner
 
     from pipeline.cli import app
-    from pipeline.rundir import init_run
+    from pipeline.run.rundir import init_run
 
     recipe = {"name": "held", "task": {"type": "classification", "instruction": "x", "labels": ["a", "b"]},
               "data": {"source": str(tmp_path / "d.jsonl"), "fields": {"text": "t", "target": "l"}},

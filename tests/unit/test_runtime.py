@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import runtime
 from pipeline.errors import UserError
-from pipeline.recipe import Recipe
+from pipeline.inference import runtime
+from pipeline.recipe.schema import Recipe
 from tests.conftest import shipped_recipe
 
 

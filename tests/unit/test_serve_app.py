@@ -17,9 +17,9 @@ import openai
 import pytest
 from pydantic import TypeAdapter
 
-from pipeline import cascade
 from pipeline import serving as serve
-from pipeline.recipe import BaselineSection
+from pipeline.recipe.schema import BaselineSection
+from pipeline.routing import cascade
 from tests.support.openai_server import FakeOpenAIServer
 from tests.support.serve_thread import serving
 
@@ -322,8 +322,8 @@ def test_registered_name_version_parses_uris():
 def test_a_version_loads_on_a_thread_that_is_gone_before_serving(monkeypatch):
     """libgomp keeps an OpenMP team per thread that ran torch; a second team next to the model worker's made every
     served request ~20 ms slower (workers sleeping instead of spinning), so nothing may load on the main thread."""
-    from pipeline import registry
     from pipeline.errors import UserError
+    from pipeline.registry import versions
 
     seen = []
 
@@ -331,7 +331,7 @@ def test_a_version_loads_on_a_thread_that_is_gone_before_serving(monkeypatch):
         seen.append(threading.current_thread())
         raise UserError(f"no such version: {uri}")
 
-    monkeypatch.setattr(registry, "load_version", load_version)
+    monkeypatch.setattr(versions, "load_version", load_version)
     with pytest.raises(UserError, match="no such version: models:/x/1"):  # load errors still reach the caller
         serve.load_service("models:/x/1", serve.ServeOptions())
     assert len(seen) == 1 and seen[0] is not threading.current_thread() and not seen[0].is_alive()
@@ -446,7 +446,7 @@ def test_served_answers_carry_their_confidence_as_logprobs_when_asked(frontier_s
     through `frontier.answer_probability`; without the flag, or for an escalated answer, there are none."""
     import math
 
-    from pipeline import frontier
+    from pipeline.routing import frontier
 
     service = make_service(frontier_server.base_url)
     with serving(serve.create_app(service)) as url:

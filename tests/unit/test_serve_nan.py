@@ -12,8 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline import cascade
 from pipeline import serving as serve
+from pipeline.routing import cascade
 from tests.conftest import shipped_recipe, write_recipe
 from tests.support.openai_server import FakeOpenAIServer
 from tests.support.serve_thread import serving
@@ -33,8 +33,8 @@ def corrupted_expert(tiny_model_dir, tmp_path, frontier_url: str):
     """A tiny ticket router (threshold 0.5, frontier at `frontier_url`) with one LoRA matrix set to NaN."""
     from peft import LoraConfig, get_peft_model
 
-    from pipeline import models
-    from pipeline.recipe import load_recipe
+    from pipeline.inference import models
+    from pipeline.recipe.schema import load_recipe
     from pipeline.tasks import classification
 
     recipe = load_recipe(write_recipe(tmp_path, shipped_recipe("ticket-classification", **{
@@ -111,10 +111,10 @@ def test_serve_refuses_to_start_on_a_model_that_answers_nan(tiny_model_dir, tmp_
     """The probe at start: `expert serve` exits 2 naming the problem instead of serving errors. The version is
     the corrupted tiny expert, handed over where the registry would load it (the registry refuses edited files,
     so corrupted weights cannot come from it in a test)."""
-    from pipeline import registry
     from pipeline.cli import app
+    from pipeline.registry import versions
 
-    monkeypatch.setattr(registry, "load_version",
+    monkeypatch.setattr(versions, "load_version",
                         lambda uri: (None, corrupted_expert(tiny_model_dir, tmp_path, frontier.base_url)))
     result = CliRunner().invoke(app, ["serve", "models:/tickets/1", "--port", "1"])
     assert result.exit_code == 2, result.output
@@ -155,7 +155,7 @@ def test_predict_reads_and_writes_strict_json(tmp_path):
     """`expert predict` refuses an input line holding NaN (naming it) and never writes one."""
     import io
 
-    from pipeline import batch_predict
+    from pipeline.commands import batch_predict
     from pipeline.errors import UserError
 
     with pytest.raises(UserError, match=r"in.jsonl:2: not JSON \(NaN is not a JSON number\)"):

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from pipeline import stats
+from pipeline.evaluation import stats
 from pipeline.tasks import classification, extraction
 from pipeline.tasks.metrics import f1_report
 
@@ -80,27 +80,27 @@ def test_calibration_error_of_known_bins():
 
 
 def test_cascade_picks_the_cheapest_threshold_meeting_the_target():
-    """The cascade is the two-tier route search (`routing.evaluate_grid`, `routing.cheapest`)."""
-    from pipeline import routing
+    """The cascade is the two-tier route search (`route_search.evaluate_grid`, `route_search.cheapest`)."""
+    from pipeline.routing import route_search
 
     # expert right on its confident half, wrong on the unsure half; the frontier is always right
     golds = ["a"] * 8
     expert = ["a", "a", "a", "a", "b", "a", "b", "b"]
     conf = [0.99, 0.95, 0.9, 0.85, 0.6, 0.55, 0.5, 0.4]
     frontier = ["a"] * 8
-    tiers = [routing.TierAnswers("expert", expert, np.array(conf), 0.01 / 1000, np.zeros(8)),
-             routing.TierAnswers("frontier", frontier, None, 1.0 / 1000, np.zeros(8))]
-    curve = routing.evaluate_grid(classification.gate_metric("accuracy"), golds, tiers, LABELS, [stats.candidate_thresholds(conf)])
+    tiers = [route_search.TierAnswers("expert", expert, np.array(conf), 0.01 / 1000, np.zeros(8)),
+             route_search.TierAnswers("frontier", frontier, None, 1.0 / 1000, np.zeros(8))]
+    curve = route_search.evaluate_grid(classification.gate_metric("accuracy"), golds, tiers, LABELS, [stats.candidate_thresholds(conf)])
     by_t = {p["thresholds"][0]: p for p in curve}
     assert by_t[0.0]["shares"][1] == 0.0 and by_t[0.0]["metric"] == 5 / 8
     assert by_t[0.0]["cost_per_1k"] == pytest.approx(0.01)
-    chosen = routing.cheapest(curve, target=1.0)
+    chosen = route_search.cheapest(curve, target=1.0)
     assert chosen["thresholds"] == [0.85], "escalating the four unsure answers is the cheapest way to 100%"
     assert chosen["shares"][1] == 0.5 and chosen["cost_per_1k"] == pytest.approx(0.51)
     # the expert alone already meets 60%: of the thresholds that escalate nothing (0 and the lowest confidence),
     # the strictest (before the cascade was a route, 0.0)
-    assert routing.cheapest(curve, target=0.6)["thresholds"] == [0.4]
-    assert routing.cheapest(curve, target=1.01) is None
+    assert route_search.cheapest(curve, target=0.6)["thresholds"] == [0.4]
+    assert route_search.cheapest(curve, target=1.01) is None
     assert curve[-1]["shares"][1] == 1.0 and curve[-1]["metric"] == 1.0
 
 

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from pipeline import tasks
-from pipeline.recipe import TaskSection
+from pipeline.recipe.schema import TaskSection
 from tests.conftest import ROOT
 
 PROTOCOL_MEMBERS = sorted(
@@ -77,6 +77,6 @@ def test_the_guide_explains_every_protocol_member_and_names_each_place_a_task_ty
     guide = (ROOT / "docs/guides/adding-a-task-type.md").read_text()
     missing = [name for name in PROTOCOL_MEMBERS if not re.search(rf"^- `{name}[`(]", guide, re.MULTILINE)]
     assert not missing, f"docs/guides/adding-a-task-type.md does not explain: {missing}"
-    for place in ("pipeline/tasks/__init__.py", "pipeline/recipe.py", "pipeline/tasks/multilabel.py",
+    for place in ("pipeline/tasks/__init__.py", "pipeline/recipe/schema.py", "pipeline/tasks/multilabel.py",
                   "recipes/ticket-tagging.yaml", "tests/smoke/test_multilabel.py", "tests/unit/test_multilabel.py"):
         assert place in guide and (ROOT / place).exists(), place

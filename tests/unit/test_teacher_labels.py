@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.examples import Example
-from pipeline.recipe import Recipe, TeacherSection
-from pipeline.splitting import split_examples
-from pipeline.stats import wilson_interval
-from pipeline.teacher import estimate_cost
+from pipeline.data.examples import Example
+from pipeline.data.splitting import split_examples
+from pipeline.data.teacher import estimate_cost
+from pipeline.evaluation.stats import wilson_interval
+from pipeline.recipe.schema import Recipe, TeacherSection
 
 
 def test_wilson_interval_matches_the_textbook_values():
@@ -48,7 +48,7 @@ def test_the_prompt_bound_is_never_below_a_real_tokenizers_count(tiny_model_dir)
     its chat template, on text it was not trained on (accents, CJK, emoji, long numbers)."""
     from transformers import AutoTokenizer
 
-    from pipeline.frontier import prompt_token_bound
+    from pipeline.routing.frontier import prompt_token_bound
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     texts = ["where is my parcel", "Grüße aus Köln, ça va?", "我的包裹在哪里", "📦🚚❓" * 5, "1234567890" * 20, ""]

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import checkpoints, models, train_setup
 from pipeline.errors import UserError
-from pipeline.recipe import AdapterSection, ModelSection, Recipe, TrainSection
-from pipeline.rundir import RunDir
+from pipeline.inference import models
+from pipeline.recipe.schema import AdapterSection, ModelSection, Recipe, TrainSection
+from pipeline.run.rundir import RunDir
+from pipeline.training import checkpoints, setup
 from tests.conftest import shipped_recipe
 
 
@@ -55,7 +56,7 @@ def test_precision_the_hardware_cannot_run_is_an_error():
 
 def test_sft_config_sets_every_default_trl_changes(tmp_path):
     section = TrainSection(eval_steps=10, save_steps=20, keep_checkpoints=3, learning_rate=3e-4)
-    config = train_setup.to_sft_config(section, tmp_path, max_tokens=128)
+    config = setup.to_sft_config(section, tmp_path, max_tokens=128)
     assert not config.bf16 and not config.fp16
     assert not config.gradient_checkpointing and not config.activation_checkpointing
     assert config.learning_rate == 3e-4
@@ -65,7 +66,7 @@ def test_sft_config_sets_every_default_trl_changes(tmp_path):
     assert config.completion_only_loss and config.max_length == 128
     assert config.logging_nan_inf_filter is False
     assert config.include_num_input_tokens_seen == "non_padding"
-    checkpointed = train_setup.to_sft_config(
+    checkpointed = setup.to_sft_config(
         TrainSection(gradient_checkpointing=True), tmp_path, 128, {"precision": "bf16", "padding_free": True}
     )
     assert checkpointed.gradient_checkpointing and checkpointed.bf16 and checkpointed.padding_free
@@ -128,11 +129,11 @@ def test_padding_free_trains_through_the_real_sft_trainer(tiny_model_dir, tmp_pa
     recipe = Recipe.model_validate(shipped_recipe(
         "ticket-classification", **{"model.base": str(tiny_model_dir), "data.max_tokens": 64,
                                     "train": {"max_steps": 2, "batch_size": 4, "eval_steps": 2, "padding_free": True}}))
-    settings = train_setup.training_settings(recipe)
+    settings = setup.training_settings(recipe)
     assert settings["padding_free"] and settings["padding_free_reason"] == "on: train.padding_free is true"
-    config = train_setup.to_sft_config(recipe.train, tmp_path / "checkpoints", recipe.data.max_tokens, settings)
-    _, tokenizer, model = train_setup.load_for_training(recipe, models.resolve_base(recipe.model.base)[1], settings, "single", config.device)
-    trainer = train_setup.build_trainer(recipe, prepared_run(tmp_path, 12), config, tokenizer, model, [])
+    config = setup.to_sft_config(recipe.train, tmp_path / "checkpoints", recipe.data.max_tokens, settings)
+    _, tokenizer, model = setup.load_for_training(recipe, models.resolve_base(recipe.model.base)[1], settings, "single", config.device)
+    trainer = setup.build_trainer(recipe, prepared_run(tmp_path, 12), config, tokenizer, model, [])
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["input_ids"].shape[0] == 1, "one flattened row per batch"
     assert (batch["position_ids"][0] == 0).sum() == 4, "position ids restart at each of the 4 examples"
@@ -146,12 +147,12 @@ def test_a_row_longer_than_max_tokens_is_named_when_nothing_truncates(tiny_model
     recipe = Recipe.model_validate(shipped_recipe(
         "ticket-classification", **{"model.base": str(tiny_model_dir), "data.max_tokens": 40,
                                     "train": {"max_steps": 1, "batch_size": 2, "padding_free": True}}))
-    settings = train_setup.training_settings(recipe)
-    config = train_setup.to_sft_config(recipe.train, tmp_path / "checkpoints", recipe.data.max_tokens, settings)
+    settings = setup.training_settings(recipe)
+    config = setup.to_sft_config(recipe.train, tmp_path / "checkpoints", recipe.data.max_tokens, settings)
     assert config.max_length is None
-    _, tokenizer, model = train_setup.load_for_training(recipe, models.resolve_base(recipe.model.base)[1], settings, "single", config.device)
+    _, tokenizer, model = setup.load_for_training(recipe, models.resolve_base(recipe.model.base)[1], settings, "single", config.device)
     with pytest.raises(UserError, match=r"prep/train.jsonl: row\(s\) .*tokens\) are longer than data.max_tokens=40"):
-        train_setup.build_trainer(recipe, prepared_run(tmp_path, 12), config, tokenizer, model, [])
+        setup.build_trainer(recipe, prepared_run(tmp_path, 12), config, tokenizer, model, [])
 
 
 def test_padding_free_batches_keep_examples_apart(tiny_model_dir):
@@ -243,7 +244,7 @@ def test_save_steps_must_be_a_multiple_of_eval_steps():
 
 def test_out_of_memory_names_the_knobs():
     recipe = Recipe.model_validate(shipped_recipe("ticket-classification"))
-    advice = train_setup.out_of_memory_advice(recipe)
+    advice = setup.out_of_memory_advice(recipe)
     for knob in ("train.batch_size", "data.max_tokens", "model.quantization: 4bit", "train.gradient_checkpointing"):
         assert knob in advice
 
@@ -255,7 +256,7 @@ def sft_trainer(tiny_model_dir: Path, tmp_path: Path, rows: list[dict], max_toke
     tokenizer = models.load_tokenizer(tiny_model_dir)
     model = models.load_base_model(Recipe.model_validate(shipped_recipe("ticket-classification")).model.model_copy(
         update={"base": str(tiny_model_dir)}), tiny_model_dir)
-    config = train_setup.to_sft_config(TrainSection(batch_size=2), tmp_path, max_tokens)
+    config = setup.to_sft_config(TrainSection(batch_size=2), tmp_path, max_tokens)
     return SFTTrainer(
         model=model, args=config, train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
@@ -269,7 +270,7 @@ def pair(prompt: str, answer: str, row: int) -> dict:
 def test_prompt_tokens_are_masked_and_answer_tokens_are_not(tiny_model_dir, tmp_path):
     rows = [pair("My card was charged twice", "billing", 1), pair("The app crashes on start", "technical", 2)]
     trainer, tokenizer = sft_trainer(tiny_model_dir, tmp_path, rows)
-    train_setup.check_every_row_has_answer(trainer.train_dataset, 2, "prep/train.jsonl")
+    setup.check_every_row_has_answer(trainer.train_dataset, 2, "prep/train.jsonl")
     batch = trainer.data_collator([{k: v for k, v in ex.items() if k != "row"} for ex in trainer.train_dataset])
     for i, answer in enumerate(["billing", "technical"]):
         labels, ids = batch["labels"][i], batch["input_ids"][i]
@@ -286,7 +287,7 @@ def test_an_example_with_no_answer_token_left_is_an_error_naming_it(tiny_model_d
     rows = [pair("short one", "billing", 1), pair(long_prompt, "shipping", 2)]
     trainer, _ = sft_trainer(tiny_model_dir, tmp_path, rows, max_tokens=32)
     with pytest.raises(UserError, match=r"prep/train.jsonl: row\(s\) 2 have no answer token"):
-        train_setup.check_every_row_has_answer(trainer.train_dataset, 2, "prep/train.jsonl")
+        setup.check_every_row_has_answer(trainer.train_dataset, 2, "prep/train.jsonl")
 
 
 def make_checkpoint(directory: Path, step: int, seal: bool = True) -> Path:
@@ -353,7 +354,7 @@ def test_merged_export_is_written_in_the_bases_dtype(tiny_model_dir, tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    from pipeline import export
+    from pipeline.commands import export
 
     AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
     for name in ("tokenizer.json", "tokenizer_config.json"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import train_speedups
+from pipeline.training import speedups
 
 
 def _tiny_causal_lm():
@@ -62,11 +62,11 @@ def test_the_cpu_choice_is_extended_once_and_other_devices_keep_trls(monkeypatch
     from trl.trainer import utils
 
     monkeypatch.setattr(utils, "_use_triton", lambda device: device.type == "cuda")
-    assert train_speedups.compact_lm_head_on_cpu() is None
+    assert speedups.compact_lm_head_on_cpu() is None
     once = utils._use_triton
-    assert train_speedups.compact_lm_head_on_cpu() is None and utils._use_triton is once, "idempotent"
+    assert speedups.compact_lm_head_on_cpu() is None and utils._use_triton is once, "idempotent"
     assert once(torch.device("cpu")) and once(torch.device("cuda")) and not once(torch.device("meta"))
-    assert train_speedups.lm_head_positions(torch.device("cpu")) == train_speedups.ANSWER_ONLY
+    assert speedups.lm_head_positions(torch.device("cpu")) == speedups.ANSWER_ONLY
 
 
 @pytest.mark.parametrize("version", ["0.29.0", "2.0.0"])
@@ -76,8 +76,8 @@ def test_an_unchecked_trl_release_keeps_trls_head(monkeypatch, version):
 
     monkeypatch.setattr(trl, "__version__", version)
     monkeypatch.setattr(utils, "_use_triton", lambda device: False)
-    assert "outside the releases" in train_speedups.compact_lm_head_on_cpu()
-    assert train_speedups.lm_head_positions(torch.device("cpu")) == train_speedups.EVERY_POSITION
+    assert "outside the releases" in speedups.compact_lm_head_on_cpu()
+    assert speedups.lm_head_positions(torch.device("cpu")) == speedups.EVERY_POSITION
 
 
 def _bf16_lora_model():
@@ -105,10 +105,10 @@ def test_lora_layers_under_autocast_skip_the_round_trip_casts_with_the_same_loss
     assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}, "PEFT's fp32 adapters"
     ids = torch.randint(0, 256, (2, 16))
     loss, grads, casts = _autocast_step(model, ids)
-    assert train_speedups.skip_lora_input_casts(model) == 2 * 7, "every adapted linear layer of both blocks"
+    assert speedups.skip_lora_input_casts(model) == 2 * 7, "every adapted linear layer of both blocks"
     fewer_loss, fewer_grads, fewer_casts = _autocast_step(model, ids)
     assert fewer_casts < casts, (fewer_casts, casts)
     assert torch.allclose(fewer_loss, loss, rtol=1e-6, atol=0), "half -> fp32 -> half is exact: the same numbers"
     for name, grad in grads.items():
         assert torch.allclose(fewer_grads[name], grad, rtol=1e-5, atol=1e-7), name
-    assert train_speedups.skip_lora_input_casts(model) == 0, "idempotent"
+    assert speedups.skip_lora_input_casts(model) == 0, "idempotent"

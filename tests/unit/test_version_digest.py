@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.version_digest import (
+from pipeline.registry.digest import (
     MANIFEST_FILE,
     SHOWN,
     file_digests,

@@ -1,0 +1,1 @@
+"""Commands that are not stages: audit, compare, batch predict, export."""

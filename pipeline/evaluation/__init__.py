@@ -1,0 +1,1 @@
+"""Evidence: baselines, metrics with intervals, statistics, plots, traces and the decision's inputs."""

@@ -1,0 +1,1 @@
+"""Registered versions: verified loading (digests, signatures) from the MLflow Model Registry."""

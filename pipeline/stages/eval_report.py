@@ -1,0 +1,208 @@
+"""Eval's report: plots, `report.md`, and the summary table printed at the end of eval and of `expert run`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from pipeline import tasks
+from pipeline.console import console
+from pipeline.evaluation import plots, stats
+from pipeline.recipe.schema import Recipe
+
+
+def write_plots(folder: Path, recipe: Recipe, spec, golds, outputs, calibration, cascade, metrics, route) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    task = tasks.for_type(recipe.task.type)
+    task.write_plots(folder, golds, {name: [r["prediction"] for r in by_split["test"]] for name, by_split in outputs.items()},
+                     spec)
+    plots.reliability_diagram(folder / "reliability_expert.png", calibration, "expert reliability")
+    if cascade["curve"]:
+        name, metric = cascade["frontier"], task.gate_metric(cascade["target_metric"])
+        frontier_point = {"metric": stats.metric_value(metric, golds, [r["prediction"] for r in outputs[name]["test"]], spec),
+                          "cost_per_1k": metrics[name]["cost_per_1k"]}
+        expert_point = {"metric": stats.metric_value(metric, golds, [r["prediction"] for r in outputs["expert"]["test"]],
+                                                     spec),
+                        "cost_per_1k": metrics["expert"]["cost_per_1k"]}
+        plots.cascade_plot(folder / "cascade.png", cascade["curve"], expert_point, frontier_point, cascade.get("test"),
+                           metric.name, cascade["target"])
+    if route.get("test_grid"):
+        plots.route_plot(folder / "route.png", route)
+
+
+def _quality_columns(metrics: dict[str, Any]) -> list[str]:
+    first = next(iter(metrics.values()))
+    return [k for k in ("accuracy", "macro_f1", "valid_json_rate", "field_exact_match", "micro_f1", "exact_match")
+            if k in first]
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def render_report(recipe: Recipe, metrics, skipped, comparisons, calibration, cascade, verdict, n_test: int,
+                  route) -> str:
+    cols = _quality_columns(metrics)
+    decision = {"replace": "REPLACE the frontier with the expert", "cascade": "CASCADE: expert first, frontier when unsure",
+                "keep_frontier": "KEEP the frontier",
+                "route": "ROUTE across tiers: " + " -> ".join(route.get("chain") or []),
+                "incomplete": "NONE: the comparison is incomplete (a baseline did not answer)"}[verdict["decision"]]
+    lines = [
+        f"# Evaluation: {recipe.name}",
+        "",
+        f"Test examples: {n_test}. Gate: `{verdict['metric']}`, at most {verdict['max_drop_vs_best_baseline']} "
+        f"below the best baseline. **Gate: {'PASS' if verdict['passed'] else 'FAIL'}. Decision: {decision}.**",
+        "",
+        "| system | " + " | ".join(cols) + " | cost / 1k requests ($) | latency p50 (ms) | latency p95 (ms) | errors | unparsed |",
+        "|---" * (len(cols) + 6) + "|",
+    ]
+    for name, m in metrics.items():
+        quality = " | ".join(f"{m[c]:.4f}" for c in cols)
+        lines.append(
+            f"| {name} | {quality} | {_fmt(m['cost_per_1k'], '.4f')} | {_fmt(m['latency_ms_p50'], '.1f')} | "
+            f"{_fmt(m['latency_ms_p95'], '.1f')} | {m['errors']} | {m['unparsed']} |"
+        )
+    with_fields = {n: m for n, m in metrics.items() if "field_f1" in m}
+    if with_fields:
+        lines += ["", "## Fields (exact match per example; precision / recall / F1 over leaf values, micro-averaged)",
+                  "", "| system | field | exact | precision | recall | F1 | gold values |", "|---|---|---|---|---|---|---|"]
+        for name, m in with_fields.items():
+            for field, prf in m["field_f1"].items():
+                lines.append(f"| {name} | {field} | {m['per_field'][field]:.4f} | {prf['precision']:.4f} | "
+                             f"{prf['recall']:.4f} | {prf['f1']:.4f} | {prf['support']} |")
+    if comparisons:
+        lines += ["", f"## Expert vs each baseline ({verdict['metric']}, paired bootstrap, {recipe.eval.bootstrap_samples} "
+                  "resamples)", "",
+                  "| baseline | expert - baseline | 95% CI | expert-only correct | baseline-only correct | McNemar exact p |",
+                  "|---|---|---|---|---|---|"]
+        for name, c in comparisons.items():
+            mc = c["mcnemar"]
+            lines.append(f"| {name} | {c['difference']:+.4f} | [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] | "
+                         f"{mc['expert_only_correct']} | {mc['baseline_only_correct']} | {mc['p_value']:.3g} |")
+    api = {n: m for n, m in metrics.items() if "api_calls" in m}
+    if api:
+        lines += ["", "## API usage", "", "| baseline | calls made | cache hits | retries | input tokens | output tokens |",
+                  "|---|---|---|---|---|---|"]
+        for name, m in api.items():
+            lines.append(f"| {name} | {m['api_calls']} | {m['cache_hits']} | {m['retries']} | {m['input_tokens']} | "
+                         f"{m['output_tokens']} |")
+    lines += ["", "## Calibration of the expert", "",
+              f"Expected calibration error: {calibration['ece']:.4f} (10 equal-width bins). ![reliability](plots/reliability_expert.png)"]
+    lines += ["", "## Cascade", ""]
+    if cascade["threshold"] is not None:
+        v, t = cascade["validation"], cascade["test"]
+        lines += [
+            f"Escalate to `{cascade['frontier']}` when the expert's confidence is below **{cascade['threshold']:.4f}** "
+            f"(the cheapest threshold meeting {cascade['target_metric']} >= {cascade['target']} on validation: "
+            f"{v['metric']:.4f}, {v['escalation_rate']:.1%} escalated).",
+            f"On test: {cascade['target_metric']} {t['metric']:.4f}, {t['escalation_rate']:.1%} escalated, "
+            f"cost / 1k requests {_fmt(t['cost_per_1k'], '.4f')}.",
+        ]
+    else:
+        lines.append(f"No threshold: {cascade['reason']}.")
+    if cascade["curve"]:
+        lines += ["", "![cascade](plots/cascade.png)", "", "| threshold | escalated (test) | "
+                  f"{cascade['target_metric']} (test) | cost / 1k (test) |", "|---|---|---|---|"]
+        step = max(1, len(cascade["curve"]) // 12)
+        for p in cascade["curve"][::step]:
+            lines.append(f"| {p['threshold']:.4f} | {p['escalation_rate']:.1%} | {p['metric']:.4f} | "
+                         f"{_fmt(p['cost_per_1k'], '.4f')} |")
+    if recipe.eval.routing is not None:
+        lines += ["", "## Routing across tiers", ""] + route_lines(route)
+    lines += tasks.for_type(recipe.task.type).report_lines(metrics)
+    lines += ["", "## Verdict", ""] + [f"- {r}" for r in verdict["reasons"]]
+    unparsed = {n: m["unparsed_ids"] for n, m in metrics.items() if m["unparsed_ids"]}
+    if unparsed:
+        lines += ["", "## Unparsable answers and failed calls (counted as wrong)", ""]
+        for n, ids in unparsed.items():
+            lines.append(f"- `{n}`: {len(ids)}: " + ", ".join(ids[:20]) + (" ..." if len(ids) > 20 else ""))
+    if skipped:
+        lines += ["", "## Skipped baselines", ""] + [f"- `{n}`: {why}" for n, why in skipped.items()]
+    lines += [
+        "",
+        "Local systems' cost is measured machine time per request at `eval.expert_cost_per_hour` "
+        f"(${recipe.eval.expert_cost_per_hour}/h); latency of local systems is per example within a batch of "
+        f"{recipe.eval.batch_size}. API latency is per call (cached answers keep the latency of the call that made "
+        "them). Unparsable answers and failed calls count as wrong.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+PARETO_ROWS = 15  # rows of the test Pareto front shown in report.md
+
+
+def route_lines(route: dict[str, Any]) -> list[str]:
+    """report.md's routing section: the chain, the choice and how it was made, the test result against the last
+    tier alone, how often the target holds on resamples, the label mix warning, and the Pareto front on test."""
+    if route.get("target") is None or not route.get("options"):
+        return [f"No route: {route['reason']}."]
+    chain, last = route["chain"], route["chain"][-1]
+    lines = [f"Chain (cheapest first): {' -> '.join(f'`{n}`' for n in chain)}. Target: {route['target_rule']}, "
+             f"chosen on validation, checked on test. Search: {route['search']}.",
+             "", "Confidence per tier: " + "; ".join(f"`{n}`: {src}" for n, src in route["confidence"].items()) + ".",
+             "", f"| choice | thresholds | split | {route['target_metric']} (95% CI) | target held on resamples | "
+             f"cost / 1k | latency p50 / p95 (ms) | shares | cost saving vs `{last}` alone (95% CI) | "
+             f"quality vs `{last}` alone (95% CI) |", "|---" * 10 + "|"]
+    for how, option in route["options"].items():
+        for split in ("validation", "test"):
+            m = option[split]
+            vs = m["vs_last_tier"]
+            saving = ("n/a" if vs["cost_saving"] is None else
+                      f"{vs['cost_saving']:.1%} ({vs['cost_saving_interval_95'][0]:.1%} to "
+                      f"{vs['cost_saving_interval_95'][1]:.1%})")
+            q = vs["quality_difference"]
+            lines.append(
+                f"| {how}{' (the route)' if how == route['choose'] else ''} | "
+                + ", ".join(f"{t:.6g}" for t in option["thresholds"]) + f" | {split} | {m['metric']:.4f} "
+                f"({m['metric_interval_95'][0]:.4f} to {m['metric_interval_95'][1]:.4f}) | "
+                f"{m['target_held_on_resamples']:.0%} | {m['cost_per_1k']:.4f} | {m['latency_ms_p50']:.1f} / "
+                f"{m['latency_ms_p95']:.1f} | " + ", ".join(f"{n} {s:.1%}" for n, s in m["shares"].items()) +
+                f" | {saving} | {q['difference']:+.4f} ({q['ci_low']:+.4f} to {q['ci_high']:+.4f}) |")
+    lines += [f"\n`{how}`: {why}." for how, why in (route.get("unmet") or {}).items()]
+    if route.get("thresholds") is None:
+        lines += ["", f"No route: {route['reason']}."]
+    elif route["holds_on_test"]:
+        lines += ["", f"The `{route['choose']}` choice meets the target on test: the route holds."]
+    else:
+        lines += ["", f"**The `{route['choose']}` choice misses the target on test by {route['missed_by']:.4f}**: "
+                  "the thresholds chosen on validation do not hold, so the decision is not a route."]
+    mix = route.get("label_mix")
+    if mix and mix.get("p_value") is not None:
+        lines += ["", f"Label mix, validation vs test: total variation {mix['tvd']:.3f}, chi-squared p = "
+                  f"{mix['p_value']:.2g} (most moved: {stats.moved_labels(mix)})."]
+    front = route["test_front"]
+    step = max(1, len(front) // PARETO_ROWS)
+    lines += ["", "![route](plots/route.png)", "", f"Pareto front on test ({len(route['test_grid']):,} threshold "
+              f"combinations evaluated, {len(front)} on the front" + (f", every {step}th shown" if step > 1 else "") +
+              "; all of them are in route.json):", "",
+              f"| thresholds | {route['target_metric']} | cost / 1k | shares |", "|---|---|---|---|"]
+    for p in front[::step]:
+        lines.append("| " + ", ".join(f"{t:.6g}" for t in p["thresholds"]) + f" | {p['metric']:.4f} | "
+                     f"{p['cost_per_1k']:.4f} | " + ", ".join(f"{s:.1%}" for s in p["shares"]) + " |")
+    lines += ["", "Each tier alone on test: " + "; ".join(
+        f"`{n}` {s['metric']:.4f} at {s['cost_per_1k']:.4f} / 1k" for n, s in route["singles"].items()) + "."]
+    return lines
+
+
+def summary_table(metrics: dict[str, Any], skipped: dict[str, str], gate_metric: str) -> Table:
+    cols = _quality_columns(metrics)
+    table = Table(title=f"expert vs baselines (gate metric: {gate_metric})")
+    for c in ["system", *cols, "cost / 1k req ($)", "latency p50 (ms)", "latency p95 (ms)"]:
+        table.add_column(c, justify="left" if c == "system" else "right")
+    for name, m in sorted(metrics.items(), key=lambda kv: kv[0] != "expert"):
+        table.add_row(name, *(f"{m[c]:.3f}" for c in cols), _fmt(m["cost_per_1k"], ".4f"),
+                      _fmt(m.get("latency_ms_p50"), ".1f"), _fmt(m.get("latency_ms_p95"), ".1f"))
+    for name in skipped:
+        table.add_row(name, *("skipped" for _ in cols), "", "", "")
+    if skipped:
+        table.caption = "skipped: " + "; ".join(f"{n} ({why})" for n, why in skipped.items())
+    return table
+
+
+def print_summary(metrics, skipped, verdict, gate_metric: str) -> None:
+    console.print(summary_table(metrics, skipped, gate_metric))
+    word = "[green]PASS[/]" if verdict["passed"] else "[red]FAIL[/]"
+    console.print(f"gate: {word}; decision: [bold]{verdict['decision']}[/] - " + "; ".join(verdict["reasons"]))
