@@ -78,5 +78,5 @@ def test_the_guide_explains_every_protocol_member_and_names_each_place_a_task_ty
     missing = [name for name in PROTOCOL_MEMBERS if not re.search(rf"^- `{name}[`(]", guide, re.MULTILINE)]
     assert not missing, f"docs/guides/adding-a-task-type.md does not explain: {missing}"
     for place in ("pipeline/tasks/__init__.py", "pipeline/recipe/schema.py", "pipeline/tasks/multilabel.py",
-                  "recipes/ticket-tagging.yaml", "tests/smoke/test_multilabel.py", "tests/unit/test_multilabel.py"):
+                  "recipes/ticket-tagging.yaml", "tests/smoke/test_multilabel_pipeline.py", "tests/unit/test_multilabel.py"):
         assert place in guide and (ROOT / place).exists(), place
