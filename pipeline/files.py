@@ -1,4 +1,4 @@
-"""Files written whole or not at all, and content hashes: the two things every stage and report relies on.
+"""Files written whole or not at all, content hashes, and locks that name their holder.
 
 Every write goes through a temp file, fsync and a rename, so a reader (or a process killed mid-write) never sees
 a half-written file. Hashes are sha256 of contents (a folder: its relative names and file contents).
@@ -69,3 +69,39 @@ def tree_hash(path: Path) -> str:
     for p in sorted(q for q in path.rglob("*") if q.is_file()):
         h.update(p.relative_to(path).as_posix().encode() + b"\0" + file_hash(p).encode())
     return h.hexdigest()
+
+
+class LockHeld(Exception):
+    """Another process holds the lock; `holder` is the line it wrote (command, pid, host, since when)."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+@contextmanager
+def holder_lock(path: Path, holder: str) -> Iterator[None]:
+    """An OS file lock (flock) on `path` for the `with` block, with `holder` written inside it: a second process
+    that asks gets `LockHeld` naming the holder at once (it never waits), and a killed holder leaves no stale
+    lock (the OS drops a dead process's locks)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held until the block ends
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        held_by = handle.read().strip() or "another process"
+        handle.close()
+        raise LockHeld(held_by) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(holder + "\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.truncate(0)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()

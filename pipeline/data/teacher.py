@@ -14,7 +14,6 @@ Wilson 95% interval.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import random
 import socket
@@ -23,7 +22,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from pipeline.data import row_checks
 from pipeline.data.examples import Example
 from pipeline.errors import UserError
 from pipeline.evaluation.stats import wilson_interval
+from pipeline.files import LockHeld, holder_lock
 from pipeline.recipe.schema import OpenAIBaseline, Recipe, TeacherSection
 from pipeline.routing import frontier
 from pipeline.routing.cascade import baseline_prompt
@@ -190,27 +190,15 @@ def progress(total: int, budget: frontier.Budget):
 @contextmanager
 def holding(cache_path: Path) -> Iterator[None]:
     """Hold the response cache for this labelling run: a second run that asks is refused (exit 2) with who holds
-    it, so no two runs pay for the same rows. An OS file lock (flock), so a killed holder leaves none behind."""
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = cache_path.with_name(cache_path.name + ".label-lock")
-    handle = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115 - held until labelling ends
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise UserError(f"{cache_path} is in use by another labelling run: {holder}; wait for it to finish (its "
-                        "answers are cached, so this run will not pay for them again)") from None
-    handle.seek(0)
-    handle.truncate()
+    it, so no two runs pay for the same rows. An OS file lock (`files.holder_lock`), so a killed holder leaves
+    none behind."""
     command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]
-    handle.write(f"`{command}` (pid {os.getpid()} on {socket.gethostname()}, "
-                 f"since {datetime.now(UTC).isoformat(timespec='seconds')})\n")
-    handle.flush()
-    try:
+    holder = (f"`{command}` (pid {os.getpid()} on {socket.gethostname()}, "
+              f"since {datetime.now(UTC).isoformat(timespec='seconds')})")
+    with ExitStack() as held:
+        try:
+            held.enter_context(holder_lock(cache_path.with_name(cache_path.name + ".label-lock"), holder))
+        except LockHeld as other:
+            raise UserError(f"{cache_path} is in use by another labelling run: {other.holder}; wait for it to finish "
+                            "(its answers are cached, so this run will not pay for them again)") from None
         yield
-    finally:
-        handle.truncate(0)
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()

@@ -14,14 +14,20 @@ import json
 import os
 import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import UserError
-from pipeline.files import atomic_write_json, atomic_write_text, tree_hash
+from pipeline.files import (
+    LockHeld,
+    atomic_write_json,
+    atomic_write_text,
+    holder_lock,
+    tree_hash,
+)
 from pipeline.recipe.keys import recipe_keys
 
 if TYPE_CHECKING:
@@ -136,30 +142,17 @@ class RunDir:
     @contextmanager
     def locked(self, command: str) -> Iterator[None]:
         """Hold the run directory for this process: a second process that asks is refused (exit 2) with who holds
-        it. An OS file lock (flock), so a killed holder never leaves a stale lock behind."""
-        import fcntl
+        it. An OS file lock (`files.holder_lock`), so a killed holder never leaves a stale lock behind."""
         import socket
 
-        self.path.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - held until the command ends
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise UserError(f"{self.path} is in use by {holder}; wait for it to finish, or give this command "
-                            "another run directory (--run-dir, or `expert run --new`)") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"`expert {command}` (pid {os.getpid()} on {socket.gethostname()}, since {now_iso()})\n")
-        handle.flush()
-        try:
+        holder = f"`expert {command}` (pid {os.getpid()} on {socket.gethostname()}, since {now_iso()})"
+        with ExitStack() as held:
+            try:
+                held.enter_context(holder_lock(self.path / LOCK_FILE, holder))
+            except LockHeld as other:
+                raise UserError(f"{self.path} is in use by {other.holder}; wait for it to finish, or give this "
+                                "command another run directory (--run-dir, or `expert run --new`)") from None
             yield
-        finally:
-            handle.truncate(0)
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            handle.close()
 
     def open_mlflow_run(self, stage: str) -> str | None:
         """The MLflow run the stage has open (`tracking.stage_run`); one still recorded was left by a killed process."""
