@@ -67,3 +67,15 @@ def clean_secret_env(monkeypatch):
     for key in list(os.environ):
         if key.endswith("_API_KEY"):
             monkeypatch.delenv(key)
+
+
+def isolate(mp: pytest.MonkeyPatch, mlflow_uri: str, tmp: Path, **env: str) -> None:
+    """A module-scoped fixture's environment (`mp` from `pytest.MonkeyPatch.context()`): no provider key from the
+    developer's shell, the session's MLflow server, caches and the working directory in `tmp`, and `env` set."""
+    for name in [k for k in os.environ if k.endswith("_API_KEY")]:
+        mp.delenv(name)
+    mp.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    mp.setenv("EXPERT_CACHE", str(tmp / "cache"))
+    for name, value in env.items():
+        mp.setenv(name, value)
+    mp.chdir(tmp)

@@ -8,7 +8,6 @@ the proof that the stages, eval, routing and serving run it through the `TaskTyp
 from __future__ import annotations
 
 import json
-import os
 import traceback
 from types import SimpleNamespace
 
@@ -19,7 +18,7 @@ from typer.testing import CliRunner
 from pipeline import serving as serve
 from pipeline.cli import app
 from pipeline.tasks import multilabel
-from tests.conftest import shipped_recipe, shipped_rows, write_recipe
+from tests.conftest import isolate, shipped_recipe, shipped_rows, write_recipe
 from tests.support.openai_server import FakeOpenAIServer
 from tests.support.serve_thread import serving
 
@@ -35,12 +34,7 @@ def tagged(tiny_model_dir, mlflow_uri, tmp_path_factory):
     gold = {r["text"].strip(): r["tags"] for r in shipped_rows("tickets-tagging/tickets-tagging.jsonl")}
     with pytest.MonkeyPatch.context() as mp, \
             FakeOpenAIServer(lambda body: json.dumps(gold[body["messages"][-1]["content"]]), api_key=KEY) as srv:
-        for name in [k for k in os.environ if k.endswith("_API_KEY")]:
-            mp.delenv(name)
-        mp.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
-        mp.setenv("EXPERT_CACHE", str(tmp / "cache"))
-        mp.setenv(KEY_ENV, KEY)
-        mp.chdir(tmp)
+        isolate(mp, mlflow_uri, tmp, **{KEY_ENV: KEY})
         recipe = shipped_recipe("ticket-tagging", **{
             "name": MODEL,
             "model.base": str(tiny_model_dir),

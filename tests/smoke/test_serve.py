@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from pipeline import serving as serve
 from pipeline.cli import app
-from tests.conftest import ROOT, shipped_recipe, shipped_rows, write_recipe
+from tests.conftest import ROOT, isolate, shipped_recipe, shipped_rows, write_recipe
 from tests.support.openai_server import FakeOpenAIServer
 from tests.support.serve_thread import serving
 
@@ -48,12 +48,7 @@ def version(tiny_model_dir, mlflow_uri, tmp_path_factory):
     gold = {r["text"].strip(): r["queue"] for r in shipped_rows("tickets/tickets.jsonl")}
     with pytest.MonkeyPatch.context() as mp, \
             FakeOpenAIServer(lambda body: gold.get(body["messages"][-1]["content"], "billing"), api_key=KEY) as srv:
-        for name in [k for k in os.environ if k.endswith("_API_KEY")]:
-            mp.delenv(name)
-        mp.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
-        mp.setenv("EXPERT_CACHE", str(tmp / "cache"))
-        mp.setenv(KEY_ENV, KEY)
-        mp.chdir(tmp)
+        isolate(mp, mlflow_uri, tmp, **{KEY_ENV: KEY})
         recipe = shipped_recipe("ticket-classification", **{
             "name": "smoke-serve",
             "model.base": str(tiny_model_dir),
