@@ -1,11 +1,11 @@
-# Two entry points: `make demo` runs the main job, `make test` runs the tests.
+# Two entry points: `make demo` runs the main job, `make test` runs the tests (`make lint`: ruff, as CI runs it).
 # Each creates .venv on first use; later calls skip installs that are done.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test lint setup clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV)

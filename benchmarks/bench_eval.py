@@ -144,7 +144,7 @@ def main() -> None:
     agreement = sum(n == o for n, o in valid) / len(valid) if valid else float("nan")
     n = len(rows)
     print("\n## classification: BANKING77, 77 labels")
-    print(f"| method | examples/s | accuracy | answers that are a valid label |\n|---|---|---|---|")
+    print("| method | examples/s | accuracy | answers that are a valid label |\n|---|---|---|---|")
     print(f"| naive generate + parse | {n / naive_s:.2f} | {sum(a == r['target'] for a, r in zip(naive_labels, rows)) / n:.3f} "
           f"| {len(valid)}/{n} |")
     print(f"| expert eval (label scoring) | {n / ours_s:.2f} | "
@@ -173,7 +173,8 @@ def main() -> None:
 
     print("\n## extraction: SNIPS intent + slots, JSON Schema")
     print("| method | examples/s | schema-valid | intent accuracy |\n|---|---|---|---|")
-    print(f"| naive generate + parse | {n / naive_s:.2f} | {sum(o is not None for o in naive_objs)}/{n} | {intent_acc(naive_objs):.3f} |")
+    print(f"| naive generate + parse | {n / naive_s:.2f} | {sum(o is not None for o in naive_objs)}/{n} | "
+          f"{intent_acc(naive_objs):.3f} |")
     print(f"| expert eval (constrained, batched) | {n / ours_s:.2f} | {sum(o is not None for o in ours_objs)}/{n} | "
           f"{intent_acc(ours_objs):.3f} |")
     print(f"speed-up: {naive_s / ours_s:.1f}x")

@@ -247,10 +247,14 @@ def eval_case(base: Path, device: str, examples: int, batch: int) -> dict:
 def print_table(rows: list[dict], name: str, spec: float | None, measured: float) -> None:
     print(f"\n{name}: bf16 spec {spec / 1e12 if spec else float('nan'):.0f} TFLOP/s, measured matmul "
           f"{measured / 1e12:.1f} TFLOP/s")
-    print("| model | method | checkpointing | tokens/s | median step | peak allocated | peak reserved | MFU (spec) | MFU (measured) |")
+    print("| model | method | checkpointing | tokens/s | median step | peak allocated | peak reserved | MFU (spec) "
+          "| MFU (measured) |")
     print("|---|---|---|---|---|---|---|---|---|")
+
+    def gib(mb: float | None) -> str:
+        return f"{mb / 1024:.1f} GiB" if mb is not None else "-"
+
     for r in rows:
-        gib = (lambda mb: f"{mb / 1024:.1f} GiB" if mb is not None else "-")
         spec_mfu = f"{r['mfu_spec']:.1%}" if r["mfu_spec"] is not None else "-"
         print(f"| {r['model']} | {r['method']} | {'on' if r['checkpointing'] else 'off'} | {r['tokens_per_s']:,.0f} | "
               f"{r['median_step_s'] * 1000:.0f} ms | {gib(r['peak_allocated_mb'])} | {gib(r['peak_reserved_mb'])} | "

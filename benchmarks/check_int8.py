@@ -25,11 +25,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import tasks
-from pipeline.evaluation import inference
+from pipeline import tasks  # noqa: E402
+from pipeline.evaluation import inference  # noqa: E402
 from pipeline.inference import answering  # noqa: E402
 from pipeline.recipe.schema import load_recipe  # noqa: E402
-from pipeline.run import contracts
+from pipeline.run import contracts  # noqa: E402
 from pipeline.run.rundir import RunDir  # noqa: E402
 
 

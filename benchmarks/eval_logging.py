@@ -42,7 +42,8 @@ from tests.support.mlflow_server import mlflow_server  # noqa: E402
 
 EXPERT = [str(Path(sys.executable).parent / "expert")]
 # the same CLI with the per-example traces switched off: the arm that measures what they add to the wall time
-EXPERT_WITHOUT_TRACES = [sys.executable, "-c", "import sys; from pipeline import cli; from pipeline.evaluation import traces as eval_traces; "
+EXPERT_WITHOUT_TRACES = [sys.executable, "-c",
+                         "import sys; from pipeline import cli; from pipeline.evaluation import traces as eval_traces; "
                          "eval_traces.log_examples = lambda *args, **kwargs: 0; sys.argv[0] = 'expert'; cli.app()"]
 
 

@@ -4,7 +4,8 @@ Why pyfunc with "models from code" and a bundle artifact rather than the
 `transformers` flavour: the flavour would copy the base weights into every
 version and knows nothing of label scoring, schemas or the cascade threshold;
 a pyfunc keeps a version small (adapter + tokenizer + spec), answers exactly
-as the eval stage did (with its cascade threshold, or its route's chain and thresholds), and loads without unpickling anything (the model class
+as the eval stage did (with its cascade threshold, or its route's chain and
+thresholds), and loads without unpickling anything (the model class
 comes from code, weights from safetensors). Loading needs this package
 installed; the base model is the one `train_record.json` names (same revision,
 checked by content hash) or the bundled copy when pushed with `--include-base`,

@@ -57,9 +57,9 @@ What it misses, by design or because no offline rule can tell:
   with an international dialling prefix (``0044 ...``) without ``region``, and numbers
   libphonenumber does not consider valid (a wrong length, a range never allocated);
 - cards whose first digit is 0, 1, 7, 8 or 9, cards grouped unusually (``41 11 ...``)
-  or with mixed separators (``4111-1111 1111.1111``); e-mails written with ``[at]``/``(dot)``; IBANs of countries outside the registry table (`_IBAN_LENGTHS`) and
-  IBANs broken by dashes; bare nine-digit SSNs (too many order and zip+4 numbers look
-  the same); NINOs without their suffix letter;
+  or with mixed separators (``4111-1111 1111.1111``); e-mails written with ``[at]``/``(dot)``; IBANs of
+  countries outside the registry table (`_IBAN_LENGTHS`) and IBANs broken by dashes; bare nine-digit SSNs
+  (too many order and zip+4 numbers look the same); NINOs without their suffix letter;
 - MAC addresses, hostnames and URLs (only the e-mail or IP inside one is found),
   e-mails with non-ASCII local parts or IP-literal domains, and non-ASCII digits.
 

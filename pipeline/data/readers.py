@@ -312,7 +312,8 @@ def load_examples(recipe: Recipe, task, key: str, source: Path | str, rejected: 
                                             "Unicode text; fix or drop the character")
                 continue
             if not text:
-                reject(line, "empty_text", f"`{'`, `'.join(text_fields)}` {'is' if len(parts) == 1 else 'are'} empty or whitespace")
+                reject(line, "empty_text",
+                       f"`{'`, `'.join(text_fields)}` {'is' if len(parts) == 1 else 'are'} empty or whitespace")
                 continue
             if unlabeled:
                 examples.append(Example(row_id, line, text, None, name, fixed_split, provenance="unlabeled"))

@@ -85,19 +85,23 @@ def check_duplicates(examples: list[Example], rejected: list[dict[str, Any]], ta
     for i, (e, key) in enumerate(zip(examples, keys)):
         if key in conflicts:
             where = first_loc.setdefault(key, e.location)
-            other = f"the same text at {where} has another target" if where != e.location else "the same text appears later with another target"
+            other = (f"the same text at {where} has another target" if where != e.location
+                     else "the same text appears later with another target")
             rejected.append(rejection(e, "conflicting_target", other))
             continue
         keeper = examples[best[key]]
         if best[key] != i:
             if (keeper.fixed_split or "train") != (e.fixed_split or "train"):
                 rejected.append(rejection(
-                    e, "leakage", f"same text as {keeper.location} in the {keeper.fixed_split} split; removed from {e.fixed_split or 'train'}"
+                    e, "leakage",
+                    f"same text as {keeper.location} in the {keeper.fixed_split} split; removed from {e.fixed_split or 'train'}"
                 ))
             elif keeper.text == e.text:
                 rejected.append(rejection(e, "duplicate_exact", f"same text as {keeper.location}"))
             else:
-                rejected.append(rejection(e, "duplicate_normalized", f"same text as {keeper.location} after normalising case, whitespace and Unicode"))
+                rejected.append(rejection(
+                    e, "duplicate_normalized", f"same text as {keeper.location} after normalising case, whitespace and Unicode"
+                ))
             continue
         if e.id in seen_ids:
             rejected.append(rejection(e, "duplicate_id", f"id `{e.id}` is already used at {seen_ids[e.id]}"))

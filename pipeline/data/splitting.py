@@ -77,5 +77,6 @@ def fewshot_examples(train: list[Example], recipe: Recipe, task, spec) -> dict[s
     return {
         "k": k,
         "seed": recipe.data.split.seed,
-        "examples": [{"id": e.id, "text": e.text, "target": e.target, "completion": task.target_text(e.target, spec)} for e in chosen],
+        "examples": [{"id": e.id, "text": e.text, "target": e.target, "completion": task.target_text(e.target, spec)}
+                     for e in chosen],
     }

@@ -165,7 +165,8 @@ def gate_verdict(recipe: Recipe, metrics: dict[str, Any], skipped: dict[str, str
     if difference is not None:
         reasons.append(
             f"expert - `{best_name}` {gate.metric}: {difference['difference']:+.4f} "
-            f"(95% CI {difference['ci_low']:+.4f} to {difference['ci_high']:+.4f}; McNemar p={difference['mcnemar']['p_value']:.3g})"
+            f"(95% CI {difference['ci_low']:+.4f} to {difference['ci_high']:+.4f}; "
+            f"McNemar p={difference['mcnemar']['p_value']:.3g})"
         )
     threshold = (cascade or {}).get("threshold")
     route_holds = bool(route and route.get("thresholds") is not None and route["holds_on_test"])

@@ -134,7 +134,8 @@ def is_plain_dynamic_cache(cache) -> bool:
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A (batch, query, key) bool mask as the (batch, 1, query, key) additive float mask attention takes."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+    zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return zeros.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
 
 def _private_copy(cache):

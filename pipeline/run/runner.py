@@ -1,8 +1,8 @@
 """The stage table and `run_pipeline`: every stage, in order, through one signature.
 
 Each stage module has `run(recipe, run, options)` and `inputs_of(recipe, run, options)`; `run_pipeline` calls
-them in `STAGES` order, and each one asks `contracts.why_stale` (the one rule) whether it is up to date. `plan` says, without running anything, which
-stages would run and why: what `expert run --dry-run` prints.
+them in `STAGES` order, and each one asks `contracts.why_stale` (the one rule) whether it is up to date. `plan`
+says, without running anything, which stages would run and why: what `expert run --dry-run` prints.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pipeline.run import contracts
 from pipeline.run.contracts import StageOptions
 from pipeline.run.rundir import STAGES, RunDir, later_stages
 
-STAGE_MODULES = {"prep": "pipeline.stages.prep", "train": "pipeline.stages.train", "eval": "pipeline.stages.evaluate", "push": "pipeline.stages.push"}
+STAGE_MODULES = {"prep": "pipeline.stages.prep", "train": "pipeline.stages.train", "eval": "pipeline.stages.evaluate",
+                 "push": "pipeline.stages.push"}
 assert tuple(STAGE_MODULES) == STAGES
 
 

@@ -45,13 +45,18 @@ _HOMES = {
 
 __all__ = ["ServeOptions", *_HOMES]
 
-if TYPE_CHECKING:
-    from pipeline.serving.app import ENDPOINTS, MAX_TEXTS_PER_PREDICT, create_app, run
-    from pipeline.serving.engine import BatchingEngine
-    from pipeline.serving.errors import HTTPError
-    from pipeline.serving.loading import load_service, prepare, registered_name_version
-    from pipeline.serving.metrics import Metrics
-    from pipeline.serving.service import Service
+if TYPE_CHECKING:  # the names for type checkers; `x as x` marks each one a re-export
+    from pipeline.serving.app import ENDPOINTS as ENDPOINTS
+    from pipeline.serving.app import MAX_TEXTS_PER_PREDICT as MAX_TEXTS_PER_PREDICT
+    from pipeline.serving.app import create_app as create_app
+    from pipeline.serving.app import run as run
+    from pipeline.serving.engine import BatchingEngine as BatchingEngine
+    from pipeline.serving.errors import HTTPError as HTTPError
+    from pipeline.serving.loading import load_service as load_service
+    from pipeline.serving.loading import prepare as prepare
+    from pipeline.serving.loading import registered_name_version as registered_name_version
+    from pipeline.serving.metrics import Metrics as Metrics
+    from pipeline.serving.service import Service as Service
 
 
 def __getattr__(name: str):

@@ -68,7 +68,8 @@ class BatchingEngine:
             deadline = time.monotonic() + wait_s
             while len(batch) < self.options.max_batch:
                 try:
-                    nxt = self.queue.get_nowait() if wait_s <= 0 else self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    nxt = (self.queue.get_nowait() if wait_s <= 0
+                           else self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
                 if nxt is None:

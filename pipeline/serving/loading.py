@@ -1,4 +1,5 @@
-"""Loading a version for `expert serve`: on a short-lived thread, prepared as it was evaluated (`pipeline/inference/runtime.py`)."""
+"""Loading a version for `expert serve`: on a short-lived thread, prepared as it was evaluated
+(`pipeline/inference/runtime.py`)."""
 
 from __future__ import annotations
 

@@ -84,7 +84,8 @@ class Metrics:
                     "# TYPE expert_tier_requests_total counter"]
             out += [f'expert_tier_requests_total{{tier="{t}",outcome="{o}"}} {n}' for (t, o), n in sorted(self.tiers.items())]
             out += ["# HELP expert_tier_duration_seconds Wall time each request spent on each tier (the expert: "
-                    "queue and model; an API tier: waiting for a slot, every attempt and backoff).", "# TYPE expert_tier_duration_seconds histogram"]
+                    "queue and model; an API tier: waiting for a slot, every attempt and backoff).",
+                    "# TYPE expert_tier_duration_seconds histogram"]
             for name, hist in sorted(self.tier_latency.items()):
                 out += _histogram_lines("expert_tier_duration_seconds", f'tier="{name}"', LATENCY_BUCKETS, hist)
             out += ["# HELP expert_request_duration_seconds Request latency, from body read to response.",

@@ -55,7 +55,8 @@ def render_report(recipe: Recipe, metrics, skipped, comparisons, calibration, ca
         f"Test examples: {n_test}. Gate: `{verdict['metric']}`, at most {verdict['max_drop_vs_best_baseline']} "
         f"below the best baseline. **Gate: {'PASS' if verdict['passed'] else 'FAIL'}. Decision: {decision}.**",
         "",
-        "| system | " + " | ".join(cols) + " | cost / 1k requests ($) | latency p50 (ms) | latency p95 (ms) | errors | unparsed |",
+        "| system | " + " | ".join(cols)
+        + " | cost / 1k requests ($) | latency p50 (ms) | latency p95 (ms) | errors | unparsed |",
         "|---" * (len(cols) + 6) + "|",
     ]
     for name, m in metrics.items():
@@ -89,7 +90,8 @@ def render_report(recipe: Recipe, metrics, skipped, comparisons, calibration, ca
             lines.append(f"| {name} | {m['api_calls']} | {m['cache_hits']} | {m['retries']} | {m['input_tokens']} | "
                          f"{m['output_tokens']} |")
     lines += ["", "## Calibration of the expert", "",
-              f"Expected calibration error: {calibration['ece']:.4f} (10 equal-width bins). ![reliability](plots/reliability_expert.png)"]
+              f"Expected calibration error: {calibration['ece']:.4f} (10 equal-width bins). "
+              "![reliability](plots/reliability_expert.png)"]
     lines += ["", "## Cascade", ""]
     if cascade["threshold"] is not None:
         v, t = cascade["validation"], cascade["test"]

@@ -7,10 +7,10 @@ interval and McNemar test of the expert against each baseline, calibration),
 `cascade.json` (threshold chosen on validation, curve on test), `verdict.json`
 (`replace`, `cascade` or `keep_frontier`, with the gate), `plots/*.png` and
 `report.md`, `timings.json` (the stage's seconds and MLflow logging's share), `record.json` (the base, the
-precision and the runtime the expert ran on, `pipeline/inference/runtime.py`: serving runs the same). Everything is logged to MLflow:
-the test and validation splits and the adapter's logged model as the run's inputs, the expert's metrics against
-that model and the test dataset, one trace per test example (`pipeline/evaluation/traces.py`), and the verdict as the
-run's description.
+precision and the runtime the expert ran on, `pipeline/inference/runtime.py`: serving runs the same).
+Everything is logged to MLflow: the test and validation splits and the adapter's logged model as the run's
+inputs, the expert's metrics against that model and the test dataset, one trace per test example
+(`pipeline/evaluation/traces.py`), and the verdict as the run's description.
 """
 
 from __future__ import annotations

@@ -166,7 +166,8 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
         splits = split_examples(examples, recipe)
         for name, rows in splits.items():
             if not rows:
-                raise UserError(f"data.split: the {name} split is empty ({len(examples)} usable rows); add data or change the split fractions")
+                raise UserError(f"data.split: the {name} split is empty ({len(examples)} usable rows); "
+                                "add data or change the split fractions")
         for name, rows in splits.items():
             atomic_write_jsonl(out / f"{name}.jsonl", (render(e, system, task, spec) for e in rows))
         atomic_write_json(out / "spec.json", {"task": recipe.task.type, "spec": spec, "system_prompt": system,

@@ -173,11 +173,13 @@ def render_report(recipe: Recipe, stats: dict[str, Any], rejected, truncated) ->
         by_reason[r["reason"]].append(r)
     for reason in sorted(by_reason):
         rows = by_reason[reason]
-        lines.append(f"- **{reason}**: {len(rows)}; e.g. " + "; ".join(f"{r['source']}:{r['line']} ({r['detail']})" for r in rows[:REPORT_EXAMPLES]))
+        lines.append(f"- **{reason}**: {len(rows)}; e.g. "
+                     + "; ".join(f"{r['source']}:{r['line']} ({r['detail']})" for r in rows[:REPORT_EXAMPLES]))
     if rejected:
         lines += ["", "Every rejected row is listed in `rejected.jsonl`.", ""]
     if truncated:
-        lines += ["## Truncated rows", "", f"{len(truncated)} rows had their input cut to fit; all are listed in `truncated.jsonl`.", ""]
+        lines += ["## Truncated rows", "",
+                  f"{len(truncated)} rows had their input cut to fit; all are listed in `truncated.jsonl`.", ""]
     return "\n".join(lines)
 
 
@@ -206,7 +208,8 @@ def print_stats(stats: dict[str, Any]) -> None:
     if stats["rejected"]:
         console.print("rejected by reason: " + ", ".join(f"{k}={v}" for k, v in stats["rejected"].items()))
     if stats["truncated"]:
-        console.print(f"[yellow]truncated[/] {stats['truncated']} rows to data.max_tokens={stats['max_tokens']} (see prep/truncated.jsonl)")
+        console.print(f"[yellow]truncated[/] {stats['truncated']} rows to data.max_tokens={stats['max_tokens']} "
+                      "(see prep/truncated.jsonl)")
 
 
 def _fmt(p: dict[str, int]) -> str:
@@ -227,7 +230,8 @@ def log_to_mlflow(recipe: Recipe, run: RunDir, stats: dict[str, Any], out: Path,
             metrics |= {f"tokens.{part}.{q}": v for q, v in stats["tokens"]["all"][part].items()}
         tracking.log_metrics(mlflow_client, mlflow_run_id, metrics)
         tracking.log_split_inputs(mlflow_client, mlflow_run_id, recipe, run, list(SPLITS))
-        for name in ("stats.json", "report.md", "spec.json", "fewshot.json", "rejected.jsonl", "truncated.jsonl", "class_distribution.png"):
+        for name in ("stats.json", "report.md", "spec.json", "fewshot.json", "rejected.jsonl", "truncated.jsonl",
+                     "class_distribution.png"):
             if (out / name).is_file():
                 mlflow_client.log_artifact(mlflow_run_id, str(out / name), stage)
     return mlflow_run_id

@@ -89,7 +89,9 @@ def decide_promotion(passed: bool, candidate: Candidate, champion: Candidate | N
         return False, (
             f"{candidate.metric} {candidate.value:.4f} is worse than champion v{champion.version} ({champion.value:.4f})"
         )
-    return True, f"gate passed and {candidate.metric} {candidate.value:.4f} >= champion v{champion.version} ({champion.value:.4f})"
+    return True, (
+        f"gate passed and {candidate.metric} {candidate.value:.4f} >= champion v{champion.version} ({champion.value:.4f})"
+    )
 
 
 # push bundles the whole recipe into the version, so every key is an input

@@ -116,7 +116,8 @@ def test_qlora_through_the_stage_loader_and_sfttrainer(pipeline_run, tmp_path, m
     recipe = Recipe.model_validate(raw)
     settings = setup.training_settings(recipe)
     config = setup.to_sft_config(recipe.train, tmp_path / "checkpoints", recipe.data.max_tokens, settings)
-    _, tokenizer, model = setup.load_for_training(recipe, models.resolve_base(recipe.model.base)[1], settings, "single", config.device)
+    _, tokenizer, model = setup.load_for_training(recipe, models.resolve_base(recipe.model.base)[1], settings, "single",
+                                                  config.device)
     quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantized and all(m.weight.device == DEVICE for m in quantized)
     before = {id(m): m.weight.detach().clone() for m in quantized}

@@ -23,7 +23,10 @@ def test_expert_run_prints_no_library_noise(tiny_model_dir, tracking_env, tmp_pa
         "train": {"max_steps": 2, "batch_size": 8}, "eval.baselines": [{"name": "base", "kind": "base_model"}],
         "registry.model_name": "quiet-demo"})
     recipe["name"] = "quiet-demo"
-    proc = subprocess.run([sys.executable, "-c", "import traceback, warnings; warnings.showwarning = lambda *a, **k: traceback.print_stack(); from pipeline.cli import app; import sys; sys.argv = [\"expert\"] + sys.argv[1:]; app()", "run", str(write_recipe(tmp_path, recipe))],
+    proc = subprocess.run([sys.executable, "-c",
+                           "import traceback, warnings; warnings.showwarning = lambda *a, **k: traceback.print_stack(); "
+                           "from pipeline.cli import app; import sys; sys.argv = [\"expert\"] + sys.argv[1:]; app()",
+                           "run", str(write_recipe(tmp_path, recipe))],
                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -129,7 +129,8 @@ def test_eval_stage_with_cascade_recorded_and_few_shot_baselines(tiny_model_dir,
     assert "frontier.accuracy" not in model_metrics, "only the expert's numbers are the model's"
     timings = json.loads((out / "timings.json").read_text())
     assert (latest.info.end_time - latest.info.start_time) / 1000 >= timings["stage_s"] - 1.5
-    assert latest.data.tags["mlflow.note.content"].startswith(f"**Decision: cascade** (gate failed on `macro_f1`, {n_test} test examples")
+    assert latest.data.tags["mlflow.note.content"].startswith(
+        f"**Decision: cascade** (gate failed on `macro_f1`, {n_test} test examples")
     traces = client.search_traces(locations=[exp.experiment_id], run_id=latest.info.run_id, max_results=500)
     assert len(traces) == n_test
     expert_rows = {r["id"]: r for r in map(json.loads, (out / "predictions/expert.jsonl").read_text().splitlines())}

@@ -59,7 +59,7 @@ def test_a_reviewer_finds_the_evidence_in_the_mlflow_ui(tiny_model_dir, tracking
     links = dict(re.findall(r"^  ([a-z ]+): (http\S+)$", result.output, re.M))
     run_dir = tmp_path / "run"
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    eval_run_id, model_id = manifest["stages"]["eval"]["mlflow_run_id"], manifest["stages"]["train"]["mlflow_model_id"]
+    model_id = manifest["stages"]["train"]["mlflow_model_id"]
     registered = json.loads((run_dir / "push/registered.json").read_text())
     verdict = json.loads((run_dir / "eval/verdict.json").read_text())
     expert = read_jsonl(run_dir / "eval/predictions/expert.jsonl")

@@ -131,7 +131,8 @@ def test_full_loop(recipe_name, tiny_model_dir, tracking_env, tmp_path, monkeypa
 
     everything = all_text_of_runs(client, experiment.experiment_id) + json.dumps(version.tags) + version.description
     assert SECRET not in everything
-    version_files = Path(mlflow.artifacts.download_artifacts(f"models:/{model_name}/{version.version}", dst_path=str(tmp_path / "dl")))
+    version_files = Path(mlflow.artifacts.download_artifacts(f"models:/{model_name}/{version.version}",
+                                                             dst_path=str(tmp_path / "dl")))
     for path in [*run_dir.rglob("*"), *version_files.rglob("*")]:
         if path.is_file() and path.suffix in {".json", ".jsonl", ".md", ".yaml", ".txt", ""}:
             assert SECRET not in path.read_text(), f"secret leaked into {path}"

@@ -102,8 +102,8 @@ def test_without_its_key_the_teacher_is_refused_before_any_call(tiny_model_dir, 
     assert result.exit_code == 2 and "TEACHER_KEY is not set" in result.output
 
 
-def test_the_teachers_confidence_comes_from_its_log_probabilities_and_its_cost_without_usage_is_estimated(tiny_model_dir, tracking_env, tmp_path,
-                                                                  monkeypatch, clean_secret_env):
+def test_the_teachers_confidence_comes_from_its_log_probabilities_and_its_cost_without_usage_is_estimated(
+        tiny_model_dir, tracking_env, tmp_path, monkeypatch, clean_secret_env):
     monkeypatch.setenv("TEACHER_KEY", KEY)
     source = tmp_path / "rows.jsonl"
     source.write_text("\n".join(json.dumps(r) for r in rows_with_gaps()) + "\n", encoding="utf-8")

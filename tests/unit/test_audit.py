@@ -16,7 +16,8 @@ PRICES = "gpt-4o-mini: {input: 0.15, output: 0.60}\ngpt-4o: {input: 2.50, output
 def gateway(model: str, prompt: int, completion: int) -> dict:
     return {"request": {"model": model, "messages": [{"role": "user", "content": "hi"}]},
             "response": {"model": model, "choices": [{"message": {"role": "assistant", "content": "billing"}}],
-                         "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}}
+                         "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                                   "total_tokens": prompt + completion}}}
 
 
 def write_logs(path, lines) -> None:

@@ -67,7 +67,8 @@ def test_label_scores_are_bit_identical_and_other_calls_still_work(tiny_model_di
 
     assert answers(classify(lean, tokenizer, messages, LABELS, 2, one_pass_tokens=0), "prediction") == \
         answers(classify(reference, tokenizer, messages, LABELS, 2, one_pass_tokens=0), "prediction")
-    assert answers(generate(lean, tokenizer, messages, 4, 2), "raw") == answers(generate(reference, tokenizer, messages, 4, 2), "raw")
+    assert answers(generate(lean, tokenizer, messages, 4, 2), "raw") == \
+        answers(generate(reference, tokenizer, messages, 4, 2), "raw")
     assert len(calls) == 4
 
 

@@ -115,7 +115,8 @@ def test_macro_f1_routes_score_like_the_plain_metric():
     preds = [list(rng.choice(labels, n)), list(rng.choice(labels, n)), golds]
     tiers = [route_search.TierAnswers(f"t{i}", p, rng.uniform(0, 1, n) if i < 2 else None, 0.001 * 10 ** i, np.zeros(n))
              for i, p in enumerate(preds)]
-    grid = route_search.evaluate_grid(classification.gate_metric("macro_f1"), golds, tiers, labels, route_search.candidate_grids(tiers, 5))
+    grid = route_search.evaluate_grid(classification.gate_metric("macro_f1"), golds, tiers, labels,
+                                      route_search.candidate_grids(tiers, 5))
     assert len(grid) == len(list(itertools.product(*route_search.candidate_grids(tiers, 5))))
     for point in grid[::7]:
         answering = route_search.answering_tier([t.confidences for t in tiers[:2]], tuple(point["thresholds"]), n)

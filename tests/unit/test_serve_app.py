@@ -514,7 +514,8 @@ def test_fifty_requests_behind_a_hung_mid_tier_are_answered_by_the_frontier_with
         sent_to_mid = len(mid.requests)
     rows = [response.json() for response, _ in answered]
     assert all(response.status_code == 200 for response, _ in answered), [r.text for r, _ in answered][:3]
-    assert all((row["tier"], row["answer"]) == ("frontier", "technical") for row in rows), [r["tiers_tried"] for r in rows if r["tier"] != "frontier"][:2]
+    assert all((row["tier"], row["answer"]) == ("frontier", "technical") for row in rows), \
+        [r["tiers_tried"] for r in rows if r["tier"] != "frontier"][:2]
     walls = [wall for _, wall in answered]
     assert max(walls) < deadline + 3.0, f"slowest request {max(walls):.1f} s"
     outcomes = [step["outcome"] for step in tier_steps(rows, "mid")]
@@ -566,8 +567,9 @@ def test_a_hung_tier_frees_its_slot_at_the_tier_deadline_not_after_every_retry(m
 def test_hung_tiers_are_flagged_or_502_within_the_escalation_deadline(monkeypatch):
     """Both tiers hung, 12 requests: the mid tier's 2 slots and queue of 2 take 4, which give up on it at the
     1.5 s tier deadline, and shed 8; the frontier (12 slots) takes all, and gives up on each at its tier deadline
-    or when the 2.5 s escalation deadline is spent: the 4 late ones get what is left (about 1 s), not 1.5 s. `--frontier-down flag` answers with the expert's answer flagged, `502` with 502; either way
-    within the escalation deadline (+2 s margin), and /metrics counts the shed and the timed out."""
+    or when the 2.5 s escalation deadline is spent: the 4 late ones get what is left (about 1 s), not 1.5 s.
+    `--frontier-down flag` answers with the expert's answer flagged, `502` with 502; either way within the
+    escalation deadline (+2 s margin), and /metrics counts the shed and the timed out."""
     from tests.support.hanging_server import hung_tier
 
     monkeypatch.setenv("UNIT_KEY", KEY)

@@ -46,7 +46,8 @@ def test_bootstrap_interval_for_equal_systems_straddles_zero_and_macro_f1_path_a
 def test_macro_f1_matches_the_task_definition_with_unparsed_answers():
     golds, a, _ = synthetic_pair(300, 0.6, 0.5, seed=4)
     a[::7] = [None] * len(a[::7])
-    assert stats.metric_value(classification.gate_metric("macro_f1"), golds, a, LABELS) == pytest.approx(f1_report(golds, a, LABELS)["macro_f1"])
+    assert stats.metric_value(classification.gate_metric("macro_f1"), golds, a, LABELS) == \
+        pytest.approx(f1_report(golds, a, LABELS)["macro_f1"])
 
 
 def test_field_exact_match_per_example_mean_equals_per_field_mean():
@@ -54,7 +55,8 @@ def test_field_exact_match_per_example_mean_equals_per_field_mean():
     golds = [{"x": 1, "y": 2}, {"x": 1, "y": 2}, {"x": 3, "y": 4}]
     preds = [{"x": 1, "y": 0}, None, {"x": 3, "y": 4}]
     # x right in 2 of 3 examples, y in 1 of 3
-    assert stats.metric_value(extraction.gate_metric("field_exact_match"), golds, preds, spec) == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert stats.metric_value(extraction.gate_metric("field_exact_match"), golds, preds, spec) == \
+        pytest.approx((2 / 3 + 1 / 3) / 2)
     assert stats.metric_value(extraction.gate_metric("field_exact_match"), golds, preds, spec) == pytest.approx(
         extraction.metrics(golds, preds, spec)["field_exact_match"]
     )
@@ -90,7 +92,8 @@ def test_cascade_picks_the_cheapest_threshold_meeting_the_target():
     frontier = ["a"] * 8
     tiers = [route_search.TierAnswers("expert", expert, np.array(conf), 0.01 / 1000, np.zeros(8)),
              route_search.TierAnswers("frontier", frontier, None, 1.0 / 1000, np.zeros(8))]
-    curve = route_search.evaluate_grid(classification.gate_metric("accuracy"), golds, tiers, LABELS, [stats.candidate_thresholds(conf)])
+    curve = route_search.evaluate_grid(classification.gate_metric("accuracy"), golds, tiers, LABELS,
+                                       [stats.candidate_thresholds(conf)])
     by_t = {p["thresholds"][0]: p for p in curve}
     assert by_t[0.0]["shares"][1] == 0.0 and by_t[0.0]["metric"] == 5 / 8
     assert by_t[0.0]["cost_per_1k"] == pytest.approx(0.01)

@@ -132,7 +132,8 @@ def test_padding_free_trains_through_the_real_sft_trainer(tiny_model_dir, tmp_pa
     settings = setup.training_settings(recipe)
     assert settings["padding_free"] and settings["padding_free_reason"] == "on: train.padding_free is true"
     config = setup.to_sft_config(recipe.train, tmp_path / "checkpoints", recipe.data.max_tokens, settings)
-    _, tokenizer, model = setup.load_for_training(recipe, models.resolve_base(recipe.model.base)[1], settings, "single", config.device)
+    _, tokenizer, model = setup.load_for_training(recipe, models.resolve_base(recipe.model.base)[1], settings, "single",
+                                                  config.device)
     trainer = setup.build_trainer(recipe, prepared_run(tmp_path, 12), config, tokenizer, model, [])
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["input_ids"].shape[0] == 1, "one flattened row per batch"
@@ -150,7 +151,8 @@ def test_a_row_longer_than_max_tokens_is_named_when_nothing_truncates(tiny_model
     settings = setup.training_settings(recipe)
     config = setup.to_sft_config(recipe.train, tmp_path / "checkpoints", recipe.data.max_tokens, settings)
     assert config.max_length is None
-    _, tokenizer, model = setup.load_for_training(recipe, models.resolve_base(recipe.model.base)[1], settings, "single", config.device)
+    _, tokenizer, model = setup.load_for_training(recipe, models.resolve_base(recipe.model.base)[1], settings, "single",
+                                                  config.device)
     with pytest.raises(UserError, match=r"prep/train.jsonl: row\(s\) .*tokens\) are longer than data.max_tokens=40"):
         setup.build_trainer(recipe, prepared_run(tmp_path, 12), config, tokenizer, model, [])
 
