@@ -7,6 +7,8 @@ registered version.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
 import time
 from concurrent.futures import Future
@@ -678,3 +680,40 @@ def test_tiers_tried_counts_every_attempt_and_backoff(monkeypatch):
     [step] = row["tiers_tried"]
     assert step["outcome"] == "failed" and "APITimeoutError" in step["error"] and len(top.requests) == 2
     assert step["latency_s"] >= 1.0, step
+
+
+def request_with_body(body: bytes, path: str = "/v1/predict"):
+    """A Starlette request as the server would hand it over, without a server: a scope and a receive channel."""
+    from starlette.requests import Request
+
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": [(b"content-length", str(len(body)).encode())],
+             "query_string": b""}
+    return Request(scope, receive)
+
+
+def test_a_handler_is_a_function_of_the_service_and_the_request(frontier_server):
+    """Serving's handlers are testable without the app: `predict` answers a request object directly (the cascade
+    included), and a bad body is an HTTPError the app would answer with 400."""
+    from pipeline.serving import app
+    from pipeline.serving.errors import HTTPError
+
+    service = make_service(frontier_server.base_url)
+    try:
+        response = asyncio.run(app.predict(service, request_with_body(b'{"text": "unsure about my parcel"}')))
+        row = json.loads(response.body)
+        assert response.status_code == 200 and row["tier"] == "frontier" and row["answer"] == "technical", row
+        assert response.headers["X-Expert-Escalated"] == "true"
+        with pytest.raises(HTTPError) as bad:
+            asyncio.run(app.predict(service, request_with_body(b'{"texts": []}')))
+        assert bad.value.status == 400 and bad.value.param == "texts"
+    finally:
+        service.close()
