@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -57,7 +58,7 @@ def version(tiny_model_dir, mlflow_uri, tmp_path_factory):
                                 "api_key_env": KEY_ENV, "price_per_mtok": {"input": 2.5, "output": 10.0}}],
             "eval.gate": {"metric": "accuracy", "max_drop_vs_best_baseline": 1.0},
             "eval.cascade": {"target_metric": "accuracy", "target": 0.95},
-            "versions.model_name": MODEL,
+            "registry.model_name": MODEL,
         })
         invoke("run", str(write_recipe(tmp, recipe)))
         run_dir = max((tmp / "runs" / "smoke-serve").iterdir())
@@ -312,7 +313,7 @@ def test_a_served_expert_is_a_teacher_that_labels_as_it_was_evaluated(version, s
         with serving(serve.create_app(local)) as url:
             recipe = shipped_recipe("ticket-classification", **{
                 "name": "taught-by-expert", "model.base": str(service.expert.base_source),
-                "versions.model_name": "taught-by-expert"})
+                "registry.model_name": "taught-by-expert"})
             recipe["data"]["source"] = str(source)
             recipe["data"]["teacher"] = {"model": MODEL, "base_url": f"{url}/v1", "api_key_env": "SERVED_TEACHER_KEY"}
             run_dir = tmp_path / "run"
@@ -324,6 +325,22 @@ def test_a_served_expert_is_a_teacher_that_labels_as_it_was_evaluated(version, s
               if r.get("provenance") == f"teacher:{MODEL}"]
     assert len(taught) == len(evaluated)
     assert all(r["target"] == evaluated[r["text"]] for r in taught), "the teacher's labels are the evaluated answers"
+
+
+def test_a_version_stored_with_the_entry_file_of_earlier_releases_still_loads_in_mlflow(version, tmp_path):
+    """Every registered version carries the MLflow entry file of the release that pushed it, and MLflow's own
+    loader runs it: it imports `pipeline.expert_model.ExpertModel`, which must stay where it is. The version's
+    files with its entry file replaced by the one versions were pushed with before `pipeline/` had subpackages
+    (`tests/fixtures/`, a copy of that file as it was) load through `mlflow.pyfunc.load_model` and answer as eval did."""
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(version.uri, dst_path=str(tmp_path / "version")))
+    [entry] = list(local.rglob("expert_model_entry.py"))
+    entry.write_text((ROOT / "tests/fixtures/expert_model_entry_before_subpackages.py").read_text())
+    model = mlflow.pyfunc.load_model(str(local))
+    rows = version.tests[:4]
+    answers = model.predict([r["text"] for r in rows])
+    assert [a["answer"] for a in answers] == [version.eval[r["id"]]["prediction"] for r in rows]
 
 
 def test_predict_flags_a_version_whose_weights_are_nan(version, monkeypatch, tmp_path):

@@ -35,7 +35,7 @@ def trained(tiny_model_dir, mlflow_uri, tmp_path_factory):
     shutil.copytree(tiny_model_dir, base)
     recipe = shipped_recipe("ticket-classification", **{
         "name": "contracts", "model.base": str(base), "train": {"max_steps": 2, "batch_size": 8},
-        "eval.baselines": [], "versions.model_name": "contracts-expert",
+        "eval.baselines": [], "registry.model_name": "contracts-expert",
     })
     path = write_recipe(tmp, recipe)
     run_dir = tmp / "run"
@@ -155,7 +155,7 @@ def test_train_loads_the_base_prep_recorded_not_model_base_resolved_again(tiny_m
     monkeypatch.setenv("EXPERT_CACHE", str(tmp_path / "cache"))
     path = write_recipe(tmp_path, shipped_recipe("ticket-classification", **{
         "name": "hub-base", "model.base": "org/tiny-model", "train": {"max_steps": 1, "batch_size": 8},
-        "eval.baselines": [], "versions.model_name": "hub-base-expert"}))
+        "eval.baselines": [], "registry.model_name": "hub-base-expert"}))
     run_dir = tmp_path / "run"
     assert invoke("prep", path, "--run-dir", run_dir).exit_code == 0
     prepared = json.loads((run_dir / "prep/record.json").read_text())["base"]
