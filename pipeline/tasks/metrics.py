@@ -16,6 +16,14 @@ def accuracy(golds: list[Any], preds: list[Any]) -> float:
     return mean([g == p for g, p in zip(golds, preds, strict=True)])
 
 
+def label_scores(tp: int, fp: int, fn: int) -> dict[str, float]:
+    """Precision, recall, F1 and support of one label from its true positives, false positives and misses."""
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "support": tp + fn}
+
+
 def f1_report(golds: list[str], preds: list[str | None], labels: list[str]) -> dict[str, Any]:
     """Per-class precision/recall/F1 and their macro average over classes present in gold or predictions.
 
@@ -26,12 +34,8 @@ def f1_report(golds: list[str], preds: list[str | None], labels: list[str]) -> d
         tp = sum(g == label and p == label for g, p in zip(golds, preds))
         fp = sum(g != label and p == label for g, p in zip(golds, preds))
         fn = sum(g == label and p != label for g, p in zip(golds, preds))
-        if tp + fp + fn == 0:
-            continue
-        precision = tp / (tp + fp) if tp + fp else 0.0
-        recall = tp / (tp + fn) if tp + fn else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": tp + fn}
+        if tp + fp + fn:
+            per_class[label] = label_scores(tp, fp, fn)
     return {"macro_f1": mean([c["f1"] for c in per_class.values()]), "per_class": per_class}
 
 

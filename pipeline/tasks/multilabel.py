@@ -31,6 +31,7 @@ from pipeline.tasks.metrics import (
     LabelSetMicroF1,
     MeanMetric,
     exact,
+    label_scores,
     mean,
 )
 from pipeline.tasks.metrics import gate_metric as gate_metric_of
@@ -144,12 +145,8 @@ def per_label(golds: list[list[str]], preds: list[list[str] | None], spec: list[
         tp = sum(label in g and p is not None and label in p for g, p in zip(golds, preds))
         fp = sum(label not in g and p is not None and label in p for g, p in zip(golds, preds))
         fn = sum(label in g and (p is None or label not in p) for g, p in zip(golds, preds))
-        if tp + fp + fn == 0:
-            continue
-        precision = tp / (tp + fp) if tp + fp else 0.0
-        recall = tp / (tp + fn) if tp + fn else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        out[label] = {"precision": precision, "recall": recall, "f1": f1, "support": tp + fn}
+        if tp + fp + fn:
+            out[label] = label_scores(tp, fp, fn)
     return out
 
 
