@@ -79,3 +79,14 @@ def isolate(mp: pytest.MonkeyPatch, mlflow_uri: str, tmp: Path, **env: str) -> N
     for name, value in env.items():
         mp.setenv(name, value)
     mp.chdir(tmp)
+
+
+def registry_recipe(tiny_model_dir: Path, directory: Path, model: str) -> Path:
+    """The shipped ticket recipe on the tiny model for the registry's tests: 2 training steps, no baselines, a gate
+    any expert passes, named and registered as `model`; written into `directory`."""
+    recipe = shipped_recipe("ticket-classification", **{
+        "model.base": str(tiny_model_dir), "train": {"max_steps": 2, "batch_size": 8},
+        "eval.baselines": [], "eval.gate": {"metric": "accuracy", "max_drop_vs_best_baseline": 1.0},
+        "registry.model_name": model})
+    recipe["name"] = model
+    return write_recipe(directory, recipe)

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from tests.conftest import ROOT, shipped_recipe, write_recipe
+from tests.conftest import ROOT, registry_recipe
 
 pytestmark = pytest.mark.smoke
 MODEL = "killed-stages"
@@ -67,12 +67,7 @@ def killed(patch: str, *args: str) -> None:
 
 def test_killed_eval_and_push_are_cleaned_up_and_include_base_pushes_again(tiny_model_dir, tracking_env, tmp_path,
                                                                            clean_secret_env):
-    recipe = shipped_recipe("ticket-classification", **{
-        "model.base": str(tiny_model_dir), "train": {"max_steps": 2, "batch_size": 8},
-        "eval.baselines": [], "eval.gate": {"metric": "accuracy", "max_drop_vs_best_baseline": 1.0},
-        "registry.model_name": MODEL})
-    recipe["name"] = MODEL
-    recipe_path, run_dir = str(write_recipe(tmp_path, recipe)), tmp_path / "run"
+    recipe_path, run_dir = str(registry_recipe(tiny_model_dir, tmp_path, MODEL)), tmp_path / "run"
     client = MlflowClient(tracking_env)
     for stage in ("prep", "train"):
         cli(stage, recipe_path, "--run-dir", str(run_dir))

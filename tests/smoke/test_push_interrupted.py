@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from tests.conftest import ROOT, shipped_recipe, write_recipe
+from tests.conftest import ROOT, registry_recipe
 
 pytestmark = pytest.mark.smoke
 MODEL = "push-interrupted"
@@ -35,12 +35,7 @@ app()
 
 
 def test_the_next_push_rolls_back_an_interrupted_one(tiny_model_dir, tracking_env, tmp_path, clean_secret_env):
-    recipe = shipped_recipe("ticket-classification", **{
-        "model.base": str(tiny_model_dir), "train": {"max_steps": 2, "batch_size": 8},
-        "eval.baselines": [], "eval.gate": {"metric": "accuracy", "max_drop_vs_best_baseline": 1.0},
-        "registry.model_name": MODEL})
-    recipe["name"] = MODEL
-    recipe_path, run_dir = write_recipe(tmp_path, recipe), tmp_path / "run"
+    recipe_path, run_dir = registry_recipe(tiny_model_dir, tmp_path, MODEL), tmp_path / "run"
     runner = CliRunner()
     for stage in ("prep", "train", "eval"):
         result = runner.invoke(app, [stage, str(recipe_path), "--run-dir", str(run_dir)])

@@ -24,7 +24,7 @@ from pipeline.registry.digest import (
     SIGNATURE_TAG,
     SIGNING_KEY_ENV,
 )
-from tests.conftest import shipped_recipe, write_recipe
+from tests.conftest import registry_recipe
 
 pytestmark = pytest.mark.smoke
 
@@ -35,12 +35,7 @@ WEIGHTS = "artifacts/bundle/adapter/adapter_model.safetensors"
 
 def pushed_version(tiny_model_dir, tmp_path: Path, model: str) -> tuple[Path, Path]:
     """A tiny expert run through every stage and pushed as version 1 of `model`: (recipe path, run directory)."""
-    recipe = shipped_recipe("ticket-classification", **{
-        "model.base": str(tiny_model_dir), "train": {"max_steps": 2, "batch_size": 8},
-        "eval.baselines": [], "eval.gate": {"metric": "accuracy", "max_drop_vs_best_baseline": 1.0},
-        "registry.model_name": model})
-    recipe["name"] = model
-    recipe_path, run_dir = write_recipe(tmp_path, recipe), tmp_path / "run"
+    recipe_path, run_dir = registry_recipe(tiny_model_dir, tmp_path, model), tmp_path / "run"
     cli("run", str(recipe_path), "--run-dir", str(run_dir))
     return recipe_path, run_dir
 
