@@ -12,6 +12,7 @@ kept in the cache, already packed (`quantized_cache_dir`).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -325,24 +326,43 @@ EAGER_ATTENTION_MAX_TOKENS = 512
 VARLEN_ATTENTION = ("flash_attention_3", "flash_attention_2")
 FLASH_PACKAGES = {"flash_attention_3": "flash-attn-3 (flash_attn_interface; Hopper GPUs)",
                   "flash_attention_2": "flash-attn"}
+FLASH_MODULES = {"flash_attention_3": "flash_attn_interface", "flash_attention_2": "flash_attn"}
+FLASH_PRECISIONS = ("bf16", "fp16")  # flash-attention's kernels take half-precision tensors only
 
 
-def choose_attention(requested: str, cuda: bool, flash_available: tuple[str, ...], max_tokens: int) -> str:
-    """`train.attention` resolved: flash-attention's kernels where they can run (FA3 before FA2); on a CPU, plain
-    (eager) attention for the short sequences narrow tasks have: measured faster per training step than
-    PyTorch's SDPA kernel on SmolLM2-135M up to 512 tokens (docs/BENCHMARKS.md, "Train"). Eager keeps a
-    (tokens x tokens) score matrix per head for the backward pass, so longer sequences get SDPA.
-    `flash_available`: the flash kernels installed here."""
+def choose_attention(requested: str, cuda: bool, flash_available: tuple[str, ...], max_tokens: int,
+                     precision: str, flash_unusable: str = "") -> tuple[str, str]:
+    """`train.attention` resolved, and why: flash-attention's kernels where they can run (FA3 before FA2: a GPU,
+    the package importable, bf16 or fp16 weights); on a CPU, plain (eager) attention for the short sequences
+    narrow tasks have: measured faster per training step than PyTorch's SDPA kernel on SmolLM2-135M up to 512
+    tokens (docs/BENCHMARKS.md, "Train"). Eager keeps a (tokens x tokens) score matrix per head for the backward
+    pass, so longer sequences get SDPA. `flash_available`: the flash kernels that import here; `flash_unusable`:
+    why an installed one does not (said in the reason)."""
     if requested == "auto":
-        if cuda:
-            return next((kernel for kernel in VARLEN_ATTENTION if kernel in flash_available), "sdpa")
-        return "eager" if max_tokens <= EAGER_ATTENTION_MAX_TOKENS else "sdpa"
-    if requested in VARLEN_ATTENTION and not (cuda and requested in flash_available):
-        raise UserError(
-            f"train.attention: {requested} needs a GPU and the {FLASH_PACKAGES[requested]} package "
-            f"({'not installed' if cuda else 'no GPU here'}); use `auto` or sdpa"
-        )
-    return requested
+        if not cuda:
+            if max_tokens <= EAGER_ATTENTION_MAX_TOKENS:
+                return "eager", f"auto: eager on a CPU up to data.max_tokens {EAGER_ATTENTION_MAX_TOKENS}"
+            return "sdpa", f"auto: sdpa on a CPU above data.max_tokens {EAGER_ATTENTION_MAX_TOKENS}"
+        flash = next((kernel for kernel in VARLEN_ATTENTION if kernel in flash_available), None)
+        if flash is not None and precision not in FLASH_PRECISIONS:
+            return "sdpa", (f"auto: sdpa, not {flash}: flash-attention takes fp16/bf16 only and train.precision "
+                            f"is {precision}")
+        if flash is not None:
+            return flash, f"auto: {flash}, the fastest flash-attention kernel that imports here"
+        return "sdpa", "auto: sdpa, no flash-attention kernel imports here" + (f" ({flash_unusable})" if flash_unusable else "")
+    if requested in VARLEN_ATTENTION:
+        if not (cuda and requested in flash_available):
+            why = "no GPU here" if not cuda else (flash_unusable or "not installed")
+            raise UserError(
+                f"train.attention: {requested} needs a GPU and the {FLASH_PACKAGES[requested]} package "
+                f"({why}); use `auto` or sdpa"
+            )
+        if precision not in FLASH_PRECISIONS:
+            raise UserError(
+                f"train.attention: {requested} takes fp16/bf16 only and train.precision is {precision}; set "
+                "train.attention to `auto` or sdpa, or train.precision to bf16 (or `auto`)"
+            )
+    return requested, f"{requested}: train.attention is {requested}"
 
 
 def choose_padding_free(requested: bool | str, packing: bool, attention: str) -> tuple[bool, str]:
@@ -360,14 +380,33 @@ def choose_padding_free(requested: bool | str, packing: bool, attention: str) ->
                    "which costs more than the padding it saves")
 
 
-def resolve_attention(requested: str, max_tokens: int) -> str:
-    """`choose_attention` for this machine."""
+def resolve_attention(requested: str, max_tokens: int, precision: str) -> tuple[str, str]:
+    """`choose_attention` for this machine. A flash kernel counts only when transformers accepts its package and
+    it imports: a wheel built for another torch passes the metadata check and fails at import (an undefined
+    symbol), where SDPA would have worked."""
     import torch
     from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 
     installed = {"flash_attention_3": is_flash_attn_3_available, "flash_attention_2": is_flash_attn_2_available}
-    flash = tuple(kernel for kernel, available in installed.items() if available())
-    return choose_attention(requested, torch.cuda.is_available(), flash, max_tokens)
+    flash, unusable = [], []
+    for kernel, available in installed.items():
+        if not available():
+            continue
+        if (error := import_error(FLASH_MODULES[kernel])) is None:
+            flash.append(kernel)
+        else:
+            unusable.append(f"{FLASH_MODULES[kernel]} is installed but does not import: {error}")
+    return choose_attention(requested, torch.cuda.is_available(), tuple(flash), max_tokens, precision,
+                            "; ".join(unusable))
+
+
+def import_error(module: str) -> str | None:
+    """Why `module` does not import here (its error, one line), or None when it does."""
+    try:
+        importlib.import_module(module)
+    except Exception as err:  # noqa: BLE001 - a broken binary wheel raises ImportError, OSError or RuntimeError
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+    return None
 
 
 def cpu_has_native_bf16() -> bool:

@@ -52,6 +52,7 @@ class TrainRecord(Record):
     base: BaseRecord
     precision: Literal["fp32", "bf16", "fp16"]
     attention: str
+    attention_reason: str = ""  # why that kernel (records before it: not said)
     padding_free: bool
     padding_free_reason: str
     lm_head: str = "every position"  # which positions the loss's LM head scored (records before it: every one)

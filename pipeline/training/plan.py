@@ -104,6 +104,7 @@ def print_plan(recipe: Recipe, details: dict[str, Any]) -> None:
         ("steps (per epoch × epochs)", f"{details['steps']:,} ({details['steps_per_epoch']:,} × {details['epochs']})"),
         ("validations", f"{details['validations']}"),
         ("precision · attention", f"{details['precision']} · {details['attention']}"),
+        ("attention", details["attention_reason"]),
         ("padding-free", details["padding_free_reason"]),
         ("trainable parameters", f"{details['trainable_parameters']:,}"),
         ("throughput probe", f"{details['probe_tokens_per_second']:,.0f} real tokens/s over {details['probe_steps']} steps"),

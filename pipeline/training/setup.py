@@ -26,8 +26,8 @@ from pipeline.training import distributed, speedups
 
 
 def training_settings(recipe: Recipe) -> dict[str, Any]:
-    """The hardware-dependent choices (precision, attention kernel, padding-free and why, which positions the LM
-    head scores), before anything loads."""
+    """The hardware-dependent choices (precision, attention kernel and why, padding-free and why, which positions
+    the LM head scores), before anything loads. Precision comes first: flash-attention takes fp16/bf16 only."""
     import torch
 
     if recipe.train.liger_kernels:
@@ -35,12 +35,14 @@ def training_settings(recipe: Recipe) -> dict[str, Any]:
 
         if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
             raise UserError("train.liger_kernels: needs a GPU and `pip install liger-kernel`; set it to false here")
-    attention = models.resolve_attention(recipe.train.attention, recipe.data.max_tokens)
+    precision = models.resolve_precision(recipe.train.precision)
+    attention, attention_reason = models.resolve_attention(recipe.train.attention, recipe.data.max_tokens, precision)
     padding_free, why = models.choose_padding_free(recipe.train.padding_free, recipe.train.packing, attention)
     lm_head = speedups.lm_head_positions(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     return {
-        "precision": models.resolve_precision(recipe.train.precision),
+        "precision": precision,
         "attention": attention,
+        "attention_reason": attention_reason,
         "padding_free": padding_free,
         "padding_free_reason": why,
         "lm_head": lm_head,
@@ -186,8 +188,9 @@ def check_every_row_fits(dataset, max_tokens: int, name: str) -> None:
 def check_finite(value: float, what: str, step: int) -> None:
     if not math.isfinite(value):
         raise UserError(
-            f"train: {what} is {value} at step {step}; lower train.learning_rate (or use precision fp32) "
-            "and check the data for empty answers"
+            f"train: {what} is {value} at step {step}; lower train.learning_rate (or set train.precision: fp32, "
+            "with train.attention auto or sdpa: flash-attention takes fp16/bf16 only) and check the data for "
+            "empty answers"
         )
 
 

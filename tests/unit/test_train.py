@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,22 +78,89 @@ FA2, FA3 = ("flash_attention_2",), ("flash_attention_3", "flash_attention_2")
 
 
 @pytest.mark.parametrize(
-    ("requested", "cuda", "flash", "max_tokens", "expected"),
-    [("auto", True, FA2, 128, "flash_attention_2"), ("auto", True, FA3, 128, "flash_attention_3"),
-     ("auto", True, (), 128, "sdpa"),
-     ("auto", False, FA2, 128, "eager"), ("auto", False, (), 512, "eager"), ("auto", False, (), 513, "sdpa"),
-     ("sdpa", False, (), 128, "sdpa"), ("eager", False, (), 4096, "eager"),
-     ("flash_attention_2", True, FA3, 128, "flash_attention_2"), ("flash_attention_3", True, FA3, 128, "flash_attention_3")],
+    ("requested", "cuda", "flash", "max_tokens", "precision", "expected"),
+    [("auto", True, FA2, 128, "bf16", "flash_attention_2"), ("auto", True, FA3, 128, "fp16", "flash_attention_3"),
+     ("auto", True, (), 128, "bf16", "sdpa"), ("auto", True, FA3, 128, "fp32", "sdpa"),
+     ("auto", False, FA2, 128, "fp32", "eager"), ("auto", False, (), 512, "bf16", "eager"),
+     ("auto", False, (), 513, "fp32", "sdpa"),
+     ("sdpa", False, (), 128, "fp32", "sdpa"), ("eager", False, (), 4096, "fp32", "eager"),
+     ("sdpa", True, FA3, 128, "fp32", "sdpa"),
+     ("flash_attention_2", True, FA3, 128, "bf16", "flash_attention_2"),
+     ("flash_attention_3", True, FA3, 128, "fp16", "flash_attention_3")],
 )
-def test_choose_attention(requested, cuda, flash, max_tokens, expected):
-    assert models.choose_attention(requested, cuda, flash, max_tokens) == expected
+def test_choose_attention(requested, cuda, flash, max_tokens, precision, expected):
+    assert models.choose_attention(requested, cuda, flash, max_tokens, precision)[0] == expected
+
+
+def test_auto_attention_says_fp32_kept_it_off_flash_attention():
+    """Flash-attention's kernels take fp16/bf16 only: fp32 with flash-attn installed crashed in the first forward."""
+    kernel, why = models.choose_attention("auto", True, FA3, 128, "fp32")
+    assert kernel == "sdpa"
+    assert "not flash_attention_3" in why and "fp16/bf16 only" in why and "train.precision is fp32" in why
 
 
 def test_flash_attention_without_its_kernels_is_an_error():
     with pytest.raises(UserError, match="train.attention: flash_attention_2 needs a GPU and the flash-attn package"):
-        models.choose_attention("flash_attention_2", False, FA2, 128)
+        models.choose_attention("flash_attention_2", False, FA2, 128, "bf16")
     with pytest.raises(UserError, match="flash_attention_3 needs a GPU and the flash-attn-3"):
-        models.choose_attention("flash_attention_3", True, FA2, 128)
+        models.choose_attention("flash_attention_3", True, FA2, 128, "bf16")
+
+
+@pytest.mark.parametrize("kernel", ["flash_attention_2", "flash_attention_3"])
+def test_flash_attention_asked_for_with_fp32_is_an_error_naming_both_keys(kernel):
+    with pytest.raises(UserError, match=rf"train.attention: {kernel} takes fp16/bf16 only and train.precision is fp32"):
+        models.choose_attention(kernel, True, FA3, 128, "fp32")
+
+
+def pretend_a_gpu(monkeypatch, flash_installed: bool) -> None:
+    """CUDA and flash-attn as transformers' package-metadata checks see them on a GPU machine (this one has none)."""
+    import transformers.utils
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: flash_installed)
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_3_available", lambda: False)
+
+
+def test_following_the_nan_advice_to_use_fp32_trains_with_sdpa_not_flash_attention(monkeypatch, tmp_path):
+    """The NaN message says to try fp32; on a GPU with a working flash-attn that recipe must get SDPA and
+    padding, not FA2 (fp32 tensors) and padding-free, and say why."""
+    with pytest.raises(UserError, match="train.precision: fp32") as advice:
+        setup.check_finite(float("nan"), "training loss", 7)
+    assert "flash-attention takes fp16/bf16 only" in str(advice.value)
+    flash_attn = tmp_path / "flash_attn"
+    flash_attn.mkdir()
+    (flash_attn / "__init__.py").write_text("")  # a flash-attn that imports
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    pretend_a_gpu(monkeypatch, flash_installed=True)
+    recipe = Recipe.model_validate(shipped_recipe("ticket-classification", **{"train.precision": "fp32"}))
+    settings = setup.training_settings(recipe)
+    assert (settings["precision"], settings["attention"], settings["padding_free"]) == ("fp32", "sdpa", False)
+    assert "train.precision is fp32" in settings["attention_reason"]
+    bf16 = setup.training_settings(recipe.model_copy(update={"train": recipe.train.model_copy(update={"precision": "bf16"})}))
+    assert (bf16["attention"], bf16["padding_free"]) == ("flash_attention_2", True), "the import check itself passes"
+    explicit = recipe.train.model_copy(update={"attention": "flash_attention_2"})
+    with pytest.raises(UserError, match="train.attention: flash_attention_2 takes fp16/bf16 only"):
+        setup.training_settings(recipe.model_copy(update={"train": explicit}))
+
+
+def test_a_flash_attn_wheel_that_does_not_import_is_not_chosen(monkeypatch, tmp_path):
+    """A flash-attn wheel built for another torch has the package metadata transformers checks, and fails at import
+    (an undefined symbol): auto must pick SDPA and record why, and an explicit choice must say it does not import."""
+    broken = tmp_path / "flash_attn"
+    broken.mkdir()
+    (broken / "__init__.py").write_text(
+        'raise ImportError("flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEa")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    pretend_a_gpu(monkeypatch, flash_installed=True)
+    kernel, why = models.resolve_attention("auto", 128, "bf16")
+    assert kernel == "sdpa"
+    assert "flash_attn is installed but does not import: ImportError" in why and "undefined symbol" in why
+    assert models.choose_padding_free("auto", False, kernel)[0] is False
+    with pytest.raises(UserError, match="flash_attention_2 needs a GPU and the flash-attn package .*does not import"):
+        models.resolve_attention("flash_attention_2", 128, "bf16")
 
 
 @pytest.mark.parametrize(
