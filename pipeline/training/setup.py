@@ -97,6 +97,11 @@ def to_sft_config(section: TrainSection, output_dir: Path, max_tokens: int, sett
         use_cpu=not on_gpu,
         gradient_checkpointing=section.gradient_checkpointing,
         activation_checkpointing=section.gradient_checkpointing,
+        # transformers 5 checkpoints with `activation_checkpointing_kwargs` and makes `gradient_checkpointing_kwargs`
+        # the same dict; TRL forces `use_reentrant=True` for PEFT under ZeRO-3 by writing the old name, and replaces
+        # a missing or empty dict with a new one that transformers never reads. A non-empty dict here (transformers'
+        # own default) is the one both names hold, so TRL's change reaches the checkpointing.
+        activation_checkpointing_kwargs={"use_reentrant": False},
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every LoRA parameter is used; the search costs a graph walk per step
         disable_tqdm=True,

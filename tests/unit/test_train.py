@@ -74,6 +74,35 @@ def test_sft_config_sets_every_default_trl_changes(tmp_path):
     assert checkpointed.max_length is None, "TRL refuses a max_length it would not enforce (padding-free, no packing)"
 
 
+
+def test_zero3_reentrant_checkpointing_reaches_the_layers_transformers_checkpoints(tiny_model_dir, tmp_path, monkeypatch):
+    """TRL forces `use_reentrant=True` for PEFT under ZeRO-3 (DeepSpeed < 0.19.8 fails without it) by writing
+    `gradient_checkpointing_kwargs`; transformers 5 checkpoints each layer with `activation_checkpointing_kwargs`.
+    Through the real SFTTrainer, the function the layers call must get TRL's choice. DeepSpeed itself is not
+    installed on a CPU: TRL sees a real ZeRO-3 plugin, the accelerator gets none (a CPU cannot run it)."""
+    import functools
+
+    from accelerate.utils import DeepSpeedPlugin
+    from datasets import Dataset
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    config = setup.to_sft_config(TrainSection(gradient_checkpointing=True, max_steps=1), tmp_path, 64)
+    config.deepspeed_plugin = DeepSpeedPlugin(zero_stage=3)
+    build_accelerator_args = Trainer._build_accelerator_args
+    monkeypatch.setattr(Trainer, "_build_accelerator_args",
+                        lambda self, **kw: {**build_accelerator_args(self, **kw), "deepspeed_plugin": None})
+    rows = Dataset.from_list([pair("ticket about a refund", "billing", i) for i in range(4)])
+    trainer = SFTTrainer(model=str(tiny_model_dir), args=config, train_dataset=rows, eval_dataset=rows,
+                         peft_config=models.to_lora_config(AdapterSection()))
+    trainer.train()  # transformers enables checkpointing here, then one step runs through it
+    checkpointed = [m._gradient_checkpointing_func for m in trainer.model.modules()
+                    if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func")]
+    assert checkpointed and all(isinstance(f, functools.partial) for f in checkpointed)
+    assert all(f.keywords.get("use_reentrant") is True for f in checkpointed), [f.keywords for f in checkpointed]
+    plain = setup.to_sft_config(TrainSection(gradient_checkpointing=True), tmp_path, 64)
+    assert plain.activation_checkpointing_kwargs == {"use_reentrant": False}, "elsewhere transformers' default"
+
 FA2, FA3 = ("flash_attention_2",), ("flash_attention_3", "flash_attention_2")
 
 
