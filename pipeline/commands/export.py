@@ -53,9 +53,11 @@ def base_dtype(expert):
     return getattr(torch, name) if name in models.TORCH_DTYPE_NAMES.values() else torch.float32
 
 
-def fp32_copy(expert, out: Path):
-    """Base + adapter loaded afresh in fp32 for merging: the served model may run in bf16, and folding the
-    adapter into bf16 weights would round every merged weight."""
+def merged_model(expert, out: Path):
+    """Base + adapter merged on the CPU: the base loaded afresh in fp32 (the served model may run in bf16, and
+    folding the adapter into bf16 weights would round every merged weight), merged, then rounded once to the dtype
+    the base ships in. The merge is a few additions per weight and needs no GPU; the served copy, which may be on
+    the GPU, is let go first (an 8B base in fp32 beside it took 48 GB there, a 14B ran out of memory)."""
     import tempfile
 
     from peft import PeftModel
@@ -64,9 +66,24 @@ def fp32_copy(expert, out: Path):
 
     with tempfile.TemporaryDirectory(dir=out) as adapter_dir:
         expert.model.save_pretrained(adapter_dir)
-        base = models.load_base_model(expert.recipe.model, expert.base_source, "fp32",
-                                      device_map=models.inference_device_map())
-        return PeftModel.from_pretrained(base, adapter_dir)
+        release_served_model(expert)
+        base = models.load_base_model(expert.recipe.model, expert.base_source, "fp32", device_map=None)  # the CPU
+        fp32 = PeftModel.from_pretrained(base, adapter_dir, torch_device="cpu")  # PEFT's default: the GPU
+    merged = fp32.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaN weights
+    return merged.to(base_dtype(expert))
+
+
+def release_served_model(expert) -> None:
+    """Drop the loaded expert's model (the export needs only its adapter, already written) and hand its GPU memory
+    back, so the merge's copy is the only one held."""
+    import gc
+
+    import torch
+
+    expert.model = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def prepare_out(out: Path, force: bool) -> None:
@@ -95,9 +112,7 @@ def export(model_uri: str, fmt: Literal["peft", "merged"], out: Path, force: boo
         if recipe.model.adapter.method == "dora":
             console.print("[yellow]export[/]: DoRA adapters are not loaded by vLLM's LoRA support; use --format merged")
     else:
-        merged = fp32_copy(expert, out).merge_and_unload(safe_merge=True)  # safe_merge: refuse NaN weights
-        merged = merged.to(base_dtype(expert))  # merged in fp32, rounded once to what the base ships in
-        merged.save_pretrained(out)  # safetensors (transformers 5 writes nothing else)
+        merged_model(expert, out).save_pretrained(out)  # safetensors (transformers 5 writes nothing else)
     expert.tokenizer.save_pretrained(out)
     (out / "expert.json").write_text(json.dumps(expert_card(expert, model_uri, fmt), indent=2, ensure_ascii=False) + "\n")
     files = sorted(p.name for p in out.iterdir())

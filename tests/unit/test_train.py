@@ -461,3 +461,33 @@ def test_merged_export_is_written_in_the_bases_dtype(tiny_model_dir, tmp_path):
     recipe = Recipe.model_validate(shipped_recipe("ticket-classification", **{"model.base": str(tmp_path / "bf16")}))
     assert export.base_dtype(SimpleNamespace(base_source=tmp_path / "bf16", recipe=recipe)) == torch.bfloat16
     assert export.base_dtype(SimpleNamespace(base_source=tiny_model_dir, recipe=recipe)) == torch.float32
+
+
+def test_the_merged_export_merges_on_the_cpu_even_beside_a_gpu(tiny_model_dir, tmp_path, monkeypatch):
+    """The merge loads a second, fp32 copy of the base: on the GPU beside the served bf16 one it took 48 GB for an
+    8B. With CUDA reported available (this machine has none, so any tensor sent there raises), the merge runs on
+    the CPU, lets the served model go, and answers as base + adapter did."""
+    from types import SimpleNamespace
+
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.commands import export
+
+    lora = models.to_lora_config(AdapterSection())
+    lora.init_lora_weights = False  # a non-zero adapter, so the merge changes the weights
+    torch.manual_seed(0)
+    served = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        expected = served(ids).logits
+    recipe = Recipe.model_validate(shipped_recipe("ticket-classification", **{"model.base": str(tiny_model_dir)}))
+    expert = SimpleNamespace(model=served, recipe=recipe, base_source=tiny_model_dir)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert models.inference_device_map() == {"": torch.device("cuda", 0)}, "where a served model would go"
+    merged = export.merged_model(expert, tmp_path)
+    assert expert.model is None, "the served copy is let go before the base loads again"
+    assert {p.device.type for p in merged.parameters()} == {"cpu"}
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-4, atol=1e-4)
