@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -244,21 +245,49 @@ def load_base_model(section: ModelSection, source: Path | str, precision: str = 
         kwargs["device_map"] = device_map
     if section.quantization == "none":
         return AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **kwargs)
-    cached = None
-    if section.quantization == "4bit" and isinstance(source, Path) and not section.trust_remote_code:
-        cached = quantized_cache_dir(source, precision, shard_quantized)
+    if section.quantization != "4bit" or not isinstance(source, Path) or section.trust_remote_code:
+        return load_quantized(source, section, dtype, shard_quantized, kwargs)
+    cached = quantized_cache_dir(source, precision, shard_quantized)
+    with local_main_first() as writes:  # one copy per machine, not one per rank (8 x 5.7 GB for an 8B)
         if (cached / QUANTIZED_MARKER).is_file():
             return AutoModelForCausalLM.from_pretrained(cached, use_safetensors=True, **kwargs)
         console.print(f"[bold]Quantizing[/] {source.name} to 4-bit into {cached} (once; later loads are fast)")
-    kwargs["quantization_config"] = to_bnb_config(section.quantization, dtype, shard_quantized)
-    model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **kwargs)
+        model = load_quantized(source, section, dtype, shard_quantized, kwargs)
+        if writes:
+            # later QLoRA loads read the packed weights (a fraction of the bytes) and skip quantizing, without
+            # mapping the full-precision file, whose pages set QLoRA's peak RSS (docs/BENCHMARKS.md, "QLoRA memory")
+            write_cache_dir(cached, lambda folder: model.save_pretrained(folder, safe_serialization=True),
+                            QUANTIZED_MARKER, {"source": str(source)})
+        return model
+
+
+def load_quantized(source: Path | str, section: ModelSection, dtype, shard_quantized: bool, kwargs: dict[str, Any]):
+    """The base quantized by bitsandbytes while it loads, the full-precision file let go afterwards."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        source, use_safetensors=True, quantization_config=to_bnb_config(section.quantization, dtype, shard_quantized),
+        **kwargs)
     release_weight_file(model)
-    if cached is not None:
-        # later QLoRA loads read the packed weights (a fraction of the bytes) and skip quantizing, without mapping
-        # the full-precision file, whose pages set QLoRA's peak RSS (docs/BENCHMARKS.md, "QLoRA memory")
-        write_cache_dir(cached, lambda folder: model.save_pretrained(folder, safe_serialization=True),
-                        QUANTIZED_MARKER, {"source": str(source)})
     return model
+
+
+@contextmanager
+def local_main_first():
+    """Under several processes (torch.distributed initialized), the body runs on each machine's main process
+    (LOCAL_RANK 0) first while the other ranks wait at a barrier, then on the others: what the main one cached,
+    they read. Yields whether this process is the one that writes (alone, or the local main)."""
+    import torch.distributed as dist
+
+    together = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if together and not local_main:
+        dist.barrier()
+    try:
+        yield local_main
+    finally:
+        if together and local_main:
+            dist.barrier()
 
 
 QUANTIZED_MARKER = "quantized.json"

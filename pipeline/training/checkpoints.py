@@ -112,9 +112,15 @@ def plan_resume(directory: Path, inputs: dict[str, str], resume: bool | None) ->
 
 
 class SealCheckpoints(TrainerCallback):
-    """Seal each checkpoint right after the Trainer finished writing it (rank 0 only)."""
+    """Seal each checkpoint once every rank finished writing it (each its own `rng_state_<rank>.pth`), on rank 0:
+    a seal made while another rank still writes records a partial file, and the checkpoint is judged damaged and
+    deleted on resume."""
 
     def on_save(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
         if state.is_world_process_zero:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if checkpoint.is_dir():
