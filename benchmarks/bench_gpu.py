@@ -177,6 +177,7 @@ def run_case(base: Path, run_dir: Path, shape: str, method: str, checkpointing: 
              steps: int, warmup: int, device: str, spec: float | None, measured: float) -> dict:
     from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
+    from pipeline.inference import models
     from pipeline.run.rundir import RunDir
     from pipeline.training import setup
 
@@ -186,7 +187,8 @@ def run_case(base: Path, run_dir: Path, shape: str, method: str, checkpointing: 
         config = setup.to_sft_config(recipe.train, Path(tmp), recipe.data.max_tokens, settings)
         config.eval_strategy, config.save_strategy, config.load_best_model_at_end = (
             IntervalStrategy.NO, SaveStrategy.NO, False)
-        _, tokenizer, model = setup.load_for_training(recipe, settings, "single", config.device)
+        _, base_record = models.resolve_base(str(base))  # what prep records and training loads by
+        _, tokenizer, model = setup.load_for_training(recipe, base_record, settings, "single", config.device)
         clock = step_clock(device)
         trainer = setup.build_trainer(recipe, RunDir(run_dir), config, tokenizer, model, [clock])
         if device == "cuda":
