@@ -65,13 +65,11 @@ def main(argv: list[str]) -> int:
             print(f"{name} not installed")
     for line in failed + problems:
         print("gpu_check: " + line, file=sys.stderr)
-    if failed or problems:
-        return 1
-    if not cuda and not dry_run:
+    if not cuda and not dry_run:  # first: whatever else is wrong, this was not a GPU run
         print("gpu_check: no GPU was visible (torch.cuda.is_available() is False); --cpu-dry-run runs the check's "
               "code on the CPU instead", file=sys.stderr)
         return 3
-    return 0
+    return 1 if failed or problems else 0
 
 
 if __name__ == "__main__":
