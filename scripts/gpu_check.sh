@@ -37,6 +37,7 @@ fail() { echo "gpu_check: FAILED at $1: $2" | tee -a "$OUT/steps.txt" >&2; exit 
 # wheels: every carried wheel must be there (CARRIED.txt, written by gpu_wheels.sh) and install
 if [ -n "$WHEELS" ]; then
   [ -f "$WHEELS/CARRIED.txt" ] || fail wheels "$WHEELS/CARRIED.txt is missing: run scripts/gpu_wheels.sh here and carry $WHEELS"
+  shopt -s nocaseglob  # wheel file names keep their project's spelling (GitPython-..., PyYAML-...)
   for pin in $(cat "$WHEELS/CARRIED.txt"); do
     name=${pin%%==*}
     ls "$WHEELS"/"${name//-/_}"-*.whl >/dev/null 2>&1 || ls "$WHEELS"/"$name"-*.whl >/dev/null 2>&1 \
