@@ -18,7 +18,7 @@ the answer) and `trainer.train()`, with validation and checkpoints off. Reported
   The rate is the card's dense bf16 spec (H100/H200 SXM: 989 TFLOP/s) and, beside it, a bf16 matmul rate
   measured in the same process (8192^3 products).
 
-    python benchmarks/bench_gpu.py                     # on a GPU: the table (about 2-3 minutes on an H100)
+    python benchmarks/bench_gpu.py                     # on a GPU: the table; exit 1 on a missed target (below)
     python benchmarks/bench_gpu.py --cpu-smoke         # on a CPU: tiny shapes through the same path, checks the script
     python benchmarks/bench_gpu.py --json out.json     # also write the rows
     python benchmarks/bench_gpu.py --eval-only --cpu   # eval's label scoring alone, on this CPU (the ratio's other side)
@@ -177,6 +177,7 @@ def run_case(base: Path, run_dir: Path, shape: str, method: str, checkpointing: 
              steps: int, warmup: int, device: str, spec: float | None, measured: float) -> dict:
     from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
+    from pipeline.inference import models
     from pipeline.run.rundir import RunDir
     from pipeline.training import setup
 
@@ -186,7 +187,8 @@ def run_case(base: Path, run_dir: Path, shape: str, method: str, checkpointing: 
         config = setup.to_sft_config(recipe.train, Path(tmp), recipe.data.max_tokens, settings)
         config.eval_strategy, config.save_strategy, config.load_best_model_at_end = (
             IntervalStrategy.NO, SaveStrategy.NO, False)
-        _, tokenizer, model = setup.load_for_training(recipe, settings, "single", config.device)
+        _, base_record = models.resolve_base(str(base))  # what prep records and training loads by
+        _, tokenizer, model = setup.load_for_training(recipe, base_record, settings, "single", config.device)
         clock = step_clock(device)
         trainer = setup.build_trainer(recipe, RunDir(run_dir), config, tokenizer, model, [clock])
         if device == "cuda":
@@ -278,6 +280,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the rates (at least 1)")
     parser.add_argument("--eval-examples", type=int, default=512)
+    parser.add_argument("--cpu-eval-examples", type=int, default=64, help="the CPU side of the eval ratio, on a GPU")
     parser.add_argument("--eval-only", action="store_true", help="only eval's label scoring on the 135M shape")
     parser.add_argument("--cpu", action="store_true", help="with --eval-only: on this CPU")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: checks the script, not speed")
@@ -293,9 +296,9 @@ def main() -> int:
     elif args.eval_only and args.cpu:
         device, shapes, measured, name = "cpu", [], 0.0, "CPU"
     elif not torch.cuda.is_available():
-        print("bench_gpu: skipped, no CUDA device here (--cpu-smoke runs tiny shapes through the same path)",
+        print("bench_gpu: no CUDA device here, nothing measured (--cpu-smoke runs tiny shapes through the same path)",
               file=sys.stderr)
-        return 0
+        return 3
     else:
         device, shapes = "cuda", args.models.split(",")
         measured, name = matmul_rate("cuda", torch.bfloat16, 8192), torch.cuda.get_device_name()
@@ -322,15 +325,53 @@ def main() -> int:
         base = write_base(eval_shape, SHAPES[eval_shape]["num_hidden_layers"], tokenizer_dir, Path(tmp) / "eval", device)
         evals.append(eval_case(base, device, args.eval_examples, 32))
         print(json.dumps(evals[-1]), flush=True)
+        if device == "cuda":  # the ratio's other side, on this machine's CPU
+            evals.append(eval_case(base, "cpu", args.cpu_eval_examples, 32))
+            print(json.dumps(evals[-1]), flush=True)
     if rows:
         print_table(rows, name, spec, measured)
     for e in evals:
-        print(f"\neval label scoring ({eval_shape}, {e['labels']} labels, batch {e['batch']}) on {name}: "
-              f"{e['examples_per_s']:,.1f} examples/s (target on an H100/H200: >= 20x this project's CPU)")
+        print(f"\neval label scoring ({eval_shape}, {e['labels']} labels, batch {e['batch']}) on {e['device']}: "
+              f"{e['examples_per_s']:,.1f} examples/s")
+    missed = missed_targets(rows, evals) if device == "cuda" and not args.eval_only else []
+    for line in missed:
+        print(f"bench_gpu: target missed: {line}", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps({"device": name, "bf16_spec": spec, "matmul_rate": measured, "rows": rows,
-                                         "eval": evals}, indent=1))
-    return 0
+                                         "eval": evals, "missed_targets": missed}, indent=1))
+    return 1 if missed else 0
+
+
+LORA_MFU_TARGET = 0.35  # LoRA on the Llama-3-8B-width model, of the card's bf16 spec
+QLORA_STEP_RATIO_TARGET = 1.5  # QLoRA's median step within this multiple of LoRA's, same model and checkpointing
+EVAL_SPEEDUP_TARGET = 20.0  # eval's label scoring on the GPU against the same machine's CPU, examples/s
+
+
+def missed_targets(rows: list[dict], evals: list[dict]) -> list[str]:
+    """The targets a GPU run missed, one line each; a target whose measurement is absent counts as missed."""
+    missed = []
+    lora_8b = [r for r in rows if r["model"].startswith("llama3-8b") and r["method"] == "lora"]
+    if not lora_8b:
+        missed.append("no LoRA row on the llama3-8b-width model")
+    for r in lora_8b:
+        if r["mfu_spec"] is None or r["mfu_spec"] < LORA_MFU_TARGET:
+            got = "no bf16 spec for this card" if r["mfu_spec"] is None else f"{r['mfu_spec']:.1%}"
+            missed.append(f"LoRA {r['model']} checkpointing {'on' if r['checkpointing'] else 'off'}: MFU {got} "
+                          f"< {LORA_MFU_TARGET:.0%} of the bf16 spec")
+    by_case = {(r["model"], r["method"], r["checkpointing"]): r for r in rows}
+    for (model, method, checkpointing), r in by_case.items():
+        lora = by_case.get((model, "lora", checkpointing))
+        if method == "qlora" and lora and r["median_step_s"] > QLORA_STEP_RATIO_TARGET * lora["median_step_s"]:
+            missed.append(f"QLoRA {model} checkpointing {'on' if checkpointing else 'off'}: step "
+                          f"{r['median_step_s'] / lora['median_step_s']:.2f}x LoRA's > {QLORA_STEP_RATIO_TARGET}x")
+    gpu = [e for e in evals if e["device"] == "cuda"]
+    cpu = [e for e in evals if e["device"] == "cpu"]
+    if not (gpu and cpu):
+        missed.append("eval label scoring was not measured on both the GPU and the CPU")
+    elif gpu[0]["examples_per_s"] < EVAL_SPEEDUP_TARGET * cpu[0]["examples_per_s"]:
+        missed.append(f"eval label scoring: GPU {gpu[0]['examples_per_s']:,.1f} examples/s is "
+                      f"{gpu[0]['examples_per_s'] / cpu[0]['examples_per_s']:.1f}x the CPU's < {EVAL_SPEEDUP_TARGET:.0f}x")
+    return missed
 
 
 if __name__ == "__main__":

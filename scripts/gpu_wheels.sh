@@ -1,44 +1,31 @@
 #!/usr/bin/env bash
-# Wheels for the packages a lent GPU machine's image lacks (it reaches no package index), for its Python 3.12, at
-# the versions this project's .venv uses, into .whl/ (ignored by git); scripts/gpu_check.sh installs them there.
-# Carry `.whl` with the device tool's `run` call: the tree plus the wheels must stay under its 64 MiB.
+# Wheels for what the lent GPU machine's image lacks (it reaches no package index), for its Python 3.12 on x86-64,
+# into .whl/ (ignored by git); scripts/gpu_check.sh installs them there. Carry `.whl` with the device tool's `run`.
 #
-# The list is what `expert run` and `expert serve` import on that image (it has torch, accelerate, tokenizers,
-# pyarrow, pandas, typer, rich, httpx, pytest, ...: /work/.library/device/KINDS.md), checked here by running the
-# GPU tests on the CPU in a virtual environment holding only the image's packages plus these wheels (docs/
-# BENCHMARKS.md, "GPU path"). bitsandbytes ships one CUDA library per CUDA release (42 MB); only the CUDA 13
-# ones (the image's torch) and the CPU one are kept, and its RECORD is rewritten to match.
+# What is carried is resolved, not listed: scripts/gpu_wheels.py resolves the project's requirements with pip
+# against the image's package list (scripts/gpu_image_packages.txt, dated) and carries every package the image
+# lacks or holds at a version that does not satisfy them (tests/unit/test_gpu_wheels.py checks that resolution).
+# Besides those: DeepSpeed, built here from its source package for the ZeRO-3 GPU test, and the project's own
+# wheel (its metadata). Any failure stops this script with a non-zero status, and the total (the tree plus .whl)
+# is checked against the device tool's 64 MiB. bitsandbytes ships one CUDA library per CUDA release; only the
+# CUDA 13 ones (the image's torch) and the CPU one are kept, and its RECORD is rewritten to match.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-version() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
-PACKAGES=(
-  bitsandbytes trl transformers peft datasets dill multiprocess
-  pydantic pydantic-core annotated-types typing-inspection
-  mlflow-skinny opentelemetry-api opentelemetry-sdk opentelemetry-proto opentelemetry-semantic-conventions
-  cachetools sqlparse sqlalchemy alembic mako importlib-metadata python-dotenv
-  starlette uvicorn jsonschema referencing rpds-py jsonschema-specifications llguidance
-  openai jiter distro sniffio fastapi databricks-sdk cryptography cffi pycparser
-)
 rm -rf .whl && mkdir -p .whl
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
-pins=()
-for name in "${PACKAGES[@]}"; do pins+=("$name==$(version "$name")"); done
-platforms=()
-for tag in manylinux_2_39 manylinux_2_35 manylinux_2_34 manylinux_2_31 manylinux_2_28 manylinux_2_27 manylinux_2_24 \
-           manylinux_2_17 manylinux2014; do platforms+=(--platform "${tag}_x86_64"); done
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
-  -d .whl "${pins[@]}"
-# DeepSpeed (for the ZeRO launch configs' GPU test) is published as a source package: built here without its
-# compiled ops (DS_BUILD_OPS=0; it compiles what it needs at run time), ~2 MB; it needs hjson (and einops,
-# ninja, py-cpuinfo, msgpack, which the image has)
+exclude=$(git rev-parse --git-path info/exclude)
+grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
+"$PY" scripts/gpu_wheels.py download .whl
+# DeepSpeed is published as a source package: built without its compiled ops (DS_BUILD_OPS=0; it compiles what
+# it needs at run time). A failed build fails here: the ZeRO-3 test would otherwise skip on the machine.
 DEEPSPEED=${DEEPSPEED:-0.19.8}
-DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl "deepspeed==$DEEPSPEED" 2>&1 | grep -v '^WARNING' || true
-python3 -m pip download -q --no-deps --only-binary=:all: -d .whl hjson 2>&1 | grep -v '^WARNING' || true
+DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl "deepspeed==$DEEPSPEED"
+echo "deepspeed==$DEEPSPEED" >> .whl/CARRIED.txt
 # the project itself: its metadata (version) is what a pushed version's requirements pin; gpu_check.sh puts the
 # tree before it on PYTHONPATH, so the code that runs is the tree's
-"$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl . 2>&1 | grep -v '^WARNING' || true
-"$PY" - <<'EOF'
+"$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl .
+echo "expert-pipeline" >> .whl/CARRIED.txt
+"$PY" - <<'PYEOF'
 """Keep bitsandbytes' CPU and CUDA 13 libraries only, with a RECORD that lists what is left."""
 import glob, os, re, zipfile
 
@@ -55,5 +42,11 @@ with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(kept, "w", zipfile.ZIP_DEFLA
             data = ("\n".join(lines) + "\n").encode()
         dst.writestr(item, data)
 os.replace(kept, wheel)
-EOF
-du -sh .whl
+PYEOF
+tree=$(git ls-files -co --exclude-standard -z | xargs -0 stat -c %s 2>/dev/null | awk '{s+=$1} END {print s+0}')
+wheels=$(du -sb .whl | cut -f1)
+echo "gpu_wheels: $(ls .whl/*.whl | wc -l) wheels, $((wheels / 1048576)) MiB; with the tree $(((tree + wheels) / 1048576)) MiB of 64"
+if [ $((tree + wheels)) -gt $((64 * 1048576)) ]; then
+  echo "gpu_wheels: the tree and .whl/ exceed the device tool's 64 MiB carry limit" >&2
+  exit 1
+fi
