@@ -86,6 +86,7 @@ def profile_train(run_dir: Path, recipe_path: Path) -> tuple[dict, int]:
     import torch
     from transformers import TrainerCallback
 
+    from pipeline.inference import models
     from pipeline.recipe.schema import load_recipe
     from pipeline.run.rundir import open_run
     from pipeline.training import setup as train_setup
@@ -95,7 +96,8 @@ def profile_train(run_dir: Path, recipe_path: Path) -> tuple[dict, int]:
     config = train_setup.to_sft_config(recipe.train, run_dir / "profile-checkpoints", recipe.data.max_tokens,
                                        settings)
     config.max_steps, config.save_strategy, config.eval_strategy, config.load_best_model_at_end = 3, "no", "no", False
-    _, tokenizer, model = train_setup.load_for_training(recipe, settings)
+    base = models.resolve_base(recipe.model.base)[1]  # the record prep would have made of it
+    _, tokenizer, model = train_setup.load_for_training(recipe, base, settings)
     result: dict = {}
 
     class ProfileThirdStep(TrainerCallback):

@@ -310,8 +310,9 @@ class TrainSection(Strict):
         "`train.batch_size` then counts packed sequences")
     attention: Literal["auto", "sdpa", "flash_attention_3", "flash_attention_2", "eager"] = Field(
         "auto", description="`auto`: on a GPU `flash_attention_3` (the `flash-attn-3` package, Hopper), else "
-        "`flash_attention_2` (`flash-attn`), else `sdpa`; on a CPU `eager` up to `data.max_tokens` 512 "
-        "(measured faster there), `sdpa` above")
+        "`flash_attention_2` (`flash-attn`), each only when it imports and `train.precision` is bf16 or fp16 (flash "
+        "kernels take no fp32), else `sdpa`; on a CPU `eager` up to `data.max_tokens` 512 (measured faster there), "
+        "`sdpa` above")
     liger_kernels: bool = Field(
         False, description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU); needs a GPU and "
         "`pip install liger-kernel`")

@@ -19,7 +19,7 @@ pytestmark = [
 
 def test_auto_settings_on_a_gpu():
     assert models.resolve_precision("auto") == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    attention = models.resolve_attention("auto", 128)
+    attention = models.resolve_attention("auto", 128, "bf16")[0]
     assert attention in (*models.VARLEN_ATTENTION, "sdpa")
     assert models.choose_padding_free("auto", False, attention)[0] == (attention in models.VARLEN_ATTENTION)
 
@@ -27,7 +27,7 @@ def test_auto_settings_on_a_gpu():
 def test_padding_free_batches_keep_examples_apart_with_the_chosen_attention(tiny_model_dir):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    attention = models.resolve_attention("auto", 128)
+    attention = models.resolve_attention("auto", 128, "bf16")[0]
     model = models.load_base_model(ModelSection(base=str(tiny_model_dir)), tiny_model_dir, "bf16", attention)
     model = model.cuda().eval()
     generator = torch.Generator().manual_seed(0)
