@@ -248,7 +248,7 @@ def load_base_model(section: ModelSection, source: Path | str, precision: str = 
     if section.quantization != "4bit" or not isinstance(source, Path) or section.trust_remote_code:
         return load_quantized(source, section, dtype, shard_quantized, kwargs)
     cached = quantized_cache_dir(source, precision, shard_quantized)
-    with local_main_first() as writes:  # one copy per machine, not one per rank (8 x 5.7 GB for an 8B)
+    with local_main_first() as writes:  # one copy per machine, not one per rank (each is the size of the quantized base)
         if (cached / QUANTIZED_MARKER).is_file():
             return AutoModelForCausalLM.from_pretrained(cached, use_safetensors=True, **kwargs)
         console.print(f"[bold]Quantizing[/] {source.name} to 4-bit into {cached} (once; later loads are fast)")

@@ -62,8 +62,8 @@ class TaskSection(Strict):
     spec_in_expert_prompt: bool = Field(
         False, description="also put the label list / schema in the expert's prompt. The untuned baselines always "
         "get it; the expert learns it in training (and label scoring / constrained decoding enforce it), so by "
-        "default its prompt is the instruction alone: BANKING77's 77 labels would add ~570 tokens to every "
-        "training step and request")
+        "default its prompt is the instruction alone: a long label list would add its tokens to every training "
+        "step and request")
 
     @model_validator(mode="after")
     def _check_type_fields(self) -> TaskSection:
@@ -253,7 +253,7 @@ class AdapterSection(Strict):
         32, description="LoRA scaling: updates are scaled by alpha/r (alpha/sqrt(r) with `rslora`)")
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
         0.0, description="LoRA dropout; none by default: runs of a few epochs or less gain nothing from it, and "
-        "on a CPU drawing its masks costs ~20% of each training step (docs/BENCHMARKS.md)")
+        "on a CPU drawing its masks costs a share of each training step (docs/BENCHMARKS.md has it)")
     target_modules: str | list[str] = Field(
         "all-linear", description="modules that get adapters: a list of module names, or `all-linear`")
     rslora: bool = Field(
@@ -298,8 +298,7 @@ class TrainSection(Strict):
         "AVX512-BF16 or AMX, else fp32. `fp16` needs a GPU. The choice is recorded in train/record.json; eval and "
         "the registered model load the base in it on any machine")
     gradient_checkpointing: bool = Field(
-        False, description="recompute activations in the backward pass: ~30% more compute, much less activation "
-        "memory")
+        False, description="recompute activations in the backward pass: more compute, much less activation memory")
     padding_free: bool | Literal["auto"] = Field(
         "auto", description="each batch flattened into one sequence without padding (examples kept apart by "
         "their position ids); `auto`: on with a flash-attention kernel (variable-length, no mask), else off "
