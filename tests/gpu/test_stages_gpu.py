@@ -1,6 +1,8 @@
 """The stages on a GPU, on the tiny model: `expert run` (prep, train with padding-free `auto`, eval, push) and
-`expert serve` answering; QLoRA through the stage's own loading and TRL's SFTTrainer; eval's label scoring and
-constrained extraction on CUDA equal to the CPU's.
+`expert serve` answering; QLoRA through the stage's own loading and TRL's SFTTrainer, and a QLoRA run evaluated and
+served; eval's label scoring and constrained extraction on CUDA equal to the CPU's in fp32, and the runtime eval
+actually runs (merged, bf16 on a GPU) within bf16's tolerance of the CPU's fp32; `expert predict` and the merged
+export on the device; a Llama-3-shaped tokenizer (its own pad token, two eos ids) trained, evaluated and answering.
 
 Marked `gpu` and skipped without CUDA. `EXPERT_GPU_TESTS_ON_CPU=1` runs them on the CPU instead (the device is
 then the CPU on both sides): a dry run of this module's own code, so that the few minutes of a lent GPU are not
