@@ -1,6 +1,8 @@
 """The stages on a GPU, on the tiny model: `expert run` (prep, train with padding-free `auto`, eval, push) and
-`expert serve` answering; QLoRA through the stage's own loading and TRL's SFTTrainer; eval's label scoring and
-constrained extraction on CUDA equal to the CPU's.
+`expert serve` answering; QLoRA through the stage's own loading and TRL's SFTTrainer, and a QLoRA run evaluated and
+served; eval's label scoring and constrained extraction on CUDA equal to the CPU's in fp32, and the runtime eval
+actually runs (merged, bf16 on a GPU) within bf16's tolerance of the CPU's fp32; `expert predict` and the merged
+export on the device; a Llama-3-shaped tokenizer (its own pad token, two eos ids) trained, evaluated and answering.
 
 Marked `gpu` and skipped without CUDA. `EXPERT_GPU_TESTS_ON_CPU=1` runs them on the CPU instead (the device is
 then the CPU on both sides): a dry run of this module's own code, so that the few minutes of a lent GPU are not
@@ -231,3 +233,160 @@ def test_the_adapter_written_under_a_sharded_launch_reloads_to_the_loss_training
     with model.disable_adapter():
         untrained = trainer.evaluate()["eval_loss"]
     assert abs(untrained - reloaded) > 100 * 1e-4 * reloaded, "the check can tell a trained adapter from none"
+
+
+# bf16 keeps 8 bits of mantissa: a probability near 0.5 moves by up to ~2e-3 per rounding, and the two devices
+# round a forward pass's many products differently; fp32 on the CPU (no bf16 there) is the exact reference
+BF16_CONFIDENCE_TOLERANCE = 2e-2
+
+
+def eval_runtime_on_this_device(run_dir):
+    """The expert as eval ran it: the recorded base in training's precision on DEVICE, its adapter merged where
+    it can be, eval's speed-ups installed (`runtime.prepare`)."""
+    from pipeline.evaluation import inference
+    from pipeline.inference import runtime
+    from pipeline.run import contracts
+
+    recipe = Recipe.model_validate(__import__("yaml").safe_load((run_dir / "recipe.yaml").read_text()))
+    trained = contracts.read_record(run_dir / "train/record.json", contracts.TrainRecord)
+    model, tokenizer = inference.load_expert(recipe, trained, run_dir / "train/adapter")
+    model, ran = runtime.prepare(model, recipe)
+    return recipe, trained, model, tokenizer, ran
+
+
+def spec_of(run_dir):
+    from pipeline.run.stage_documents import read_spec
+
+    return read_spec(run_dir / "prep/spec.json")
+
+
+def test_label_scores_of_the_runtime_eval_runs_on_the_gpu_match_the_cpus_fp32(pipeline_run):
+    """Eval and serving run the merged adapter in training's precision (bf16 on a GPU): its label probabilities on
+    DEVICE agree with the CPU's fp32 merged model within bf16's tolerance, and its answer is the CPU's wherever the
+    CPU's margin between the two likeliest labels is wider than that tolerance."""
+    from peft import PeftModel
+
+    run_dir, _, _ = pipeline_run
+    recipe, trained, here, tokenizer, ran = eval_runtime_on_this_device(run_dir)
+    assert ran.adapter == "merged" and here.device == DEVICE
+    assert json.loads((run_dir / "eval/record.json").read_text())["precision"] == trained.precision
+    if DEVICE.type == "cuda":
+        assert trained.precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    base = models.load_base_model(recipe.model, models.recorded_base(trained.base), "fp32")
+    cpu = PeftModel.from_pretrained(base, run_dir / "train/adapter").merge_and_unload().eval()
+    spec = spec_of(run_dir)
+    texts = predict.prompt_texts(tokenizer, [predict.expert_prompt(spec.system_prompt, t) for t in TEXTS])
+    want = torch.tensor(predict.score_labels(cpu, tokenizer, texts, spec.spec)).softmax(-1)
+    got = torch.tensor(predict.score_labels(here, tokenizer, texts, spec.spec)).softmax(-1)
+    assert torch.allclose(got, want, atol=BF16_CONFIDENCE_TOLERANCE), (got - want).abs().max()
+    top2 = want.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * BF16_CONFIDENCE_TOLERANCE
+    assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+
+
+def test_expert_predict_and_the_merged_export_answer_on_the_gpu_as_served(pipeline_run, tmp_path, monkeypatch):
+    """`expert predict` answers with the version on DEVICE as `expert serve` would; `expert export --format merged`
+    writes a plain model that, loaded on DEVICE in eval's precision, gives the same answers within bf16's tolerance."""
+    from transformers import AutoModelForCausalLM
+
+    run_dir, _, env = pipeline_run
+    for key in ("MLFLOW_TRACKING_URI", "EXPERT_CACHE"):
+        monkeypatch.setenv(key, env[key])
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    rows = [json.loads(line) for line in invoke("predict", f"models:/{MODEL_NAME}@challenger", "--input", str(inputs),
+                                                  "--no-escalate").stdout.splitlines() if line.startswith("{")]
+    assert [r["text"] for r in rows] == TEXTS
+    _, trained, served, tokenizer, _ = eval_runtime_on_this_device(run_dir)
+    spec = spec_of(run_dir)
+    prompts_ = [predict.expert_prompt(spec.system_prompt, t) for t in TEXTS]
+    want = predict.classify(served, tokenizer, prompts_, spec.spec, 4)
+    assert [r["answer"] for r in rows] == [w["prediction"] for w in want]
+    assert [r["confidence"] for r in rows] == pytest.approx([w["confidence"] for w in want], abs=CONFIDENCE_TOLERANCE)
+
+    out = tmp_path / "merged"
+    invoke("export", f"models:/{MODEL_NAME}@challenger", "--format", "merged", "--out", str(out))
+    dtype = getattr(torch, models.TORCH_DTYPE_NAMES[trained.precision])
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, device_map=models.inference_device_map()).eval()
+    assert exported.device == DEVICE and not any("lora" in n for n, _ in exported.named_parameters())
+    got = predict.classify(exported, models.load_tokenizer(out), prompts_, spec.spec, 4)
+    for g, w in zip(got, want):
+        assert g["confidence"] == pytest.approx(w["confidence"], abs=BF16_CONFIDENCE_TOLERANCE)
+        if w["confidence"] > 0.5 + BF16_CONFIDENCE_TOLERANCE:
+            assert g["prediction"] == w["prediction"]
+
+
+def small_run(tmp_path, monkeypatch, name: str, **overrides):
+    """`expert run` on a tiny base: 2 training steps, no baselines, a gate any expert passes, registered as
+    `name`; the run directory."""
+    for key in [k for k in os.environ if k.endswith("_API_KEY")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("EXPERT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    recipe = shipped_recipe("ticket-classification", **{
+        "name": name, "train": {"max_steps": 2, "batch_size": 8, "learning_rate": 2e-3, "eval_steps": 2},
+        "eval.baselines": [], "eval.gate": {"metric": "accuracy", "max_drop_vs_best_baseline": 1.0},
+        "registry.model_name": name, **overrides})
+    invoke("run", str(write_recipe(tmp_path, recipe)))
+    return max((tmp_path / "runs" / name).iterdir())
+
+
+def test_qlora_trains_evaluates_and_is_served_on_the_gpu(tiny_model_dir, tmp_path, monkeypatch):
+    run_dir = small_run(tmp_path, monkeypatch, "gpu-qlora", **{"model.base": str(tiny_model_dir),
+                                                                 "model.quantization": "4bit"})
+    assert json.loads((run_dir / "eval/record.json").read_text())["runtime"]["adapter"] == "separate"
+    service = serve.load_service("models:/gpu-qlora@challenger", serve.ServeOptions(escalate=False))
+    try:
+        import bitsandbytes as bnb
+
+        quantized = [m for m in service.expert.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert quantized and all(m.weight.device == DEVICE for m in quantized), "served on its 4-bit base"
+        with serving(serve.create_app(service)) as url:
+            reply = httpx.post(f"{url}/v1/predict", json={"text": "I was charged twice for my order"}, timeout=60)
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["answer"] in service.expert.spec and 0 < reply.json()["confidence"] <= 1
+    finally:
+        service.close()
+
+
+@pytest.fixture(scope="module")
+def llama3_model_dir(tmp_path_factory):
+    from tests.conftest import shipped_rows
+    from tests.support.tiny_model import build_tiny_llama3_model
+
+    texts = [r["text"] for r in shipped_rows("tickets/tickets.jsonl")]
+    return build_tiny_llama3_model(tmp_path_factory.mktemp("llama3") / "model", texts)
+
+
+def test_a_llama3_shaped_tokenizer_trains_evaluates_and_answers_stopping_at_either_eos(
+        llama3_model_dir, tmp_path, monkeypatch):
+    """A pad token of its own, `<|eot_id|>` ending the turn and `<|end_of_text|>` ending generation too: the run
+    trains, evaluates and registers; labels are scored up to `<|eot_id|>`; generation stops at `<|end_of_text|>`."""
+    run_dir = small_run(tmp_path, monkeypatch, "gpu-llama3", **{"model.base": str(llama3_model_dir)})
+    assert json.loads((run_dir / "train/metrics.json").read_text())["steps"] == 2
+    assert (run_dir / "push/registered.json").is_file()
+    _, _, model, tokenizer, _ = eval_runtime_on_this_device(run_dir)
+    eot, end_of_text = tokenizer.convert_tokens_to_ids(["<|eot_id|>", "<|end_of_text|>"])
+    assert tokenizer.eos_token_id == eot and tokenizer.pad_token == "<|finetune_right_pad_id|>"
+    assert predict.stop_ids(model, tokenizer) == [eot, end_of_text]
+    spec = spec_of(run_dir)
+    prompts_ = [predict.expert_prompt(spec.system_prompt, t) for t in TEXTS[:4]]
+    answers = predict.classify(model, tokenizer, prompts_, spec.spec, 4)
+    assert all(a["prediction"] in spec.spec and 0 < a["confidence"] <= 1 for a in answers)
+
+    free = predict.generate(model, tokenizer, prompts_, 8, 4)
+    assert all(r["raw"] for r in free), "without a stop the tiny model writes text"
+    first = {"pass": True}
+
+    def end_of_text_first(module, args, logits):  # the prefill's last position picks the first answer token
+        if first.pop("pass", False):
+            logits[:, -1, end_of_text] = logits.max() + 100
+        return logits
+
+    hook = model.get_output_embeddings().register_forward_hook(end_of_text_first)
+    try:
+        stopped = predict.generate(model, tokenizer, prompts_, 8, 4)
+    finally:
+        hook.remove()
+    assert [r["raw"] for r in stopped] == [""] * 4, "generation stops at <|end_of_text|>, not only at <|eot_id|>"

@@ -23,6 +23,8 @@ from typing import Iterable
 
 __all__ = [
     "build_tiny_model",
+    "build_tiny_llama3_model",
+    "LLAMA3_TEMPLATE",
     "CHATML_TEMPLATE",
     "SPECIAL_TOKENS",
     "BOS_TOKEN",
@@ -40,6 +42,21 @@ CHATML_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Llama-3.1-Instruct's shape: bos added by the template, the turn ends with <|eot_id|> (the tokenizer's eos),
+# <|end_of_text|> also ends generation (both in generation_config.eos_token_id), a pad token of its own.
+LLAMA3_BOS = "<|begin_of_text|>"
+LLAMA3_EOT = "<|eot_id|>"
+LLAMA3_END_OF_TEXT = "<|end_of_text|>"
+LLAMA3_PAD = "<|finetune_right_pad_id|>"
+LLAMA3_SPECIAL_TOKENS = [LLAMA3_BOS, LLAMA3_END_OF_TEXT, "<|start_header_id|>", "<|end_header_id|>", LLAMA3_EOT, LLAMA3_PAD]
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
 VOCAB_SIZE = 1536
@@ -91,7 +108,7 @@ _BASE_CORPUS = [
 ]
 
 
-def _train_tokenizer(texts: list[str]):
+def _train_tokenizer(texts: list[str], special_tokens: list[str] = SPECIAL_TOKENS):
     from tokenizers import (
         Tokenizer,
         decoders,
@@ -110,7 +127,7 @@ def _train_tokenizer(texts: list[str]):
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
         min_frequency=1,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -119,10 +136,23 @@ def _train_tokenizer(texts: list[str]):
 
 
 def build_tiny_model(out_dir: Path, texts: Iterable[str], seed: int = 0) -> Path:
-    """Write a tiny random ``LlamaForCausalLM`` and its tokenizer to ``out_dir``.
+    """Write a tiny random ``LlamaForCausalLM`` and its ChatML tokenizer to ``out_dir``.
 
     Deterministic for a given (texts, seed).  Returns ``out_dir``.
     """
+    return _build(out_dir, texts, seed, SPECIAL_TOKENS, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, CHATML_TEMPLATE, [EOS_TOKEN])
+
+
+def build_tiny_llama3_model(out_dir: Path, texts: Iterable[str], seed: int = 0) -> Path:
+    """The same tiny model with a Llama-3-Instruct-shaped tokenizer: ``<|eot_id|>`` ends a turn (the tokenizer's
+    eos), ``<|end_of_text|>`` ends generation too (``generation_config.eos_token_id`` lists both), the pad token
+    is ``<|finetune_right_pad_id|>``, and the chat template writes the bos and the header tokens."""
+    return _build(out_dir, texts, seed, LLAMA3_SPECIAL_TOKENS, LLAMA3_BOS, LLAMA3_EOT, LLAMA3_PAD, LLAMA3_TEMPLATE,
+                  [LLAMA3_EOT, LLAMA3_END_OF_TEXT])
+
+
+def _build(out_dir: Path, texts: Iterable[str], seed: int, special_tokens: list[str], bos: str, eos: str, pad: str,
+           template: str, stop_tokens: list[str]) -> Path:
     import torch
     from transformers import (
         GenerationConfig,
@@ -136,17 +166,19 @@ def build_tiny_model(out_dir: Path, texts: Iterable[str], seed: int = 0) -> Path
     corpus = [t for t in texts if isinstance(t, str) and t] + _BASE_CORPUS
 
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_train_tokenizer(corpus),
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
+        tokenizer_object=_train_tokenizer(corpus, special_tokens),
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
         unk_token=None,
         model_max_length=512,
         padding_side="right",
         clean_up_tokenization_spaces=False,
     )
-    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.chat_template = template
     tokenizer.save_pretrained(out_dir)
+    stop_ids = tokenizer.convert_tokens_to_ids(stop_tokens)
+    eos_ids = stop_ids[0] if len(stop_ids) == 1 else stop_ids
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -158,14 +190,14 @@ def build_tiny_model(out_dir: Path, texts: Iterable[str], seed: int = 0) -> Path
         max_position_embeddings=512,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=eos_ids,
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=eos_ids,
         pad_token_id=tokenizer.pad_token_id,
     )
     model.save_pretrained(out_dir, safe_serialization=True)
