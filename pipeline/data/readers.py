@@ -365,9 +365,10 @@ def load_logged(recipe: Recipe, task, key: str, source: Path, rejected: list[dic
     provenance `log:<model>`. A line of the wrong shape, without an answer, or whose answer does not parse is
     rejected with its line and why."""
     from pipeline.data.log_records import LogRowError, logged_call, read_batch_requests
-    from pipeline.data.row_checks import quote_answer, spec_of
+    from pipeline.data.row_checks import DetailScrubber, spec_of
 
     spec = spec_of(recipe, [])
+    scrubber = DetailScrubber(recipe)
     requests: dict[str, tuple[int, dict[str, Any]]] = {}
     if recipe.data.format == "openai_batch":
         requests_file = recipe.data.batch_requests
@@ -405,7 +406,7 @@ def load_logged(recipe: Recipe, task, key: str, source: Path, rejected: list[dic
             target = task.parse_answer(call.answer, spec)
             if target is None:
                 reject(line, "unparsable_answer", _traced(row, f"the logged answer is not a {recipe.task.type} "
-                       f"target: {quote_answer(call.answer, recipe)}"))
+                       f"target: {scrubber.quote(call.answer)}"))
                 continue
             row_id = f"{id_prefix}{Path(name).stem}:{line}"
             examples.append(Example(row_id, line, text, task.normalize_target(target), name, fixed_split,

@@ -241,31 +241,36 @@ def check_pii(examples: list[Example], rejected: list[dict[str, Any]], recipe: R
     return kept, found
 
 
+class DetailScrubber:
+    """What a detail passes before it is written, reported or logged: every secret (the recipe's endpoint keys,
+    any `*_API_KEY`/`*_TOKEN`/`*_SECRET` in the environment, key-shaped text; `frontier.scrub`) and, unless
+    `data.pii: keep`, personal data by the same pseudonyms as the rows. Made once per reader or labelling run:
+    the PII key and the recipe's endpoint keys are read here, not per detail."""
+
+    def __init__(self, recipe: Recipe):
+        import os
+
+        self.keys = [os.environ.get(name) for name in _api_key_envs(recipe.model_dump(mode="json"))]
+        self.policy = PiiPolicy(recipe)
+
+    def __call__(self, value: Any) -> Any:
+        from pipeline.routing.frontier import scrub
+
+        return self.policy.redact(scrub(value, *self.keys)) if isinstance(value, str) else value
+
+    def quote(self, text: str, limit: int = 120) -> str:
+        """An answer as a detail quotes it: scrubbed while whole (a key or card cut in half by the limit would no
+        longer be recognised), then on one line, cut to `limit` characters and quoted."""
+        shown = " ".join(self(text).split())
+        return repr(shown[:limit]) + ("..." if len(shown) > limit else "")
+
+
 def scrub_records(records: list[dict[str, Any]], recipe: Recipe) -> list[dict[str, Any]]:
-    """Rejected or truncated rows as they may be written, reported and logged: every string field scrubbed of
-    secrets (the recipe's endpoint keys, any `*_API_KEY`/`*_TOKEN`/`*_SECRET` in the environment, key-shaped
-    text; `frontier.scrub`) and, unless `data.pii: keep`, of personal data by the same pseudonyms as the rows.
-    Whoever made a detail (a reader quoting a line, the teacher quoting its answer, a label check quoting the
-    label), it passes here before it leaves prep."""
-    import os
-
-    from pipeline.routing.frontier import scrub
-
-    keys = [os.environ.get(name) for name in _api_key_envs(recipe.model_dump(mode="json"))]
-    policy = PiiPolicy(recipe)
-
-    def clean(value: Any) -> Any:
-        return policy.redact(scrub(value, *keys)) if isinstance(value, str) else value
-
+    """Rejected or truncated rows as they may be written, reported and logged, every string field through
+    `DetailScrubber`. Whoever made a detail (a reader quoting a line, the teacher quoting its answer, a label check
+    quoting the label), it passes here before it leaves prep."""
+    clean = DetailScrubber(recipe)
     return [{field: clean(value) for field, value in r.items()} for r in records]
-
-
-def quote_answer(text: str, recipe: Recipe, limit: int = 120) -> str:
-    """An answer as a detail quotes it: scrubbed like `scrub_records` while whole (a key or card cut in half by
-    the limit would no longer be recognised), then on one line, cut to `limit` characters and quoted."""
-    clean = scrub_records([{"text": text}], recipe)[0]["text"]
-    shown = " ".join(clean.split())
-    return repr(shown[:limit]) + ("..." if len(shown) > limit else "")
 
 
 def _api_key_envs(section: Any) -> set[str]:

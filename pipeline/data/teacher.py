@@ -106,6 +106,7 @@ def label(examples: list[Example], rejected: list[dict[str, Any]], recipe: Recip
     failed, unparsable = 0, 0
     taught_confidences: list[float | None] = []  # one per labelled row
     not_sent = sum(1 for a in answers[: len(todo)] if a.get("budget_refused"))
+    scrubber = row_checks.DetailScrubber(recipe)
     for e, answer in zip(todo, answers[: len(todo)]):
         target = task.parse_answer(answer["raw"], spec) if answer.get("raw") is not None else None
         if answer.get("raw") is None:
@@ -117,7 +118,7 @@ def label(examples: list[Example], rejected: list[dict[str, Any]], recipe: Recip
             unparsable += 1
             rejected.append({"source": e.source, "line": e.line, "id": e.id, "reason": "teacher_unparsable",
                              "detail": "the teacher's answer is not a target: "
-                                       + row_checks.quote_answer(answer["raw"], recipe)})
+                                       + scrubber.quote(answer["raw"])})
         else:
             e.target, e.provenance = task.normalize_target(target), f"teacher:{teacher.model}"
             taught_confidences.append(answer.get("confidence"))

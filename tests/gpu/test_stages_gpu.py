@@ -27,7 +27,7 @@ from pipeline.inference import models
 from pipeline.recipe.schema import Recipe
 from pipeline.run.rundir import open_run
 from pipeline.training import setup
-from tests.conftest import shipped_recipe, write_recipe
+from tests.conftest import isolate, shipped_recipe, write_recipe
 from tests.support.serve_thread import serving
 
 ON_CPU = os.environ.get("EXPERT_GPU_TESTS_ON_CPU") == "1"
@@ -53,11 +53,7 @@ def pipeline_run(tiny_model_dir, tmp_path_factory):
     """`expert run` on the tiny model: a run directory with every stage done and a registered version."""
     tmp = tmp_path_factory.mktemp("gpu-run")
     with pytest.MonkeyPatch.context() as mp:
-        for name in [k for k in os.environ if k.endswith("_API_KEY")]:
-            mp.delenv(name)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
-        mp.setenv("EXPERT_CACHE", str(tmp / "cache"))
-        mp.chdir(tmp)
+        isolate(mp, f"sqlite:///{tmp / 'mlflow.db'}", tmp)  # a lent GPU machine has no MLflow server
         recipe = shipped_recipe("ticket-classification", **{
             "name": "gpu-run",
             "model.base": str(tiny_model_dir),
@@ -319,11 +315,7 @@ def test_expert_predict_and_the_merged_export_answer_on_the_gpu_as_served(pipeli
 def small_run(tmp_path, monkeypatch, name: str, **overrides):
     """`expert run` on a tiny base: 2 training steps, no baselines, a gate any expert passes, registered as
     `name`; the run directory."""
-    for key in [k for k in os.environ if k.endswith("_API_KEY")]:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("EXPERT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
+    isolate(monkeypatch, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path)
     recipe = shipped_recipe("ticket-classification", **{
         "name": name, "train": {"max_steps": 2, "batch_size": 8, "learning_rate": 2e-3, "eval_steps": 2},
         "eval.baselines": [], "eval.gate": {"metric": "accuracy", "max_drop_vs_best_baseline": 1.0},
