@@ -7,6 +7,7 @@
 #   device: run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=480)
 #   CPU:    PYTHON=.venv/bin/python WHEELS= bash scripts/gpu_check.sh --cpu-dry-run   # the check's code, on the CPU
 #
+# The whole check has 360 s (GPU_CHECK_BUDGET_S; the CPU dry run 1500): a step that would start past it fails.
 # Steps, in order: wheels, versions (imports everything, prints the versions it tests), tests (pytest -rs, JUnit;
 # skips fail), bench (benchmarks/bench_gpu.py, non-zero on a missed target). Each step that passes is recorded in
 # .gpu-check/passed (ignored by git; kept on a warm machine) with a hash of the code it ran, so a rerun skips it;
@@ -24,6 +25,10 @@ for arg in "$@"; do
   esac
 done
 OUT=${OUT:-/tmp/gpu-check}
+# the whole check fits 6 minutes of a lent machine (its session has 15, starts included): each step gets what is
+# left, and a step that would start with none fails, so an over-long check shows as such rather than as a timeout
+BUDGET_S=${GPU_CHECK_BUDGET_S:-$([ $mode = cpu ] && echo 1500 || echo 360)}  # the CPU dry run: 2 slow cores
+left() { local l=$((BUDGET_S - SECONDS)); [ $l -gt 0 ] || fail "$1" "the check is over its ${BUDGET_S} s budget (steps.txt has each step's time)"; echo $l; }
 mkdir -p "$OUT" .gpu-check && echo "*" > .gpu-check/.gitignore
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PYTHON=${PYTHON:-python3}
@@ -76,9 +81,10 @@ if ! passed tests; then
     tests=(tests/gpu)
   fi
   [ -n "${GPU_TESTS:-}" ] && read -ra tests <<< "$GPU_TESTS"  # a subset, e.g. to rerun one file
-  timeout 300 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -rs --junitxml="$OUT/gpu-tests.xml" "${tests[@]}" 2>&1 \
+  budget=$(left tests) || exit 1
+  timeout "$budget" "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -rs --junitxml="$OUT/gpu-tests.xml" "${tests[@]}" 2>&1 \
     | tee "$OUT/gpu-tests.log"
-  [ "${PIPESTATUS[0]}" = 0 ] || fail tests "pytest failed or timed out (gpu-tests.log)"
+  [ "${PIPESTATUS[0]}" = 0 ] || fail tests "pytest failed or ran past the budget's $budget s (gpu-tests.log)"
   skipped=$("$PYTHON" -c "import sys, xml.etree.ElementTree as E; r = E.parse(sys.argv[1]).getroot(); s = r if r.tag == 'testsuite' else r.find('testsuite'); print(s.get('skipped'), s.get('tests'))" "$OUT/gpu-tests.xml")
   read -r nskipped ntests <<< "$skipped"
   [ "$ntests" -gt 0 ] || fail tests "no test ran"
@@ -91,8 +97,9 @@ if ! passed bench; then
   started=$SECONDS
   smoke=()
   [ $mode = cpu ] && smoke=(--cpu-smoke)
-  timeout 240 "$PYTHON" benchmarks/bench_gpu.py "${smoke[@]}" --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"
-  [ "${PIPESTATUS[0]}" = 0 ] || fail bench "a target was missed, or the benchmark failed (bench_gpu.log)"
+  budget=$(left bench) || exit 1
+  timeout "$budget" "$PYTHON" benchmarks/bench_gpu.py "${smoke[@]}" --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || fail bench "a target was missed, the benchmark failed or ran past $budget s (bench_gpu.log)"
   record bench $((SECONDS - started))
 fi
 echo "gpu_check: passed ($mode)"

@@ -59,3 +59,13 @@ def test_a_skipped_gpu_test_fails_the_check(tmp_path):
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "FAILED at tests: 2 of 2 tests skipped" in proc.stderr
     assert "tests passed" not in (tmp_path / "steps.txt").read_text() and not (tmp_path / "bench_gpu.log").exists()
+
+
+def test_a_check_over_its_time_budget_fails_naming_the_step(tmp_path):
+    """The check must fit the few minutes of a lent machine: a step that would start past the budget fails."""
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-dry-run", "--fresh"], cwd=ROOT,
+                          env={**CHECK_ENV, "OUT": str(tmp_path), "GPU_CHECK_BUDGET_S": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "FAILED at tests: the check is over its 1 s budget" in proc.stderr
+    assert not (tmp_path / "gpu-tests.xml").exists()
