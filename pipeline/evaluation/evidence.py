@@ -174,6 +174,14 @@ def gate_verdict(recipe: Recipe, metrics: dict[str, Any], skipped: dict[str, str
         test = route["options"][route["choose"]]["test"]
         saving = test["vs_last_tier"]["cost_saving"]
         chain = " -> ".join(f"{n} (>= {t:.6g})" for n, t in zip(route["chain"], route["thresholds"]))
+        if route.get("triage_route"):
+            kept = route["triage_route"]
+            reasons.append(f"triage: the `{kept['router']}` router starts each request at the tier whose cut-off its "
+                           "score reaches (" + ", ".join(f"{n} >= {c:.4g}" for n, c in zip(route["chain"][1:],
+                                                                                         kept["cutoffs"])) + "); "
+                           + route["triage"]["why"])
+        elif route.get("triage", {}).get("why") or route.get("triage", {}).get("reason"):
+            reasons.append("no triage: " + (route["triage"].get("why") or route["triage"]["reason"]))
         reasons.append(
             f"route {chain} -> {route['chain'][-1]}: on test {route['target_metric']} {test['metric']:.4f} "
             f"(target {route['target']:.4f}, " + ("met" if route_holds else f"MISSED by {route['missed_by']:.4f}") +
@@ -215,7 +223,8 @@ def gate_verdict(recipe: Recipe, metrics: dict[str, Any], skipped: dict[str, str
         "difference_vs_best_baseline": difference,
         "threshold": threshold,
         "route": ({"chain": route["chain"], "thresholds": route["thresholds"], "target": route["target"],
-                   "target_metric": route["target_metric"], "holds_on_test": route["holds_on_test"]}
+                   "target_metric": route["target_metric"], "holds_on_test": route["holds_on_test"],
+                   "triage": route.get("triage_route")}
                   if route and route.get("thresholds") is not None else None),
         "skipped_baselines": skipped,
         "incomplete_baselines": incomplete,

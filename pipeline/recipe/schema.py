@@ -491,6 +491,22 @@ class RoutingTarget(Strict):
         return self
 
 
+class TriageSection(Strict):
+    routers: Annotated[list[Literal["text", "probe"]], Field(min_length=1)] = Field(
+        ["text", "probe"], description="router kinds trained on the router split and compared: `text` (TF-IDF "
+        "features, runs before any tier and can skip the expert) and `probe` (the expert's hidden state at the "
+        "answer position; runs on the expert's pass and can skip the tiers above it)")
+    max_candidates: Annotated[int, Field(ge=3, le=101)] = Field(
+        11, description="candidate cut-offs per tier above the expert (quantiles of the router's validation "
+        "scores, and \"never\"); every combination with the confidence thresholds is tried")
+
+    @model_validator(mode="after")
+    def _unique(self) -> TriageSection:
+        if len(set(self.routers)) != len(self.routers):
+            raise ValueError("name each router kind once")
+        return self
+
+
 class RoutingSection(Strict):
     tiers: Annotated[list[str], Field(min_length=2)] = Field(
         description="the chain, cheapest first: `expert`, then names of `eval.baselines`; each tier but the last "
@@ -506,6 +522,10 @@ class RoutingSection(Strict):
     max_candidates: Annotated[int, Field(ge=3, le=1000)] = Field(
         41, description="three tiers or more: candidate thresholds per tier (quantiles of its validation "
         "confidences); every combination is tried. Two tiers: every distinct confidence (exact)")
+    triage: TriageSection | None = Field(
+        None, description="train routers on the expert's outcomes on the router split (`data.split.router`) that "
+        "decide where each request starts; their cut-offs join the threshold search, and triage is kept only "
+        "where it is cheaper than confidence alone on validation at the target and holds on test")
 
 
 class EvalSection(Strict):

@@ -9,7 +9,11 @@ candidate thresholds on the validation split, vectorised over examples:
   every confidence" always included), and every combination of those is tried: exact on that grid.
 
 A request answered by tier k has paid every tier up to k (each was asked), so its cost is the sum of their costs
-per request and its latency the sum of their latencies. The chosen point is the cheapest that meets the target:
+per request and its latency the sum of their latencies. With triage (`Triage`: a router's scores and where it runs)
+the route also has cut-offs, one per tier above the expert: a request starts at the highest tier whose cut-off its
+score reaches, and climbs from there; the tiers below its start cost nothing and add no time (a router that runs
+after the expert, `probe`, has paid the expert all the same). Cut-offs and thresholds are searched together: every
+combination of each on its grid. The chosen point is the cheapest that meets the target:
 by point estimate (`point`), or by the lower end of a bootstrap 95% interval of validation quality (`margin`),
 which holds on more resamples at a higher cost. The route is then measured once on the test split, against the
 last tier alone on the same rows (paired bootstrap intervals of the cost saving and the quality difference).
@@ -62,13 +66,50 @@ class Scorer:
         return self.metric.resampled(self.picked(answering), idx)
 
 
-def answering_tier(confidences: list[np.ndarray], thresholds: tuple[float, ...], n: int) -> np.ndarray:
-    """Index of the tier that answers each example: the first whose confidence reaches its threshold, else the
-    last. (Later tiers are written first so that earlier ones overwrite them.)"""
+NEVER = 2.0  # a cut-off no router score (a probability) reaches; finite, as strict JSON wants
+
+
+@dataclass(frozen=True)
+class Triage:
+    """A router's scores on one split (the probability the expert is wrong), whether it runs before any tier (a
+    request it sends up never pays the expert) or on the expert's pass, and its seconds per request."""
+
+    scores: np.ndarray
+    before_expert: bool
+    latency_s: float
+    cost_per_request: float = 0.0
+
+
+def start_tier(scores: np.ndarray, cutoffs: tuple[float, ...]) -> np.ndarray:
+    """The tier each request starts at: how many of the (non-decreasing) cut-offs its score reaches."""
+    return sum((scores >= c).astype(np.int64) for c in cutoffs) if cutoffs else np.zeros(len(scores), dtype=np.int64)
+
+
+def answering_tier(confidences: list[np.ndarray], thresholds: tuple[float, ...], n: int,
+                   start: np.ndarray | None = None) -> np.ndarray:
+    """Index of the tier that answers each example: the first from its start (tier 0 without triage) whose
+    confidence reaches its threshold, else the last. (Later tiers are written first so that earlier ones overwrite
+    them.)"""
     answering = np.full(n, len(confidences), dtype=np.int64)
     for i in range(len(confidences) - 1, -1, -1):
-        answering = np.where(confidences[i] >= thresholds[i], i, answering)
+        reaches = confidences[i] >= thresholds[i]
+        answering = np.where(reaches if start is None else reaches & (start <= i), i, answering)
     return answering
+
+
+def paid(per_tier: list[float | np.ndarray], answering: np.ndarray, start: np.ndarray | None = None,
+         triage: Triage | None = None) -> np.ndarray:
+    """What each request spent (cost or seconds, `per_tier` per tier): every tier from its start to the one that
+    answered; a router after the expert has paid the expert too."""
+    n = len(answering)
+    table, columns = cumulative(per_tier, n), np.arange(n)
+    total = table[answering, columns]
+    if start is None:
+        return total
+    total = total - np.where(start > 0, table[np.maximum(start - 1, 0), columns], 0.0)
+    if not triage.before_expert:
+        total = total + np.where(start > 0, table[0, columns], 0.0)
+    return total
 
 
 def cumulative(values: list[float | np.ndarray], n: int) -> np.ndarray:
@@ -85,28 +126,51 @@ def candidate_grids(tiers: list[TierAnswers], max_candidates: int) -> list[list[
     return [candidates(t.confidences, exact=len(tiers) == 2, most=max_candidates) for t in tiers[:-1]]
 
 
+def cutoff_grid(triage: Triage, tiers: int, most: int) -> list[tuple[float, ...]]:
+    """Every non-decreasing tuple of cut-offs (one per tier above the expert) from the router's validation scores
+    thinned to `most` quantiles, `NEVER` (nothing sent up) included."""
+    candidates = sorted(set(stats.candidate_thresholds(triage.scores.tolist(), most=most)) | {NEVER})
+    return list(itertools.combinations_with_replacement(candidates, tiers - 1))
+
+
 def evaluate_grid(metric: GateMetric, golds: list[Any], tiers: list[TierAnswers], spec: Any,
-                  grids: list[list[float]]) -> list[dict[str, Any]]:
-    """Every combination of candidate thresholds on this split: quality, cost per 1,000 and each tier's share."""
+                  grids: list[list[float]], triage: Triage | None = None,
+                  cutoffs: list[tuple[float, ...]] | None = None) -> list[dict[str, Any]]:
+    """Every combination of candidate thresholds (and, with triage, cut-offs) on this split: quality, cost per
+    1,000 and each tier's share of the answers (and of the starts)."""
     n = len(golds)
     scorer = Scorer(metric, golds, tiers, spec)
     confs = [t.confidences for t in tiers[:-1]]
-    spent = cumulative([t.cost_per_request or 0.0 for t in tiers], n)
+    costs = [t.cost_per_request or 0.0 for t in tiers]
     points = []
-    for thresholds in itertools.product(*grids):
-        answering = answering_tier(confs, thresholds, n)
-        shares = np.bincount(answering, minlength=len(tiers)) / max(n, 1)
-        points.append({"thresholds": [float(t) for t in thresholds], "metric": scorer.value(answering),
-                       "cost_per_1k": 1000 * float(spent[answering, scorer.columns].mean()),
-                       "shares": [float(s) for s in shares]})
+    for cut in (cutoffs if triage is not None else [None]):
+        start = None if cut is None else start_tier(triage.scores, cut)
+        for thresholds in itertools.product(*grids):
+            answering = answering_tier(confs, thresholds, n, start)
+            point = {"thresholds": [float(t) for t in thresholds], "metric": scorer.value(answering),
+                     "cost_per_1k": 1000 * (float(paid(costs, answering, start, triage).mean()) +
+                                            (0.0 if cut is None else triage.cost_per_request)),
+                     "shares": [float(s) for s in np.bincount(answering, minlength=len(tiers)) / max(n, 1)]}
+            if cut is not None:
+                point["cutoffs"] = [float(c) for c in cut]
+                point["starts"] = [float(s) for s in np.bincount(start, minlength=len(tiers)) / max(n, 1)]
+            points.append(point)
     return points
 
 
 def preference(point: dict[str, Any]) -> tuple:
     """Cheaper first; then fewer requests past tier 0 (what decides when a tier's cost is unknown: a cascade to
     an unpriced frontier); then higher quality; then, among thresholds that route this split identically, the
-    strictest (the gap below it is where unseen confidences are safest)."""
-    return (point["cost_per_1k"], -point["shares"][0], -point["metric"], tuple(-t for t in point["thresholds"]))
+    strictest (the gap below it is where unseen confidences are safest), and the cut-offs that send fewest up."""
+    return (point["cost_per_1k"], -point["shares"][0], -point["metric"], tuple(-t for t in point["thresholds"]),
+            tuple(-c for c in point.get("cutoffs", ())))
+
+
+def plan_of(point: dict[str, Any], tiers: list[TierAnswers], triage: Triage | None) -> tuple[np.ndarray | None, np.ndarray]:
+    """(start, answering tier) per example of a point's thresholds and cut-offs on `tiers`' split."""
+    n = len(tiers[0].predictions)
+    start = start_tier(triage.scores, tuple(point["cutoffs"])) if triage is not None and "cutoffs" in point else None
+    return start, answering_tier([t.confidences for t in tiers[:-1]], tuple(point["thresholds"]), n, start)
 
 
 def cheapest(points: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
@@ -116,15 +180,14 @@ def cheapest(points: list[dict[str, Any]], target: float) -> dict[str, Any] | No
 
 def cheapest_with_margin(points: list[dict[str, Any]], target: float, metric: GateMetric, golds: list[Any],
                          tiers: list[TierAnswers], spec: Any, samples: int, seed: int,
-                         most_tried: int = 500) -> dict[str, Any] | None:
+                         most_tried: int = 500, triage: Triage | None = None) -> dict[str, Any] | None:
     """The cheapest point whose lower bootstrap 95% bound of validation quality meets the target (points that
     meet it by point estimate, tried in cost order; at most `most_tried`)."""
     scorer = Scorer(metric, golds, tiers, spec)
-    confs = [t.confidences for t in tiers[:-1]]
     idx = np.random.default_rng(seed).integers(0, len(golds), size=(samples, len(golds)))
     ordered = sorted((p for p in points if p["metric"] >= target), key=preference)
     for point in ordered[:most_tried]:
-        answering = answering_tier(confs, tuple(point["thresholds"]), len(golds))
+        _, answering = plan_of(point, tiers, triage)
         low = float(np.percentile(scorer.resampled(answering, idx), 2.5))
         if low >= target:
             return {**point, "validation_ci_low": low}
@@ -141,16 +204,18 @@ def pareto(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def measure(metric: GateMetric, golds: list[Any], tiers: list[TierAnswers], spec: Any, thresholds: list[float],
-            target: float, samples: int, seed: int) -> dict[str, Any]:
-    """The route at `thresholds` on one split: quality, cost, latency, shares, and against the last tier alone
-    (cost saving and quality difference, paired bootstrap 95%); how often quality meets the target on resamples."""
+def measure(metric: GateMetric, golds: list[Any], tiers: list[TierAnswers], spec: Any, point: dict[str, Any],
+            target: float, samples: int, seed: int, triage: Triage | None = None) -> dict[str, Any]:
+    """The route at a point's thresholds (and cut-offs) on one split: quality, cost, latency (the router's own
+    included), shares, and against the last tier alone (cost saving and quality difference, paired bootstrap
+    95%); how often quality meets the target on resamples."""
     n = len(golds)
     scorer = Scorer(metric, golds, tiers, spec)
-    answering = answering_tier([t.confidences for t in tiers[:-1]], tuple(thresholds), n)
-    columns = scorer.columns
-    cost = cumulative([t.cost_per_request or 0.0 for t in tiers], n)[answering, columns]
-    latency = cumulative([t.latency_s for t in tiers], n)[answering, columns]
+    start, answering = plan_of(point, tiers, triage)
+    cost = paid([t.cost_per_request or 0.0 for t in tiers], answering, start, triage)
+    latency = paid([t.latency_s for t in tiers], answering, start, triage)
+    if start is not None:  # the router's own time and cost, on every request
+        cost, latency = cost + triage.cost_per_request, latency + triage.latency_s
     last = tiers[-1]
     last_cost = np.full(n, last.cost_per_request or 0.0)
     routed = [tiers[k].predictions[j] for j, k in enumerate(answering)]
@@ -158,7 +223,10 @@ def measure(metric: GateMetric, golds: list[Any], tiers: list[TierAnswers], spec
     resampled = scorer.resampled(answering, idx)
     saving_samples = 1 - cost[idx].sum(axis=1) / np.maximum(last_cost[idx].sum(axis=1), 1e-300)
     quality = scorer.value(answering)
+    starts = {} if start is None else {"starts": {t.name: float(s) for t, s in
+                                                   zip(tiers, np.bincount(start, minlength=len(tiers)) / n)}}
     return {
+        **starts,
         "rows": n,
         "metric": quality,
         "cost_per_1k": 1000 * float(cost.mean()),
@@ -180,10 +248,9 @@ def measure(metric: GateMetric, golds: list[Any], tiers: list[TierAnswers], spec
     }
 
 
-def routed(tiers: list[TierAnswers], thresholds: list[float]) -> list[tuple[str, Any]]:
+def routed(tiers: list[TierAnswers], point: dict[str, Any], triage: Triage | None = None) -> list[tuple[str, Any]]:
     """(answering tier, its answer) per example."""
-    n = len(tiers[0].predictions)
-    answering = answering_tier([t.confidences for t in tiers[:-1]], tuple(thresholds), n)
+    _, answering = plan_of(point, tiers, triage)
     return [(tiers[k].name, tiers[k].predictions[j]) for j, k in enumerate(answering)]
 
 
@@ -272,7 +339,7 @@ def route_result(recipe, spec, splits, outputs, metrics, skipped) -> dict[str, A
             result["unmet"][how] = (f"no thresholds reach {metric.name} {target:.4f} on validation" +
                                     (" with their lower 95% bound" if how == "margin" else ""))
             continue
-        on = {split: measure(metric, golds[split], tiers[split], spec, point["thresholds"], target, samples, seed)
+        on = {split: measure(metric, golds[split], tiers[split], spec, point, target, samples, seed)
               for split in ("validation", "test")}
         result["options"][how] = {"thresholds": point["thresholds"], "validation": on["validation"], "test": on["test"]}
     result["singles"] = {t.name: {"metric": stats.metric_value(metric, golds["test"], t.predictions, spec),
@@ -289,5 +356,5 @@ def route_result(recipe, spec, splits, outputs, metrics, skipped) -> dict[str, A
     test = picked["test"]
     result.update(thresholds=picked["thresholds"], holds_on_test=test["meets_target"],
                   missed_by=max(0.0, target - test["metric"]),
-                  test_answers=routed(tiers["test"], picked["thresholds"]))
+                  test_answers=routed(tiers["test"], picked))
     return result

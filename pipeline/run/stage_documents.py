@@ -12,7 +12,7 @@ parse, or lacks a key every release wrote, is an error naming the file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
@@ -49,14 +49,25 @@ class MetricsDocument(Document):
     calibration: dict[str, Any] | None = None
 
 
+class TriageChoice(Document):
+    """The triage a route keeps: the router (eval/triage/<router>/) and its cut-offs, one per tier above the
+    expert (a request starts at the highest tier whose cut-off its score reaches)."""
+
+    router: Literal["text", "probe"]
+    cutoffs: list[float]
+    before_expert: bool
+
+
 class RouteChoice(Document):
-    """The route a verdict carries (`evidence.gate_verdict`): the chain and its thresholds, chosen on validation."""
+    """The route a verdict carries (`evidence.gate_verdict`): the chain and its thresholds, chosen on validation,
+    and its triage when one was kept."""
 
     chain: list[str]
     thresholds: list[float]
     target: float
     target_metric: str
     holds_on_test: bool
+    triage: TriageChoice | None = None
 
 
 class VerdictDocument(Document):

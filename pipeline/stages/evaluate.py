@@ -7,7 +7,9 @@ interval and McNemar test of the expert against each baseline, calibration),
 `cascade.json` (threshold chosen on validation, curve on test), `verdict.json`
 (`replace`, `cascade` or `keep_frontier`, with the gate), `plots/*.png` and
 `report.md`, `timings.json` (the stage's seconds and MLflow logging's share), `record.json` (the base, the
-precision and the runtime the expert ran on, `pipeline/inference/runtime.py`: serving runs the same).
+precision and the runtime the expert ran on, `pipeline/inference/runtime.py`: serving runs the same), `triage/<kind>/`
+(with `eval.routing.triage`: each router trained on the router split; route.json's `triage` compares them, and the
+route carries the one kept, `pipeline/routing/triage_route.py`).
 Everything is logged to MLflow: the test and validation splits and the adapter's logged model as the run's
 inputs, the expert's metrics against that model and the test dataset, one trace per test example
 (`pipeline/evaluation/traces.py`), and the verdict as the run's description.
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +47,7 @@ from pipeline.files import (
 )
 from pipeline.inference import runtime
 from pipeline.recipe.schema import Recipe
-from pipeline.routing import route_search
+from pipeline.routing import route_search, triage, triage_route
 from pipeline.run import contracts, tracking
 from pipeline.run.contracts import StageOptions
 from pipeline.run.rundir import RunDir
@@ -61,7 +63,7 @@ STAGE = "eval"
 OUTPUTS = [
     f"{STAGE}/{name}"
     for name in ("predictions", "plots", "metrics.json", "cascade.json", "route.json", "report.md", "verdict.json",
-                 "record.json", "timings.json")
+                 "record.json", "timings.json", "triage")
 ]
 Rows = list[dict[str, Any]]
 
@@ -80,6 +82,8 @@ def inputs_of(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions(
     }
     if recipe.eval.tier_names():
         inputs["prep/validation.jsonl"] = run.output_hash("prep", "prep/validation.jsonl")
+    if wants_triage(recipe):
+        inputs["prep/router.jsonl"] = run.output_hash("prep", "prep/router.jsonl")
     for b in recipe.eval.baselines:  # what each kind reads beyond the run: a few-shot file, recorded predictions
         inputs.update(baseline_kinds.of(b).staleness_inputs(b, run.path))
     return inputs
@@ -94,16 +98,23 @@ def warn_label_mix(shift: dict[str, Any]) -> None:
                       "thresholds chosen on validation may not hold on test")
 
 
+def wants_triage(recipe: Recipe) -> bool:
+    return recipe.eval.routing is not None and recipe.eval.routing.triage is not None
+
+
 @dataclass
 class Collected:
     """What eval gathered before it decides anything: the splits it read, every system's rows per split
     (`{prediction, confidence?, latency_s, ...}` in split order; the expert first), the baselines' costs per
-    1,000 requests and the baselines skipped, with why."""
+    1,000 requests and the baselines skipped, with why; with a `probe` router, the expert's states per split and
+    the seconds one request's cost."""
 
     splits: dict[str, Rows]
     outputs: dict[str, dict[str, Rows]]
     costs: dict[str, float | None]
     skipped: dict[str, str]
+    states: dict[str, Any] = field(default_factory=dict)
+    probe_seconds: float = 0.0
 
 
 @dataclass
@@ -116,6 +127,7 @@ class Evidence:
     cascade: dict[str, Any]
     route: dict[str, Any]  # with `test_answers` (per test row: the answering tier and its answer) when routed
     verdict: dict[str, Any]
+    routers: dict[str, Any] = field(default_factory=dict)  # triage routers trained, by kind
 
 
 def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> dict[str, Any]:
@@ -168,6 +180,8 @@ def collect(recipe: Recipe, run: RunDir, task, spec_doc: SpecDocument) -> Collec
     splits = {"test": read_split(run, "test")}
     if tiers:
         splits["validation"] = read_split(run, "validation")
+    if wants_triage(recipe):  # every tier answers the router split too: the routers learn from those outcomes
+        splits["router"] = read_split(run, "router")
     fewshot = baselines.load_fewshot(run, recipe)
     loaded = {b.name: baseline_kinds.of(b).load(b, splits, task, spec) for b in recipe.eval.baselines}
     trained = contracts.read_record(run.path / "train/record.json", contracts.TrainRecord)
@@ -193,6 +207,16 @@ def collect(recipe: Recipe, run: RunDir, task, spec_doc: SpecDocument) -> Collec
         device=str(model.device), runtime=ran_as))
     for split, rows in splits.items():
         collected.outputs["expert"][split] = infer_local(model, tokenizer, rows, recipe, spec, f"expert ({split})")
+    if wants_triage(recipe) and "probe" in recipe.eval.routing.triage.routers:
+        console.print("eval: the expert's states at the answer position, for the probe router")
+        for split, rows in splits.items():
+            collected.states[split] = triage.expert_states(model, tokenizer, [r["prompt"] for r in rows],
+                                                           recipe.eval.batch_size)
+        one_at_a_time = [r["prompt"] for r in splits["validation"][:20]]
+        started = time.perf_counter()
+        for prompt in one_at_a_time:  # as serving pays it: one request's extra pass
+            triage.expert_states(model, tokenizer, [prompt], 1)
+        collected.probe_seconds = (time.perf_counter() - started) / max(len(one_at_a_time), 1)
     return collected
 
 
@@ -213,11 +237,17 @@ def decide(recipe: Recipe, task, spec: Any, collected: Collected) -> Evidence:
     metrics["expert"]["ece"] = calibration["ece"]
     cascade = cascade_result(recipe, spec, splits, outputs, metrics, skipped)
     route = route_search.route_result(recipe, spec, splits, outputs, metrics, skipped)
+    routers = {}
+    if wants_triage(recipe):
+        compared, routers = triage_route.triage_result(recipe, spec, splits, outputs, metrics, route,
+                                                       collected.states, collected.probe_seconds)
+        route = (triage_route.route_with_triage(route, compared) if compared.get("kept")
+                 else {**route, "triage": triage_route.without_answers(compared)})
     if recipe.eval.routing is not None and task.label_set and splits["validation"]:
         route["label_mix"] = stats.label_mix_shift(*([label for r in splits[s] for label in task.labels_of(r["target"])]
                                                      for s in ("validation", "test")))
     verdict = gate_verdict(recipe, metrics, skipped, comparisons, cascade, route)
-    return Evidence(metrics, comparisons, calibration, cascade, route, verdict)
+    return Evidence(metrics, comparisons, calibration, cascade, route, verdict, routers)
 
 
 def write(out: Path, recipe: Recipe, spec: Any, collected: Collected, evidence: Evidence) -> None:
@@ -242,6 +272,9 @@ def write(out: Path, recipe: Recipe, spec: Any, collected: Collected, evidence: 
             {"id": e["id"], "target": e["target"], "prediction": answer, "tier": tier}
             for e, (tier, answer) in zip(test, route.pop("test_answers"), strict=True)])
     atomic_write_json(out / "route.json", route)
+    (out / "triage").mkdir(exist_ok=True)
+    for kind, router in evidence.routers.items():
+        triage.save(router, out / "triage" / kind)
     atomic_write_json(out / "verdict.json", verdict)
     atomic_write_text(out / "report.md", render_report(recipe, metrics, collected.skipped, evidence.comparisons,
                                                        evidence.calibration, evidence.cascade, verdict, len(test), route))

@@ -95,7 +95,7 @@ def test_measure_against_the_last_tier_alone():
     tiers = three_tiers()
     golds = ["a"] * 200
     thresholds = [0.6, 0.3]
-    m = route_search.measure(ACCURACY, golds, tiers, LABELS, thresholds, target=1.0, samples=500, seed=0)
+    m = route_search.measure(ACCURACY, golds, tiers, LABELS, {"thresholds": thresholds}, target=1.0, samples=500, seed=0)
     assert m["metric"] == 1.0 and m["meets_target"] and m["target_held_on_resamples"] == 1.0
     vs = m["vs_last_tier"]
     assert vs["cost_saving"] == pytest.approx(1 - m["cost_per_1k"] / 100)
@@ -189,7 +189,7 @@ def test_a_route_is_the_decision_only_when_it_holds_on_test(tmp_path, holds):
     verdict = gate_verdict(recipe, metrics, {}, {}, {"threshold": None}, route_doc(holds))
     assert verdict["passed"] is False
     assert verdict["route"] == {"chain": ["expert", "top"], "thresholds": [0.7], "target": 0.93,
-                                "target_metric": "accuracy", "holds_on_test": holds}
+                                "target_metric": "accuracy", "holds_on_test": holds, "triage": None}
     text = " ".join(verdict["reasons"])
     if holds:
         assert verdict["decision"] == "route" and "met" in text
