@@ -19,7 +19,7 @@ class Example:
     text: str
     target: Any
     source: str = ""
-    fixed_split: str | None = None  # "validation"/"test" when it came from that split's own source
+    fixed_split: str | None = None  # "validation"/"test"/"router" when it came from that split's own source
     provenance: str = "gold"  # where the target came from: `gold` (the data's own), `log:<model>` (a logged answer)
     usage: dict[str, int] | None = None  # a logged answer's token counts, as the log reports them
     prompt_tokens: int = 0

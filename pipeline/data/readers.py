@@ -24,12 +24,15 @@ from pipeline.errors import UserError
 from pipeline.recipe.schema import HF_PREFIX, TRACES_PREFIX, Recipe
 
 # which split a row belongs to when its source is a fixed split; `source` rows get split
-ROLES = {"source": None, "validation_source": "validation", "test_source": "test"}
+ROLES = {"source": None, "validation_source": "validation", "test_source": "test", "router_source": "router"}
+# the split of an `hf:` dataset each source reads: datasets have no `router` split, so a router source is a
+# dataset (or config) of its own and gives its `train` split
+HF_SPLITS = {"source": "train", "validation_source": "validation", "test_source": "test", "router_source": "train"}
 TEXT_SEPARATOR = "\n\n"
 
 
 def sources_of(recipe: Recipe) -> dict[str, Path | str]:
-    """The recipe's data sources by YAML key (`source`, `validation_source`, `test_source`)."""
+    """The recipe's data sources by YAML key (`source`, `validation_source`, `test_source`, `router_source`)."""
     return {key: getattr(recipe.data, key) for key in ROLES if getattr(recipe.data, key) is not None}
 
 
@@ -274,7 +277,7 @@ def load_examples(recipe: Recipe, task, key: str, source: Path | str, rejected: 
     def reject(line: int, reason: str, detail: str) -> None:
         rejected.append({"source": name, "line": line, "reason": reason, "detail": detail})
 
-    rows_read = read_rows(source, fixed_split or "train", max_row_bytes(recipe.data.max_tokens))
+    rows_read = read_rows(source, HF_SPLITS[key], max_row_bytes(recipe.data.max_tokens))
     try:
         for line, row, problem in rows_read:
             if row is None:
@@ -385,7 +388,7 @@ def load_logged(recipe: Recipe, task, key: str, source: Path, rejected: list[dic
         rejected.append({"source": name, "line": line, "reason": reason, "detail": detail})
 
     try:
-        for line, row, problem in read_rows(source, fixed_split or "train", max_row_bytes(recipe.data.max_tokens)):
+        for line, row, problem in read_rows(source, HF_SPLITS[key], max_row_bytes(recipe.data.max_tokens)):
             if row is None:
                 reject(line, problem.split(":")[0], problem)
                 continue

@@ -18,8 +18,9 @@ from pipeline.data.examples import Example, rejection
 from pipeline.errors import UserError
 from pipeline.recipe.schema import Recipe
 
-# when the same text is in two splits, the copy in the later split of this order wins
-PROTECTED_ORDER = ("train", "validation", "test")
+# when the same text is in two splits, the copy in the later split of this order wins; router ranks below
+# validation, so a router source never takes a row from the split thresholds are chosen on
+PROTECTED_ORDER = ("train", "router", "validation", "test")
 
 
 def spec_of(recipe: Recipe, examples: list[Example]) -> Any:
@@ -61,7 +62,7 @@ def check_duplicates(examples: list[Example], rejected: list[dict[str, Any]], ta
     Texts are compared by `normalize_text`. A text seen with two different
     targets is ambiguous, so every copy is rejected (`conflicting_target`).
     Otherwise one copy is kept: the one in the most protected split (test, then
-    validation, then train), earliest first; a copy in another split is
+    validation, then router, then train), earliest first; a copy in another split is
     `leakage`, a copy in the same split `duplicate_exact` (identical text) or
     `duplicate_normalized` (identical after normalisation).
     """

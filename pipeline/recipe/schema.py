@@ -96,14 +96,20 @@ class SplitSection(Strict):
         0.1, description="share of `data.source` held out for validation (ignored with `data.validation_source`)")
     test: Fraction = Field(
         0.2, description="share of `data.source` held out for test (ignored with `data.test_source`)")
+    router: Fraction = Field(
+        0.0, description="share of `data.source` held out as the router split (`prep/router.jsonl`; ignored with "
+        "`data.router_source`): the expert does not train on it, thresholds are not chosen on it, and eval asks "
+        "every routing tier on it so the triage router learns from their outcomes. Carved after test and "
+        "validation within each stratum, so those two keep the rows they have without it")
     seed: Seed = Field(13, description="seed of the split and of the few-shot draw (`data.fewshot`)")
     stratify: bool = Field(True, description="classification: split each label's rows in the same proportions "
                              "(multilabel: each label set's)")
 
     @model_validator(mode="after")
     def _leave_training_data(self) -> SplitSection:
-        if self.validation + self.test >= 0.9:
-            raise ValueError("validation + test must leave at least 10% of rows for training")
+        if self.validation + self.test + self.router >= 0.9:
+            raise ValueError(f"validation + test + router ({self.validation} + {self.test} + {self.router}) must "
+                             "leave at least 10% of rows for training; lower one of them")
         return self
 
 HF_PREFIX = "hf:"
@@ -195,6 +201,10 @@ class DataSection(Strict):
     test_source: DataSource | None = Field(
         None, description="a fixed test split of your own (same formats; an `hf:` source reads its `test` "
         "split); that split is then not carved from `data.source`")
+    router_source: DataSource | None = Field(
+        None, description="a fixed router split of your own, its rows as they are (same formats, `data.format`'s "
+        "logs included: the logged frontier answer is then the target, so the router learns agreement with it; an "
+        "`hf:` source reads its `train` split); the router split is then not carved from `data.source`")
     format: Literal["table", "chat", "gateway", "openai_batch", "mlflow_traces"] = Field(
         "table", description="what a source's rows are: `table` (rows mapped by `data.fields`), `chat` (OpenAI "
         "fine-tuning JSONL, `{\"messages\": [...]}`: the last assistant turn is the target), `gateway` (LLM "
@@ -214,8 +224,8 @@ class DataSection(Strict):
         None, description="`table` sources: which fields of a row hold the input, the target and the id "
         "(required there; log formats have their own shape)")
     split: SplitSection = Field(
-        SplitSection(), description="how `data.source` is split into train, validation and test: seeded, "
-        "deterministic, each split in source order")
+        SplitSection(), description="how `data.source` is split into train, validation, test and (with "
+        "`data.split.router`) router: seeded, deterministic, each split in source order")
     teacher: TeacherSection | None = Field(
         None, description="`table` sources: rows whose target is missing, null or empty are labelled by this "
         "endpoint (`expert label` or prep); each row keeps its provenance (`gold`, `teacher:<model>`)")
@@ -242,6 +252,11 @@ class DataSection(Strict):
         0.05, description="above this share of rejected rows prep fails with exit 2 and a summary by reason")
     fewshot: Annotated[int, Field(ge=0)] = Field(
         5, description="examples drawn from train into `prep/fewshot.json` for prompted baselines (`shots`)")
+
+    @property
+    def has_router_split(self) -> bool:
+        """Whether prep writes a router split: carved (`split.router`) or read (`router_source`)."""
+        return self.router_source is not None or self.split.router > 0
 
 
 class AdapterSection(Strict):
@@ -656,7 +671,7 @@ class Recipe(Strict):
                 raise ValueError("data -> teacher: logs already hold the frontier's answers; remove `teacher`")
             if data.fields is not None:
                 raise ValueError(f"data -> fields: `{data.format}` logs have their own shape; remove `fields`")
-            for key in ("source", "validation_source", "test_source"):
+            for key in ("source", "validation_source", "test_source", "router_source"):
                 source = getattr(data, key)
                 traces = isinstance(source, str) and source.startswith(TRACES_PREFIX)
                 if data.format == "mlflow_traces" and source is not None and not traces:
@@ -667,11 +682,11 @@ class Recipe(Strict):
             if (data.format == "openai_batch") != (data.batch_requests is not None):
                 raise ValueError("data -> batch_requests: the Batch API input file goes with `format: openai_batch` "
                                  "(and only with it)")
-            if data.format == "openai_batch" and (data.validation_source or data.test_source):
+            if data.format == "openai_batch" and (data.validation_source or data.test_source or data.router_source):
                 raise ValueError("data: `openai_batch` reads one output/input pair from data.source and "
                                  "data.batch_requests; split it with data.split instead of fixed sources")
             return self._data_fits_task()
-        for key in ("source", "validation_source", "test_source"):
+        for key in ("source", "validation_source", "test_source", "router_source"):
             if str(getattr(data, key)).startswith(TRACES_PREFIX):
                 raise ValueError(f"data -> {key}: MLflow traces are read with `format: mlflow_traces`")
         if data.input != "last_user" or data.batch_requests is not None:
@@ -828,7 +843,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
 def load_recipe(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, validate and resolve a recipe file, with `--set key=value` `overrides` applied before validation.
 
-    Relative `data.source`, `data.validation_source` and `data.test_source`
+    Relative `data.source`, `data.validation_source`, `data.test_source` and `data.router_source`
     paths resolve against the recipe file's directory, so a recipe means the
     same thing whatever directory it is run from.
     """
@@ -852,7 +867,7 @@ def load_recipe(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
         where = f"{path} with --set {' --set '.join(overrides)}" if overrides else path
         raise UserError(format_validation_error(where, err)) from None
     resolved = {}
-    for key in ("source", "validation_source", "test_source", "batch_requests"):
+    for key in ("source", "validation_source", "test_source", "router_source", "batch_requests"):
         source = getattr(recipe.data, key)
         if isinstance(source, Path) and not source.is_absolute():
             resolved[key] = (path.parent / source).resolve()

@@ -1,6 +1,7 @@
 """Stage 1, prep: load the user's data, reject bad rows loudly, split, render chat prompts.
 
-Outputs (under `prep/`): `train.jsonl`, `validation.jsonl`, `test.jsonl` (each
+Outputs (under `prep/`): `train.jsonl`, `validation.jsonl`, `test.jsonl` and,
+with `data.split.router` or `data.router_source`, `router.jsonl` (each
 row: id, text, target, and the TRL prompt/completion chat messages),
 `spec.json` (the label set or JSON Schema), `fewshot.json` (examples drawn from
 train for prompted baselines), `rejected.jsonl` (every rejected row with its
@@ -39,7 +40,7 @@ from pipeline.data.row_checks import (
     scrub_records,
     spec_of,
 )
-from pipeline.data.splitting import SPLITS, fewshot_examples, split_examples
+from pipeline.data.splitting import ROUTER, fewshot_examples, split_examples, split_names
 from pipeline.data.token_count import enforce_max_tokens
 from pipeline.errors import UserError
 from pipeline.files import (
@@ -66,7 +67,7 @@ STAGE = "prep"
 
 
 def outputs_of(recipe: Recipe) -> list[str]:
-    names = [f"{s}.jsonl" for s in SPLITS]
+    names = [f"{s}.jsonl" for s in split_names(recipe)]
     names += ["spec.json", "fewshot.json", "stats.json", "report.md", "rejected.jsonl", "truncated.jsonl", contracts.RECORD]
     if tasks.for_type(recipe.task.type).label_set:
         names.append("class_distribution.png")
@@ -170,10 +171,12 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
                                 "add data or change the split fractions")
         for name, rows in splits.items():
             atomic_write_jsonl(out / f"{name}.jsonl", (render(e, system, task, spec) for e in rows))
+        if ROUTER not in splits:  # a router split an earlier prep wrote is no split of this recipe's
+            (out / f"{ROUTER}.jsonl").unlink(missing_ok=True)
         atomic_write_json(out / "spec.json", {"task": recipe.task.type, "spec": spec, "system_prompt": system,
                                                "baseline_system_prompt": baseline_system})
         atomic_write_json(out / "fewshot.json", fewshot_examples(splits["train"], recipe, task, spec))
-        fingerprint = data_fingerprint(recipe, [out / f"{s}.jsonl" for s in SPLITS])
+        fingerprint = data_fingerprint(recipe, [out / f"{s}.jsonl" for s in splits])
         stats = build_stats(splits, rejected, truncated, recipe, fingerprint, pii_found, labelled)
         atomic_write_json(out / "stats.json", stats)
         if task.label_set:

@@ -4,6 +4,7 @@ console table and the `prep` MLflow run."""
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from collections import Counter, defaultdict
@@ -14,7 +15,7 @@ from rich.table import Table
 
 from pipeline import tasks
 from pipeline.console import console
-from pipeline.data.splitting import SPLITS
+from pipeline.data.splitting import ROUTER
 from pipeline.evaluation.stats import label_mix_differs, label_mix_shift, moved_labels
 from pipeline.files import file_hash
 from pipeline.recipe.schema import Recipe
@@ -25,10 +26,30 @@ REPORT_EXAMPLES = 5
 
 
 def data_fingerprint(recipe: Recipe, split_files: list[Path]) -> str:
-    h = hashlib.sha256(recipe.section_hash("data", "task").encode())
+    h = hashlib.sha256(_data_and_task_hash(recipe).encode())
     for p in split_files:
         h.update(file_hash(p).encode())
     return h.hexdigest()
+
+
+def _data_and_task_hash(recipe: Recipe) -> str:
+    """`recipe.section_hash("data", "task")`, except that a recipe without a router split hashes as if the router
+    keys did not exist: its fingerprint stays the one it had before they did, so promotion still compares it
+    with the champion evaluated then."""
+    payload = {s: recipe.model_dump(mode="json", by_alias=True)[s] for s in ("data", "task")}
+    if not recipe.data.has_router_split:
+        del payload["data"]["router_source"], payload["data"]["split"]["router"]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def router_source(recipe: Recipe) -> str | None:
+    """Where the router split's rows come from, in words; None without one."""
+    if recipe.data.router_source is not None:
+        source = recipe.data.router_source
+        return f"data.router_source: {source if isinstance(source, str) else source.name}"
+    if recipe.data.split.router > 0:
+        return f"carved from data.source, {recipe.data.split.router * 100:g}%"
+    return None
 
 
 def percentiles(values: list[int]) -> dict[str, int]:
@@ -67,13 +88,15 @@ def build_stats(splits, rejected, truncated, recipe: Recipe, fingerprint: str, p
         "pii": {"policy": recipe.data.pii, "found": dict(sorted(pii_found.items()))},
         "teacher": labelled,  # data.teacher: rows labelled, failed, cost, agreement with gold
     }
+    if ROUTER in splits:  # what the triage router learns from, and where it came from
+        stats["router"] = {"rows": len(splits[ROUTER]), "source": router_source(recipe)}
     task = tasks.for_type(recipe.task.type)
     if task.label_set:
         labels = {s: [label for e in rows for label in task.labels_of(e.target)] for s, rows in splits.items()}
         stats["classes"] = {s: dict(sorted(Counter(labels[s]).items())) for s in splits}
         # thresholds and checkpoints chosen on validation hold on test only if the two look alike
         stats["label_mix"] = {f"{a}_vs_test": label_mix_shift(labels[a], labels["test"])
-                              for a in ("train", "validation") if splits[a] and splits["test"]}
+                              for a in ("train", "validation", ROUTER) if splits.get(a) and splits["test"]}
     return stats
 
 
@@ -87,7 +110,7 @@ def plot_class_distribution(classes: dict[str, dict[str, int]], path: Path) -> N
     labels = sorted({label for counts in classes.values() for label in counts})
     fig, ax = plt.subplots(figsize=(8, max(2.5, 0.22 * len(labels) + 1)))
     left = [0] * len(labels)
-    for split in SPLITS:
+    for split in classes:
         values = [classes[split].get(label, 0) for label in labels]
         ax.barh(labels, values, left=left, label=split)
         left = [a + b for a, b in zip(left, values)]
@@ -109,6 +132,9 @@ def render_report(recipe: Recipe, stats: dict[str, Any], rejected, truncated) ->
     lines += ["## Rows", "", "| split | rows |", "|---|---|"]
     lines += [f"| {s} | {n} |" for s, n in stats["rows"].items()]
     lines += [f"| rejected | {stats['rejected_total']} |", ""]
+    if "router" in stats:
+        lines += [f"Router split: {stats['router']['rows']} rows, {stats['router']['source']}; the expert does not "
+                  "train on it and eval asks every routing tier on it, for the triage router to learn from.", ""]
     lines += [
         f"Duplicates removed: {stats['duplicates_removed']}; leakage removed: {stats['leakage_removed']}; "
         f"truncated to data.max_tokens={stats['max_tokens']}: {stats['truncated']} (policy `{stats['max_tokens_policy']}`).",
@@ -150,15 +176,16 @@ def render_report(recipe: Recipe, stats: dict[str, Any], rejected, truncated) ->
             lines.append(f"Agreement with gold on {agreement['rows']} gold rows: {agreement['agreement']:.3f} "
                          f"(Wilson 95% interval {low:.3f}-{high:.3f}).")
         lines.append("")
+    splits = list(stats["rows"])
     sources = sorted({p for counts in stats["provenance"].values() for p in counts})
-    lines += ["## Label sources", "", "| source | " + " | ".join(SPLITS) + " |", "|---" * (len(SPLITS) + 1) + "|"]
-    lines += [f"| {p} | " + " | ".join(str(stats["provenance"][s].get(p, 0)) for s in SPLITS) + " |" for p in sources]
+    lines += ["## Label sources", "", "| source | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
+    lines += [f"| {p} | " + " | ".join(str(stats["provenance"][s].get(p, 0)) for s in splits) + " |" for p in sources]
     lines.append("")
     if "classes" in stats:
-        lines += ["## Classes", "", "![rows per class](class_distribution.png)", "", "| class | " + " | ".join(SPLITS) + " |"]
-        lines.append("|---" * (len(SPLITS) + 1) + "|")
+        lines += ["## Classes", "", "![rows per class](class_distribution.png)", "", "| class | " + " | ".join(splits) + " |"]
+        lines.append("|---" * (len(splits) + 1) + "|")
         labels = sorted({label for counts in stats["classes"].values() for label in counts})
-        lines += [f"| {label} | " + " | ".join(str(stats["classes"][s].get(label, 0)) for s in SPLITS) + " |" for label in labels]
+        lines += [f"| {label} | " + " | ".join(str(stats["classes"][s].get(label, 0)) for s in splits) + " |" for label in labels]
         lines.append("")
         for pair, shift in stats.get("label_mix", {}).items():
             if shift["p_value"] is not None:
@@ -192,6 +219,8 @@ def print_stats(stats: dict[str, Any]) -> None:
         table.add_row(split, f"{n:,}", _fmt(t["prompt"]), _fmt(t["answer"]))
     table.add_row("rejected", f"{stats['rejected_total']:,}", "", "")
     console.print(table)
+    if "router" in stats:
+        console.print(f"router split: {stats['router']['rows']:,} rows, {stats['router']['source']}", highlight=False)
     sources = Counter()
     for counts in stats["provenance"].values():
         sources.update(counts)
@@ -229,7 +258,7 @@ def log_to_mlflow(recipe: Recipe, run: RunDir, stats: dict[str, Any], out: Path,
         for part in ("prompt", "answer"):
             metrics |= {f"tokens.{part}.{q}": v for q, v in stats["tokens"]["all"][part].items()}
         tracking.log_metrics(mlflow_client, mlflow_run_id, metrics)
-        tracking.log_split_inputs(mlflow_client, mlflow_run_id, recipe, run, list(SPLITS))
+        tracking.log_split_inputs(mlflow_client, mlflow_run_id, recipe, run, list(stats["rows"]))
         for name in ("stats.json", "report.md", "spec.json", "fewshot.json", "rejected.jsonl", "truncated.jsonl",
                      "class_distribution.png"):
             if (out / name).is_file():
