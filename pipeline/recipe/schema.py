@@ -659,6 +659,9 @@ class Recipe(Strict):
                 f"eval.routing.target.metric `{routing.target.metric}` does not apply to {self.task.type}; "
                 f"use one of {', '.join(sorted(allowed - {'valid_json_rate'}))}"
             )
+        if routing is not None and routing.triage is not None and not self.data.has_router_split:
+            raise ValueError("eval.routing.triage: routers learn from rows the expert did not train on; set "
+                             "data.split.router (e.g. 0.15) or data.router_source")
         return self
 
     @model_validator(mode="after")
