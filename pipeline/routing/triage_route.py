@@ -144,9 +144,12 @@ def choose(result: dict[str, Any], confidence_only: dict[str, Any] | None) -> di
     if not best["test"]["meets_target"]:
         return {"kept": False, "chosen": chosen, "why": (
             f"`{kind}` {how.replace('_', ' ')} misses the target on test ({best['test']['metric']:.4f})")}
-    versus = ("no confidence-only route reached the target" if confidence_only is None else
-              f"${-chosen['validation_cost_vs_confidence_only']:.4f} / 1k cheaper than confidence alone on "
-              f"validation (test: {-chosen['test_cost_vs_confidence_only']:+.4f})")
+    if confidence_only is None:
+        versus = "no confidence-only route reached the target"
+    else:
+        on_test = chosen["test_cost_vs_confidence_only"]
+        versus = (f"${-chosen['validation_cost_vs_confidence_only']:.4f} / 1k cheaper than confidence alone on "
+                  f"validation (on test ${abs(on_test):.4f} / 1k {'cheaper' if on_test <= 0 else 'dearer'})")
     return {"kept": True, "chosen": chosen, "why": f"`{kind}` {how.replace('_', ' ')}: {versus}, target met on test"}
 
 

@@ -113,6 +113,8 @@ def render_report(recipe: Recipe, metrics, skipped, comparisons, calibration, ca
                          f"{_fmt(p['cost_per_1k'], '.4f')} |")
     if recipe.eval.routing is not None:
         lines += ["", "## Routing across tiers", ""] + route_lines(route)
+    if route.get("triage") and recipe.eval.routing is not None and recipe.eval.routing.triage is not None:
+        lines += ["", "## Triage", ""] + triage_lines(route)
     lines += tasks.for_type(recipe.task.type).report_lines(metrics)
     lines += ["", "## Verdict", ""] + [f"- {r}" for r in verdict["reasons"]]
     unparsed = {n: m["unparsed_ids"] for n, m in metrics.items() if m["unparsed_ids"]}
@@ -186,6 +188,64 @@ def route_lines(route: dict[str, Any]) -> list[str]:
                      f"{p['cost_per_1k']:.4f} | " + ", ".join(f"{s:.1%}" for s in p["shares"]) + " |")
     lines += ["", "Each tier alone on test: " + "; ".join(
         f"`{n}` {s['metric']:.4f} at {s['cost_per_1k']:.4f} / 1k" for n, s in route["singles"].items()) + "."]
+    return lines
+
+
+ROUTING_NAMES = {"confidence_only": "confidence only", "triage_only": "triage only",
+                 "triage_then_confidence": "triage then confidence"}
+
+
+def triage_lines(route: dict[str, Any]) -> list[str]:
+    """report.md's triage section: what the routers learned from, the three routings side by side on validation
+    and test, each router's own quality on test, and whether triage was kept and why."""
+    compared = route["triage"]
+    if "routers" not in compared:
+        return [f"No triage: {compared['reason']}."]
+    last = route["chain"][-1]
+    lines = [f"Routers learn from {compared['source']}: whether {compared['outcome']} "
+             f"({compared['expert_wrong_on_router']} such rows). A request starts at the highest tier whose cut-off "
+             "the router's score reaches; a tier it skips costs nothing and adds no time.", "",
+             f"| routing | router | cut-offs | thresholds | split | {route['target_metric']} (95% CI) | cost / 1k | "
+             f"latency p50 / p95 (ms) | starts | answers | cost saving vs `{last}` alone (95% CI) | "
+             f"quality vs `{last}` alone (95% CI) |", "|---" * 12 + "|"]
+    rows = [("confidence_only", "", compared["confidence_only"])]
+    rows += [(how, kind, r) for kind, entry in compared["routers"].items() for how, r in entry.get("routings", {}).items()]
+    for how, kind, option in rows:
+        if option is None or "reason" in option:
+            reason = "no route reached the target" if option is None else option["reason"]
+            lines.append(f"| {ROUTING_NAMES[how]} | {kind} | | | | {reason} |" + " |" * 6)
+            continue
+        for split in ("validation", "test"):
+            m = option[split]
+            vs = m["vs_last_tier"]
+            saving = ("n/a" if vs["cost_saving"] is None else f"{vs['cost_saving']:.1%} "
+                      f"({vs['cost_saving_interval_95'][0]:.1%} to {vs['cost_saving_interval_95'][1]:.1%})")
+            q = vs["quality_difference"]
+            lines.append(
+                f"| {ROUTING_NAMES[how]} | {kind} | " + ", ".join(f"{c:.4g}" for c in option.get("cutoffs", [])) +
+                " | " + ", ".join(f"{t:.4g}" for t in option["thresholds"]) +
+                f" | {split} | {m['metric']:.4f} ({m['metric_interval_95'][0]:.4f} to {m['metric_interval_95'][1]:.4f})"
+                f" | {m['cost_per_1k']:.4f} | {m['latency_ms_p50']:.1f} / {m['latency_ms_p95']:.1f} | "
+                + ", ".join(f"{n} {s:.1%}" for n, s in m.get("starts", {route['chain'][0]: 1.0}).items()) + " | "
+                + ", ".join(f"{n} {s:.1%}" for n, s in m["shares"].items()) +
+                f" | {saving} | {q['difference']:+.4f} ({q['ci_low']:+.4f} to {q['ci_high']:+.4f}) |")
+    lines += ["", "Each router on its own, on test (`caught`: of the requests the expert gets wrong, the share it "
+              "sends up; `needless`: of those it sends up, the share the expert gets right), with triage then "
+              "confidence's cut-offs:", "",
+              "| router | runs | ms / request | ROC AUC, router split (5-fold) | ROC AUC, test | caught | needless |",
+              "|---|---|---|---|---|---|---|"]
+    for kind, entry in compared["routers"].items():
+        if "routings" not in entry:
+            lines.append(f"| {kind} | not trained: {entry['reason']} | | | | | |")
+            continue
+        quality = entry["routings"]["triage_then_confidence"].get("router_on_test")
+        auc = entry["test_roc_auc"]
+        lines.append(f"| {kind} | {entry['runs']} | {entry['ms_per_request']:.2f} | "
+                     f"{entry['training']['cv_roc_auc']:.3f} | {_fmt(auc, '.3f')} | "
+                     + (f"{quality['caught']:.1%} | {quality['needless']:.1%} |" if quality else "n/a | n/a |"))
+    lines += ["", f"The expert's own confidence ranks its wrong test answers at ROC AUC "
+              f"{_fmt(compared['expert_confidence_test_roc_auc'], '.3f')}.", "",
+              ("**Triage kept**: " if compared["kept"] else "**Triage not kept**: ") + compared["why"] + "."]
     return lines
 
 
