@@ -10,6 +10,9 @@ the expert never saw, and appear in validation, router and test at their natural
 all 77 intents (prep checks every target against it), so an unseen-intent query gets a confident seen label, as in
 production. The split files and the recipe go under `--work` (never into the project: the data stays in
 ../shared).
+
+`prepare --dataset snips` does the same for SNIPS (extraction; test 4%, validation 4%, router 6%, stratified by
+intent, nothing held out), its expert trained for 260 steps.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared/data"
 SEED = 13
 HELD_OUT_INTENTS = 15
-FRACTIONS = {"test": 0.10, "validation": 0.10, "router": 0.15}
+FRACTIONS = {"banking77": {"test": 0.10, "validation": 0.10, "router": 0.15},
+             "snips": {"test": 0.04, "validation": 0.04, "router": 0.06}}
 
 
 def banking77_rows() -> tuple[list[dict], list[str]]:
@@ -37,19 +41,26 @@ def banking77_rows() -> tuple[list[dict], list[str]]:
     return rows, labels
 
 
-def split(rows: list[dict], labels: list[str]) -> tuple[dict[str, list[dict]], list[str]]:
-    """Seeded, stratified split; the held-out intents' train share is dropped (the expert never sees them)."""
+def snips_rows() -> list[dict]:
+    lines = (DATA / "snips/train.jsonl").read_text(encoding="utf-8").splitlines()
+    return [{"id": f"s{i}", **json.loads(line)} for i, line in enumerate(lines) if line.strip()]
+
+
+def split(rows: list[dict], fractions: dict[str, float], held_out: int,
+          labels: list[str]) -> tuple[dict[str, list[dict]], list[str]]:
+    """Seeded split, stratified by intent; the held-out intents' train share is dropped (the expert never sees
+    them)."""
     rng = random.Random(SEED)
-    unseen = sorted(rng.sample(sorted(labels), HELD_OUT_INTENTS))
+    unseen = sorted(rng.sample(sorted(labels), held_out)) if held_out else []
     by_intent: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_intent[row["intent"]].append(row)
-    out: dict[str, list[dict]] = {name: [] for name in ("train", *FRACTIONS)}
+    out: dict[str, list[dict]] = {name: [] for name in ("train", *fractions)}
     for intent in sorted(by_intent):
         members = by_intent[intent]
         rng.shuffle(members)
         start = 0
-        for name, fraction in FRACTIONS.items():
+        for name, fraction in fractions.items():
             count = round(len(members) * fraction)
             out[name] += members[start:start + count]
             start += count
@@ -58,28 +69,39 @@ def split(rows: list[dict], labels: list[str]) -> tuple[dict[str, list[dict]], l
     return out, unseen
 
 
-def recipe_for(work: Path, labels: list[str]) -> dict:
-    recipe = yaml.safe_load((ROOT / "recipes/banking77.yaml").read_text(encoding="utf-8"))
-    recipe["name"] = "triage-banking77"
-    recipe["task"]["labels"] = labels
+def recipe_for(dataset: str, work: Path, labels: list[str]) -> dict:
+    recipe = yaml.safe_load((ROOT / f"recipes/{dataset}.yaml").read_text(encoding="utf-8"))
+    recipe["name"] = f"triage-{dataset}"
     recipe["data"].update(source=str(work / "train.jsonl"), validation_source=str(work / "validation.jsonl"),
-                          test_source=str(work / "test.jsonl"), fields={"id": "id", "text": "text", "target": "intent"})
+                          test_source=str(work / "test.jsonl"))
     recipe["data"]["split"] = {"validation": 0.0, "test": 0.0, "seed": SEED, "stratify": True}
-    recipe["train"].update(epochs=1.0)
+    if dataset == "banking77":
+        recipe["task"]["labels"] = labels
+        recipe["data"]["fields"] = {"id": "id", "text": "text", "target": "intent"}
+        recipe["train"].update(epochs=1.0)
+        recipe["eval"]["gate"] = {"metric": "accuracy", "max_drop_vs_best_baseline": 1.0}
+    else:
+        recipe["data"]["fields"] = {"id": "id", "text": "text", "target": {"intent": "intent", "slots": "slots"}}
+        recipe["train"].update(max_steps=260, eval_steps=130)
+        recipe["eval"]["gate"] = {"metric": "field_exact_match", "max_drop_vs_best_baseline": 1.0}
     recipe["eval"]["baselines"] = []
-    recipe["eval"]["gate"] = {"metric": "accuracy", "max_drop_vs_best_baseline": 1.0}
-    recipe["registry"] = {"model_name": "triage-banking77"}
+    recipe["registry"] = {"model_name": f"triage-{dataset}"}
     return recipe
 
 
-def prepare(work: Path) -> None:
+def prepare(dataset: str, work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
-    rows, labels = banking77_rows()
-    splits, unseen = split(rows, labels)
+    if dataset == "banking77":
+        rows, labels = banking77_rows()
+    else:
+        rows, labels = snips_rows(), []
+    splits, unseen = split(rows, FRACTIONS[dataset], HELD_OUT_INTENTS if dataset == "banking77" else 0,
+                           labels or sorted({r["intent"] for r in rows}))
     for name, members in splits.items():
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in members), encoding="utf-8")
     (work / "unseen_intents.json").write_text(json.dumps(unseen, indent=1) + "\n", encoding="utf-8")
-    (work / "recipe.yaml").write_text(yaml.safe_dump(recipe_for(work, labels), sort_keys=False), encoding="utf-8")
+    (work / "recipe.yaml").write_text(yaml.safe_dump(recipe_for(dataset, work, labels), sort_keys=False),
+                                      encoding="utf-8")
     counts = {name: len(members) for name, members in splits.items()}
     print(f"wrote {work}: {counts}; unseen intents: {', '.join(unseen)}")
 
@@ -89,9 +111,10 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     prepare_parser = commands.add_parser("prepare", help="the split files and the recipe under --work")
     prepare_parser.add_argument("--work", type=Path, required=True)
+    prepare_parser.add_argument("--dataset", choices=sorted(FRACTIONS), default="banking77")
     args = parser.parse_args()
     if args.command == "prepare":
-        prepare(args.work.resolve())
+        prepare(args.dataset, args.work.resolve())
 
 
 if __name__ == "__main__":

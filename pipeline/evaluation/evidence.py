@@ -273,6 +273,21 @@ def flat_metrics(metrics: dict[str, Any], comparisons: dict[str, Any] | None = N
         if test["vs_last_tier"]["cost_saving"] is not None:
             out["route.test_cost_saving"] = test["vs_last_tier"]["cost_saving"]
         out["route.test_quality_vs_last_tier"] = test["vs_last_tier"]["quality_difference"]["difference"]
+        for name, share in test.get("starts", {}).items():  # triage kept: where requests started
+            out[f"route.test_start.{name}"] = share
+    compared = (route or {}).get("triage") or {}
+    if "routers" in compared:
+        out["triage.kept"] = float(compared["kept"])
+        for kind, entry in compared["routers"].items():
+            if "routings" not in entry:
+                continue
+            out[f"triage.{kind}.ms_per_request"] = entry["ms_per_request"]
+            if entry["test_roc_auc"] is not None:
+                out[f"triage.{kind}.test_roc_auc"] = entry["test_roc_auc"]
+            for how, routing in entry["routings"].items():
+                if "test" in routing:
+                    out[f"triage.{kind}.{how}.test_cost_per_1k"] = routing["test"]["cost_per_1k"]
+                    out[f"triage.{kind}.{how}.test_metric"] = routing["test"]["metric"]
     if cascade and cascade.get("threshold") is not None:
         out["cascade.threshold"] = cascade["threshold"]
         out["cascade.test_escalation_rate"] = cascade["test"]["escalation_rate"]

@@ -54,6 +54,8 @@ def triage_result(recipe, spec, splits, outputs, metrics, route: dict[str, Any],
                               "expert_wrong_on_router": int(wrong["router"].sum()), "routers": {}}
     confidence_only = route["options"].get(route["choose"])
     result["confidence_only"] = summary(confidence_only) if confidence_only else None
+    if confidence_only:
+        result["confidence_only"]["answers"] = route_search.routed(tiers["test"], confidence_only)
     routers: dict[str, Any] = {}
     for kind in section.routers:
         inputs = texts if kind == "text" else states
@@ -80,11 +82,35 @@ def triage_result(recipe, spec, splits, outputs, metrics, route: dict[str, Any],
     return result, routers
 
 
+PER_ROW = ("answers", "starts")
+
+
 def without_answers(result: dict[str, Any]) -> dict[str, Any]:
-    """The result as route.json keeps it: each routing's test answers left out (the kept one's are the route's)."""
-    return {**result, "routers": {kind: {**entry, "routings": {how: {k: v for k, v in r.items() if k != "answers"}
-                                                                for how, r in entry.get("routings", {}).items()}}
-                                  if "routings" in entry else entry for kind, entry in result["routers"].items()}}
+    """The result as route.json keeps it: each routing's test answers and starts left out (`test_answers` has
+    them, written to predictions/)."""
+    if "routers" not in result:
+        return result
+    routers = {kind: {**entry, "routings": {how: {k: v for k, v in r.items() if k not in PER_ROW}
+                                            for how, r in entry.get("routings", {}).items()}}
+               if "routings" in entry else entry for kind, entry in result["routers"].items()}
+    confidence_only = result["confidence_only"] and {k: v for k, v in result["confidence_only"].items()
+                                                     if k not in PER_ROW}
+    return {**result, "routers": routers, "confidence_only": confidence_only}
+
+
+def test_answers(result: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Per routing (`confidence_only`, `<router>.<routing>`), per test row: where it started and which tier
+    answered with what; what a reviewer reads to see where triage sent requests."""
+    out = {}
+    if result.get("confidence_only") and "answers" in result["confidence_only"]:
+        out["confidence_only"] = [{"start": None, "tier": tier, "prediction": answer}
+                                  for tier, answer in result["confidence_only"]["answers"]]
+    for kind, entry in result.get("routers", {}).items():
+        for how, r in entry.get("routings", {}).items():
+            if "answers" in r:
+                out[f"{kind}.{how}"] = [{"start": start, "tier": tier, "prediction": answer}
+                                        for start, (tier, answer) in zip(r["starts"], r["answers"], strict=True)]
+    return out
 
 
 def routing(how: str, metric, golds, tiers, spec, on: dict[str, Triage], section, route, target: float,
@@ -108,7 +134,7 @@ def routing(how: str, metric, golds, tiers, spec, on: dict[str, Triage], section
                           f"(best {max(p['metric'] for p in points):.4f})"}
     measured = {split: route_search.measure(metric, golds[split], tiers[split], spec, point, target, samples, seed,
                                             on[split]) for split in ("validation", "test")}
-    start, _ = route_search.plan_of(point, tiers["test"], on["test"])
+    start, answering = route_search.plan_of(point, tiers["test"], on["test"])
     sent_up = start > 0
     return {"cutoffs": point["cutoffs"], "thresholds": point["thresholds"], **measured,
             "router_on_test": {
@@ -116,7 +142,8 @@ def routing(how: str, metric, golds, tiers, spec, on: dict[str, Triage], section
                 "caught": float((sent_up & wrong_test).sum() / max(wrong_test.sum(), 1)),
                 "sent_up": int(sent_up.sum()),
                 "needless": float((sent_up & ~wrong_test).sum() / max(sent_up.sum(), 1))},
-            "answers": route_search.routed(tiers["test"], point, on["test"])}
+            "answers": route_search.routed(tiers["test"], point, on["test"]),
+            "starts": [tiers["test"][k].name for k in start]}
 
 
 def summary(option: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ inputs, the expert's metrics against that model and the test dataset, one trace 
 
 from __future__ import annotations
 
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -128,6 +129,7 @@ class Evidence:
     route: dict[str, Any]  # with `test_answers` (per test row: the answering tier and its answer) when routed
     verdict: dict[str, Any]
     routers: dict[str, Any] = field(default_factory=dict)  # triage routers trained, by kind
+    triage_answers: dict[str, Rows] = field(default_factory=dict)  # `triage_route.test_answers`
 
 
 def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> dict[str, Any]:
@@ -237,17 +239,18 @@ def decide(recipe: Recipe, task, spec: Any, collected: Collected) -> Evidence:
     metrics["expert"]["ece"] = calibration["ece"]
     cascade = cascade_result(recipe, spec, splits, outputs, metrics, skipped)
     route = route_search.route_result(recipe, spec, splits, outputs, metrics, skipped)
-    routers = {}
+    routers, triage_answers = {}, {}
     if wants_triage(recipe):
         compared, routers = triage_route.triage_result(recipe, spec, splits, outputs, metrics, route,
                                                        collected.states, collected.probe_seconds)
+        triage_answers = triage_route.test_answers(compared)
         route = (triage_route.route_with_triage(route, compared) if compared.get("kept")
                  else {**route, "triage": triage_route.without_answers(compared)})
     if recipe.eval.routing is not None and task.label_set and splits["validation"]:
         route["label_mix"] = stats.label_mix_shift(*([label for r in splits[s] for label in task.labels_of(r["target"])]
                                                      for s in ("validation", "test")))
     verdict = gate_verdict(recipe, metrics, skipped, comparisons, cascade, route)
-    return Evidence(metrics, comparisons, calibration, cascade, route, verdict, routers)
+    return Evidence(metrics, comparisons, calibration, cascade, route, verdict, routers, triage_answers)
 
 
 def write(out: Path, recipe: Recipe, spec: Any, collected: Collected, evidence: Evidence) -> None:
@@ -272,9 +275,13 @@ def write(out: Path, recipe: Recipe, spec: Any, collected: Collected, evidence: 
             {"id": e["id"], "target": e["target"], "prediction": answer, "tier": tier}
             for e, (tier, answer) in zip(test, route.pop("test_answers"), strict=True)])
     atomic_write_json(out / "route.json", route)
-    (out / "triage").mkdir(exist_ok=True)
+    shutil.rmtree(out / "triage", ignore_errors=True)  # an earlier eval's routers are not this one's
+    (out / "triage").mkdir()
     for kind, router in evidence.routers.items():
         triage.save(router, out / "triage" / kind)
+    for routing, answers in evidence.triage_answers.items():  # where each routing sent each test request
+        atomic_write_jsonl(out / "triage" / f"test.{routing}.jsonl", [
+            {"id": e["id"], "target": e["target"], **answer} for e, answer in zip(test, answers, strict=True)])
     atomic_write_json(out / "verdict.json", verdict)
     atomic_write_text(out / "report.md", render_report(recipe, metrics, collected.skipped, evidence.comparisons,
                                                        evidence.calibration, evidence.cascade, verdict, len(test), route))

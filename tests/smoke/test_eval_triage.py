@@ -71,8 +71,15 @@ def test_routers_trained_on_the_router_split_join_the_route_search(tiny_model_di
             quality = routing["router_on_test"]
             assert 0 <= quality["caught"] <= 1 and 0 <= quality["needless"] <= 1
             assert abs(sum(routing["test"]["starts"].values()) - 1) < 1e-9
+            per_row = [json.loads(line) for line in (out / f"triage/test.{kind}.{how}.jsonl").read_text().splitlines()]
+            assert [r["id"] for r in per_row] == [r["id"] for r in splits["test"]]
+            order = ["expert", "mid", "frontier"]
+            assert all(order.index(r["tier"]) >= order.index(r["start"]) for r in per_row), "no tier below the start"
+            for tier_name, share in routing["test"]["starts"].items():
+                assert abs(sum(r["start"] == tier_name for r in per_row) / len(per_row) - share) < 1e-9
             if how == "triage_only":
                 assert routing["thresholds"] == [0.0, 0.0], "whichever tier a request starts at answers it"
+                assert all(r["tier"] == r["start"] for r in per_row)
     # the decision follows its rule: cheaper than confidence alone on validation, and the target met on test
     chosen = compared["chosen"]
     if chosen is not None and compared["confidence_only"] is not None:
