@@ -45,12 +45,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 def shipped_recipe(recipe_file: str, **overrides) -> dict:
-    """A shipped recipe as a dict, with `data.source` made absolute and keys overridden the way `--set` does
-    (`pipeline.recipe.schema.apply_overrides`): `shipped_recipe("x", **{"train.epochs": 3})`."""
+    """A shipped recipe as a dict, with `data.source` and the baselines' stand-in files made absolute and keys
+    overridden the way `--set` does (`pipeline.recipe.schema.apply_overrides`): `shipped_recipe("x", **{"train.epochs":
+    3})`. Overriding `eval.baselines` drops the shipped `eval.routing` (its tiers name the shipped baselines) unless
+    `eval.routing` is overridden too."""
     from pipeline.recipe.schema import apply_overrides
 
     recipe = yaml.safe_load((ROOT / "recipes" / f"{recipe_file}.yaml").read_text())
     recipe["data"]["source"] = str((ROOT / "recipes" / recipe["data"]["source"]).resolve())
+    for baseline in recipe.get("eval", {}).get("baselines", []):
+        if "stand_in" in baseline:
+            baseline["stand_in"]["path"] = str((ROOT / "recipes" / baseline["stand_in"]["path"]).resolve())
+    if "eval.baselines" in overrides and "eval.routing" not in overrides:
+        recipe.get("eval", {}).pop("routing", None)
     sets = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]  # JSON is YAML
     return apply_overrides(recipe, sets)
 

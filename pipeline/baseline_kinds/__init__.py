@@ -29,6 +29,9 @@ class BaselineKind(Protocol):
 
     KIND: str  # the `kind:` value in the recipe
     SECTION: type  # its recipe section class in pipeline/recipe/schema.py (its keys, checked at validation)
+    # whether it is frontier-kind (a hosted model's answers, live or recorded): a decision reached without any
+    # such baseline says so, since beating only local baselines is no evidence against the frontier
+    FRONTIER: bool
 
     def load(self, baseline: BaselineSection, splits: dict[str, Rows], task: Any, spec: Any) -> Any:
         """What the kind reads before any model loads or any call is paid for (so bad inputs fail first), handed

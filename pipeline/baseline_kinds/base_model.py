@@ -21,6 +21,7 @@ from pipeline.recipe.schema import BaseModelBaseline, Recipe
 
 KIND = "base_model"
 SECTION = BaseModelBaseline
+FRONTIER = False  # the untuned base model: beating it says nothing about the frontier
 
 
 def load(baseline: BaseModelBaseline, splits: dict[str, Rows], task: Any, spec: Any) -> None:

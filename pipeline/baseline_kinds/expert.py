@@ -15,6 +15,7 @@ from pipeline.recipe.schema import ExpertBaseline, Recipe
 
 KIND = "expert"
 SECTION = ExpertBaseline
+FRONTIER = False  # another expert of this task, on this machine
 
 
 def load(baseline: ExpertBaseline, splits: dict[str, Rows], task: Any, spec: Any) -> None:

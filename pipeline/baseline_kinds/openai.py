@@ -1,9 +1,11 @@
 """`kind: openai`: an OpenAI-compatible endpoint asked with the baselines' prompt (answers cached, so a rerun
 pays nothing again); priced by its token usage; confidence from log-probabilities or k samples; the one kind
-serving and `expert predict` can ask live."""
+serving and `expert predict` can ask live. Without its key, its `stand_in` (recorded answers, read like a
+`predictions` file) answers in eval, so a comparison and a route can be shown; serving never asks a stand-in."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,19 +16,35 @@ from pipeline.evaluation.baselines import (
     Rows,
     ask_frontier,
     baseline_rows,
+    load_recorded,
 )
-from pipeline.recipe.schema import OpenAIBaseline, Recipe
+from pipeline.files import file_hash
+from pipeline.recipe.schema import OpenAIBaseline, Recipe, StandIn
 from pipeline.routing import frontier
 
 KIND = "openai"
 SECTION = OpenAIBaseline
+FRONTIER = True  # a hosted model the expert would replace (its stand-in records such a model's answers)
 
 
-def load(baseline: OpenAIBaseline, splits: dict[str, Rows], task: Any, spec: Any) -> None:
-    return None
+def stand_in(baseline: OpenAIBaseline) -> StandIn | None:
+    """The recorded answers eval uses for this baseline: its `stand_in` when its key is not set, else None (the
+    endpoint is asked). A `required` baseline is never stood in for: without its key it is an error
+    (`frontier.api_key`)."""
+    if baseline.required or os.environ.get(baseline.api_key_env):
+        return None
+    return baseline.stand_in
+
+
+def load(baseline: OpenAIBaseline, splits: dict[str, Rows], task: Any, spec: Any) -> dict[str, Rows] | None:
+    recorded = stand_in(baseline)
+    return None if recorded is None else load_recorded(baseline, splits, task, spec, recorded)
 
 
 def answer(baseline: OpenAIBaseline, splits: dict[str, Rows], ctx: BaselineContext) -> BaselineResult:
+    recorded = stand_in(baseline)
+    if recorded is not None:
+        return BaselineResult({s: ctx.loaded[baseline.name][s] for s in splits}, stand_in=recorded)
     key = frontier.api_key(baseline)
     if key is None:
         return BaselineResult(None, skipped=f"environment variable {baseline.api_key_env} is not set")
@@ -44,6 +62,8 @@ def cost_per_1k(baseline: OpenAIBaseline, test_rows: Rows, recipe: Recipe) -> fl
 
 
 def confidence_source(baseline: OpenAIBaseline) -> str | None:
+    if stand_in(baseline) is not None:
+        return "the recorded `confidence` per line of its stand-in"
     if not baseline.gives_confidence():
         return None
     if baseline.samples > 1:
@@ -53,4 +73,8 @@ def confidence_source(baseline: OpenAIBaseline) -> str | None:
 
 
 def staleness_inputs(baseline: OpenAIBaseline, run_path: Path) -> dict[str, str]:
-    return {}
+    """Its stand-in file while that answers (so a changed file, or a key set since, makes eval run again)."""
+    recorded = stand_in(baseline)
+    if recorded is None or not recorded.path.is_file():
+        return {}
+    return {f"stand_in:{baseline.name}": file_hash(recorded.path)}

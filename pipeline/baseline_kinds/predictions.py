@@ -19,6 +19,7 @@ from pipeline.routing import frontier
 
 KIND = "predictions"
 SECTION = PredictionsBaseline
+FRONTIER = True  # recorded output of a system run elsewhere: by convention a frontier model's
 
 
 def load(baseline: PredictionsBaseline, splits: dict[str, Rows], task: Any, spec: Any) -> dict[str, Rows]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.evaluation.evidence import flat_metrics
+from pipeline.evaluation.evidence import flat_metrics, stand_in_note
 from pipeline.run import tracking
 from pipeline.run.stage_documents import (
     MetricsDocument,
@@ -24,9 +24,10 @@ from pipeline.run.stage_documents import (
 
 
 def _summary(label: str, metrics_doc: MetricsDocument, verdict: VerdictDocument, fingerprint: str) -> dict[str, Any]:
+    stand_ins = {name: m["stand_in"] for name, m in metrics_doc.systems.items() if m.get("stand_in")}
     return {"label": label, "metrics": flat_metrics(metrics_doc.systems, metrics_doc.comparisons),
-            "verdict": "pass" if verdict.passed else "fail", "decision": verdict.decision or "?",
-            "fingerprint": fingerprint}
+            "verdict": "pass" if verdict.passed else "fail", "decision": verdict.decision_text(),
+            "stand_ins": stand_ins, "fingerprint": fingerprint}
 
 
 def describe_item(ref: str) -> dict[str, Any]:
@@ -67,6 +68,7 @@ def describe_item(ref: str) -> dict[str, Any]:
 
 
 def compare_table(refs: list[str]):
+    from rich.markup import escape
     from rich.table import Table
 
     items = [describe_item(r) for r in refs]
@@ -80,6 +82,9 @@ def compare_table(refs: list[str]):
     keys = sorted({k for i in items for k in i["metrics"]}, key=lambda k: (not k.startswith("expert."), k))
     for key in keys:
         table.add_row(key, *(f"{i['metrics'][key]:.4f}" if key in i["metrics"] else "-" for i in items))
+    table.add_row("recorded stand-ins", *(", ".join(i["stand_ins"]) or "none" for i in items))
+    captions = [f"{i['label']}: {stand_in_note(name, stand_in)}" for i in items for name, stand_in in i["stand_ins"].items()]
     if len({i["fingerprint"] for i in items}) > 1:
-        table.caption = "different data fingerprints: these were measured on different test sets"
+        captions.append("different data fingerprints: these were measured on different test sets")
+    table.caption = escape("\n".join(captions)) if captions else None
     return table

@@ -11,7 +11,7 @@ from typing import Any
 from pipeline.console import console
 from pipeline.errors import UserError
 from pipeline.evaluation.inference import _progress
-from pipeline.recipe.schema import BaselineSection, Recipe
+from pipeline.recipe.schema import BaselineSection, Recipe, StandIn
 from pipeline.routing import frontier
 from pipeline.run.rundir import RunDir
 
@@ -38,6 +38,7 @@ class BaselineContext:
 class BaselineResult:
     outputs: dict[str, Rows] | None  # split -> rows; None when skipped
     skipped: str | None = None
+    stand_in: StandIn | None = None  # the recorded answers that answered in the system's place, when they did
 
 
 def load_fewshot(run: RunDir, recipe: Recipe) -> list[dict[str, Any]]:
@@ -92,11 +93,14 @@ def baseline_rows(
     return [{**row, "prompt": baseline_prompt(system_prompt, row["prompt"], examples)} for row in rows]
 
 
-def load_recorded(baseline: BaselineSection, splits: dict[str, list[dict[str, Any]]], task, spec) -> dict[str, list]:
-    """Recorded outputs matched to each split's rows by id; every needed id must be there."""
-    path = baseline.path
+def load_recorded(baseline: BaselineSection, splits: dict[str, list[dict[str, Any]]], task, spec,
+                  stand_in: StandIn | None = None) -> dict[str, list]:
+    """Recorded outputs matched to each split's rows by id; every needed id must be there. They are the file of a
+    `predictions` baseline's `path`, or of the `stand_in` given (an `openai` baseline's recorded answers)."""
+    path = baseline.path if stand_in is None else stand_in.path
     if not path.is_file():
-        raise UserError(f"eval.baselines `{baseline.name}` -> path: {path} does not exist")
+        key = "path" if stand_in is None else "stand_in -> path"
+        raise UserError(f"eval.baselines `{baseline.name}` -> {key}: {path} does not exist")
     by_id: dict[str, dict[str, Any]] = {}
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():

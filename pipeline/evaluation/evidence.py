@@ -4,9 +4,10 @@ and the rows and flat metrics written to disk and MLflow."""
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 from typing import Any
 
-from pipeline import tasks
+from pipeline import baseline_kinds, tasks
 from pipeline.evaluation import stats
 from pipeline.recipe.schema import Recipe
 from pipeline.routing import route_search
@@ -26,7 +27,10 @@ def _percentile_ms(values: list[float], q: float) -> float | None:
     return 1000 * (ordered[low] + (ordered[high] - ordered[low]) * (k - low))
 
 
-def system_metrics(recipe: Recipe, task, spec, examples, rows, costs: dict[str, float | None], name: str) -> dict[str, Any]:
+def system_metrics(recipe: Recipe, task, spec, examples, rows, costs: dict[str, float | None], name: str,
+                   stand_in: dict[str, str] | None = None) -> dict[str, Any]:
+    """A system's metrics on test; `stand_in` (`{rule, path}`) when recorded answers stood in for it (null else),
+    so every table that shows the system can say so."""
     m = task.metrics([e["target"] for e in examples], [r["prediction"] for r in rows], spec)
     latencies = [r["latency_s"] for r in rows if r.get("latency_s") is not None]
     m["latency_ms_p50"] = _percentile_ms(latencies, 0.5)
@@ -35,6 +39,7 @@ def system_metrics(recipe: Recipe, task, spec, examples, rows, costs: dict[str, 
     m["errors"] = sum(1 for r in rows if r.get("error"))
     m["rows"] = len(rows)
     m["unparsed_ids"] = [str(e["id"]) for e, r in zip(examples, rows) if r["prediction"] is None]
+    m["stand_in"] = stand_in
     if name in costs:  # a baseline: as its kind prices it
         m["cost_per_1k"] = costs[name]
     else:  # the expert: measured machine seconds per request at the recipe's hourly price
@@ -230,6 +235,8 @@ def gate_verdict(recipe: Recipe, metrics: dict[str, Any], skipped: dict[str, str
         "incomplete_baselines": incomplete,
         "failed_rows": {n: m.get("errors", 0) for n, m in metrics.items()},
         "reasons": reasons,
+        "frontier_baselines": [b.name for b in recipe.eval.baselines
+                               if b.name in metrics and baseline_kinds.of(b).FRONTIER],
     }
 
 
@@ -297,11 +304,22 @@ def flat_metrics(metrics: dict[str, Any], comparisons: dict[str, Any] | None = N
     return out
 
 
+def system_label(name: str, metrics: dict[str, Any]) -> str:
+    """A system's name as every table shows it: marked when recorded answers stood in for it."""
+    return f"{name} (recorded stand-in)" if metrics.get("stand_in") else name
+
+
+def stand_in_note(name: str, stand_in: dict[str, str]) -> str:
+    """Under a table: which system's answers were a recorded stand-in, from which file, made how."""
+    return (f"`{name}` is a recorded stand-in, not the live endpoint (its key was not set): answers from "
+            f"`{Path(stand_in['path']).name}`; {stand_in['rule']}")
+
+
 def evidence_markdown(recipe: Recipe, metrics: dict[str, Any], verdict: VerdictDocument, test_rows: int) -> str:
     """The verdict and its evidence in a few Markdown lines: the eval run's description in the MLflow UI, the
     registered version's (push adds the promotion), and what `expert compare` prints under its table."""
     gate = verdict.metric
-    lines = [f"**Decision: {verdict.decision}** (gate {'passed' if verdict.passed else 'failed'} on `{gate}`, "
+    lines = [f"**Decision: {verdict.decision_text()}** (gate {'passed' if verdict.passed else 'failed'} on `{gate}`, "
              f"{test_rows} test examples of `{recipe.name}`, expert on `{recipe.model.base}`)", ""]
     lines += [f"- {reason}" for reason in verdict.reasons]
     lines += ["", f"| system | {gate} | cost / 1k requests | latency p50 |", "|---|---|---|---|"]
@@ -309,7 +327,8 @@ def evidence_markdown(recipe: Recipe, metrics: dict[str, Any], verdict: VerdictD
         cost = "-" if m.get("cost_per_1k") is None else f"${m['cost_per_1k']:.4f}"
         latency = "-" if m.get("latency_ms_p50") is None else f"{m['latency_ms_p50']:.0f} ms"
         value = m.get(gate)
-        lines.append(f"| {name} | {'-' if value is None else f'{value:.4f}'} | {cost} | {latency} |")
+        lines.append(f"| {system_label(name, m)} | {'-' if value is None else f'{value:.4f}'} | {cost} | {latency} |")
+    lines += [f"\n{stand_in_note(name, m['stand_in'])}" for name, m in metrics.items() if m.get("stand_in")]
     for name, why in verdict.skipped_baselines.items():
         lines.append(f"\n`{name}` did not run: {why}")
     return "\n".join(lines)

@@ -365,6 +365,19 @@ class _Baseline(Strict):
         return True
 
 
+class StandIn(Strict):
+    """Recorded answers that stand in for an `openai` baseline in eval when its key is not set, so a comparison
+    and a route can be shown without one; every report labels them as a recorded stand-in with their rule."""
+
+    path: Path = Field(
+        description="a JSONL file of recorded answers in the format of a `predictions` baseline's `path` (`id`, "
+        "`output`, optional `input_tokens`, `output_tokens`, `latency_ms`, `confidence`), one line per example; "
+        "relative to the recipe's folder")
+    rule: str = Field(
+        min_length=1, description="how the answers were made (their accuracy, the token counts they are priced "
+        "by, their latency): printed beside the system wherever it is shown")
+
+
 class OpenAIBaseline(_Baseline):
     """Any OpenAI-compatible chat-completions endpoint, through the official SDK, with the baselines' prompt.
     Successful answers are cached in SQLite (`$EXPERT_CACHE/responses.sqlite`) keyed by endpoint, model, messages
@@ -397,6 +410,10 @@ class OpenAIBaseline(_Baseline):
         "whose endpoint gives no log-probabilities; output tokens cost k times)")
     sample_temperature: Annotated[float, Field(gt=0, le=2)] = Field(
         1.0, description="the sampling temperature when `samples` > 1")
+    stand_in: StandIn | None = Field(
+        None, description="recorded answers eval uses in place of the endpoint when `api_key_env` is not set "
+        "(priced by their token counts at `price_per_mtok`; confidence and latency as recorded); with the key set "
+        "the endpoint is asked. Evidence for eval only: serving and `expert predict` never escalate to a stand-in")
 
     escalation_target: ClassVar[bool] = True
     asked_live: ClassVar[bool] = True
@@ -878,6 +895,8 @@ def load_recipe(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
     baselines = [  # recorded predictions files and other experts' runs, like data.source, are relative to the recipe
         b.model_copy(update={"path": (path.parent / b.path).resolve()})
         if isinstance(b, PredictionsBaseline) and not b.path.is_absolute() else
+        b.model_copy(update={"stand_in": b.stand_in.model_copy(update={"path": (path.parent / b.stand_in.path).resolve()})})
+        if isinstance(b, OpenAIBaseline) and b.stand_in is not None and not b.stand_in.path.is_absolute() else
         b.model_copy(update={"run_dir": (path.parent / b.run_dir).resolve()})
         if isinstance(b, ExpertBaseline) and b.run_dir is not None and not b.run_dir.is_absolute() else b
         for b in recipe.eval.baselines

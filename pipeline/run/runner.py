@@ -105,16 +105,21 @@ def print_summary(recipe: Recipe, run: RunDir) -> None:
 
     from pipeline.run.stage_documents import read_metrics, read_verdict
     from pipeline.run.tracking import configure
-    from pipeline.stages.eval_report import summary_table
+    from pipeline.stages.eval_report import route_summary, summary_table
 
     metrics, verdict = read_metrics(run.path / "eval/metrics.json"), read_verdict(run.path / "eval/verdict.json")
     registered = json.loads((run.path / "push/registered.json").read_text(encoding="utf-8"))
+    route_file = run.path / "eval/route.json"
+    route = json.loads(route_file.read_text(encoding="utf-8")) if route_file.is_file() else {}
     out = Console(soft_wrap=True)
     out.print(summary_table(metrics.systems, metrics.skipped, recipe.eval.gate.metric))
+    line = route_summary(route, metrics.systems)
+    if line:
+        out.print(line, markup=False)
     out.print(
-        f"verdict: {'PASS' if verdict.passed else 'FAIL'}; registered {registered['model_name']} "
-        f"v{registered['version']} as {', '.join('@' + a for a in registered['aliases'])}"
-    )
+        f"verdict: {'PASS' if verdict.passed else 'FAIL'}; decision: {verdict.decision_text()}; registered "
+        f"{registered['model_name']} v{registered['version']} as {', '.join('@' + a for a in registered['aliases'])}",
+        markup=False)
     out.print(f"run directory: {run.path}  (report: {run.path / 'eval/report.md'})")
     uri = configure()
     if uri.startswith("sqlite:"):

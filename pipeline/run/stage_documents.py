@@ -86,8 +86,26 @@ class VerdictDocument(Document):
     route: RouteChoice | None = None
     skipped_baselines: dict[str, str] = {}
     incomplete_baselines: dict[str, dict[str, int]] = {}
-    failed_rows: dict[str, int] = {}
+    failed_rows: dict[str, int] = {}  # by every system that ran, the expert included
     reasons: list[str] = []
+    # the frontier-kind baselines compared (live, recorded stand-ins or recorded predictions; `baseline_kinds`
+    # FRONTIER); None in a verdict written before eval recorded them
+    frontier_baselines: list[str] | None = None
+
+    def no_frontier_note(self) -> str | None:
+        """What the decision was compared with when no frontier-kind baseline ran (None when one did, or when the
+        verdict predates the record): a `replace` that beat only the untuned base model says nothing about the
+        frontier, so every place that shows the decision says so."""
+        if self.frontier_baselines is None or self.frontier_baselines:
+            return None
+        others = [f"`{name}`" for name in self.failed_rows if name != "expert"]
+        compared = f"compared with {', '.join(others)} only" if others else "compared with no baseline"
+        return f"{compared}: no frontier baseline ran"
+
+    def decision_text(self) -> str:
+        """The decision word, with `no_frontier_note` in brackets when there is one."""
+        note = self.no_frontier_note()
+        return (self.decision or "?") + (f" ({note})" if note else "")
 
 
 def read_document(path: Path, model: type[Document], fix: str = "redo the stage that writes it") -> Any:

@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline import tasks
 from pipeline.console import console
 from pipeline.evaluation import plots, stats
+from pipeline.evaluation.evidence import stand_in_note, system_label
 from pipeline.recipe.schema import Recipe
+from pipeline.run.stage_documents import VerdictDocument
 
 
 def write_plots(folder: Path, recipe: Recipe, spec, golds, outputs, calibration, cascade, metrics, route) -> None:
@@ -49,6 +52,8 @@ def render_report(recipe: Recipe, metrics, skipped, comparisons, calibration, ca
                 "keep_frontier": "KEEP the frontier",
                 "route": "ROUTE across tiers: " + " -> ".join(route.get("chain") or []),
                 "incomplete": "NONE: the comparison is incomplete (a baseline did not answer)"}[verdict["decision"]]
+    note = VerdictDocument.model_validate(verdict).no_frontier_note()
+    decision += f" ({note})" if note else ""
     lines = [
         f"# Evaluation: {recipe.name}",
         "",
@@ -62,9 +67,10 @@ def render_report(recipe: Recipe, metrics, skipped, comparisons, calibration, ca
     for name, m in metrics.items():
         quality = " | ".join(f"{m[c]:.4f}" for c in cols)
         lines.append(
-            f"| {name} | {quality} | {_fmt(m['cost_per_1k'], '.4f')} | {_fmt(m['latency_ms_p50'], '.1f')} | "
-            f"{_fmt(m['latency_ms_p95'], '.1f')} | {m['errors']} | {m['unparsed']} |"
+            f"| {system_label(name, m)} | {quality} | {_fmt(m['cost_per_1k'], '.4f')} | "
+            f"{_fmt(m['latency_ms_p50'], '.1f')} | {_fmt(m['latency_ms_p95'], '.1f')} | {m['errors']} | {m['unparsed']} |"
         )
+    lines += ["", *(f"- {stand_in_note(n, m['stand_in'])}" for n, m in metrics.items() if m.get("stand_in"))]
     with_fields = {n: m for n, m in metrics.items() if "field_f1" in m}
     if with_fields:
         lines += ["", "## Fields (exact match per example; precision / recall / F1 over leaf values, micro-averaged)",
@@ -255,16 +261,45 @@ def summary_table(metrics: dict[str, Any], skipped: dict[str, str], gate_metric:
     for c in ["system", *cols, "cost / 1k req ($)", "latency p50 (ms)", "latency p95 (ms)"]:
         table.add_column(c, justify="left" if c == "system" else "right")
     for name, m in sorted(metrics.items(), key=lambda kv: kv[0] != "expert"):
-        table.add_row(name, *(f"{m[c]:.3f}" for c in cols), _fmt(m["cost_per_1k"], ".4f"),
+        table.add_row(escape(system_label(name, m)), *(f"{m[c]:.3f}" for c in cols), _fmt(m["cost_per_1k"], ".4f"),
                       _fmt(m.get("latency_ms_p50"), ".1f"), _fmt(m.get("latency_ms_p95"), ".1f"))
     for name in skipped:
         table.add_row(name, *("skipped" for _ in cols), "", "", "")
+    captions = [stand_in_note(n, m["stand_in"]) for n, m in metrics.items() if m.get("stand_in")]
     if skipped:
-        table.caption = "skipped: " + "; ".join(f"{n} ({why})" for n, why in skipped.items())
+        captions.append("skipped: " + "; ".join(f"{n} ({why})" for n, why in skipped.items()))
+    table.caption = escape("\n".join(captions)) if captions else None
     return table
 
 
-def print_summary(metrics, skipped, verdict, gate_metric: str) -> None:
+def route_summary(route: dict[str, Any], metrics: dict[str, Any]) -> str | None:
+    """The route in one line, as `expert run` ends with it: each tier's share of the test requests, the route's
+    quality against its target, its cost per 1,000 against the last tier alone and the saving with its paired
+    bootstrap 95% interval; tiers that were recorded stand-ins are named. None without `eval.routing`."""
+    chain = route.get("chain")
+    if not chain:
+        return None
+    stand_ins = [f"`{n}`" for n in chain if (metrics.get(n) or {}).get("stand_in")]
+    labelled = f" ({', '.join(stand_ins)}: recorded stand-in{'s' if len(stand_ins) > 1 else ''})" if stand_ins else ""
+    if route.get("thresholds") is None:
+        return f"route {' -> '.join(chain)}{labelled}: none ({route['reason']})"
+    test, last = route["options"][route["choose"]]["test"], chain[-1]
+    vs = test["vs_last_tier"]
+    saving = ("n/a (the last tier has no cost)" if vs["cost_saving"] is None else
+              f"{vs['cost_saving']:.1%} (95% CI {vs['cost_saving_interval_95'][0]:.1%} to "
+              f"{vs['cost_saving_interval_95'][1]:.1%})")
+    return (f"route {' -> '.join(chain)}{labelled} on test: " +
+            ", ".join(f"{n} {share:.1%}" for n, share in test["shares"].items()) +
+            f"; {route['target_metric']} {test['metric']:.4f} (target {route['target']:.4f}, " +
+            ("met" if test["meets_target"] else "missed") + f"); cost / 1k ${test['cost_per_1k']:.4f} vs "
+            f"${vs['last_tier_cost_per_1k']:.4f} for `{last}` alone; saving {saving}")
+
+
+def print_summary(metrics, skipped, verdict, gate_metric: str, route: dict[str, Any]) -> None:
     console.print(summary_table(metrics, skipped, gate_metric))
+    line = route_summary(route, metrics)
+    if line:
+        console.print(escape(line))
     word = "[green]PASS[/]" if verdict["passed"] else "[red]FAIL[/]"
-    console.print(f"gate: {word}; decision: [bold]{verdict['decision']}[/] - " + "; ".join(verdict["reasons"]))
+    decision = VerdictDocument.model_validate(verdict).decision_text()
+    console.print(f"gate: {word}; decision: [bold]{escape(decision)}[/] - " + escape("; ".join(verdict["reasons"])))

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from pipeline import baseline_kinds, tasks
 from pipeline.console import console
 from pipeline.errors import UserError
@@ -107,13 +109,15 @@ def wants_triage(recipe: Recipe) -> bool:
 class Collected:
     """What eval gathered before it decides anything: the splits it read, every system's rows per split
     (`{prediction, confidence?, latency_s, ...}` in split order; the expert first), the baselines' costs per
-    1,000 requests and the baselines skipped, with why; with a `probe` router, the expert's states per split and
-    the seconds one request's cost."""
+    1,000 requests, the baselines skipped, with why, and the recorded stand-ins that answered for a baseline
+    (`{rule, path}` by its name); with a `probe` router, the expert's states per split and the seconds one
+    request's cost."""
 
     splits: dict[str, Rows]
     outputs: dict[str, dict[str, Rows]]
     costs: dict[str, float | None]
     skipped: dict[str, str]
+    stand_ins: dict[str, dict[str, str]] = field(default_factory=dict)
     states: dict[str, Any] = field(default_factory=dict)
     probe_seconds: float = 0.0
 
@@ -165,7 +169,7 @@ def run(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions()) -> 
         atomic_write_json(out / "timings.json", {"stage_s": stage_seconds, "mlflow_logging_s": logging_seconds,
                                                  "mlflow_logging_share": logging_seconds / stage_seconds})
         verdict = evidence.verdict
-        print_summary(evidence.metrics, collected.skipped, verdict, recipe.eval.gate.metric)
+        print_summary(evidence.metrics, collected.skipped, verdict, recipe.eval.gate.metric, evidence.route)
         fail_on_required_baselines(recipe, collected, verdict, out)
         run.finish_stage(STAGE, OUTPUTS, mlflow_run_id=mlflow_run_id, verdict=verdict["passed"],
                          decision=verdict["decision"])
@@ -200,6 +204,10 @@ def collect(recipe: Recipe, run: RunDir, task, spec_doc: SpecDocument) -> Collec
             continue
         collected.outputs[baseline.name] = result.outputs
         collected.costs[baseline.name] = kind.cost_per_1k(baseline, result.outputs["test"], recipe)
+        if result.stand_in is not None:
+            collected.stand_ins[baseline.name] = {"rule": result.stand_in.rule, "path": str(result.stand_in.path)}
+            console.print(f"[yellow]eval[/]: baseline `{baseline.name}` answered from its recorded stand-in " +
+                          escape(f"({result.stand_in.path.name}: {result.stand_in.rule})"))
 
     model, ran_as = runtime.prepare(model, recipe)
     for note in ran_as.speedups:
@@ -229,7 +237,8 @@ def decide(recipe: Recipe, task, spec: Any, collected: Collected) -> Evidence:
     splits, outputs, skipped = collected.splits, collected.outputs, collected.skipped
     test = splits["test"]
     golds = [row["target"] for row in test]
-    metrics = {name: system_metrics(recipe, task, spec, test, by_split["test"], collected.costs, name)
+    metrics = {name: system_metrics(recipe, task, spec, test, by_split["test"], collected.costs, name,
+                                    collected.stand_ins.get(name))
                for name, by_split in outputs.items()}
     comparisons = compare_all(recipe, spec, golds, outputs)
     calibration = stats.calibration(

@@ -76,7 +76,10 @@ def test_full_loop(recipe_name, tiny_model_dir, tracking_env, tmp_path, monkeypa
     model_name = f"smoke-{recipe_name}"
     runner = CliRunner()
     with FakeOpenAIServer(oracle(shipped_rows(data_file), answer_of), api_key=SECRET) as frontier:
-        recipe_path = write_recipe(tmp_path, smoke_recipe(recipe_name, tiny_model_dir, frontier.base_url, model_name))
+        recipe = smoke_recipe(recipe_name, tiny_model_dir, frontier.base_url, model_name)
+        # with its key set, the frontier's recorded stand-in is neither read nor shown: the endpoint answers
+        recipe["eval"]["baselines"][1]["stand_in"] = {"path": str(tmp_path / "never-read.jsonl"), "rule": "unused"}
+        recipe_path = write_recipe(tmp_path, recipe)
         result = runner.invoke(app, ["run", str(recipe_path)])
         assert result.exit_code == 0, result.output
         calls_first_run = len(frontier.requests)
@@ -102,7 +105,8 @@ def test_full_loop(recipe_name, tiny_model_dir, tracking_env, tmp_path, monkeypa
     assert metrics["frontier"]["cost_per_1k"] > 0
     verdict = json.loads((run_dir / "eval/verdict.json").read_text())
     assert verdict["passed"] is False, "a 4-step tiny model cannot match a perfect frontier"
-    assert verdict["best_baseline"] == "frontier"
+    assert verdict["best_baseline"] == "frontier" and verdict["frontier_baselines"] == ["frontier"]
+    assert metrics["frontier"]["stand_in"] is None and "stand-in" not in (run_dir / "eval/report.md").read_text()
 
     client = MlflowClient(tracking_env)
     experiment = client.get_experiment_by_name(recipe_name)

@@ -11,9 +11,10 @@ import pytest
 from pipeline import tasks
 from pipeline.errors import UserError
 from pipeline.evaluation import evidence, stats
-from pipeline.recipe.schema import Recipe
-from pipeline.run.stage_documents import read_metrics, read_spec, read_verdict
+from pipeline.recipe.schema import BaseModelBaseline, Recipe
+from pipeline.run.stage_documents import VerdictDocument, read_metrics, read_spec, read_verdict
 from pipeline.stages import evaluate
+from pipeline.stages.eval_report import print_summary, render_report, route_summary, summary_table
 
 LABELS = ["a", "b", "c"]
 WRONG = {g: LABELS[(LABELS.index(g) + 1) % 3] for g in LABELS}
@@ -168,3 +169,65 @@ def test_a_cascade_the_expert_alone_meets_keeps_the_strictest_threshold_that_esc
     assert cascade["validation"]["escalation_rate"] == 0 and cascade["validation"]["metric"] == pytest.approx(0.725)
     below = [r["confidence"] < lowest for r in got.outputs["expert"]["test"]]
     assert cascade["test"]["escalation_rate"] == pytest.approx(np.mean(below))
+
+
+NO_FRONTIER = "compared with `base` only: no frontier baseline ran"
+
+
+def test_a_decision_reached_without_a_frontier_baseline_says_so_everywhere(capsys):
+    """The frontier was skipped and the expert beat only the untuned base model: `replace` is no evidence against
+    the frontier, so the verdict records that no frontier-kind baseline ran and every text of the decision says
+    so (console, report.md, the MLflow run's and the registered version's description)."""
+    got = collected()
+    base = [{**f, "prediction": e["prediction"]} for e, f in zip(got.outputs["expert"]["test"],
+                                                               got.outputs["frontier"]["test"])]
+    got = evaluate.Collected(got.splits, {"expert": got.outputs["expert"], "base": {"test": base}}, {"base": 0.01},
+                             {"frontier": "environment variable OPENAI_API_KEY is not set"})
+    doc = recipe()
+    doc = doc.model_copy(update={"eval": doc.eval.model_copy(update={"baselines": [
+        *doc.eval.baselines, BaseModelBaseline(name="base", kind="base_model")]})})
+    evidence_ = evaluate.decide(doc, tasks.for_type("classification"), LABELS, got)
+    verdict = VerdictDocument.model_validate(evidence_.verdict)
+    assert evidence_.verdict["decision"] == "replace" and verdict.frontier_baselines == []
+    assert verdict.decision_text() == f"replace ({NO_FRONTIER})"
+    assert f"**Decision: replace ({NO_FRONTIER})**" in evidence.evidence_markdown(doc, evidence_.metrics, verdict, 40)
+    report = render_report(doc, evidence_.metrics, got.skipped, evidence_.comparisons, evidence_.calibration,
+                           evidence_.cascade, evidence_.verdict, 40, evidence_.route)
+    assert f"Decision: REPLACE the frontier with the expert ({NO_FRONTIER}).**" in report
+    print_summary(evidence_.metrics, got.skipped, evidence_.verdict, "accuracy", evidence_.route)
+    assert f"decision: replace ({NO_FRONTIER})" in " ".join(capsys.readouterr().err.split())
+
+    with_frontier = evaluate.decide(doc, tasks.for_type("classification"), LABELS, collected())
+    frontier_ran = VerdictDocument.model_validate(with_frontier.verdict)
+    assert frontier_ran.frontier_baselines == ["frontier"] and frontier_ran.decision_text() == "keep_frontier"
+    assert "no frontier baseline ran" not in evidence.evidence_markdown(doc, with_frontier.metrics, frontier_ran, 40)
+
+
+def test_a_recorded_stand_in_is_labelled_with_its_rule_in_every_table(capsys):
+    stand_in = {"rule": "right with probability 0.9 (seed 7)", "path": "/data/recorded-frontier.jsonl"}
+    got = collected()
+    got.stand_ins["frontier"] = stand_in
+    got.outputs["frontier"] = {s: [{**r, "confidence": 1.0} for r in rows] for s, rows in got.outputs["frontier"].items()}
+    doc = recipe(routing={"tiers": ["expert", "frontier"], "target": {"value": 0.85}})
+    evidence_ = evaluate.decide(doc, tasks.for_type("classification"), LABELS, got)
+    assert evidence_.metrics["frontier"]["stand_in"] == stand_in and evidence_.metrics["expert"]["stand_in"] is None
+    note = "`frontier` is a recorded stand-in, not the live endpoint (its key was not set): answers from " \
+           "`recorded-frontier.jsonl`; right with probability 0.9 (seed 7)"
+    report = render_report(doc, evidence_.metrics, {}, evidence_.comparisons, evidence_.calibration,
+                           evidence_.cascade, evidence_.verdict, 40, evidence_.route)
+    assert "| frontier (recorded stand-in) |" in report and note in report
+    markdown = evidence.evidence_markdown(doc, evidence_.metrics, VerdictDocument.model_validate(evidence_.verdict), 40)
+    assert "| frontier (recorded stand-in) |" in markdown and note in markdown
+    line = route_summary(evidence_.route, evidence_.metrics)
+    saving = evidence_.route["options"]["point"]["test"]["vs_last_tier"]
+    assert line.startswith("route expert -> frontier (`frontier`: recorded stand-in) on test: expert ")
+    assert (f"saving {saving['cost_saving']:.1%} (95% CI {saving['cost_saving_interval_95'][0]:.1%} to "
+            f"{saving['cost_saving_interval_95'][1]:.1%})") in line
+    table = summary_table(evidence_.metrics, {}, "accuracy")
+    assert list(table.columns[0].cells) == ["expert", "frontier (recorded stand-in)"] and table.caption == note
+    print_summary(evidence_.metrics, {}, evidence_.verdict, "accuracy", evidence_.route)
+    assert line in " ".join(capsys.readouterr().err.split()), "the console prints the route's line"
+    without = collected()
+    plain = evaluate.decide(recipe(), tasks.for_type("classification"), LABELS, without)
+    assert "stand-in" not in render_report(recipe(), plain.metrics, {}, plain.comparisons, plain.calibration,
+                                           plain.cascade, plain.verdict, 40, plain.route)
