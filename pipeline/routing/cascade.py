@@ -198,7 +198,7 @@ class RouteTriage:
 def start_tier(scores: np.ndarray, cutoffs: tuple[float, ...]) -> np.ndarray:
     """Eval's rule (`route_search.start_tier`, which this module cannot import: route_search reaches the registry,
     which loads versions through this module): the tier each request starts at is how many of the
-    (non-decreasing) cut-offs its score reaches. tests/unit/test_triage_runtime.py holds the two equal."""
+    (non-decreasing) cut-offs its score reaches. tests/unit/test_triage_start.py holds the two equal."""
     return sum((scores >= c).astype(np.int64) for c in cutoffs) if cutoffs else np.zeros(len(scores), dtype=np.int64)
 
 
