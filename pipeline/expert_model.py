@@ -5,8 +5,9 @@ Why pyfunc with "models from code" and a bundle artifact rather than the
 version and knows nothing of label scoring, schemas or the cascade threshold;
 a pyfunc keeps a version small (adapter + tokenizer + spec), answers exactly
 as the eval stage did (with its cascade threshold, or its route's chain and
-thresholds), and loads without unpickling anything (the model class
-comes from code, weights from safetensors). Loading needs this package
+thresholds and the triage router the route keeps, bundled as `triage/<router>/`),
+and loads without unpickling anything (the model class comes from code, weights
+and routers from safetensors). Loading needs this package
 installed; the base model is the one `train_record.json` names (same revision,
 checked by content hash) or the bundled copy when pushed with `--include-base`,
 loaded in training's precision. The pipeline itself never loads a version
@@ -45,6 +46,8 @@ def _texts(model_input: Any) -> list[str]:
 class ExpertModel(mlflow.pyfunc.PythonModel):
     """Base model + LoRA adapter + the task's spec; predicts like the eval stage."""
 
+    triage = None  # `cascade.RouteTriage` when the version's route keeps a triage router (`load_context`)
+
     def load_context(self, context) -> None:
         from peft import PeftModel
 
@@ -68,6 +71,8 @@ class ExpertModel(mlflow.pyfunc.PythonModel):
         route = read_verdict(verdict).route if verdict.is_file() else None
         self.route = None if route is None else route.model_dump()
         self.threshold = cascade.expert_threshold(cascade_doc.get("threshold"), self.route)
+        # the triage router the route keeps (push bundles eval/triage/<router>/; its files were verified with the rest)
+        self.triage = cascade.load_triage(self.route, bundle)
         # the baseline that answers escalated requests
         self.frontier = cascade_doc.get("frontier") if self.route is None else None
         # the base and precision training used, as train/record.json says (not decided again on this machine)
@@ -90,14 +95,37 @@ class ExpertModel(mlflow.pyfunc.PythonModel):
         self.runtime = None  # until prepared (`runtime.prepare_expert`); `expert export` writes it as loaded
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        from pipeline.inference import answering, runtime
+        """Per text: the expert's answer, its confidence and `escalate`, judged as serving judges them (a
+        confidence that is no probability is an error, never a sure answer). With triage (`self.triage`), the
+        router runs first and each row says where it started the request (`triage`): a `text` router's rows sent
+        above the expert skip it (no answer, `escalate`: the caller climbs from their start tier); a `probe`
+        router's rows sent up escalate even when the expert is sure."""
+        from pipeline.inference import answering
         from pipeline.routing import cascade
 
+        texts = _texts(model_input)
+        before = self.triage is not None and self.triage.before_expert
+        decided = self.triage.decisions(texts) if before else [None] * len(texts)
+        rows = [None if d is None else cascade.past_the_expert(d) for d in decided]
+        asked = [i for i, row in enumerate(rows) if row is None or not cascade.sent_up(row)]
+        for i, answer in zip(asked, self.answer_texts([texts[i] for i in asked]), strict=True):
+            rows[i] = cascade.expert_row(answer, self.threshold)
+            if decided[i] is not None:
+                rows[i] = cascade.with_triage(rows[i], decided[i])
+        if self.triage is not None and not before:
+            prompts = [answering.expert_prompt(self.system_prompt, texts[i]) for i in asked]
+            for i, (decision, _) in zip(asked, self.triage.probe_decisions(self.model, self.tokenizer, prompts)):
+                rows[i] = cascade.with_triage(rows[i], decision)
+        return rows
+
+    def answer_texts(self, texts: list[str]) -> list[dict[str, Any]]:
+        """The expert's raw answer and confidence per text (`answering.answer`, as eval measured it), no triage."""
+        from pipeline.inference import answering, runtime
+
+        if not texts:
+            return []
         if self.runtime is None:
             runtime.prepare_expert(self)
-        texts = _texts(model_input)
         prompts = [answering.expert_prompt(self.system_prompt, t) for t in texts]  # as `expert serve` builds them
         rows = answering.answer(self.model, self.tokenizer, prompts, self.recipe, self.spec)
-        # judged as serving judges them: a confidence that is no probability is an error, never a sure answer
-        return [cascade.expert_row({"answer": r["prediction"], "confidence": r["confidence"]}, self.threshold)
-                for r in rows]
+        return [{"answer": r["prediction"], "confidence": r["confidence"]} for r in rows]

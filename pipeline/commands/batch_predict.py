@@ -3,12 +3,16 @@
 The version answers through its pyfunc model (`ExpertModel.predict`, i.e. `predict.answer`, as eval measured
 it); rows under its threshold climb its tiers (or go to its frontier), or come back marked `escalate: true`
 with why not (`escalation_skipped`) or why no tier answered (`escalation_error`); `tier` says who answered.
+With triage, each row says where the router started it (`triage`: router, score, start tier); a `text` router's
+rows sent above the expert skip it and climb from their start tier, and the expert answers them only when no tier
+does.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any, TextIO
 
@@ -53,10 +57,17 @@ def predict_with_cascade(model_uri: str, rows: list[dict[str, Any]], escalate: b
     # the version's rows come judged by `cascade.expert_row` (`escalate`, and `expert_error` for a confidence that
     # is no probability), as serving judges them
     out = cascade.escalate([{**row, **answer} for row, answer in zip(rows, answers)], texts, esc, expert)
+    late = [i for i, r in enumerate(out) if cascade.awaits_expert(r)]
+    for i, answer in zip(late, expert.answer_texts([texts[i] for i in late]), strict=True):
+        out[i] = cascade.with_expert_answer(out[i], answer, expert.threshold)  # triage sent it up; no tier answered
+    starts = Counter(r["triage"]["start"] for r in out if cascade.sent_up(r))
+    if starts:
+        console.print(f"predict: triage ({expert.triage.note}) started {sum(starts.values())} row(s) above the "
+                      "expert: " + ", ".join(f"{n} at `{tier}`" for tier, n in starts.items()))
     skipped = sum(1 for r in out if "escalation_skipped" in r)
     if skipped:
-        console.print(f"[yellow]predict[/]: {skipped} row(s) under the threshold marked `escalate` but not sent "
-                      f"({esc.why_off})")
+        console.print(f"[yellow]predict[/]: {skipped} row(s) marked `escalate` (under the threshold, or sent up by "
+                      f"triage) but not sent ({esc.why_off}): the expert answered them")
     unanswered = sum(1 for r in out if "expert_error" in r and not r["escalated"])
     if unanswered:
         console.print(f"[red]predict[/]: the expert's confidence was no probability (NaN, infinite or outside [0, 1]) "

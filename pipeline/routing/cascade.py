@@ -19,6 +19,13 @@ Eval, `expert predict` and `expert serve` share this module:
   `expert predict` writes such rows as they are; `expert serve` answers them, or 502 with `--frontier-down 502`.
   Eval keeps its own record of a failed frontier row (the error, no prediction; `baselines.ask_frontier`), which
   counts as wrong and against `eval.gate.max_baseline_failure_rate`.
+- `RouteTriage` (`load_triage`): the triage router a version's route keeps (eval's `eval/triage/<router>/`, bundled
+  by push) and its cut-offs. It runs first: its score (the probability the expert is wrong) picks the tier a
+  request starts at (`start_tier`, eval's rule), and every row says so in `triage`
+  ({router, score, start}). A `text` router runs before the expert: a request it sends up skips the expert
+  (`past_the_expert`) and climbs from its start tier; when no tier answers it (escalation off, or every tier
+  failed) the expert answers after all (`awaits_expert`, `with_expert_answer`), and the row says why. A `probe`
+  router runs on the expert's pass: a request it sends up climbs from its start tier even when the expert is sure.
 """
 
 from __future__ import annotations
@@ -29,12 +36,16 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline import tasks
+from pipeline.errors import UserError
 from pipeline.evaluation.baselines import baseline_prompt
 from pipeline.recipe.schema import BaselineSection
-from pipeline.routing import frontier
+from pipeline.routing import frontier, triage
 
 UNPARSED = "the frontier's answer could not be parsed"
 
@@ -141,6 +152,125 @@ def expert_row(row: dict[str, Any], threshold: float | None) -> dict[str, Any]:
     return {**row, "escalate": unsure(confidence, threshold)}
 
 
+TRIAGE_DIR = "triage"  # in a version's bundle: the router its route keeps, as eval saved it (eval/triage/<router>/)
+
+
+@dataclass(frozen=True)
+class RouteTriage:
+    """A version's triage: its router and the cut-offs (one per tier above the expert) that turn the router's score
+    into the tier of `chain` a request starts at."""
+
+    router: Any  # triage.Router
+    cutoffs: tuple[float, ...]
+    chain: tuple[str, ...]
+
+    @property
+    def kind(self) -> str:
+        return self.router.kind
+
+    @property
+    def before_expert(self) -> bool:
+        return self.router.before_expert
+
+    def decisions(self, inputs) -> list[dict[str, Any]]:
+        """Per request (texts for `text`, the expert's states for `probe`): the router, its score and the tier it
+        starts at (`start_tier`)."""
+        scores = np.asarray(self.router.score(inputs), dtype=float)
+        starts = start_tier(scores, self.cutoffs)
+        return [{"router": self.kind, "score": float(s), "start": self.chain[k]} for s, k in zip(scores, starts)]
+
+    def probe_decisions(self, model, tokenizer, prompts: list[list[dict[str, str]]]) -> list[tuple[dict[str, Any], float]]:
+        """`probe`: each prompt's decision from the expert's state at its answer position, one prompt at a time (as
+        eval timed it), with the seconds it took."""
+        out = []
+        for prompt in prompts:
+            started = time.perf_counter()
+            decision = self.decisions(triage.expert_states(model, tokenizer, [prompt], 1))[0]
+            out.append((decision, time.perf_counter() - started))
+        return out
+
+    @property
+    def note(self) -> str:
+        return (f"`{self.kind}` router ({'before the expert' if self.before_expert else 'on the expert pass'}): start at "
+                + ", ".join(f"`{name}` from {c:.4g}" for name, c in zip(self.chain[1:], self.cutoffs)))
+
+
+def start_tier(scores: np.ndarray, cutoffs: tuple[float, ...]) -> np.ndarray:
+    """Eval's rule (`route_search.start_tier`, which this module cannot import: route_search reaches the registry,
+    which loads versions through this module): the tier each request starts at is how many of the
+    (non-decreasing) cut-offs its score reaches. tests/unit/test_triage_start.py holds the two equal."""
+    return sum((scores >= c).astype(np.int64) for c in cutoffs) if cutoffs else np.zeros(len(scores), dtype=np.int64)
+
+
+def load_triage(route: dict[str, Any] | None, bundle: Path) -> RouteTriage | None:
+    """The triage a version's route keeps (`verdict.json` route.triage), its router read from the bundle's
+    `triage/<router>/` (`triage.load`: arrays checked against its settings); None when the route keeps none."""
+    kept = (route or {}).get("triage")
+    if kept is None:
+        return None
+    router = triage.load(bundle / TRIAGE_DIR / kept["router"])
+    if router.kind != kept["router"]:
+        raise UserError(f"{bundle / TRIAGE_DIR / kept['router']}: a `{router.kind}` router where the route keeps "
+                        f"`{kept['router']}`; push the run again")
+    if len(kept["cutoffs"]) != len(route["chain"]) - 1:
+        raise UserError(f"{bundle / 'verdict.json'}: route.triage has {len(kept['cutoffs'])} cut-off(s) for "
+                        f"{len(route['chain']) - 1} tier(s) above the expert; redo eval (`expert eval`)")
+    return RouteTriage(router, tuple(float(c) for c in kept["cutoffs"]), tuple(route["chain"]))
+
+
+def sent_up(row: dict[str, Any]) -> bool:
+    """Whether triage started the request above the expert."""
+    return (row.get("triage") or {}).get("start", "expert") != "expert"
+
+
+def past_the_expert(decision: dict[str, Any]) -> dict[str, Any]:
+    """The row of a request a router before the expert sent up: the expert does not run, so no answer yet."""
+    return {"answer": None, "confidence": None, "escalate": True, "triage": decision}
+
+
+def with_triage(row: dict[str, Any], decision: dict[str, Any]) -> dict[str, Any]:
+    """The expert's row with the router's decision: sent up, it escalates even when the expert is sure."""
+    return {**row, "escalate": row["escalate"] or decision["start"] != "expert", "triage": decision}
+
+
+def expert_skipped(row: dict[str, Any]) -> bool:
+    """Triage sent the request past the expert and the expert has not answered it (every answer the expert gives
+    has a probability or `expert_error`: `expert_row`)."""
+    return sent_up(row) and row.get("confidence") is None and "expert_error" not in row
+
+
+def awaits_expert(row: dict[str, Any]) -> bool:
+    """A request triage sent past the expert that no tier answered (escalation off, or every tier failed): the
+    expert answers it after all (`with_expert_answer`)."""
+    return expert_skipped(row) and not row.get("escalated")
+
+
+def with_expert_answer(row: dict[str, Any], answer: dict[str, Any], threshold: float | None) -> dict[str, Any]:
+    """`row` (`awaits_expert`) with the expert's answer ({answer, confidence}), judged as every answer of the
+    expert (`expert_row`); the row keeps why no tier answered."""
+    judged = expert_row(answer, threshold)
+    out = {**row, "answer": judged["answer"], "confidence": judged["confidence"]}
+    if "expert_error" in judged:
+        out["expert_error"] = judged["expert_error"]
+    return out
+
+
+def start_index(row: dict[str, Any], esc: Escalation) -> int:
+    """Where in `esc.tiers` the row's climb begins: the tier triage started it at, else the first above the expert."""
+    names = [t.name for t in esc.tiers]
+    start = (row.get("triage") or {}).get("start")
+    return names.index(start) if start in names else 0
+
+
+def why_not_sent(row: dict[str, Any], esc: Escalation) -> str:
+    """`escalation_skipped`: why escalation is off, and when triage sent the request up, that it did."""
+    if not sent_up(row):
+        return esc.why_off
+    decided = row["triage"]
+    return (f"triage (`{decided['router']}` router, score {decided['score']:.4f}) sent it to `{decided['start']}`, "
+            f"but escalation is off ({esc.why_off}): the expert answered")
+
+
 def ask(tier: Tier, texts: list[str], expert, deadline_s: float | None = None) -> list[dict[str, Any]]:
     """A tier's reply to each text (`frontier.ask_all`: raw text and usage, or the final error), asked with the
     version's baseline prompt; extraction sends the schema along; a tier with a threshold is asked for its
@@ -208,7 +338,9 @@ def record(row: dict[str, Any], tier: Tier, step: Step, seconds: float) -> dict[
     out = {**row, "tiers_tried": [*row.get("tiers_tried", []), tried]}
     if step.outcome == "answered":
         out.pop("escalation_error", None)
-        out.update(expert_answer=row["answer"], answer=step.answer, escalated=True, tier=tier.name)
+        out.update(answer=step.answer, escalated=True, tier=tier.name)
+        if not expert_skipped(row):  # a request triage sent past the expert has no answer of the expert's
+            out["expert_answer"] = row["answer"]
     elif step.error:
         out["escalation_error"] = step.error
     return out
@@ -220,20 +352,21 @@ def escalate(rows: list[dict[str, Any]], texts: list[str], esc: Escalation, expe
     keeps the expert's answer with `escalation_error` (the last tier's error, scrubbed of secrets). With escalation
     off the unsure rows say why (`escalation_skipped`). Every row gets `escalated` and `tier` (which system
     answered); escalated ones `tiers_tried` ({tier, outcome, latency_s, error}) and the expert's answer as
-    `expert_answer`."""
+    `expert_answer`. A row triage started above the expert (`triage`) climbs from its start tier; one it sent past
+    the expert that no tier answers is left for the expert (`awaits_expert`)."""
     out = [{**row, "escalated": False, "tier": "expert"} for row in rows]
     unsure = [i for i, row in enumerate(out) if row["escalate"]]
     if not unsure:
         return out
     if not esc.on:
         for i in unsure:
-            out[i]["escalation_skipped"] = esc.why_off
+            out[i]["escalation_skipped"] = why_not_sent(out[i], esc)
         return out
-    pending = unsure
-    for tier in esc.tiers:
+    first = {i: start_index(out[i], esc) for i in unsure}
+    for k, tier in enumerate(esc.tiers):
+        pending = [i for i in unsure if first[i] <= k and not out[i]["escalated"]]
         if not pending:
-            break
+            continue
         for i, (reply, seconds) in zip(pending, ask_each(tier, [texts[i] for i in pending], expert), strict=True):
             out[i] = record(out[i], tier, judge(tier, reply, expert), seconds)
-        pending = [i for i in pending if not out[i]["escalated"]]
     return out

@@ -18,7 +18,8 @@ The modules, in the order a request meets them:
   adapter and installs the CPU speed-ups through their seam (`pipeline/inference/speedups.py`).
 - `app.py`: `create_app` (Starlette routes; every error an OpenAI-style body) and `run` (uvicorn; SIGTERM
   drains and exits 0).
-- `service.py`: `Service.answer`, the expert's answer through the cascade (`pipeline/routing/cascade.py`): under the
+- `service.py`: `Service.answer`, the expert's answer through the cascade (`pipeline/routing/cascade.py`): the
+  version's triage router first, when it has one (a request it starts above the expert climbs from there); under the
   threshold (or with a confidence that is no probability) up the tiers, each within its deadline; flagged, or
   502, when none answers. `Service.probe`: the model's health, at start and in `/health`.
 - `tiers.py`: `Lane`, a tier's slots and bounded queue: a request finding both full is shed, not queued.

@@ -92,9 +92,15 @@ class BatchingEngine:
                 fut.set_result(row)
 
     def infer(self, texts: list[str]) -> list[dict[str, Any]]:
-        """Answer and confidence per text, from `answering.answer`."""
+        """Answer and confidence per text, from `answering.answer`; with a `probe` triage router, its decision
+        (`triage`) and the seconds it took (`triage_s`)."""
         expert = self.expert
         prompts = [answering.expert_prompt(expert.system_prompt, t) for t in texts]
         rows = answering.answer(expert.model, expert.tokenizer, prompts, expert.recipe, expert.spec, prefix=self.prefix,
                               batch_size=len(prompts) if self.prefix is not None else None)
-        return [{"answer": r["prediction"], "confidence": float(r["confidence"])} for r in rows]
+        out = [{"answer": r["prediction"], "confidence": float(r["confidence"])} for r in rows]
+        triage = getattr(expert, "triage", None)
+        if triage is not None and not triage.before_expert:  # a `probe` router reads the expert's pass: here, where the model is
+            for row, (decision, seconds) in zip(out, triage.probe_decisions(expert.model, expert.tokenizer, prompts)):
+                row.update(triage=decision, triage_s=seconds)
+        return out

@@ -7,6 +7,7 @@ import threading
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+TRIAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)  # a `text` router takes about 1 ms
 
 
 class Metrics:
@@ -23,6 +24,8 @@ class Metrics:
         self.batches: list[float] = [0.0] * (len(BATCH_BUCKETS) + 2)
         self.queue_depth = 0
         self.model_errors = 0
+        self.triage_starts: dict[tuple[str, str], int] = {}  # (router, start tier) -> count
+        self.triage_latency: dict[str, list[float]] = {}  # router -> [bucket counts..., sum, count]
 
     @staticmethod
     def _observe(hist: list[float], buckets, value: float) -> None:
@@ -58,6 +61,13 @@ class Metrics:
                 hist = self.tier_latency.setdefault(name, [0.0] * (len(LATENCY_BUCKETS) + 2))
                 self._observe(hist, LATENCY_BUCKETS, seconds)
 
+    def triage(self, router: str, start: str, seconds: float) -> None:
+        """A triage decision (the tier the router started the request at) and the seconds the router took."""
+        with self._lock:
+            self.triage_starts[(router, start)] = self.triage_starts.get((router, start), 0) + 1
+            hist = self.triage_latency.setdefault(router, [0.0] * (len(TRIAGE_BUCKETS) + 2))
+            self._observe(hist, TRIAGE_BUCKETS, seconds)
+
     def batch(self, size: int) -> None:
         with self._lock:
             self._observe(self.batches, BATCH_BUCKETS, size)
@@ -88,6 +98,16 @@ class Metrics:
                     "# TYPE expert_tier_duration_seconds histogram"]
             for name, hist in sorted(self.tier_latency.items()):
                 out += _histogram_lines("expert_tier_duration_seconds", f'tier="{name}"', LATENCY_BUCKETS, hist)
+            out += ["# HELP expert_triage_decisions_total Requests the triage router started at each tier (expert: the "
+                    "usual path; a tier above: the tiers below it skipped), by router.",
+                    "# TYPE expert_triage_decisions_total counter"]
+            out += [f'expert_triage_decisions_total{{router="{r}",start="{t}"}} {n}'
+                    for (r, t), n in sorted(self.triage_starts.items())]
+            out += ["# HELP expert_triage_duration_seconds Time the triage router took per request (text: its "
+                    "features and score; probe: the expert's extra pass and the score).",
+                    "# TYPE expert_triage_duration_seconds histogram"]
+            for router, hist in sorted(self.triage_latency.items()):
+                out += _histogram_lines("expert_triage_duration_seconds", f'router="{router}"', TRIAGE_BUCKETS, hist)
             out += ["# HELP expert_request_duration_seconds Request latency, from body read to response.",
                     "# TYPE expert_request_duration_seconds histogram"]
             for endpoint, hist in sorted(self.latency.items()):

@@ -111,6 +111,7 @@ class Service:
             "threshold": self.expert.threshold,
             "route": getattr(self.expert, "route", None),
             "escalation": self.escalation.note,
+            "triage": None if getattr(self.expert, "triage", None) is None else self.expert.triage.note,
             "frontier_down": self.options.frontier_down,
         }
 
@@ -139,21 +140,49 @@ class Service:
 
     async def answer(self, text: str) -> dict[str, Any]:
         """The expert's answer; under its threshold (or with a confidence that is no probability), the first tier
-        above it that answers in time (or the flagged fallback). Each tier's outcome and time go to /metrics."""
+        above it that answers in time (or the flagged fallback). With triage the router runs first: a request it
+        starts above the expert climbs from there (a `text` router's skips the expert, which answers it only when
+        no tier does). Each tier's outcome and time, and each triage decision, go to /metrics."""
+        triage = getattr(self.expert, "triage", None)
+        decision = None
+        if triage is not None and triage.before_expert:
+            started = time.perf_counter()
+            decision = triage.decisions([text])[0]
+            self.metrics.triage(decision["router"], decision["start"], time.perf_counter() - started)
+            if decision["start"] != "expert":  # the expert does not run
+                return await self.escalate(cascade.past_the_expert(decision), text)
+        out = await self.expert_answer(text, decision)
+        return await self.escalate(out, text)
+
+    async def expert_answer(self, text: str, decision: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The expert's answer judged (`cascade.expert_row`), with the triage decision: `decision` (a `text`
+        router's), or a `probe` router's from the expert's pass."""
         started = time.perf_counter()
         row = await asyncio.wrap_future(self.engine.submit(text))
-        threshold = self.expert.threshold
-        out = cascade.expert_row(row, threshold)
+        seconds = row.pop("triage_s", None)
+        out = cascade.expert_row(row, self.expert.threshold)
         if "expert_error" in out:
             self.model_errors += 1
             self.probed_at = None  # /health asks the model again
             self.metrics.model_error()
+        decision = out.pop("triage", decision)
+        if decision is not None:
+            out = cascade.with_triage(out, decision)
+            if seconds is not None:
+                self.metrics.triage(decision["router"], decision["start"], seconds)
         self.metrics.tier("expert", "passed" if out["escalate"] else "answered", time.perf_counter() - started)
+        return out
+
+    async def escalate(self, out: dict[str, Any], text: str) -> dict[str, Any]:
+        """`out` up the tiers when it escalates (`climb`); flagged, or 502, when none answers. A request triage
+        sent past the expert that no tier answers gets the expert's answer after all."""
+        threshold = self.expert.threshold
         if not out["escalate"]:
             return {**out, "escalated": False, "tier": "expert"}
         if not self.escalation.on:
             self.metrics.escalation("not_sent")
-            return cascade.escalate([out], [text], self.escalation, self.expert)[0]
+            out = cascade.escalate([out], [text], self.escalation, self.expert)[0]
+            return await self.expert_after_all(out, text)
         out = await self.climb(out, text)
         if "escalation_error" not in out:
             self.metrics.escalation(out["tier"] if self.escalation.tiers[-1].name != out["tier"] else "frontier")
@@ -161,19 +190,37 @@ class Service:
         self.metrics.escalation("failed")
         if self.options.frontier_down == "502":
             what = "the frontier failed" if len(self.escalation.tiers) == 1 else "no tier above the expert answered"
-            why = out.get("expert_error") or (f"confidence {row['confidence']:.4f} < threshold {threshold:.4f}")
+            decided = out.get("triage") or {}
+            why = out.get("expert_error") or (
+                f"triage sent it to `{decided['start']}` (`{decided['router']}` router, score {decided['score']:.4f})"
+                if cascade.sent_up(out) else f"confidence {out['confidence']:.4f} < threshold {threshold:.4f}")
             raise HTTPError(502, f"the answer needed the tiers above the expert ({why}) and {what}: "
                                  f"{out['escalation_error']}", code="frontier_unavailable")
+        return await self.expert_after_all(out, text)
+
+    async def expert_after_all(self, out: dict[str, Any], text: str) -> dict[str, Any]:
+        """A request triage sent past the expert that no tier answered: the expert's answer (`awaits_expert`)."""
+        if not cascade.awaits_expert(out):
+            return out
+        started = time.perf_counter()
+        row = await asyncio.wrap_future(self.engine.submit(text))
+        out = cascade.with_expert_answer(out, row, self.expert.threshold)
+        if "expert_error" in out:
+            self.model_errors += 1
+            self.probed_at = None
+            self.metrics.model_error()
+        self.metrics.tier("expert", "answered", time.perf_counter() - started)
         return out
 
     async def climb(self, row: dict[str, Any], text: str) -> dict[str, Any]:
-        """`row` up the tiers until one answers (`cascade.judge`/`record`, as `expert predict` climbs), each tier
-        given until `--tier-deadline` and all of them until `--escalation-deadline`; `tiers_tried` has the wall
-        time the request spent on each tier: its wait for a slot, every attempt and backoff."""
+        """`row` up the tiers until one answers (`cascade.judge`/`record`, as `expert predict` climbs), from the
+        tier triage started it at (else the first above the expert), each tier given until `--tier-deadline` and
+        all of them until `--escalation-deadline`; `tiers_tried` has the wall time the request spent on each tier:
+        its wait for a slot, every attempt and backoff."""
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self.options.escalation_deadline_s
         out = {**row, "escalated": False, "tier": "expert"}
-        for tier in self.escalation.tiers:
+        for tier in self.escalation.tiers[cascade.start_index(row, self.escalation):]:
             started = time.perf_counter()
             step = await self._ask_tier(tier, text, min(self.options.tier_deadline_s, give_up_at - loop.time()))
             seconds = time.perf_counter() - started

@@ -104,6 +104,8 @@ def inputs_of(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions(
     inputs = contracts.recipe_inputs(run, STAGE, recipe, RECIPE_KEYS)
     for rel in BUNDLED:
         inputs[rel] = run.output_hash(rel.partition("/")[0], rel)
+    if kept_triage(run) is not None:  # its router is bundled too (runs without triage keep their inputs)
+        inputs["eval/triage"] = run.output_hash("eval", "eval/triage")
     if options.push.include_base:  # another bundle, so another version (recorded only when asked: earlier pushes stay current)
         inputs["--include-base"] = "yes"
     return inputs
@@ -309,6 +311,29 @@ def holds_only_the_adapter(mlflow_client, model_id: str) -> bool:
     return [Path(f.path).name for f in listed] == ["adapter"]
 
 
+def kept_triage(run: RunDir) -> str | None:
+    """The triage router eval's route keeps (verdict.json route.triage), if any."""
+    route = read_verdict(run.path / "eval/verdict.json").route
+    return None if route is None or route.triage is None else route.triage.router
+
+
+def bundle_triage(run: RunDir, bundle: Path) -> None:
+    """The kept triage router (eval/triage/<router>/) into the bundle's `triage/<router>/`, where loading reads
+    it (`cascade.load_triage`); the manifest's digest covers it like every other file. A router that does not
+    load is refused here, before a version that could not be served is registered."""
+    from pipeline.routing import cascade, triage
+
+    router = kept_triage(run)
+    if router is None:
+        return
+    source = run.path / "eval" / cascade.TRIAGE_DIR / router
+    if not source.is_dir():
+        raise UserError(f"{source}: missing, yet eval/verdict.json's route keeps the `{router}` triage router; redo "
+                        "eval (`expert run --force eval`)")
+    triage.load(source)
+    shutil.copytree(source, bundle / cascade.TRIAGE_DIR / router)
+
+
 def save_pyfunc(run: RunDir, tmp: Path, recipe: Recipe, include_base: bool) -> tuple[Path, str]:
     """Assemble the bundle and save it as a pyfunc model directory (MLmodel + code + artifacts), less the adapter
     (its logged model holds it, where the bundle reads it); returns the directory and the bundle's hash."""
@@ -324,6 +349,7 @@ def save_pyfunc(run: RunDir, tmp: Path, recipe: Recipe, include_base: bool) -> t
     shutil.copy2(run.path / "train/metrics.json", bundle / "train_metrics.json")
     shutil.copy2(run.path / "train/record.json", bundle / "train_record.json")
     shutil.copy2(run.path / "eval/record.json", bundle / "eval_record.json")
+    bundle_triage(run, bundle)
     if include_base:
         trained = contracts.read_record(run.path / "train/record.json", contracts.TrainRecord)
         shutil.copytree(models.recorded_base(trained.base), bundle / "base")
