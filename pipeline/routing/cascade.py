@@ -176,7 +176,7 @@ class RouteTriage:
         """Per request (texts for `text`, the expert's states for `probe`): the router, its score and the tier it
         starts at (`start_tier`)."""
         scores = np.asarray(self.router.score(inputs), dtype=float)
-        starts = start_tier(scores, self.cutoffs)
+        starts = triage.start_tier(scores, self.cutoffs)
         return [{"router": self.kind, "score": float(s), "start": self.chain[k]} for s, k in zip(scores, starts)]
 
     def probe_decisions(self, model, tokenizer, prompts: list[list[dict[str, str]]]) -> list[tuple[dict[str, Any], float]]:
@@ -193,13 +193,6 @@ class RouteTriage:
     def note(self) -> str:
         return (f"`{self.kind}` router ({'before the expert' if self.before_expert else 'on the expert pass'}): start at "
                 + ", ".join(f"`{name}` from {c:.4g}" for name, c in zip(self.chain[1:], self.cutoffs)))
-
-
-def start_tier(scores: np.ndarray, cutoffs: tuple[float, ...]) -> np.ndarray:
-    """Eval's rule (`route_search.start_tier`, which this module cannot import: route_search reaches the registry,
-    which loads versions through this module): the tier each request starts at is how many of the
-    (non-decreasing) cut-offs its score reaches. tests/unit/test_triage_start.py holds the two equal."""
-    return sum((scores >= c).astype(np.int64) for c in cutoffs) if cutoffs else np.zeros(len(scores), dtype=np.int64)
 
 
 def load_triage(route: dict[str, Any] | None, bundle: Path) -> RouteTriage | None:

@@ -30,6 +30,7 @@ import numpy as np
 from pipeline import baseline_kinds, tasks
 from pipeline.baseline_kinds import common
 from pipeline.evaluation import stats
+from pipeline.routing import triage as triage_rules
 from pipeline.tasks.metrics import GateMetric
 
 
@@ -66,9 +67,6 @@ class Scorer:
         return self.metric.resampled(self.picked(answering), idx)
 
 
-NEVER = 2.0  # a cut-off no router score (a probability) reaches; finite, as strict JSON wants
-
-
 @dataclass(frozen=True)
 class Triage:
     """A router's scores on one split (the probability the expert is wrong), whether it runs before any tier (a
@@ -78,11 +76,6 @@ class Triage:
     before_expert: bool
     latency_s: float
     cost_per_request: float = 0.0
-
-
-def start_tier(scores: np.ndarray, cutoffs: tuple[float, ...]) -> np.ndarray:
-    """The tier each request starts at: how many of the (non-decreasing) cut-offs its score reaches."""
-    return sum((scores >= c).astype(np.int64) for c in cutoffs) if cutoffs else np.zeros(len(scores), dtype=np.int64)
 
 
 def answering_tier(confidences: list[np.ndarray], thresholds: tuple[float, ...], n: int,
@@ -128,8 +121,8 @@ def candidate_grids(tiers: list[TierAnswers], max_candidates: int) -> list[list[
 
 def cutoff_grid(triage: Triage, tiers: int, most: int) -> list[tuple[float, ...]]:
     """Every non-decreasing tuple of cut-offs (one per tier above the expert) from the router's validation scores
-    thinned to `most` quantiles, `NEVER` (nothing sent up) included."""
-    candidates = sorted(set(stats.candidate_thresholds(triage.scores.tolist(), most=most)) | {NEVER})
+    thinned to `most` quantiles, `triage.NEVER` (nothing sent up) included."""
+    candidates = sorted(set(stats.candidate_thresholds(triage.scores.tolist(), most=most)) | {triage_rules.NEVER})
     return list(itertools.combinations_with_replacement(candidates, tiers - 1))
 
 
@@ -144,7 +137,7 @@ def evaluate_grid(metric: GateMetric, golds: list[Any], tiers: list[TierAnswers]
     costs = [t.cost_per_request or 0.0 for t in tiers]
     points = []
     for cut in (cutoffs if triage is not None else [None]):
-        start = None if cut is None else start_tier(triage.scores, cut)
+        start = None if cut is None else triage_rules.start_tier(triage.scores, cut)
         for thresholds in itertools.product(*grids):
             answering = answering_tier(confs, thresholds, n, start)
             point = {"thresholds": [float(t) for t in thresholds], "metric": scorer.value(answering),
@@ -169,7 +162,7 @@ def preference(point: dict[str, Any]) -> tuple:
 def plan_of(point: dict[str, Any], tiers: list[TierAnswers], triage: Triage | None) -> tuple[np.ndarray | None, np.ndarray]:
     """(start, answering tier) per example of a point's thresholds and cut-offs on `tiers`' split."""
     n = len(tiers[0].predictions)
-    start = start_tier(triage.scores, tuple(point["cutoffs"])) if triage is not None and "cutoffs" in point else None
+    start = triage_rules.start_tier(triage.scores, tuple(point["cutoffs"])) if triage is not None and "cutoffs" in point else None
     return start, answering_tier([t.confidences for t in tiers[:-1]], tuple(point["thresholds"]), n, start)
 
 

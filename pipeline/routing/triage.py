@@ -36,6 +36,15 @@ MAX_FEATURES = 20_000  # per analyzer: bounds the version's size and the per-req
 C_GRID = (0.25, 1.0, 4.0, 16.0)  # inverse regularisation tried by 5-fold cross-validation (ROC AUC)
 
 
+NEVER = 2.0  # a cut-off no router score (a probability) reaches; finite, as strict JSON wants
+
+
+def start_tier(scores: np.ndarray, cutoffs: tuple[float, ...]) -> np.ndarray:
+    """The tier each request starts at: how many of the route's (non-decreasing) cut-offs its score reaches. The
+    one rule eval's search, `expert predict` and `expert serve` share."""
+    return sum((scores >= c).astype(np.int64) for c in cutoffs) if cutoffs else np.zeros(len(scores), dtype=np.int64)
+
+
 def expert_wrong(golds: list[Any], predictions: list[Any]) -> np.ndarray:
     """What a router learns: per row, the expert's answer is not the target (no answer is wrong)."""
     return np.array([p is None or p != g for g, p in zip(golds, predictions, strict=True)], dtype=bool)

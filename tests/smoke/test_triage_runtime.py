@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 
 from pipeline import serving as serve
 from pipeline.cli import app
-from pipeline.routing import cascade, route_search, triage
+from pipeline.routing import cascade, triage
 from tests.conftest import isolate, shipped_recipe, shipped_rows, write_recipe
 from tests.support.openai_server import FakeOpenAIServer
 from tests.support.serve_thread import serving
@@ -91,7 +91,7 @@ def version(tiny_model_dir, mlflow_uri, tmp_path_factory):
         verdict_path.write_text(json.dumps(verdict))
         cli("push", str(recipe_path), "--run-dir", str(run_dir))
 
-        starts = route_search.start_tier(np.asarray(scores), tuple(cutoffs))
+        starts = triage.start_tier(np.asarray(scores), tuple(cutoffs))
         chain = ["expert", "mid", "frontier"]
         assert {chain[k] for k in starts} == set(chain), "the cut-offs start requests at every tier"
         yield SimpleNamespace(uri=f"models:/{MODEL}/2", without=f"models:/{MODEL}/1", tmp=tmp, mid=mid, top=top,

@@ -28,7 +28,7 @@ def brute_force(tiers, scores, before_expert, target):
     the tier whose cut-off its score reaches, climbs until a tier's confidence reaches its threshold (the last tier
     answers), and pays every tier it was sent to (and the expert, for a router after it)."""
     n, last = len(scores), len(tiers) - 1
-    score_values = sorted(set(scores.tolist()) | {0.0, route_search.NEVER})
+    score_values = sorted(set(scores.tolist()) | {0.0, triage.NEVER})
     threshold_values = [sorted(set(t.confidences.tolist()) | {0.0, 1.0 + 1e-9}) for t in tiers[:-1]]
     best = None
     for cutoffs in itertools.combinations_with_replacement(score_values, last):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from pipeline import serving as serve
-from pipeline.routing import cascade, route_search, triage
+from pipeline.routing import cascade, triage
 from tests.conftest import shipped_recipe, shipped_rows, write_recipe
 from tests.support.openai_server import FakeOpenAIServer
 from tests.support.serve_thread import serving
@@ -23,13 +23,14 @@ from tests.support.serve_thread import serving
 KEY = "sk-unit-triage-secret"
 
 
-def test_the_start_tier_is_evals_rule():
-    """`cascade.start_tier` is a copy of `route_search.start_tier` (cascade cannot import route_search without an
-    import cycle): the two agree on scores at, above and below every cut-off, `NEVER` and no cut-offs included."""
-    rng = np.random.default_rng(3)
-    scores = np.concatenate([rng.random(500), [0.0, 0.25, 0.5, 0.75, 1.0]])
-    for cutoffs in [(), (0.5,), (0.25, 0.75), (0.25, 0.25), (0.5, route_search.NEVER), (0.1, 0.5, 0.9)]:
-        np.testing.assert_array_equal(cascade.start_tier(scores, cutoffs), route_search.start_tier(scores, cutoffs))
+def test_a_request_starts_at_the_highest_tier_whose_cut_off_its_score_reaches():
+    """The one start rule eval's search, predict and serve share: a score equal to a cut-off reaches it; `NEVER`
+    is reached by no probability; equal cut-offs skip the tier between; no cut-offs start every request at 0."""
+    scores = np.array([0.0, 0.25, 0.5, 0.74, 0.75, 1.0])
+    assert triage.start_tier(scores, ()).tolist() == [0] * 6
+    assert triage.start_tier(scores, (0.25, 0.75)).tolist() == [0, 1, 1, 1, 2, 2]
+    assert triage.start_tier(scores, (0.5, 0.5)).tolist() == [0, 0, 2, 2, 2, 2]
+    assert triage.start_tier(scores, (0.5, triage.NEVER)).tolist() == [0, 0, 1, 1, 1, 1]
 
 
 def test_triage_metrics_count_decisions_and_time_the_router():
