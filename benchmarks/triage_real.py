@@ -13,6 +13,14 @@ production. The split files and the recipe go under `--work` (never into the pro
 
 `prepare --dataset snips` does the same for SNIPS (extraction; test 4%, validation 4%, router 6%, stratified by
 intent, nothing held out), its expert trained for 260 steps.
+
+    .venv/bin/python benchmarks/triage_real.py route --work runs/triage-banking77
+
+`route` (after training) gives the run its router split (`data.router_source`), two recorded tiers (no frontier
+API is reachable here; made up by the rule in `TIERS`, labelled as recorded in every table) and `eval.routing`
+with triage (both router kinds), runs `expert prep` and `expert eval`, and prints the three routings side by side
+at the same target, where each sent the unseen-intent requests, and the text router's own time per request measured
+alone (one request at a time). `results.json` under `--work` keeps the numbers.
 """
 
 from __future__ import annotations
@@ -21,7 +29,12 @@ import argparse
 import csv
 import json
 import random
+import statistics
+import subprocess
+import sys
+import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -106,15 +119,155 @@ def prepare(dataset: str, work: Path) -> None:
     print(f"wrote {work}: {counts}; unseen intents: {', '.join(unseen)}")
 
 
+@dataclass(frozen=True)
+class RecordedTier:
+    """A tier answered by rule: right with probability `accuracy` on every request (seen intents or not); a
+    wrong answer another label (BANKING77) or the gold object with one field wrong (SNIPS); confidence Beta(12,
+    1.5) when right and Beta(3, 2) when wrong (they overlap); tokens: the prompt's characters / 4 (its label list
+    or schema included); latency normal around `latency_ms` (sd a fifth of it); list prices per million tokens."""
+
+    name: str
+    accuracy: float
+    latency_ms: float
+    price: dict
+    seed: int
+
+
+TIERS = (RecordedTier("mid", 0.85, 300, {"input": 0.15, "output": 0.6}, 1402),  # gpt-4o-mini's list price
+         RecordedTier("frontier", 0.95, 900, {"input": 2.5, "output": 10.0}, 1401))  # gpt-4o's list price
+TARGET_BELOW_FRONTIER = 0.02
+
+
+def recorded_answers(tier: RecordedTier, run: Path, out: Path) -> None:
+    from routing_real import wrong_label, wrong_object
+
+    spec_doc = json.loads((run / "prep/spec.json").read_text(encoding="utf-8"))
+    spec, system = spec_doc["spec"], spec_doc["baseline_system_prompt"]
+    rng = random.Random(tier.seed)
+    lines = []
+    for split in ("router", "validation", "test"):
+        for row in (json.loads(line) for line in (run / f"prep/{split}.jsonl").read_text(encoding="utf-8").splitlines()):
+            gold = row["target"]
+            right = rng.random() < tier.accuracy
+            answer = gold if right else (wrong_label(gold, spec, rng) if isinstance(spec, list)
+                                         else wrong_object(gold, spec, rng))
+            text = answer if isinstance(answer, str) else json.dumps(answer)
+            lines.append({"id": row["id"], "output": answer,
+                          "confidence": round(rng.betavariate(12, 1.5) if right else rng.betavariate(3, 2), 4),
+                          "input_tokens": (len(system) + len(row["text"])) // 4 + 8, "output_tokens": len(text) // 4 + 1,
+                          "latency_ms": max(tier.latency_ms / 4, rng.gauss(tier.latency_ms, tier.latency_ms / 5))})
+    out.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+
+
+def route(work: Path) -> None:
+    recipe = yaml.safe_load((work / "recipe.yaml").read_text(encoding="utf-8"))
+    metric = recipe["eval"]["gate"]["metric"]
+    recipe["data"]["router_source"] = str(work / "router.jsonl")
+    recipe["eval"]["baselines"] = [{"name": t.name, "kind": "predictions", "path": str(work / f"recorded-{t.name}.jsonl"),
+                                    "price_per_mtok": t.price} for t in TIERS]
+    recipe["eval"]["routing"] = {"tiers": ["expert", *(t.name for t in TIERS)],
+                                 "target": {"metric": metric, "below_last": TARGET_BELOW_FRONTIER},
+                                 "triage": {"routers": ["text", "probe"]}}
+    routed = work / "recipe-triage.yaml"
+    routed.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    run = work / "run"
+    expert(["prep", str(routed), "--run-dir", str(run)])
+    for tier in TIERS:
+        recorded_answers(tier, run, work / f"recorded-{tier.name}.jsonl")
+    expert(["eval", str(routed), "--run-dir", str(run)])
+    report(work, run)
+
+
+def expert(args: list[str]) -> None:
+    command = [str(Path(sys.executable).parent / "expert"), *args]
+    print("$ " + " ".join(command), flush=True)
+    if subprocess.call(command, cwd=ROOT) != 0:
+        sys.exit(f"expert {args[0]} failed")
+
+
+NAMES = {"confidence_only": "confidence only", "triage_only": "triage only",
+         "triage_then_confidence": "triage then confidence"}
+
+
+def report(work: Path, run: Path) -> None:
+    from pipeline.routing import triage
+
+    route_doc = json.loads((run / "eval/route.json").read_text(encoding="utf-8"))
+    compared = route_doc["triage"]
+    if "routers" not in compared:
+        sys.exit(f"no triage: {compared['reason']}")
+    unseen = set(json.loads((work / "unseen_intents.json").read_text(encoding="utf-8")))
+    test = [json.loads(line) for line in (run / "prep/test.jsonl").read_text(encoding="utf-8").splitlines()]
+    intent = {r["id"]: (r["target"] if isinstance(r["target"], str) else r["target"]["intent"]) for r in test}
+    rows = [("confidence_only", "", compared["confidence_only"])]
+    rows += [(how, kind, r) for kind, entry in compared["routers"].items() for how, r in entry.get("routings", {}).items()]
+    results = {"target": route_doc["target"], "target_rule": route_doc["target_rule"], "routings": []}
+    print(f"\ntarget: {route_doc['target_rule']}; tiers recorded by rule: "
+          + "; ".join(f"{t.name} right {t.accuracy:.0%}, {t.latency_ms:.0f} ms" for t in TIERS) + "\n")
+    print(f"| routing | router | test {route_doc['target_metric']} (95% CI) | cost / 1k | saving vs frontier alone "
+          "(95% CI) | quality vs frontier alone (95% CI) | p95 ms | starts | answers | unseen past the expert | "
+          "seen escalated |")
+    print("|---" * 11 + "|")
+    for how, kind, option in rows:
+        if option is None or "test" not in option:
+            print(f"| {NAMES[how]} | {kind} | {(option or {}).get('reason', 'no route met the target')} |" + " |" * 8)
+            continue
+        m = option["test"]
+        vs, q = m["vs_last_tier"], m["vs_last_tier"]["quality_difference"]
+        name = "confidence_only" if how == "confidence_only" else f"{kind}.{how}"
+        per_row = [json.loads(line) for line in (run / f"eval/triage/test.{name}.jsonl").read_text().splitlines()]
+        unseen_rows = [r for r in per_row if intent[r["id"]] in unseen]
+        seen_rows = [r for r in per_row if intent[r["id"]] not in unseen]
+        past = sum(r["tier"] != "expert" for r in unseen_rows) / max(len(unseen_rows), 1)
+        escalated = sum(r["tier"] != "expert" for r in seen_rows) / max(len(seen_rows), 1)
+        results["routings"].append({"routing": how, "router": kind, "test": m, "unseen_rows": len(unseen_rows),
+                                    "unseen_past_expert": past, "seen_escalated": escalated})
+        print(f"| {NAMES[how]} | {kind} | {m['metric']:.3f} ({m['metric_interval_95'][0]:.3f} to "
+              f"{m['metric_interval_95'][1]:.3f}) | ${m['cost_per_1k']:.3f} | {vs['cost_saving']:.1%} "
+              f"({vs['cost_saving_interval_95'][0]:.1%} to {vs['cost_saving_interval_95'][1]:.1%}) | "
+              f"{q['difference']:+.3f} ({q['ci_low']:+.3f} to {q['ci_high']:+.3f}) | {m['latency_ms_p95']:.0f} | "
+              + ", ".join(f"{n} {v:.0%}" for n, v in m.get("starts", {"expert": 1.0}).items()) + " | "
+              + ", ".join(f"{n} {v:.0%}" for n, v in m["shares"].items()) +
+              (f" | {past:.1%} of {len(unseen_rows)} | {escalated:.1%} |" if unseen else " | n/a | n/a |"))
+    for kind, entry in compared["routers"].items():
+        if "routings" in entry:
+            q = entry["routings"]["triage_then_confidence"].get("router_on_test")
+            print(f"\n`{kind}` router ({entry['runs']}): test ROC AUC {entry['test_roc_auc']:.3f} (expert confidence "
+                  f"{compared['expert_confidence_test_roc_auc']:.3f})" + (
+                      f"; caught {q['caught']:.1%} of the expert's wrong answers, {q['needless']:.1%} of those "
+                      "sent up needlessly" if q else ""))
+    router = triage.load(run / "eval/triage/text")
+    timings = []
+    for r in test[:500]:
+        started = time.perf_counter()
+        router.score([r["text"]])
+        timings.append(time.perf_counter() - started)
+    results["text_router_ms"] = {"p50": 1000 * statistics.median(timings),
+                                 "p95": 1000 * sorted(timings)[int(0.95 * len(timings))]}
+    results["kept"], results["why"] = compared["kept"], compared["why"]
+    print(f"\ntext router alone, one request at a time: p50 {results['text_router_ms']['p50']:.2f} ms, p95 "
+          f"{results['text_router_ms']['p95']:.2f} ms; triage {'kept' if compared['kept'] else 'not kept'}: "
+          f"{compared['why']}")
+    (work / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     prepare_parser = commands.add_parser("prepare", help="the split files and the recipe under --work")
     prepare_parser.add_argument("--work", type=Path, required=True)
     prepare_parser.add_argument("--dataset", choices=sorted(FRACTIONS), default="banking77")
+    route_parser = commands.add_parser("route", help="router split, recorded tiers, triage: expert prep + eval")
+    route_parser.add_argument("--work", type=Path, required=True)
+    report_parser = commands.add_parser("report", help="the tables again, from a finished route")
+    report_parser.add_argument("--work", type=Path, required=True)
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.dataset, args.work.resolve())
+    elif args.command == "route":
+        route(args.work.resolve())
+    else:
+        report(args.work.resolve(), args.work.resolve() / "run")
 
 
 if __name__ == "__main__":

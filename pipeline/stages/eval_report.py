@@ -292,7 +292,19 @@ def route_summary(route: dict[str, Any], metrics: dict[str, Any]) -> str | None:
             ", ".join(f"{n} {share:.1%}" for n, share in test["shares"].items()) +
             f"; {route['target_metric']} {test['metric']:.4f} (target {route['target']:.4f}, " +
             ("met" if test["meets_target"] else "missed") + f"); cost / 1k ${test['cost_per_1k']:.4f} vs "
-            f"${vs['last_tier_cost_per_1k']:.4f} for `{last}` alone; saving {saving}")
+            f"${vs['last_tier_cost_per_1k']:.4f} for `{last}` alone; saving {saving}" + triage_summary(route))
+
+
+def triage_summary(route: dict[str, Any]) -> str:
+    """The route line's triage part: where the kept router started the test requests, or why triage was not kept."""
+    compared = route.get("triage")
+    if not compared:
+        return ""
+    if not compared.get("kept"):
+        return f"; triage not kept: {compared.get('why') or compared.get('reason')}"
+    starts = route["options"][route["choose"]]["test"]["starts"]
+    return (f"; triage (`{route['triage_route']['router']}` router) started requests at " +
+            ", ".join(f"{n} {share:.1%}" for n, share in starts.items()))
 
 
 def print_summary(metrics, skipped, verdict, gate_metric: str, route: dict[str, Any]) -> None:
