@@ -48,7 +48,8 @@ def shipped_recipe(recipe_file: str, **overrides) -> dict:
     """A shipped recipe as a dict, with `data.source` and the baselines' stand-in files made absolute and keys
     overridden the way `--set` does (`pipeline.recipe.schema.apply_overrides`): `shipped_recipe("x", **{"train.epochs":
     3})`. Overriding `eval.baselines` drops the shipped `eval.routing` (its tiers name the shipped baselines) unless
-    `eval.routing` is overridden too."""
+    `eval.routing` is overridden too; a recipe left without triage also loses the shipped router split (rows held
+    out of training for routers nobody trains) unless `data.split` is overridden."""
     from pipeline.recipe.schema import apply_overrides
 
     recipe = yaml.safe_load((ROOT / "recipes" / f"{recipe_file}.yaml").read_text())
@@ -59,7 +60,11 @@ def shipped_recipe(recipe_file: str, **overrides) -> dict:
     if "eval.baselines" in overrides and "eval.routing" not in overrides:
         recipe.get("eval", {}).pop("routing", None)
     sets = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]  # JSON is YAML
-    return apply_overrides(recipe, sets)
+    recipe = apply_overrides(recipe, sets)
+    triage = ((recipe.get("eval") or {}).get("routing") or {}).get("triage")
+    if triage is None and not any(key.startswith("data.split") for key in overrides):
+        recipe["data"].get("split", {}).pop("router", None)
+    return recipe
 
 
 def write_recipe(directory: Path, recipe: dict) -> Path:

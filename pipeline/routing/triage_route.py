@@ -24,10 +24,11 @@ from pipeline.routing.route_search import Triage
 ROUTINGS = ("triage_only", "triage_then_confidence")
 
 
-def triage_result(recipe, spec, splits, outputs, metrics, route: dict[str, Any],
-                  states: dict[str, np.ndarray], probe_seconds: float) -> tuple[dict[str, Any], dict[str, Any]]:
+def triage_result(recipe, spec, splits, outputs, metrics, route: dict[str, Any], states: dict[str, np.ndarray],
+                  probe_seconds: float, router_source: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the `triage` part of route.json, the trained routers by kind). `states`: the expert's states per split
-    (for `probe`), `probe_seconds` what computing one request's took. With no triage the result says why."""
+    (for `probe`), `probe_seconds` what computing one request's took, `router_source` where prep took the router
+    split from. With no triage the result says why."""
     section = recipe.eval.routing.triage if recipe.eval.routing is not None else None
     if section is None:
         return {"reason": "no eval.routing.triage in the recipe"}, {}
@@ -49,7 +50,8 @@ def triage_result(recipe, spec, splits, outputs, metrics, route: dict[str, Any],
     expert_cost = metrics["expert"]["cost_per_1k"] / 1000 if metrics["expert"].get("cost_per_1k") else 0.0
     expert_seconds = float(np.mean(tiers["validation"][0].latency_s)) if len(tiers["validation"][0].latency_s) else 0.0
     samples, seed = recipe.eval.bootstrap_samples, recipe.eval.seed
-    result: dict[str, Any] = {"source": f"the router split: {len(splits['router'])} rows the expert did not train on",
+    result: dict[str, Any] = {"source": f"the router split ({router_source}): {len(splits['router'])} rows the expert "
+                                        "did not train on",
                               "outcome": "the expert's answer is not the target (exact)",
                               "expert_wrong_on_router": int(wrong["router"].sum()), "routers": {}}
     confidence_only = route["options"].get(route["choose"])

@@ -17,6 +17,7 @@ inputs, the expert's metrics against that model and the test dataset, one trace 
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -120,6 +121,7 @@ class Collected:
     stand_ins: dict[str, dict[str, str]] = field(default_factory=dict)
     states: dict[str, Any] = field(default_factory=dict)
     probe_seconds: float = 0.0
+    router_source: str = ""  # where prep took the router split from, as its stats.json says
 
 
 @dataclass
@@ -186,15 +188,17 @@ def collect(recipe: Recipe, run: RunDir, task, spec_doc: SpecDocument) -> Collec
     splits = {"test": read_split(run, "test")}
     if tiers:
         splits["validation"] = read_split(run, "validation")
+    router_source = ""
     if wants_triage(recipe):  # every tier answers the router split too: the routers learn from those outcomes
         splits["router"] = read_split(run, "router")
+        router_source = json.loads((run.path / "prep/stats.json").read_text(encoding="utf-8"))["router"]["source"]
     fewshot = baselines.load_fewshot(run, recipe)
     loaded = {b.name: baseline_kinds.of(b).load(b, splits, task, spec) for b in recipe.eval.baselines}
     trained = contracts.read_record(run.path / "train/record.json", contracts.TrainRecord)
     model, tokenizer = load_expert(recipe, trained, run.path / "train/adapter")
     context = baselines.BaselineContext(recipe, task, spec, spec_doc.baseline_system_prompt, fewshot, model, tokenizer,
                                         loaded)
-    collected = Collected(splits, {"expert": {}}, {}, {})  # the expert first: reports and traces list it first
+    collected = Collected(splits, {"expert": {}}, {}, {}, router_source=router_source)  # the expert first
     for baseline in recipe.eval.baselines:
         kind = baseline_kinds.of(baseline)
         result = kind.answer(baseline, splits if baseline.name in tiers else {"test": splits["test"]}, context)
@@ -251,7 +255,8 @@ def decide(recipe: Recipe, task, spec: Any, collected: Collected) -> Evidence:
     routers, triage_answers = {}, {}
     if wants_triage(recipe):
         compared, routers = triage_route.triage_result(recipe, spec, splits, outputs, metrics, route,
-                                                       collected.states, collected.probe_seconds)
+                                                       collected.states, collected.probe_seconds,
+                                                       collected.router_source)
         triage_answers = triage_route.test_answers(compared)
         route = (triage_route.route_with_triage(route, compared) if compared.get("kept")
                  else {**route, "triage": triage_route.without_answers(compared)})

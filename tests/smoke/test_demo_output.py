@@ -56,3 +56,11 @@ def test_expert_run_prints_no_library_noise_and_ends_with_the_route(tiny_model_d
     assert f"route expert -> mid -> frontier (`mid`, `frontier`: recorded stand-ins) on test: {shares};" in tail, tail
     assert re.search(r"cost / 1k \$\d+\.\d{4} vs \$\d+\.\d{4} for `frontier` alone; saving -?\d+\.\d% "
                      r"\(95% CI -?\d+\.\d% to -?\d+\.\d%\)", tail), tail
+    # and where triage started the requests, or why it was not kept
+    assert route["triage"]["source"].startswith("the router split (carved from data.source, 20%)")
+    if route["triage"].get("kept"):
+        starts = route["options"][route["choose"]]["test"]["starts"]
+        assert (f"triage (`{route['triage_route']['router']}` router) started requests at "
+                + ", ".join(f"{n} {s:.1%}" for n, s in starts.items())) in tail, tail
+    else:
+        assert "; triage not kept: " in tail, tail

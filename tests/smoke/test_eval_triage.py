@@ -57,6 +57,7 @@ def test_routers_trained_on_the_router_split_join_the_route_search(tiny_model_di
     route = json.loads((out / "route.json").read_text())
     compared = route["triage"]
     expert_router = [json.loads(line) for line in (out / "predictions/expert.router.jsonl").read_text().splitlines()]
+    assert "carved from data.source, 25%" in compared["source"]
     assert compared["expert_wrong_on_router"] == sum(r["prediction"] != r["target"] for r in expert_router)
     assert set(compared["routers"]) == {"text", "probe"}
     text = compared["routers"]["text"]
