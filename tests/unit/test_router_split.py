@@ -169,7 +169,7 @@ def test_a_text_in_the_router_split_and_another_split_is_kept_once_in_the_more_p
 def test_a_shipped_recipe_keeps_test_and_validation_when_a_router_split_is_added(name):
     splits = {}
     for router in ("0.0", "0.15"):
-        r = load_recipe(ROOT / "recipes" / f"{name}.yaml", [f"data.split.router={router}"])
+        r = load_recipe(ROOT / "recipes" / f"{name}.yaml", [f"data.split.router={router}", "eval.routing=null"])
         task = tasks.for_type(r.task.type)
         rejected: list[dict] = []
         examples, spec, *_ = read_and_label(r, task, rejected)
