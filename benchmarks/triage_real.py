@@ -244,10 +244,13 @@ def report(work: Path, run: Path) -> None:
         timings.append(time.perf_counter() - started)
     results["text_router_ms"] = {"p50": 1000 * statistics.median(timings),
                                  "p95": 1000 * sorted(timings)[int(0.95 * len(timings))]}
+    expert_ms = json.loads((run / "eval/metrics.json").read_text(encoding="utf-8"))["systems"]["expert"]["latency_ms_p50"]
+    results["expert_latency_ms_p50"] = expert_ms
     results["kept"], results["why"] = compared["kept"], compared["why"]
     print(f"\ntext router alone, one request at a time: p50 {results['text_router_ms']['p50']:.2f} ms, p95 "
-          f"{results['text_router_ms']['p95']:.2f} ms; triage {'kept' if compared['kept'] else 'not kept'}: "
-          f"{compared['why']}")
+          f"{results['text_router_ms']['p95']:.2f} ms (target 5 ms), {results['text_router_ms']['p50'] / expert_ms:.1%} "
+          f"of the expert's p50 latency in eval ({expert_ms:.1f} ms; target 5%); triage "
+          f"{'kept' if compared['kept'] else 'not kept'}: {compared['why']}")
     (work / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
 
 
