@@ -125,8 +125,9 @@ def why_stale(run: RunDir, stage: str, recipe: Recipe, inputs: Callable[[], dict
     It runs when asked to (`--force`), when it has not completed (a stage that runs makes every later one stale:
     `RunDir.start_stage`), when a recipe key it read changed, or when its declared inputs (`inputs_of` in its
     module; asked for last, as they read upstream outputs) or outputs changed since it ran."""
-    if stage in options.redo:
-        return "--force"
+    forced = [s for s in STAGES[: STAGES.index(stage) + 1] if s in options.redo]
+    if forced:  # `--force STAGE` redoes it and what depends on it, even where its outputs came out the same
+        return "--force" if forced[-1] == stage else f"--force {forced[-1]}"
     rec = run.stage_record(stage)
     if rec.get("status") != "complete":
         return "not run yet" if not rec else f"its status is {rec['status']}"

@@ -108,18 +108,36 @@ class RunDir:
             atomic_write_text(self.path / RECIPE_FILE, dump_recipe(recipe))
             manifest["recipe_hash"] = recipe.recipe_hash()
             manifest["stages"][stage].update(reads=list(reads), recipe_keys=recipe_keys(recipe, reads))
+        made_stale = {}
         for later in later_stages(stage):
             if later in manifest["stages"]:
+                made_stale[later] = manifest["stages"][later]["status"]
                 manifest["stages"][later]["status"] = "stale"
+        manifest["stages"][stage]["made_stale"] = made_stale
         self.write_manifest(manifest)
 
     def finish_stage(self, stage: str, outputs: list[str], **extra: Any) -> None:
+        """Mark the stage complete with its outputs' hashes. A later stage it made stale when it started is
+        complete again when every output of this stage it read (its inputs named `<stage>/...`) came out the same
+        and every stage between them is complete again: a re-run that changed nothing they read does not cost a
+        70-minute retraining (their recipe keys and other inputs are still checked by `contracts.why_stale`). A
+        stage killed or failed keeps them all stale."""
         manifest = self.read_manifest()
         rec = manifest["stages"][stage]
         rec.update(extra)
         rec["outputs"] = {rel: tree_hash(self.path / rel) for rel in outputs}
         rec["status"] = "complete"
         rec["ended"] = now_iso()
+        made_stale = rec.pop("made_stale", {})
+        for later in later_stages(stage):  # in order: one that stays stale keeps every stage after it stale
+            later_rec = manifest["stages"].get(later)
+            if later_rec is None:
+                continue
+            read = {k: v for k, v in later_rec.get("inputs", {}).items() if k.startswith(f"{stage}/")}
+            if not (made_stale.get(later) == "complete" and later_rec.get("status") == "stale"
+                    and all(rec["outputs"].get(k) == v for k, v in read.items())):
+                break
+            later_rec["status"] = "complete"
         self.write_manifest(manifest)
 
     def fail_stage(self, stage: str, error: str) -> None:

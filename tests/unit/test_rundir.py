@@ -151,3 +151,31 @@ def test_a_second_command_on_a_held_run_directory_exits_2_naming_the_holder(tmp_
     assert result.exit_code == 2, result.output
     assert "is in use by `expert run`" in result.output
     assert (run.path / "recipe.yaml").read_bytes() == recipe_before, "nothing in the held run was rewritten"
+
+
+def test_a_rerun_that_changes_nothing_a_later_stage_read_leaves_it_current(tmp_path):
+    """Prep re-run for a new router split writes byte-identical train rows: train (and what follows it, in order)
+    is complete again; when train's rows change, train and every stage after it stay stale."""
+    run = make_run(tmp_path)
+
+    def stage(name, inputs, files):
+        with run.attempt(name, inputs):
+            for rel, text in files.items():
+                atomic_write_text(run.path / rel, text)
+        run.finish_stage(name, list(files))
+
+    stage("prep", {}, {"prep/train.jsonl": "rows", "prep/test.jsonl": "test"})
+    prep_out = run.stage_record("prep")["outputs"]
+    stage("train", {"prep/train.jsonl": prep_out["prep/train.jsonl"]}, {"train/adapter": "w"})
+    stage("eval", {"prep/test.jsonl": prep_out["prep/test.jsonl"],
+                   "train/adapter": run.stage_record("train")["outputs"]["train/adapter"]}, {"eval/verdict.json": "v"})
+
+    stage("prep", {}, {"prep/train.jsonl": "rows", "prep/test.jsonl": "test", "prep/router.jsonl": "new"})
+    assert [run.stage_record(s)["status"] for s in ("train", "eval")] == ["complete", "complete"]
+    assert run.is_current("train", {"prep/train.jsonl": prep_out["prep/train.jsonl"]})
+
+    stage("prep", {}, {"prep/train.jsonl": "other rows", "prep/test.jsonl": "test"})
+    assert [run.stage_record(s)["status"] for s in ("train", "eval")] == ["stale", "stale"], \
+        "eval read nothing that changed, but the adapter it measured no longer matches the training rows"
+    stage("prep", {}, {"prep/train.jsonl": "rows", "prep/test.jsonl": "test"})
+    assert run.stage_record("train")["status"] == "stale", "a stage stale before the re-run stays stale"
