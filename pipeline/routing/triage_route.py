@@ -158,7 +158,10 @@ def choose(result: dict[str, Any], confidence_only: dict[str, Any] | None) -> di
     candidates = [(kind, how, r) for kind, entry in result["routers"].items()
                   for how, r in entry.get("routings", {}).items() if "cutoffs" in r]
     if not candidates:
-        return {"kept": False, "chosen": None, "why": "no router reached the target on validation"}
+        untrained = [f"`{kind}` not trained: {entry['reason']}" for kind, entry in result["routers"].items()
+                     if "routings" not in entry]
+        return {"kept": False, "chosen": None, "why": "; ".join(untrained) if len(untrained) == len(result["routers"])
+                else "no router reached the target on validation"}
     kind, how, best = min(candidates, key=lambda c: (c[2]["validation"]["cost_per_1k"], -c[2]["validation"]["metric"]))
     chosen = {"router": kind, "routing": how, "cutoffs": best["cutoffs"], "thresholds": best["thresholds"]}
     cost = best["validation"]["cost_per_1k"]
