@@ -171,3 +171,34 @@ def test_a_probe_router_trains_on_a_tiny_models_states(tiny_model_dir, tmp_path)
     assert ((scores > 0.5) == wrong).mean() > 0.9  # the refund prompts are apart in the states
     triage.save(router, tmp_path / "probe")
     np.testing.assert_allclose(triage.load(tmp_path / "probe").score(states), scores, rtol=1e-9, atol=1e-12)
+
+
+def option(validation_cost, test_cost, meets=True):
+    return {"cutoffs": [0.5], "thresholds": [0.7],
+            "validation": {"cost_per_1k": validation_cost, "metric": 0.95},
+            "test": {"cost_per_1k": test_cost, "metric": 0.95 if meets else 0.90, "meets_target": meets}}
+
+
+@pytest.mark.parametrize(("routing", "confidence_cost", "kept", "why"), [
+    (option(1.0, 1.1), 2.0, True, "$1.0000 / 1k cheaper than confidence alone on validation (on test $0.9000 / 1k cheaper)"),
+    (option(2.0, 1.0), 2.0, False, "not less than confidence alone ($2.0000)"),
+    (option(1.0, 1.0, meets=False), 2.0, False, "misses the target on test (0.9000)"),
+    (option(1.0, 1.0), None, True, "no confidence-only route reached the target"),
+])
+def test_triage_is_kept_only_when_cheaper_on_validation_and_holding_on_test(routing, confidence_cost, kept, why):
+    from pipeline.routing import triage_route
+
+    result = {"routers": {"text": {"routings": {"triage_then_confidence": routing,
+                                                "triage_only": {"reason": "no cut-offs reach it"}}}}}
+    confidence_only = None if confidence_cost is None else {"validation": {"cost_per_1k": confidence_cost},
+                                                            "test": {"cost_per_1k": 2.0}}
+    decided = triage_route.choose(result, confidence_only)
+    assert decided["kept"] is kept and why in decided["why"], decided["why"]
+    assert decided["chosen"]["router"] == "text" and decided["chosen"]["routing"] == "triage_then_confidence"
+
+
+def test_triage_not_kept_because_no_router_could_be_trained_says_why():
+    from pipeline.routing import triage_route
+
+    decided = triage_route.choose({"routers": {"text": {"reason": "too few wrong rows"}}}, None)
+    assert decided == {"kept": False, "chosen": None, "why": "`text` not trained: too few wrong rows"}
