@@ -153,7 +153,8 @@ def test_another_expert_and_recorded_answers_as_tiers(tiny_model_dir, tracking_e
     runner = CliRunner()
     train = {"max_steps": 2, "batch_size": 8, "learning_rate": 1e-3, "logging_steps": 1}
     sibling = write_recipe(tmp_path, shipped_recipe("ticket-classification", **{
-        "name": "sibling", "model.base": str(tiny_model_dir), "train": {**train, "seed": 7, "learning_rate": 5e-2}}))
+        "name": "sibling", "model.base": str(tiny_model_dir), "train": {**train, "seed": 7, "learning_rate": 5e-2},
+        "eval.routing": None}))
     for step in ("prep", "train"):
         result = runner.invoke(app, [step, str(sibling), "--run-dir", str(tmp_path / "sibling")])
         assert result.exit_code == 0, result.output
