@@ -321,7 +321,8 @@ def test_a_served_expert_is_a_teacher_that_labels_as_it_was_evaluated(version, s
             assert result.exit_code == 0, result.output
     finally:
         local.close()
-    taught = [r for s in ("train", "validation", "router") for r in map(json.loads, (run_dir / f"prep/{s}.jsonl").read_text().splitlines())
+    taught = [r for s in ("train", "validation", "router")
+              for r in map(json.loads, (run_dir / f"prep/{s}.jsonl").read_text().splitlines())
               if r.get("provenance") == f"teacher:{MODEL}"]
     assert len(taught) == len(evaluated)
     assert all(r["target"] == evaluated[r["text"]] for r in taught), "the teacher's labels are the evaluated answers"

@@ -202,3 +202,16 @@ def test_triage_not_kept_because_no_router_could_be_trained_says_why():
 
     decided = triage_route.choose({"routers": {"text": {"reason": "too few wrong rows"}}}, None)
     assert decided == {"kept": False, "chosen": None, "why": "`text` not trained: too few wrong rows"}
+
+
+def test_a_router_split_in_source_order_is_cross_validated_on_shuffled_folds():
+    """Rows written topic by topic (as a split written intent by intent is), each topic its own words and the
+    expert wrong on every third topic: unshuffled folds would hold out whole topics and score near chance; shuffled
+    ones see every topic, as the router will at run time."""
+    texts, wrong = [], []
+    for topic in range(30):
+        for i in range(10):
+            texts.append(f"question {i} about subject{topic} using term{topic}a and term{topic}b")
+            wrong.append(topic % 3 == 0)
+    router = triage.train("text", texts, np.array(wrong), seed=0)
+    assert router.training["cv_roc_auc"] > 0.9
