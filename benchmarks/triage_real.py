@@ -93,11 +93,11 @@ def recipe_for(dataset: str, work: Path, labels: list[str]) -> dict:
         recipe["task"]["labels"] = labels
         recipe["data"]["fields"] = {"id": "id", "text": "text", "target": "intent"}
         recipe["train"].update(epochs=1.0)
-        recipe["eval"]["gate"] = {"metric": "accuracy", "max_drop_vs_best_baseline": 1.0}
+        recipe["eval"]["gate"] = {"metric": "accuracy", "max_drop_vs_best_baseline": 0.02}
     else:
         recipe["data"]["fields"] = {"id": "id", "text": "text", "target": {"intent": "intent", "slots": "slots"}}
         recipe["train"].update(max_steps=100, eval_steps=100)
-        recipe["eval"]["gate"] = {"metric": "field_exact_match", "max_drop_vs_best_baseline": 1.0}
+        recipe["eval"]["gate"] = {"metric": "field_exact_match", "max_drop_vs_best_baseline": 0.02}
     recipe["eval"]["baselines"] = []
     recipe["registry"] = {"model_name": f"triage-{dataset}"}
     return recipe
