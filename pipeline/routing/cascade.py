@@ -152,9 +152,6 @@ def expert_row(row: dict[str, Any], threshold: float | None) -> dict[str, Any]:
     return {**row, "escalate": unsure(confidence, threshold)}
 
 
-TRIAGE_DIR = "triage"  # in a version's bundle: the router its route keeps, as eval saved it (eval/triage/<router>/)
-
-
 @dataclass(frozen=True)
 class RouteTriage:
     """A version's triage: its router and the cut-offs (one per tier above the expert) that turn the router's score
@@ -201,9 +198,9 @@ def load_triage(route: dict[str, Any] | None, bundle: Path) -> RouteTriage | Non
     kept = (route or {}).get("triage")
     if kept is None:
         return None
-    router = triage.load(bundle / TRIAGE_DIR / kept["router"])
+    router = triage.load(bundle / triage.FOLDER / kept["router"])
     if router.kind != kept["router"]:
-        raise UserError(f"{bundle / TRIAGE_DIR / kept['router']}: a `{router.kind}` router where the route keeps "
+        raise UserError(f"{bundle / triage.FOLDER / kept['router']}: a `{router.kind}` router where the route keeps "
                         f"`{kept['router']}`; push the run again")
     if len(kept["cutoffs"]) != len(route["chain"]) - 1:
         raise UserError(f"{bundle / 'verdict.json'}: route.triage has {len(kept['cutoffs'])} cut-off(s) for "

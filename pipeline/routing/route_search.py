@@ -264,6 +264,12 @@ def tier_answers(name: str, rows: list[dict[str, Any]], cost_per_1k: float | Non
                        np.array(latency_s, dtype=float))
 
 
+def chain_answers(recipe, chain: list[str], outputs, metrics, split: str) -> list[TierAnswers]:
+    """Each tier of the chain on one split, as the search sees it (every tier but the last needs a confidence)."""
+    return [tier_answers(name, outputs[name][split], metrics[name]["cost_per_1k"], i < len(chain) - 1, split,
+                         latencies(name, recipe, outputs[name][split])) for i, name in enumerate(chain)]
+
+
 def confidence_source(name: str, recipe) -> str:
     if name == "expert":
         return "the expert's answer probability (label scoring or the decoded sequence)"
@@ -309,9 +315,7 @@ def route_result(recipe, spec, splits, outputs, metrics, skipped) -> dict[str, A
     try:
         for split in ("validation", "test"):
             golds[split] = [r["target"] for r in splits[split]]
-            tiers[split] = [tier_answers(name, outputs[name][split], metrics[name]["cost_per_1k"], i < len(chain) - 1,
-                                         split, latencies(name, recipe, outputs[name][split]))
-                            for i, name in enumerate(chain)]
+            tiers[split] = chain_answers(recipe, chain, outputs, metrics, split)
     except ValueError as err:
         result["reason"] = str(err)
         return result

@@ -27,6 +27,7 @@ import numpy as np
 from pipeline.errors import UserError
 
 KINDS = ("text", "probe")
+FOLDER = "triage"  # eval/triage/<kind>/ and, for the router a route keeps, the version's bundle triage/<kind>/
 FORMAT = 1
 WEIGHTS = "router.safetensors"
 SETTINGS = "router.json"

@@ -40,10 +40,7 @@ def triage_result(recipe, spec, splits, outputs, metrics, route: dict[str, Any],
     chain, target = route["chain"], route["target"]
     metric = tasks.for_type(recipe.task.type).gate_metric(route["target_metric"])
     golds = {split: [r["target"] for r in splits[split]] for split in ("router", "validation", "test")}
-    tiers = {split: [route_search.tier_answers(name, outputs[name][split], metrics[name]["cost_per_1k"],
-                                               i < len(chain) - 1, split,
-                                               route_search.latencies(name, recipe, outputs[name][split]))
-                     for i, name in enumerate(chain)] for split in ("validation", "test")}
+    tiers = {split: route_search.chain_answers(recipe, chain, outputs, metrics, split) for split in ("validation", "test")}
     wrong = {split: triage.expert_wrong(golds[split], [r["prediction"] for r in outputs["expert"][split]])
              for split in golds}
     texts = {split: [r["text"] for r in splits[split]] for split in golds}

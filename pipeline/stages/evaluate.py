@@ -67,7 +67,7 @@ STAGE = "eval"
 OUTPUTS = [
     f"{STAGE}/{name}"
     for name in ("predictions", "plots", "metrics.json", "cascade.json", "route.json", "report.md", "verdict.json",
-                 "record.json", "timings.json", "triage")
+                 "record.json", "timings.json", triage.FOLDER)
 ]
 Rows = list[dict[str, Any]]
 
@@ -289,12 +289,13 @@ def write(out: Path, recipe: Recipe, spec: Any, collected: Collected, evidence: 
             {"id": e["id"], "target": e["target"], "prediction": answer, "tier": tier}
             for e, (tier, answer) in zip(test, route.pop("test_answers"), strict=True)])
     atomic_write_json(out / "route.json", route)
-    shutil.rmtree(out / "triage", ignore_errors=True)  # an earlier eval's routers are not this one's
-    (out / "triage").mkdir()
+    folder = out / triage.FOLDER
+    shutil.rmtree(folder, ignore_errors=True)  # an earlier eval's routers are not this one's
+    folder.mkdir()
     for kind, router in evidence.routers.items():
-        triage.save(router, out / "triage" / kind)
+        triage.save(router, folder / kind)
     for routing, answers in evidence.triage_answers.items():  # where each routing sent each test request
-        atomic_write_jsonl(out / "triage" / f"test.{routing}.jsonl", [
+        atomic_write_jsonl(folder / f"test.{routing}.jsonl", [
             {"id": e["id"], "target": e["target"], **answer} for e, answer in zip(test, answers, strict=True)])
     atomic_write_json(out / "verdict.json", verdict)
     atomic_write_text(out / "report.md", render_report(recipe, metrics, collected.skipped, evidence.comparisons,

@@ -105,7 +105,7 @@ def inputs_of(recipe: Recipe, run: RunDir, options: StageOptions = StageOptions(
     for rel in BUNDLED:
         inputs[rel] = run.output_hash(rel.partition("/")[0], rel)
     if kept_triage(run) is not None:  # its router is bundled too (runs without triage keep their inputs)
-        inputs["eval/triage"] = run.output_hash("eval", "eval/triage")
+        inputs["eval/triage"] = run.output_hash("eval", "eval/triage")  # evaluate.OUTPUTS names it
     if options.push.include_base:  # another bundle, so another version (recorded only when asked: earlier pushes stay current)
         inputs["--include-base"] = "yes"
     return inputs
@@ -321,17 +321,17 @@ def bundle_triage(run: RunDir, bundle: Path) -> None:
     """The kept triage router (eval/triage/<router>/) into the bundle's `triage/<router>/`, where loading reads
     it (`cascade.load_triage`); the manifest's digest covers it like every other file. A router that does not
     load is refused here, before a version that could not be served is registered."""
-    from pipeline.routing import cascade, triage
+    from pipeline.routing import triage
 
     router = kept_triage(run)
     if router is None:
         return
-    source = run.path / "eval" / cascade.TRIAGE_DIR / router
+    source = run.path / "eval" / triage.FOLDER / router
     if not source.is_dir():
         raise UserError(f"{source}: missing, yet eval/verdict.json's route keeps the `{router}` triage router; redo "
                         "eval (`expert run --force eval`)")
     triage.load(source)
-    shutil.copytree(source, bundle / cascade.TRIAGE_DIR / router)
+    shutil.copytree(source, bundle / triage.FOLDER / router)
 
 
 def save_pyfunc(run: RunDir, tmp: Path, recipe: Recipe, include_base: bool) -> tuple[Path, str]:
