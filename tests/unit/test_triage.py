@@ -215,3 +215,14 @@ def test_a_router_split_in_source_order_is_cross_validated_on_shuffled_folds():
             wrong.append(topic % 3 == 0)
     router = triage.train("text", texts, np.array(wrong), seed=0)
     assert router.training["cv_roc_auc"] > 0.9
+
+
+def test_a_text_routers_features_are_capped_per_analyzer(monkeypatch, tmp_path):
+    """The version's size and the per-request work are bounded: each analyzer keeps at most MAX_FEATURES terms,
+    however many distinct words the router split has."""
+    monkeypatch.setattr(triage, "MAX_FEATURES", 40)
+    texts = [f"word{i} word{i + 1} other{i % 7} thing{i * 3}" for i in range(200)]
+    router = triage.train("text", texts, np.arange(200) % 2 == 0, seed=0)
+    assert [len(v.vocabulary_) for v in router.vectorizers] == [40, 40]
+    triage.save(router, tmp_path)
+    assert json.loads((tmp_path / "router.json").read_text())["features"] == 80
